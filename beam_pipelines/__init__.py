@@ -1,0 +1,1 @@
+"""Apache Beam pipelines: ingestion of medical images into de-identified, patient-split TFRecords."""

@@ -1,0 +1,315 @@
+"""Typed task configuration, loaded from one commented YAML file at an entry point (never at import).
+
+`load_config("config/brain_mri.yaml", overrides=["training.epochs=3"])` returns a frozen `TaskConfig`.
+An unknown key, a wrong type or a missing file raises `ConfigError` naming the file and the dotted key, so a
+typo in a YAML file fails before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from medpipe.errors import ConfigError
+
+TaskType = Literal["multiclass", "binary", "multilabel"]
+SPLITS = ("train", "val", "test")
+
+# The repository's config folder; entry points use it to resolve a bare name such as "brain_mri".
+CONFIG_DIR = Path(os.environ.get("MEDPIPE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    size: int = 128
+    channels: int = 1
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    center: float
+    width: float
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    window: Optional[WindowConfig] = None
+    voi_percentiles: tuple[float, float] = (0.5, 99.5)
+    multiframe: Literal["middle", "max"] = "middle"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    train: int = 4
+    val: int = 1
+    test: int = 1
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    min_size: int = 32
+    max_pixels: int = 50_000_000
+    max_file_mb: int = 512
+    split: SplitConfig = field(default_factory=SplitConfig)
+    split_salt: str = "medpipe-split-v1"
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    horizontal_flip: bool = True
+    rotation: float = 0.05
+    zoom: float = 0.1
+    shift: float = 0.05
+    contrast: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    model: Literal["compact_cnn", "efficientnet_b0", "resnet50", "densenet121"] = "compact_cnn"
+    weights: str = "none"
+    width: int = 32
+    dropout: float = 0.2
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0001
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 8
+    monitor: str = "val_accuracy"
+    class_weights: Literal["balanced", "none"] = "balanced"
+    seed: int = 42
+    mixed_precision: bool = True
+    shuffle_buffer: int = 2048
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    accuracy: float = 0.9
+    macro_f1: float = 0.9
+    macro_auc: float = 0.95
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    max_regression: float = 0.01
+    binary_threshold: Literal["youden", "target_sensitivity"] = "youden"
+    target_sensitivity: float = 0.95
+    bootstrap_samples: int = 1000
+    calibration_bins: int = 10
+    gradcam_per_class: int = 2
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    enabled: bool = True
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 2000
+    num_batch_threads: int = 2
+    max_enqueued_batches: int = 100
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model_name: str = "medpipe"
+    grpc_port: int = 8500
+    rest_port: int = 8501
+    version_policy: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1
+    max_request_mb: int = 16
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    task: TaskType
+    labels: tuple[str, ...]
+    image: ImageConfig = field(default_factory=ImageConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    source: str = ""  # the file it was loaded from (set by load_config, not by YAML)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A path as given, or a bare name ("brain_mri") looked up in the repository's config folder."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
+        return path
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskConfig:
+    """Load, override and validate a task config. Raises ConfigError naming the file and key on any problem."""
+    import yaml  # PyYAML: imported here so `import medpipe.config` stays cheap
+
+    file = resolve_config_path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist (pass --config with a YAML file from config/)")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, file, yaml)
+    raw["source"] = str(file)
+    config = _build(TaskConfig, raw, str(file), "")
+    _check_consistency(config, str(file))
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> TaskConfig:
+    """Build a TaskConfig from a plain dict (e.g. the resolved config.yaml saved in a run directory)."""
+    config = _build(TaskConfig, dict(raw), origin, "")
+    _check_consistency(config, origin)
+    return config
+
+
+def dump_config(config: TaskConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (what a run actually used, for reproducibility)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def replace(config: TaskConfig, **sections: Any) -> TaskConfig:
+    """dataclasses.replace for a frozen config, re-validated."""
+    new = dataclasses.replace(config, **sections)
+    _check_consistency(new, new.source or "<replace>")
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. training.epochs=3)")
+    dotted, _, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {key} in {file} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {exc}") from exc
+
+
+def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{file}: unknown key {where}{unknown[0]} (known keys here: {', '.join(sorted(names - {'source'}))})"
+        )
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            values[f.name] = _coerce(hints[f.name], raw[f.name], file, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{file}: missing required key {key}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, file: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, file, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{file}: {key} is {value!r}; expected one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, file, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{file}: {key} must be a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, file, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{file}: {key} must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, file, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{file}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{file}: {key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{file}: {key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}: {key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{file}: {key}: unsupported config type {tp}")  # a bug in a dataclass, not in the YAML
+
+
+def _check_consistency(config: TaskConfig, file: str) -> None:
+    if len(config.labels) < 1 or len(set(config.labels)) != len(config.labels):
+        raise ConfigError(f"{file}: labels must be a non-empty list of distinct names, got {list(config.labels)}")
+    if config.task == "binary" and len(config.labels) != 2:
+        raise ConfigError(f"{file}: task binary needs exactly 2 labels (negative first), got {list(config.labels)}")
+    if config.task == "multiclass" and len(config.labels) < 2:
+        raise ConfigError(f"{file}: task multiclass needs at least 2 labels")
+    if config.image.channels not in (1, 3):
+        raise ConfigError(f"{file}: image.channels must be 1 (grey) or 3 (RGB), got {config.image.channels}")
+    if not 16 <= config.image.size <= 1024:
+        raise ConfigError(f"{file}: image.size must be between 16 and 1024, got {config.image.size}")
+    split = config.ingest.split
+    total = split.train + split.val + split.test
+    if abs(total - 1.0) > 1e-6 or min(split.train, split.val, split.test) < 0:
+        raise ConfigError(f"{file}: ingest.split ratios must be >= 0 and sum to 1, got {total:g}")
+    low, high = config.dicom.voi_percentiles
+    if not 0 <= low < high <= 100:
+        raise ConfigError(f"{file}: dicom.voi_percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
+    if config.dicom.window is not None and config.dicom.window.width <= 0:
+        raise ConfigError(f"{file}: dicom.window.width must be > 0")
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value

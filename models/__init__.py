@@ -1,0 +1,1 @@
+"""Keras/TensorFlow models: input pipeline, architectures, training, evaluation and export."""
