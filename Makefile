@@ -1,0 +1,35 @@
+# medpipe: the two commands are `make demo` and `make test`. Both set up .venv first when needed.
+.DEFAULT_GOAL := help
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medpipe-installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: help setup demo test test-fast bench lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): requirements.lock pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(STAMP)  ## create .venv and install the locked dependencies (a no-op when nothing changed)
+
+demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on the sample in sample_data/
+	$(BIN)/medpipe demo --output demo_output
+
+test: setup  ## the whole test suite
+	$(BIN)/python -m pytest tests
+
+test-fast: setup  ## the suite without the slow end-to-end tests
+	$(BIN)/python -m pytest tests -m "not slow"
+
+bench: setup  ## every benchmark (needs ../shared/data); figures go to benchmarks/results/ and BENCHMARKS.md
+	$(BIN)/python benchmarks/run_all.py
+
+lock: setup  ## re-pin requirements.lock from the current .venv
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(tensorflow-serving-api|medpipe)==' > requirements.lock.new
+	@echo "review requirements.lock.new, keep its header from requirements.lock, then move it into place"
+
+clean:  ## remove demo output and caches (keeps .venv)
+	rm -rf demo_output .pytest_cache

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Create .venv/ and install the locked dependency tree plus medpipe itself (editable).
+# Called by `make setup` (and so by `make demo` / `make test`) only when requirements.lock or pyproject.toml
+# changed since the last successful run; the stamp file records that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PYTHON="$candidate"; break
+    fi
+  done
+fi
+if [ -z "$PYTHON" ]; then
+  echo "setup: Python 3.11 is required (TensorFlow 2.21 + Beam 2.77 + Airflow 3.3 are locked for it)." >&2
+  echo "       Install it, or point PYTHON=/path/to/python3.11 at one." >&2
+  exit 1
+fi
+
+STAMP=.venv/.medpipe-installed
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+start=$(date +%s)
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+echo "setup: installing the locked dependency tree into .venv (a few minutes on a fresh machine)..."
+.venv/bin/python -m pip install --quiet -r requirements.lock
+.venv/bin/python -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
+.venv/bin/python -m pip install --quiet --no-deps -e .
+# Everything except tensorflow-serving-api's declared (and deliberately skipped) `tensorflow` must be consistent.
+if .venv/bin/python -m pip check | grep -v "tensorflow-serving-api .* requires tensorflow" | grep -q .; then
+  .venv/bin/python -m pip check || true
+  echo "setup: dependency check failed (see above)" >&2
+  exit 1
+fi
+echo "$want" > "$STAMP"
+echo "setup: done in $(( $(date +%s) - start )) s"
