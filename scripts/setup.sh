@@ -29,11 +29,21 @@ fi
 start=$(date +%s)
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+# This machine's pip config names local find-links folders that may not exist; their warnings are noise.
+pip_install() {
+  local log; log=$(mktemp)
+  if ! .venv/bin/python -m pip install --quiet "$@" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2; rm -f "$log"
+    echo "setup: pip install $* failed (see above)" >&2; return 1
+  fi
+  grep -v -e "is ignored: it is neither" -e "BuildBackendWarning" -e "^ *!!" "$log" | grep -i -e error -e warning || true
+  rm -f "$log"
+}
+pip_install --upgrade "pip>=24"
 echo "setup: installing the locked dependency tree into .venv (a few minutes on a fresh machine)..."
-.venv/bin/python -m pip install --quiet -r requirements.lock
-.venv/bin/python -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
-.venv/bin/python -m pip install --quiet --no-deps -e .
+pip_install -r requirements.lock
+pip_install --no-deps tensorflow-serving-api==2.21.0
+pip_install --no-deps -e .
 # Everything except tensorflow-serving-api's declared (and deliberately skipped) `tensorflow` must be consistent.
 if .venv/bin/python -m pip check | grep -v "tensorflow-serving-api .* requires tensorflow" | grep -q .; then
   .venv/bin/python -m pip check || true
