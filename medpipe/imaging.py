@@ -1,0 +1,473 @@
+"""Host-side image preprocessing: the one place where files become model-ready pixels.
+
+    preprocess_bytes(data, config) -> PreparedImage(.png, .pixels, .decoded, .pixel_hash)
+
+Order (docs/DESIGN.md): sniff the content (extensions are not trusted) -> bound check (pixel budget read from the
+header, before any pixel is decoded) -> decode -> DICOM grey pipeline in PS3.3 C.11 order (modality LUT -> VOI ->
+MONOCHROME1 inversion; colour converted explicitly; one multi-frame rule) -> uint8 -> pad to a centred black square
+-> resize to image.size (Pillow BILINEAR with reducing_gap) -> PNG.
+
+Every step is a small pure numpy/Pillow function so that tests can hold it against an independent formula. Failures
+are `RejectedInput(reason, detail)` verdicts whose detail never carries a header value. Used by the Beam ingest,
+`evaluate --images` and the predict client; nothing else in the repository decodes images on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from medpipe.errors import RejectedInput
+
+# Pillow's reducing_gap: an integer box reduction first, then BILINEAR over at most 2x the target size. Faster than
+# a plain BILINEAR on large inputs and free of its aliasing (Pillow docs: 2.0 is "indistinguishable" from exact).
+REDUCING_GAP = 2.0
+# PNG is lossless at any level; level 1 encodes ~3x faster than the default 6 for ~10% larger files.
+PNG_COMPRESS_LEVEL = 1
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
+# DICOM files without the 128-byte preamble (old ACR-NEMA style, e.g. CR-MONO1-10-chest) start directly with a
+# group 0x0002 or 0x0008 tag, little or big endian.
+_BARE_DICOM_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """What the source was (for stats and the allow-listed record fields). patient_id is for the HMAC only."""
+
+    format: str  # dicom | png | jpeg | tiff
+    mode: str  # Pillow mode, or the DICOM photometric interpretation
+    width: int
+    height: int
+    frames: int = 1
+    dicom: dict[str, Any] = field(default_factory=dict)  # allow-listed record key -> value (medpipe.deid)
+    patient_id: Optional[str] = field(default=None, repr=False)  # raw PatientID: never logged, never stored
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    png: bytes  # exactly image.size x image.size, grey (channels=1) or RGB
+    pixels: np.ndarray  # uint8 [size, size, channels]: what .png encodes
+    decoded: DecodedImage
+    # sha256 of the decoded uint8 image at source resolution (before pad/resize), shape included: the duplicate key
+    pixel_hash: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry points
+def preprocess_bytes(data: bytes, config: Any) -> PreparedImage:
+    """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail)."""
+    kind = sniff(data)
+    if kind == "dicom":
+        image, decoded = decode_dicom(data, config)
+    else:
+        image, decoded = decode_raster(data, config)
+    check_min_size(decoded.width, decoded.height, config.ingest.min_size)
+    image = to_channels(image, config.image.channels)
+    digest = pixel_hash(image)
+    pixels = resize_square(pad_to_square(image), config.image.size)
+    return PreparedImage(png=encode_png(pixels), pixels=pixels, decoded=decoded, pixel_hash=digest)
+
+
+def preprocess_file(path: str | os.PathLike, config: Any) -> PreparedImage:
+    """Convenience for local files (the CLI client, evaluate --images); ingest reads through Beam FileSystems."""
+    size = os.path.getsize(path)
+    check_file_size(size, config.ingest.max_file_mb)
+    with open(path, "rb") as handle:
+        return preprocess_bytes(handle.read(), config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sniffing and bounds
+def sniff(data: bytes) -> str:
+    """The content type from magic bytes: dicom | png | jpeg | tiff. Raises RejectedInput(empty|not_image)."""
+    if len(data) == 0:
+        raise RejectedInput("empty", "the file has no bytes")
+    if data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(TIFF_MAGICS):
+        return "tiff"
+    if data[:2] in _BARE_DICOM_STARTS and len(data) >= 8:
+        return "dicom"  # confirmed (or rejected as not_image) by the DICOM parser
+    raise RejectedInput("not_image", "content is not DICOM, PNG, JPEG or TIFF (checked by magic bytes)")
+
+
+def check_file_size(num_bytes: int, max_file_mb: int) -> None:
+    if num_bytes == 0:
+        raise RejectedInput("empty", "the file has no bytes")
+    if num_bytes > max_file_mb * 2**20:
+        raise RejectedInput("pixel_budget", f"file is {num_bytes / 2**20:.0f} MB, over ingest.max_file_mb={max_file_mb}")
+
+
+def check_pixel_budget(frames: int, rows: int, cols: int, max_pixels: int) -> None:
+    total = int(frames) * int(rows) * int(cols)
+    if total > max_pixels:
+        raise RejectedInput(
+            "pixel_budget", f"{frames}x{rows}x{cols} = {total} pixels is over ingest.max_pixels={max_pixels}"
+        )
+
+
+def check_min_size(width: int, height: int, min_size: int) -> None:
+    if min(width, height) < min_size:
+        raise RejectedInput("too_small", f"{width}x{height} is below ingest.min_size={min_size}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG / JPEG / TIFF
+def decode_raster(data: bytes, config: Any) -> tuple[np.ndarray, DecodedImage]:
+    """Pillow decode (first page of a multi-page TIFF) -> uint8 grey [H, W] or RGB [H, W, 3]."""
+    kind = sniff(data)
+    with warnings.catch_warnings():
+        # We apply our own, configured budget below from the header; Pillow's warning would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise RejectedInput("pixel_budget", f"Pillow refused the header dimensions: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a verdict on this file
+            raise RejectedInput(_raster_reason(exc, "corrupt"), f"{kind} header unreadable: {_short(exc)}") from None
+        width, height = im.size
+        check_pixel_budget(1, height, width, config.ingest.max_pixels)
+        check_min_size(width, height, config.ingest.min_size)
+        mode = im.mode
+        try:
+            im.seek(0)  # multi-page TIFF: the first page, by rule
+            im.load()
+            image = pil_to_uint8(im, config.dicom.voi_percentiles, config.image.channels)
+        except RejectedInput:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise RejectedInput(_raster_reason(exc, "corrupt"), f"{kind} pixel data unreadable: {_short(exc)}") from None
+    frames = getattr(im, "n_frames", 1)
+    return image, DecodedImage(format=kind, mode=mode, width=width, height=height, frames=frames)
+
+
+def _raster_reason(exc: Exception, default: str) -> str:
+    text = str(exc).lower()
+    return "truncated" if ("truncat" in text or "premature end" in text or "broken data stream" in text) else default
+
+
+def _short(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def pil_to_uint8(im: Image.Image, percentiles: tuple[float, float], channels: int) -> np.ndarray:
+    """Any Pillow mode -> uint8 grey [H, W] (channels=1) or RGB [H, W, 3] (channels=3), explicitly per mode."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16/32-bit grey: a robust min-max to 8 bits (no header window exists for these formats)
+        return robust_window(np.asarray(im).astype(np.float64), *percentiles)
+    if mode == "1":
+        return np.asarray(im.convert("L"))
+    if mode == "L":
+        return np.asarray(im)
+    has_alpha = mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"))
+        return composite_on_black(rgba[..., :3], rgba[..., 3]) if channels == 3 else composite_on_black(
+            rgb_to_grey(rgba[..., :3]), rgba[..., 3])
+    rgb = np.asarray(im.convert("RGB"))  # P, RGB, CMYK, YCbCr, LAB, HSV
+    return rgb if channels == 3 else rgb_to_grey(rgb)
+
+
+def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 grey by ITU-R BT.601 luma (Pillow's L = R*299/1000 + G*587/1000 + B*114/1000)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").convert("L"))
+
+
+def composite_on_black(values: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Transparent pixels become black, like the padding: value * alpha / 255, rounded."""
+    a = alpha.astype(np.uint32)
+    if values.ndim == 3:
+        a = a[..., None]
+    return ((values.astype(np.uint32) * a + 127) // 255).astype(np.uint8)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 [H, W] or [H, W, 3] -> [H, W, channels]."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return rgb_to_grey(image)[..., None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grey-level arithmetic (pure numpy; PS3.3 C.11.2)
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Floats on a 0..255 scale -> uint8, rounded and clipped."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 LINEAR window to 0..255 (center - 0.5, width - 1 convention), as float."""
+    c, w = center - 0.5, max(width - 1.0, 1e-6)
+    scaled = ((values - c) / w + 0.5) * 255.0
+    return np.clip(scaled, 0.0, 255.0)
+
+
+def linear_exact_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.3.2 LINEAR_EXACT: (x - c) / w + 0.5 over 0..255."""
+    scaled = ((values - center) / max(width, 1e-6) + 0.5) * 255.0
+    return np.clip(scaled, 0.0, 255.0)
+
+
+def sigmoid_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.3.1 SIGMOID: 255 / (1 + exp(-4 (x - c) / w))."""
+    return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+
+
+WINDOW_FUNCTIONS = {"LINEAR": linear_window, "LINEAR_EXACT": linear_exact_window, "SIGMOID": sigmoid_window}
+
+
+def robust_window(values: np.ndarray, low_percentile: float, high_percentile: float) -> np.ndarray:
+    """Robust min-max: the [low, high] percentiles map linearly onto 0..255 (uint8); a flat image maps to 0."""
+    low, high = np.percentile(values, [low_percentile, high_percentile])
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return to_uint8((values - low) * (255.0 / (high - low)))
+
+
+def invert(image: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 -> MONOCHROME2 after VOI, so that bright always means dense."""
+    return (255 - image).astype(np.uint8)
+
+
+def lut_to_uint8(values: np.ndarray, lut_min: float, lut_max: float) -> np.ndarray:
+    """A VOI LUT output (its own bit depth) -> 0..255 over the LUT's actual output range."""
+    if lut_max <= lut_min:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return to_uint8((values.astype(np.float64) - lut_min) * (255.0 / (lut_max - lut_min)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DICOM
+def _pydicom():
+    """pydicom, imported lazily; validation warnings off because they quote header values (PHI) in logs."""
+    import pydicom
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    return pydicom
+
+
+def read_dicom(data: bytes):
+    """Parse a DICOM header and keep the undecoded pixel bytes. Raises RejectedInput(not_image|corrupt|truncated)."""
+    pydicom = _pydicom()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc).lower()
+        reason = "truncated" if ("end of file" in text or "truncat" in text or "eof" in text) else "corrupt"
+        raise RejectedInput(reason, f"DICOM header unreadable ({type(exc).__name__})") from None
+    if len(ds) == 0 or not any(int(tag.group) >= 0x0008 for tag in ds.keys()):
+        if data[128:132] == b"DICM":
+            raise RejectedInput("truncated", "DICOM file ends before its dataset starts")
+        raise RejectedInput("not_image", "content looks like neither a DICOM dataset nor an image")
+    _assume_transfer_syntax(ds)
+    return ds
+
+
+def _assume_transfer_syntax(ds) -> None:
+    """Files without file meta (ACR-NEMA style) carry no Transfer Syntax; the encoding they were read with is it."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if ds.file_meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit in (True, None) and little in (True, None):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _int(ds, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def decode_dicom(data: bytes, config: Any) -> tuple[np.ndarray, DecodedImage]:
+    """DICOM -> uint8 grey (or RGB when channels=3 and the object is colour), following PS3.3 C.11 order."""
+    from medpipe.deid import dicom_allowed_fields
+
+    ds = read_dicom(data)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise RejectedInput("no_pixel_data", "DICOM object has no Pixel Data (not an image object)")
+    rows, cols, frames = _int(ds, "Rows", 0), _int(ds, "Columns", 0), _int(ds, "NumberOfFrames", 1) or 1
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    check_pixel_budget(frames, rows, cols, config.ingest.max_pixels)  # from the header, before decoding
+    check_min_size(cols, rows, config.ingest.min_size)
+    if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
+        raise RejectedInput("unsupported_photometric", f"photometric interpretation {photometric or '(none)'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
+        text = str(exc).lower()
+        reason = "truncated" if ("less than" in text or "truncat" in text or "end of" in text or "short" in text) \
+            else "corrupt"
+        raise RejectedInput(reason, f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
+    pixels = np.asarray(pixels)
+    if photometric in GREY_PHOTOMETRICS:
+        image = dicom_grey(pixels, ds, frames, config.dicom)
+    else:
+        image = dicom_colour(pixels, ds, frames, photometric, config.dicom.multiframe)
+    patient = ds.get("PatientID")
+    decoded = DecodedImage(
+        format="dicom", mode=photometric, width=cols, height=rows, frames=frames,
+        dicom=dicom_allowed_fields(ds), patient_id=str(patient).strip() if patient not in (None, "") else None,
+    )
+    if image.shape[0] != rows or image.shape[1] != cols:
+        decoded = DecodedImage(decoded.format, decoded.mode, image.shape[1], image.shape[0], frames, decoded.dicom,
+                               decoded.patient_id)
+    return image, decoded
+
+
+def select_frames(stack: np.ndarray, frames: int, rule: str, grey: bool) -> np.ndarray:
+    """Multi-frame rule: `middle` frame or `max` intensity projection. Single frames pass through."""
+    is_stack = frames > 1 and stack.ndim == (3 if grey else 4)
+    if not is_stack:
+        return stack
+    if rule == "max":
+        return stack.max(axis=0)
+    return stack[stack.shape[0] // 2]
+
+
+def dicom_grey(pixels: np.ndarray, ds, frames: int, dicom_config: Any) -> np.ndarray:
+    """Modality LUT -> (multi-frame rule) -> VOI -> uint8 -> MONOCHROME1 inversion."""
+    from pydicom.pixels import apply_modality_lut
+
+    if pixels.ndim == 3 and frames > 1 and dicom_config.multiframe == "middle":
+        pixels = pixels[pixels.shape[0] // 2]  # select first: cheaper, and per-frame LUTs commute with selection
+    values = apply_modality_lut(pixels, ds)
+    values = select_frames(values, frames, dicom_config.multiframe, grey=True)
+    image = apply_voi(values, ds, dicom_config)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        image = invert(image)
+    return image
+
+
+def header_window(ds) -> Optional[tuple[float, float, str]]:
+    """The first Window Center/Width in the header and its VOI LUT Function, or None."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center, width = float(_first(ds.WindowCenter)), float(_first(ds.WindowWidth))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if width <= 0:
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    return center, width, function if function in WINDOW_FUNCTIONS else "LINEAR"
+
+
+def _first(value: Any) -> Any:
+    """The first of a multi-valued DICOM element (several windows may be offered; the first is the default)."""
+    return value[0] if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else value
+
+
+def apply_voi(values: np.ndarray, ds, dicom_config: Any) -> np.ndarray:
+    """VOI in priority order: configured window > header VOI LUT Sequence > header window > robust percentiles."""
+    from pydicom.pixels import apply_voi_lut
+
+    if dicom_config.window is not None:
+        return to_uint8(linear_window(values.astype(np.float64), dicom_config.window.center, dicom_config.window.width))
+    if ds.get("VOILUTSequence"):
+        try:
+            item = ds.VOILUTSequence[0]
+            lut = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, prefer_lut=True))
+            data = np.asarray(item.LUTData if isinstance(item.LUTData, (list, tuple)) else lut)
+            return lut_to_uint8(lut, float(np.min(data)), float(np.max(data)))
+        except Exception:  # noqa: BLE001 - a malformed LUT falls back to the header window / percentiles
+            pass
+    window = header_window(ds)
+    if window is not None:
+        center, width, function = window
+        return to_uint8(WINDOW_FUNCTIONS[function](values.astype(np.float64), center, width))
+    return robust_window(values.astype(np.float64), *dicom_config.voi_percentiles)
+
+
+def dicom_colour(pixels: np.ndarray, ds, frames: int, photometric: str, rule: str) -> np.ndarray:
+    """Colour DICOM -> uint8 RGB [H, W, 3]: palette through its LUT, YBR already converted to RGB by pydicom."""
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = select_frames(pixels, frames, rule, grey=True)
+        rgb = np.asarray(apply_color_lut(pixels, ds))
+        bits = 16 if rgb.dtype.itemsize > 1 else 8
+        rgb = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))) if bits == 16 else rgb
+    else:
+        if pixels.ndim != (4 if frames > 1 else 3) or pixels.shape[-1] != 3:
+            raise RejectedInput("unsupported_photometric", f"{photometric} pixel layout {pixels.shape} is not RGB")
+        rgb = select_frames(pixels, frames, rule, grey=False)
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        bits = _int(ds, "BitsStored", 8) if photometric != "PALETTE COLOR" else 8
+        rgb = to_uint8(rgb.astype(np.float64) * (255.0 / (2**bits - 1)))
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# geometry, hashing, encoding
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    """[H, W, C] -> [S, S, C] with S = max(H, W), the image centred on black (aspect ratio kept, never stretched)."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    if height == width:
+        return image
+    out = np.zeros((side, side) + image.shape[2:], dtype=image.dtype)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top:top + height, left:left + width] = image
+    return out
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """[S, S, C] uint8 -> [size, size, C] with Pillow BILINEAR and reducing_gap."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    channels = image.shape[2]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image, "L" if channels == 1 else "RGB")
+    resized = np.asarray(pil.resize((size, size), Image.BILINEAR, reducing_gap=REDUCING_GAP))
+    return resized[..., None] if channels == 1 else resized
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [S, S, 1|3] -> PNG bytes (grey when one channel)."""
+    channels = pixels.shape[2]
+    pil = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, "L" if channels == 1 else "RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """sha256 over the shape and the uint8 pixels. Ingest hashes the decoded image at source resolution, before
+    padding and resizing, so byte-identical files and re-encodings of the same pixels share a key."""
+    array = np.ascontiguousarray(pixels, dtype=np.uint8)
+    digest = hashlib.sha256(repr(array.shape).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
