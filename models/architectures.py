@@ -1,0 +1,141 @@
+"""Model builders: a compact CNN sized for a 2-core CPU, and keras.applications backbones.
+
+`build_model(config, num_outputs)` is a pure function called inside `strategy.scope()`. Every model takes raw
+0..255 float images [S, S, C]; normalisation is its first layer, so tf.data, evaluation and the SavedModel feed the
+same tensors. Outputs: softmax over the classes for multiclass, sigmoid for binary (1 unit = P(labels[1])) and
+multilabel (one unit per label); see `output_units`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+from keras import layers
+
+from medpipe.errors import ConfigError
+
+LAST_CONV_NAME = "last_conv"  # the feature map Grad-CAM explains (compact_cnn); backbones: see last_conv_layer_name
+
+# Batch-norm statistics must settle within the first epoch of a ~150-step epoch (Keras' 0.99 needs ~500 steps, so
+# validation looked like chance for several epochs).
+BN_MOMENTUM = 0.9
+
+BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121"}
+
+# The input scaling each backbone's ImageNet weights expect, from 0..255 RGB, as (mean, std) per channel; written as
+# a Normalization layer (not a Lambda) so model.keras loads in safe mode. EfficientNet scales inside itself.
+# ResNet50's "caffe" mode also flips RGB to BGR: identical for grey input (every task here); with RGB input and
+# ImageNet weights the channel order differs from Keras' own preprocess_input, which fine-tuning absorbs.
+BACKBONE_SCALING: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "resnet50": ((123.68, 116.779, 103.939), (1.0, 1.0, 1.0)),
+    "densenet121": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+
+
+def output_units(task: str, num_classes: int) -> int:
+    """binary -> 1 sigmoid unit (probability of the second label); otherwise one unit per label."""
+    return 1 if task == "binary" else num_classes
+
+
+def output_activation(task: str) -> str:
+    return "softmax" if task == "multiclass" else "sigmoid"
+
+
+def conv_block(filters: int, name: str) -> Callable[[Any], Any]:
+    """Two depthwise-separable 3x3 convolutions with batch norm: ~8x fewer FLOPs than plain convs at equal width."""
+
+    def apply(x: Any) -> Any:
+        for index in (1, 2):
+            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sepconv{index}")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{index}")(x)
+            x = layers.ReLU(name=f"{name}_relu{index}")(x)
+        return x
+
+    return apply
+
+
+def compact_cnn(inputs: Any, width: int, blocks: int = 4) -> Any:
+    """Stride-2 stem then `blocks` separable blocks (width doubling, max-pool between): the CPU-budget default.
+
+    At 128x128 and width 32 a forward pass is about 60 MFLOPs, so an epoch of the brain MRI set is a minute or two
+    on two cores, while the receptive field still covers the whole 128-pixel image.
+    """
+    x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for index in range(blocks):
+        if index:
+            x = layers.MaxPooling2D(2, name=f"block{index}_pool")(x)
+        x = conv_block(width * 2**index, name=f"block{index}")(x)
+    # A named identity so Grad-CAM finds the last feature map without knowing the block structure.
+    return layers.Activation("linear", name=LAST_CONV_NAME)(x)
+
+
+def _backbone_weights(weights: str) -> str | None:
+    """'none' -> random init; 'imagenet' -> keras download (network needed); else a local weights file."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"training.weights is {weights!r}: no such file. Use none, imagenet (needs network) or the path to a "
+            f"local Keras weights file (e.g. an *_notop.h5 from keras.applications)"
+        )
+    return str(path)
+
+
+def backbone(inputs: Any, name: str, weights: str, channels: int) -> Any:
+    """A keras.applications model wired into the same graph (its layers stay visible to Grad-CAM)."""
+    x = inputs
+    if channels == 1:
+        x = layers.Concatenate(name="grey_to_rgb")([x, x, x])  # backbones expect 3 channels
+    if name in BACKBONE_SCALING:
+        mean, std = BACKBONE_SCALING[name]
+        x = layers.Normalization(mean=list(mean), variance=[s**2 for s in std], name="backbone_scaling")(x)
+    resolved = _backbone_weights(weights)
+    try:
+        model = getattr(keras.applications, BACKBONES[name])(include_top=False, weights=resolved, input_tensor=x)
+    except Exception as exc:  # keras raises a bare Exception("URL fetch failure ...") without network
+        if resolved == "imagenet":
+            raise ConfigError(
+                f"could not download ImageNet weights for {BACKBONES[name]} ({exc}); this machine has no network: "
+                f"download the *_notop.h5 file elsewhere and pass --set training.weights=/path/to/file.h5"
+            ) from exc
+        raise
+    return model.output
+
+
+def build_model(config: Any, num_outputs: int) -> keras.Model:
+    """The classifier for a TaskConfig: raw 0..255 images in, probabilities out."""
+    training = config.training
+    size, channels = config.image.size, config.image.channels
+    inputs = keras.Input((size, size, channels), name="image", dtype="float32")
+    if training.model == "compact_cnn":
+        features = compact_cnn(layers.Rescaling(1.0 / 255, name="rescale")(inputs), training.width)
+    elif training.model in BACKBONES:
+        features = backbone(inputs, training.model, training.weights, channels)
+        features = layers.Activation("linear", name=LAST_CONV_NAME)(features)
+    else:  # load_config already restricts the names; this guards direct callers
+        raise ConfigError(f"training.model {training.model!r} is not one of compact_cnn, {', '.join(BACKBONES)}")
+    x = layers.GlobalAveragePooling2D(name="gap")(features)
+    x = layers.Dropout(training.dropout, name="dropout")(x)
+    # float32 output even under mixed precision, so probabilities and losses stay exact.
+    outputs = layers.Dense(num_outputs, activation=output_activation(config.task), dtype="float32", name="probs")(x)
+    return keras.Model(inputs, outputs, name=f"{config.name}_{training.model}")
+
+
+def last_conv_layer_name(model: keras.Model) -> str:
+    """The name of the last layer with a 4-D (feature map) output: what Grad-CAM differentiates against."""
+    try:
+        return model.get_layer(LAST_CONV_NAME).name
+    except ValueError:
+        pass
+    for layer in reversed(model.layers):
+        shape = getattr(layer, "output", None)
+        if shape is not None and len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name} has no convolutional feature map (no layer with a 4-D output)")

@@ -1,0 +1,523 @@
+"""`medpipe evaluate`: metrics, plots, Grad-CAM, report.html and the quality gate (blessing.json).
+
+    medpipe evaluate --model RUN_DIR --data INGEST_DIR [--split test|val] [--output DIR]
+    medpipe evaluate --model RUN_DIR_OR_SAVEDMODEL --images FOLDER_OF_CLASS_FOLDERS --output DIR [--config C]
+    ... [--baseline-repository REPO --model-name NAME]   # also gate against the model labelled `stable`
+
+MODEL is a training run directory (model.keras + config.yaml + schema.json) or a published SavedModel version
+directory (its `predict_preprocessed` signature is called). Ingested records are decoded in the graph by
+models.preprocessing (as in training); raw images go through medpipe.imaging.preprocess_file (as in ingest), so
+both paths feed the model the same pixels.
+
+Outputs in DIR (default RUN_DIR/evaluation for a run): metrics.json, predictions.csv, plots/*.png, report.html,
+blessing.json, rejected.jsonl (--images only). For a run directory, blessing.json is also copied to
+RUN_DIR/blessing.json (what `medpipe publish` checks), and for binary tasks evaluated on records the operating
+threshold is chosen on the val split and stored in RUN_DIR/operating_point.json (exported with the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from medpipe.errors import ConfigError, DataError, RejectedInput
+
+log = logging.getLogger("medpipe.evaluate")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""}
+SPLITS = ("test", "val", "train")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe evaluate",
+        description="Evaluate a trained run or a published SavedModel: metrics.json, predictions.csv, plots, "
+        "Grad-CAM, a self-contained report.html and the quality gate's blessing.json.",
+    )
+    parser.add_argument("--model", required=True, help="training run directory or published SavedModel version dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="ingest output directory (schema.json + *.tfrecord.gz)")
+    source.add_argument("--images", help="folder with one sub-folder of raw images (DICOM/PNG/JPEG/TIFF) per label")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split of --data to evaluate (default test)")
+    parser.add_argument("--output", help="output directory (default: RUN_DIR/evaluation for a training run)")
+    parser.add_argument("--config", help="task config (name or YAML); required for a SavedModel, default for a run: "
+                        "its config.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set evaluation.bootstrap_samples=200 (repeatable)")
+    parser.add_argument("--baseline-repository", help="model repository whose `stable` version is the baseline")
+    parser.add_argument("--model-name", help="model name in the repository (default: serving.model_name)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    parser.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM overlays")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    model_path = Path(args.model)
+    predictor = open_model(model_path)
+    config = resolve_config(predictor, args.config, args.overrides)
+    output = Path(args.output) if args.output else default_output(predictor)
+    blessing = evaluate(
+        predictor, config, output,
+        data_dir=Path(args.data) if args.data else None, split=args.split,
+        images_dir=Path(args.images) if args.images else None,
+        baseline_repository=Path(args.baseline_repository) if args.baseline_repository else None,
+        model_name=args.model_name, batch_size=args.batch_size, seed=args.seed, gradcam=not args.no_gradcam,
+    )
+    verdict = "BLESSED" if blessing["blessed"] else "NOT BLESSED: " + "; ".join(blessing["reasons"])
+    print(f"{verdict}\nreport: {output / 'report.html'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class Predictor:
+    """A model that maps float32 [N, S, S, C] 0..255 images to probabilities [N, C]."""
+
+    kind: str  # "run" | "savedmodel"
+    path: Path
+    labels: tuple[str, ...]
+    image_size: int
+    channels: int
+    task: str
+    fingerprint: str
+    threshold: Optional[float] = None  # stored binary operating point, if any
+    keras_model: Any = None  # run directories only (Grad-CAM needs the Keras graph)
+    run_config: Any = None
+    _signature: Any = field(default=None, repr=False)
+    _loaded: Any = field(default=None, repr=False)  # keeps the SavedModel's resources alive
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        import tensorflow as tf
+
+        from models.metrics import as_probability_matrix
+
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = tf.constant(images[start:start + batch_size], dtype=tf.float32)
+            if self.kind == "run":
+                out = self.keras_model(batch, training=False)
+            else:
+                out = self._signature(images=batch)["probabilities"]
+            outputs.append(np.asarray(out, dtype=np.float64))
+        stacked = np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)))
+        return as_probability_matrix(stacked, len(self.labels))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "model.keras").is_file() and (path / "config.yaml").is_file()
+
+
+def is_saved_model(path: Path) -> bool:
+    return (path / "saved_model.pb").is_file()
+
+
+def files_sha256(paths: Sequence[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def open_model(path: Path) -> Predictor:
+    if is_run_dir(path):
+        from models.train import load_run
+
+        model, config, _schema = load_run(path)
+        point = path / "operating_point.json"
+        threshold = float(json.loads(point.read_text())["threshold"]) if point.is_file() else None
+        return Predictor("run", path, tuple(config.labels), config.image.size, config.image.channels, config.task,
+                         files_sha256([path / "model.keras"], path), threshold, keras_model=model, run_config=config)
+    if is_saved_model(path):
+        return open_saved_model(path)
+    raise DataError(
+        f"{path} is neither a training run (model.keras + config.yaml) nor a SavedModel version (saved_model.pb); "
+        f"pass --model RUN_DIR or --model REPO/NAME/VERSION"
+    )
+
+
+def open_saved_model(path: Path) -> Predictor:
+    import tensorflow as tf
+
+    params_file = path / "assets" / "preprocessing.json"
+    if not params_file.is_file():
+        raise DataError(f"{params_file} not found: {path} was not exported by medpipe (models/export.py)")
+    params = json.loads(params_file.read_text())
+    labels_file = path / "assets" / "labels.txt"
+    labels = tuple(line for line in labels_file.read_text().splitlines() if line) if labels_file.is_file() \
+        else tuple(params["labels"])
+    loaded = tf.saved_model.load(str(path))
+    if "predict_preprocessed" not in loaded.signatures:
+        raise DataError(f"{path} has no predict_preprocessed signature (signatures: {list(loaded.signatures)})")
+    model_files = [path / "saved_model.pb", *[p for p in (path / "variables").glob("*") if p.is_file()]]
+    return Predictor("savedmodel", path, labels, int(params["image_size"]), int(params["channels"]), params["task"],
+                     files_sha256(model_files, path), params.get("threshold"),
+                     _signature=loaded.signatures["predict_preprocessed"], _loaded=loaded)
+
+
+def resolve_config(predictor: Predictor, config_arg: Optional[str], overrides: Sequence[str]) -> Any:
+    """The task config: --config if given, else the run's own config.yaml; checked against the model."""
+    from medpipe.config import load_config
+
+    if config_arg:
+        config = load_config(config_arg, overrides)
+    elif predictor.kind == "run":
+        config = load_config(predictor.path / "config.yaml", overrides)
+    else:
+        raise ConfigError(f"{predictor.path} is a SavedModel: pass --config with the task config it was trained with "
+                          "(e.g. --config brain_mri) so raw images are preprocessed the same way")
+    problems = []
+    if tuple(config.labels) != predictor.labels:
+        problems.append(f"labels {list(config.labels)} vs {list(predictor.labels)} in the model")
+    if (config.image.size, config.image.channels) != (predictor.image_size, predictor.channels):
+        problems.append(f"image {config.image.size}x{config.image.channels}ch vs "
+                        f"{predictor.image_size}x{predictor.channels}ch in the model")
+    if problems:
+        raise ConfigError(f"{config.source}: the config does not match the model ({'; '.join(problems)})")
+    if config.task == "multilabel":
+        raise ConfigError("medpipe evaluate covers multiclass and binary tasks; multilabel is not supported yet")
+    return config
+
+
+def default_output(predictor: Predictor) -> Path:
+    if predictor.kind != "run":
+        raise ConfigError("pass --output DIR when evaluating a SavedModel")
+    return predictor.path / "evaluation"
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class Examples:
+    images: np.ndarray  # float32 [N, S, S, C], 0..255
+    labels: np.ndarray  # int64 [N]
+    ids: list[str]  # source_id (records) or relative path (raw images)
+    description: str
+    fingerprint: str
+    rejected: list[dict] = field(default_factory=list)
+
+
+def load_records(data_dir: Path, split: str, config: Any) -> Examples:
+    """Every example of one split, decoded in the graph exactly as training decoded it."""
+    import tensorflow as tf
+
+    from medpipe import schema as keys
+    from medpipe.schema import check_schema_matches_config
+    from models.data import load_schema, read_records, shard_files
+    from models.preprocessing import decode_image_tensor
+
+    data_dir = Path(data_dir)
+    schema = load_schema(data_dir)
+    check_schema_matches_config(schema, config, where=str(data_dir))
+    spec = {
+        keys.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        keys.LABEL: tf.io.FixedLenFeature([], tf.int64),
+        keys.SOURCE_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+
+    def parse(serialized):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        image = decode_image_tensor(parsed[keys.IMAGE_ENCODED], schema.image_size, schema.channels)
+        return image, parsed[keys.LABEL], parsed[keys.SOURCE_ID]
+
+    images, labels, ids = [], [], []
+    for image, label, source_id in read_records(data_dir, split).map(parse).batch(256).as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+        ids += [s.decode() for s in source_id]
+    if not ids:
+        raise DataError(f"{data_dir}: the {split} split has no records; check ingest.split and stats.json")
+    shards = [Path(p) for p in shard_files(data_dir, split)]
+    fingerprint = files_sha256(shards + [data_dir / "schema.json"], data_dir)
+    return Examples(np.concatenate(images), np.concatenate(labels).astype(np.int64), ids,
+                    f"the {split} split of {data_dir}", fingerprint)
+
+
+def load_image_folder(folder: Path, config: Any) -> Examples:
+    """FOLDER/<label>/<files>, each through medpipe.imaging (the ingest preprocessing); rejects are listed."""
+    from medpipe.imaging import preprocess_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a directory (pass --images with one sub-folder per label)")
+    by_name = {label.lower(): index for index, label in enumerate(config.labels)}
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    unknown = [p.name for p in class_dirs if p.name.lower() not in by_name]
+    if unknown or not class_dirs:
+        raise DataError(f"{folder}: sub-folders must be named after the labels {list(config.labels)}; "
+                        f"found {[p.name for p in class_dirs]}")
+    images, labels, ids, rejected, files = [], [], [], [], []
+    for class_dir in class_dirs:
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            relative = str(path.relative_to(folder))
+            files.append(path)
+            try:
+                prepared = preprocess_file(path, config)
+            except RejectedInput as exc:
+                rejected.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
+                continue
+            images.append(prepared.pixels.astype(np.float32))
+            labels.append(by_name[class_dir.name.lower()])
+            ids.append(relative)
+    if not images:
+        raise DataError(f"{folder}: no usable image ({len(rejected)} rejected); see the reasons in rejected.jsonl")
+    return Examples(np.stack(images), np.asarray(labels, dtype=np.int64), ids, f"the image folder {folder}",
+                    files_sha256(files, folder), rejected)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optional[Path] = None,
+             split: str = "test", images_dir: Optional[Path] = None, baseline_repository: Optional[Path] = None,
+             model_name: Optional[str] = None, batch_size: int = 64, seed: int = 0, gradcam: bool = True) -> dict:
+    """Run everything and write the outputs; returns the blessing."""
+    from models import gate
+    from models.metrics import choose_threshold, classification_metrics
+
+    evaluation = config.evaluation
+    examples = load_records(data_dir, split, config) if data_dir else load_image_folder(images_dir, config)
+    log.info("evaluating %s on %d images from %s", predictor.path, len(examples.ids), examples.description)
+    probs = predictor.predict(examples.images, batch_size)
+
+    threshold, threshold_source = predictor.threshold, "stored with the model"
+    if config.task == "binary" and predictor.kind == "run" and data_dir is not None:
+        val = examples if split == "val" else load_records(data_dir, "val", config)
+        try:
+            chosen = choose_threshold(val.labels, predictor.predict(val.images, batch_size)[:, 1],
+                                      evaluation.binary_threshold, evaluation.target_sensitivity)
+        except ValueError as exc:  # a val split with one class cannot place a threshold: say so everywhere
+            log.warning("no operating threshold chosen: %s", exc)
+            threshold_source = f"NOT chosen ({exc})"
+        else:
+            threshold, threshold_source = chosen["threshold"], f"chosen on the val split ({chosen['method']})"
+            (predictor.path / "operating_point.json").write_text(
+                json.dumps({**chosen, "split": "val"}, indent=2) + "\n")
+    if threshold is None:
+        threshold_source = "default 0.5" if threshold_source.startswith("stored") else threshold_source + "; 0.5 used"
+
+    metrics = classification_metrics(examples.labels, probs, config.labels,
+                                     threshold=threshold if config.task == "binary" else None,
+                                     bootstrap_samples=evaluation.bootstrap_samples,
+                                     calibration_bins=evaluation.calibration_bins, seed=seed)
+    if "operating_point" in metrics:
+        metrics["operating_point"]["chosen_on"] = threshold_source
+    metrics["model"] = {"path": str(predictor.path.resolve()), "kind": predictor.kind,
+                        "fingerprint": predictor.fingerprint}
+    metrics["data"] = {"description": examples.description, "split": split if data_dir else "images",
+                       "fingerprint": examples.fingerprint, "rejected": len(examples.rejected)}
+
+    baseline_metrics, baseline_version = None, None
+    if baseline_repository is not None:
+        baseline_metrics, baseline_version = load_baseline(baseline_repository, model_name or config.serving.model_name,
+                                                           examples, config, batch_size, seed)
+    blessing = gate.judge(metrics, evaluation, baseline_metrics, baseline_version)
+    blessing["model"] = metrics["model"]
+    blessing["data"] = metrics["data"]
+
+    write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam)
+    if predictor.kind == "run":
+        shutil.copyfile(output / "blessing.json", predictor.path / "blessing.json")
+    return blessing
+
+
+def load_baseline(repository: Path, model_name: str, examples: Examples, config: Any, batch_size: int,
+                  seed: int) -> tuple[Optional[dict], Optional[int]]:
+    """Metrics of the `stable` version: its stored metrics when they were computed on the same data, otherwise
+    that SavedModel evaluated here on the same examples. (None, None) when nothing is published as stable."""
+    from models import gate
+    from models.metrics import classification_metrics
+
+    baseline = gate.find_baseline(repository, model_name)
+    if baseline is None:
+        log.info("no %s version of %s in %s: judged on absolute thresholds only", gate.STABLE_LABEL, model_name,
+                 repository)
+        return None, None
+    if baseline.version_dir is None:
+        raise DataError(f"{repository}/models.config labels version {baseline.version} of {model_name} as "
+                        f"{gate.STABLE_LABEL}, but {repository}/{model_name}/{baseline.version} does not exist")
+    stored = baseline.metrics
+    if stored is not None and stored.get("data", {}).get("fingerprint") == examples.fingerprint:
+        return stored, baseline.version
+    stable = open_saved_model(baseline.version_dir)
+    probs = stable.predict(examples.images, batch_size)
+    metrics = classification_metrics(examples.labels, probs, config.labels,
+                                     threshold=stable.threshold if config.task == "binary" else None,
+                                     bootstrap_samples=0, calibration_bins=config.evaluation.calibration_bins,
+                                     seed=seed)
+    return metrics, baseline.version
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def write_outputs(output: Path, predictor: Predictor, config: Any, examples: Examples, probs: np.ndarray,
+                  metrics: dict, blessing: dict, gradcam: bool = True) -> None:
+    """metrics.json, predictions.csv, plots/*.png, report.html, blessing.json (+ rejected.jsonl)."""
+    from models.metrics import predict_classes, roc_curves
+    from models.report import render_report
+
+    plots_dir = output / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(config.labels)
+    threshold = metrics.get("operating_point", {}).get("threshold")
+    predicted = predict_classes(probs, threshold)
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (output / "blessing.json").write_text(json.dumps(blessing, indent=2) + "\n", encoding="utf-8")
+    write_predictions(output / "predictions.csv", examples, probs, predicted, labels)
+    if examples.rejected:
+        with open(output / "rejected.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in examples.rejected)
+
+    plots = {
+        "Confusion matrix (rows: true class; colour: share of the true class)":
+            plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), labels, plots_dir / "confusion_matrix.png"),
+        "ROC curves, one class against the rest": plot_roc(
+            roc_curves(examples.labels, probs, labels), metrics["per_class"], plots_dir / "roc.png"),
+        "Reliability diagram (calibration)": plot_reliability(metrics["calibration"], plots_dir / "reliability.png"),
+    }
+    gradcam_plots = {}
+    if gradcam and predictor.keras_model is not None and config.evaluation.gradcam_per_class > 0:
+        gradcam_plots = plot_gradcam_cases(predictor.keras_model, examples, probs, predicted, labels,
+                                           config.evaluation.gradcam_per_class, plots_dir)
+    context = {
+        "task_name": config.name,
+        "data_description": examples.description,
+        "model": str(predictor.path.resolve()),
+        "model kind": "training run (Keras)" if predictor.kind == "run" else "published SavedModel",
+        "model fingerprint (sha256)": predictor.fingerprint,
+        "data fingerprint (sha256)": examples.fingerprint,
+        "cases evaluated": len(examples.ids),
+        "inputs rejected": len(examples.rejected),
+        "image size": f"{config.image.size} x {config.image.size}, {config.image.channels} channel(s)",
+        "config": config.source,
+        "bootstrap resamples": config.evaluation.bootstrap_samples,
+    }
+    page = render_report(metrics, blessing, plots, gradcam_plots, context)
+    (output / "report.html").write_text(page, encoding="utf-8")
+    log.info("wrote %s (accuracy %.4f, macro F1 %.4f, blessed %s)", output, metrics["accuracy"], metrics["macro_f1"],
+             blessing["blessed"])
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path) -> Path:
+    plt = _pyplot()
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    figure, axis = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.1 * len(labels) + 2))
+    axis.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (row, col), count in np.ndenumerate(matrix):
+        axis.text(col, row, f"{count}\n{share[row, col]:.0%}", ha="center", va="center",
+                  color="white" if share[row, col] > 0.5 else "black", fontsize=9)
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    return _save(figure, path)
+
+
+def plot_roc(curves: dict, per_class: dict, path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for label, curve in curves.items():
+        axis.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUC {per_class[label]['auc']:.3f})")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    axis.set_xlabel("1 - specificity (false positive rate)")
+    axis.set_ylabel("sensitivity (true positive rate)")
+    axis.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_reliability(calibration: dict, path: Path) -> Path:
+    plt = _pyplot()
+    edges = np.asarray(calibration["bin_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    accuracy = np.array([np.nan if v is None else v for v in calibration["bin_accuracy"]])
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), height_ratios=(3, 1), sharex=True)
+    top.bar(centres, np.nan_to_num(accuracy), width=edges[1] - edges[0], edgecolor="black", alpha=0.7,
+            label="observed accuracy")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    top.set_ylabel("accuracy")
+    top.set_title(f"ECE {calibration['ece']:.3f}")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, calibration["bin_count"], width=edges[1] - edges[0], color="grey")
+    bottom.set_xlabel("model confidence (highest probability)")
+    bottom.set_ylabel("cases")
+    return _save(figure, path)
+
+
+def select_gradcam_cases(labels: np.ndarray, predicted: np.ndarray, probs: np.ndarray, per_class: int,
+                         num_classes: int) -> dict[int, list[int]]:
+    """Per true class: the `per_class` most confident correct cases and the `per_class` most confident wrong ones."""
+    chosen = {}
+    confidence = probs[np.arange(len(predicted)), predicted]
+    for cls in range(num_classes):
+        picks = []
+        for correct in (True, False):
+            index = np.flatnonzero((labels == cls) & ((predicted == labels) == correct))
+            picks += index[np.argsort(-confidence[index], kind="stable")][:per_class].tolist()
+        if picks:
+            chosen[cls] = picks
+    return chosen
+
+
+def plot_gradcam_cases(model: Any, examples: Examples, probs: np.ndarray, predicted: np.ndarray,
+                       labels: Sequence[str], per_class: int, plots_dir: Path) -> dict[str, Path]:
+    from models.gradcam import gradcam, overlay
+
+    plt = _pyplot()
+    out = {}
+    for cls, index in select_gradcam_cases(examples.labels, predicted, probs, per_class, len(labels)).items():
+        maps = gradcam(model, examples.images[index], class_ids=predicted[index])
+        figure, axes = plt.subplots(1, len(index), figsize=(2.6 * len(index), 3), squeeze=False)
+        for axis, i, heatmap in zip(axes[0], index, maps):
+            axis.imshow(overlay(examples.images[i], heatmap))
+            verdict = "correct" if predicted[i] == examples.labels[i] else "WRONG"
+            axis.set_title(f"{verdict}: {labels[predicted[i]]}\np={probs[i, predicted[i]]:.2f}", fontsize=9,
+                           color="black" if verdict == "correct" else "firebrick")
+            axis.axis("off")
+        safe = "".join(ch if ch.isalnum() else "_" for ch in labels[cls])
+        out[labels[cls]] = _save(figure, plots_dir / f"gradcam_{cls}_{safe}.png")
+    return out
+
+
+def write_predictions(path: Path, examples: Examples, probs: np.ndarray, predicted: np.ndarray,
+                      labels: Sequence[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "true", "predicted", *[f"p_{label}" for label in labels]])
+        for identifier, truth, guess, row in zip(examples.ids, examples.labels, predicted, probs):
+            writer.writerow([identifier, labels[truth], labels[guess], *[f"{p:.6f}" for p in row]])
+
+
+if __name__ == "__main__":
+    from medpipe.cli import module_main
+
+    module_main(main)

@@ -1,0 +1,112 @@
+"""The quality gate (TFX Evaluator style): blessed or not, and why.
+
+A model is blessed when every gated metric reaches its absolute threshold from `evaluation.thresholds`, and, when
+a model is already published under the `stable` version label, no gated metric is worse than the stable model's by
+more than `evaluation.max_regression`. The first model (no stable version) is judged on the absolute thresholds only.
+
+The stable model's metrics are read from `REPO/NAME/<version>/assets.extra/medpipe_metrics.json` (the metrics.json
+that `medpipe publish` copies next to the SavedModel). They must come from the same split of the same data for the
+comparison to mean anything; when the file is missing, `models.evaluate` evaluates the stable SavedModel itself on
+the data being evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+GATED_METRICS = ("accuracy", "macro_f1", "macro_auc")
+STABLE_LABEL = "stable"
+MODELS_CONFIG_FILE = "models.config"
+BASELINE_METRICS_FILE = "medpipe_metrics.json"  # in REPO/NAME/<version>/assets.extra/
+
+
+def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[dict[str, Any]] = None,
+          baseline_version: Optional[int] = None) -> dict[str, Any]:
+    """Blessing dict {blessed, reasons, checks}; `evaluation` is the config's EvaluationConfig."""
+    checks, reasons = [], []
+    for name in GATED_METRICS:
+        value = metrics.get(name)
+        threshold = float(getattr(evaluation.thresholds, name))
+        passed = value is not None and value >= threshold
+        checks.append({"metric": name, "kind": "absolute", "value": value, "threshold": threshold, "passed": passed})
+        if value is None:
+            reasons.append(f"{name} is undefined on this split (every class needs positives and negatives)")
+        elif not passed:
+            reasons.append(f"{name} {value:.4f} is below the threshold {threshold:.4f}")
+    if baseline_metrics is not None:
+        delta = float(evaluation.max_regression)
+        which = f"the {STABLE_LABEL} model" + (f" (version {baseline_version})" if baseline_version else "")
+        for name in GATED_METRICS:
+            value, reference = metrics.get(name), baseline_metrics.get(name)
+            if value is None or reference is None:
+                continue  # nothing to compare; an undefined value already failed the absolute check
+            limit = float(reference) - delta
+            passed = value >= limit
+            checks.append({"metric": name, "kind": "regression", "value": value, "baseline": reference,
+                           "max_regression": delta, "threshold": limit, "passed": passed})
+            if not passed:
+                reasons.append(f"{name} {value:.4f} is worse than {which}'s {reference:.4f} by more than {delta:g}")
+    return {
+        "blessed": all(check["passed"] for check in checks),
+        "reasons": reasons,
+        "checks": checks,
+        "baseline": None if baseline_metrics is None else {"label": STABLE_LABEL, "version": baseline_version},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the baseline
+@dataclass(frozen=True)
+class Baseline:
+    version: int
+    version_dir: Optional[Path]  # None when the labelled version's folder is missing
+    metrics: Optional[dict[str, Any]]  # None when the version has no stored metrics
+
+
+def _blocks(text: str, keyword: str) -> list[str]:
+    """Bodies of `keyword { ... }` blocks (brace-matched) in protobuf text format."""
+    bodies = []
+    for match in re.finditer(rf"\b{keyword}\s*:?\s*{{", text):
+        depth, start = 1, match.end()
+        position = start
+        while depth and position < len(text):
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            position += 1
+        bodies.append(text[start:position - 1])
+    return bodies
+
+
+def version_labels(models_config_text: str, model_name: str) -> dict[str, int]:
+    """{label: version} for one model in a text-format ModelServerConfig (the REPO/models.config file)."""
+    text = re.sub(r"#[^\n]*", "", models_config_text)
+    for body in _blocks(text, "config"):
+        name = re.search(r'\bname\s*:\s*"([^"]*)"', body)
+        if name is None or name.group(1) != model_name:
+            continue
+        labels = {}
+        for label in _blocks(body, "version_labels"):
+            key = re.search(r'\bkey\s*:\s*"([^"]*)"', label)
+            value = re.search(r"\bvalue\s*:\s*(\d+)", label)
+            if key and value:
+                labels[key.group(1)] = int(value.group(1))
+        return labels
+    return {}
+
+
+def find_baseline(repository: str | Path, model_name: str, label: str = STABLE_LABEL) -> Optional[Baseline]:
+    """The model published under `label`, or None when the repository has none (the first model)."""
+    config_file = Path(repository) / MODELS_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    version = version_labels(config_file.read_text(encoding="utf-8"), model_name).get(label)
+    if version is None:
+        return None
+    version_dir = Path(repository) / model_name / str(version)
+    if not version_dir.is_dir():
+        return Baseline(version, None, None)
+    metrics_file = version_dir / "assets.extra" / BASELINE_METRICS_FILE
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
+    return Baseline(version, version_dir, metrics)

@@ -1,0 +1,166 @@
+"""report.html: one self-contained page (images embedded as base64) that a clinician can read without the code.
+
+Pure string building from metrics.json, blessing.json and PNG files: no TensorFlow, no templates engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1d2430;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ccd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccd;padding:.3em .6em;text-align:right}
+th{background:#eef1f6} td.name,th.name{text-align:left}
+.verdict{padding:.8em 1em;border-radius:6px;font-weight:600;margin:1em 0}
+.blessed{background:#e3f5e6;border:1px solid #3a9a4a} .rejected{background:#fbe6e4;border:1px solid #c0392b}
+.muted{color:#5c6778;font-size:.92em} img{max-width:100%;border:1px solid #dde} figure{margin:1em 0}
+dl.glossary dt{font-weight:600;margin-top:.5em}
+"""
+
+GLOSSARY = [
+    ("Sensitivity (recall)", "Of the cases that truly have this finding, the share the model labelled with it. "
+                             "Low sensitivity means missed cases."),
+    ("Specificity", "Of the cases that do not have this finding, the share the model correctly did not label with it. "
+                    "Low specificity means false alarms."),
+    ("Precision", "Of the cases the model labelled with this finding, the share that truly have it."),
+    ("F1", "The harmonic mean of precision and sensitivity (1 is perfect)."),
+    ("ROC AUC", "The probability that the model scores a random case with the finding above a random case without "
+                "it (0.5 is chance, 1 is perfect); it does not depend on a threshold."),
+    ("Expected calibration error (ECE)", "How far the model's stated confidence is from its actual accuracy, "
+                                         "averaged over confidence bins (0 is perfectly calibrated)."),
+    ("95% confidence interval", "The range the figure would plausibly take on another sample of the same size "
+                                "(bootstrap resampling of the test cases)."),
+    ("Grad-CAM", "A heat map of the image regions that most increased the model's score for its answer. It shows "
+                 "where the model looked, not why, and is not a segmentation."),
+]
+
+
+def embed_png(path: str | Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _interval(interval: Optional[Sequence[float]]) -> str:
+    return "n/a" if not interval else f"{interval[0]:.3f} to {interval[1]:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f'<th class="{"name" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"name" if i == 0 else ""}">{cell}</td>' for i, cell in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict(blessing: Mapping[str, Any]) -> str:
+    if blessing["blessed"]:
+        text = "Passed the quality gate: this model may be published."
+        reasons = ""
+    else:
+        text = "Did not pass the quality gate: this model must not be published without a documented override."
+        reasons = "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in blessing["reasons"]) + "</ul>"
+    checks = _table(
+        ["check", "value", "required", "result"],
+        [
+            [
+                html.escape(f"{c['metric']} ({'vs stable model' if c['kind'] == 'regression' else 'absolute'})"),
+                _number(c["value"]), f"&ge; {_number(c['threshold'])}", "pass" if c["passed"] else "<b>fail</b>",
+            ]
+            for c in blessing["checks"]
+        ],
+    )
+    css = "blessed" if blessing["blessed"] else "rejected"
+    return f'<div class="verdict {css}">{html.escape(text)}{reasons}</div>{checks}'
+
+
+def render_report(
+    metrics: Mapping[str, Any],
+    blessing: Mapping[str, Any],
+    plots: Mapping[str, str | Path],
+    gradcam_plots: Mapping[str, str | Path],
+    context: Mapping[str, Any],
+) -> str:
+    """The whole page. `plots`: caption -> PNG path; `gradcam_plots`: class label -> PNG path; `context`: model,
+    data, split, fingerprints and creation details (shown in a table)."""
+    labels = metrics["labels"]
+    ci = metrics["confidence_intervals"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>medpipe evaluation: {html.escape(str(context.get('task_name', '')))}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>Model evaluation: {html.escape(str(context.get('task_name', '')))}</h1>",
+        f'<p class="muted">{metrics["num_examples"]} cases from {html.escape(str(context.get("data_description", "")))}; '
+        f"classes: {html.escape(', '.join(labels))}. For research and quality assurance; not a medical device.</p>",
+        "<h2>Verdict</h2>",
+        _verdict(blessing),
+        "<h2>Headline figures</h2>",
+        _table(
+            ["figure", "value", "95% confidence interval"],
+            [
+                ["Accuracy", _number(metrics["accuracy"]), _interval(ci.get("accuracy"))],
+                ["Balanced accuracy", _number(metrics["balanced_accuracy"]), ""],
+                ["Macro F1", _number(metrics["macro_f1"]), _interval(ci.get("macro_f1"))],
+                ["Weighted F1", _number(metrics["weighted_f1"]), ""],
+                ["Macro ROC AUC", _number(metrics["macro_auc"]), _interval(ci.get("macro_auc"))],
+                ["Expected calibration error", _number(metrics["ece"]), ""],
+            ],
+        ),
+    ]
+    point = metrics.get("operating_point")
+    if point:
+        parts.append(
+            f"<p>Operating threshold {point['threshold']:.3f} for <b>{html.escape(point['positive_label'])}</b>"
+            f" ({html.escape(str(point.get('chosen_on', 'default')))}): sensitivity "
+            f"{_number(point['sensitivity'])}, specificity {_number(point['specificity'])}.</p>"
+        )
+    parts += [
+        "<h2>Per class</h2>",
+        _table(
+            ["class", "cases", "predicted", "sensitivity", "specificity", "precision", "F1", "ROC AUC"],
+            [
+                [html.escape(label), str(row["support"]), str(row["predicted"]), _number(row["sensitivity"]),
+                 _number(row["specificity"]), _number(row["precision"]), _number(row["f1"]), _number(row["auc"])]
+                for label, row in metrics["per_class"].items()
+            ],
+        ),
+        '<p class="muted">n/a: undefined on this data (e.g. ROC AUC of a class with no cases). Precision of a class '
+        "the model never predicts is shown as 0.</p>",
+        "<h2>Confusion matrix</h2>",
+        _table(
+            ["true \\ predicted", *labels],
+            [[html.escape(label), *map(str, row)] for label, row in zip(labels, metrics["confusion_matrix"])],
+        ),
+    ]
+    for caption, path in plots.items():
+        parts.append(f"<figure>{embed_png(path, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if gradcam_plots:
+        parts.append("<h2>Where the model looked (Grad-CAM)</h2>")
+        parts.append('<p class="muted">For each class, a few correctly and wrongly classified cases; red marks the '
+                     "regions that most supported the model's answer.</p>")
+        for label, path in gradcam_plots.items():
+            parts.append(f"<figure>{embed_png(path, f'Grad-CAM {label}')}<figcaption>true class "
+                         f"{html.escape(label)}</figcaption></figure>")
+    parts += [
+        "<h2>Provenance</h2>",
+        _table(["item", "value"], [[html.escape(str(k)), html.escape(str(v))] for k, v in context.items()]),
+        "<h2>Glossary</h2>",
+        '<dl class="glossary">' + "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in GLOSSARY)
+        + "</dl>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,368 @@
+"""`medpipe train`: train a Keras classifier on ingested TFRecords with MirroredStrategy.
+
+    python -m models.train --config config/brain_mri.yaml --data INGEST_DIR --output RUN_DIR [--set k=v ...]
+
+Every run uses tf.distribute.MirroredStrategy (all GPUs when present; `--cpu-replicas N` splits the CPU into N
+logical devices). RUN_DIR receives config.yaml, schema.json, model.keras (best checkpoint), history.csv,
+tensorboard/, backup/ (BackupAndRestore: re-running the same command after a crash resumes at the last finished
+epoch) and train_metadata.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from medpipe.errors import ConfigError, DataError
+
+log = logging.getLogger("medpipe.train")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe train",
+        description="Train a classifier on ingested TFRecords (MirroredStrategy; resumable with the same command).",
+        epilog="Example: medpipe train --config config/brain_mri.yaml --data data/brain_mri --output runs/brain_mri "
+        "--set training.epochs=5",
+    )
+    parser.add_argument("--config", required=True, help="task config YAML (a path, or a name from config/)")
+    parser.add_argument("--data", required=True, help="ingest output directory (schema.json + *.tfrecord.gz)")
+    parser.add_argument("--output", required=True, help="run directory to create or resume (RUN_DIR)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.epochs=5 (repeatable)")
+    parser.add_argument("--epochs", type=int, default=None, help="shortcut for --set training.epochs=N")
+    parser.add_argument("--cpu-replicas", type=int, default=None, metavar="N",
+                        help="split the CPU into N logical devices and mirror over them (no GPU needed); "
+                        "default: all GPUs, else the one CPU")
+    parser.add_argument("--cache", action="store_true",
+                        help="keep decoded images in memory after the first epoch (data that fits in RAM)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------- pure
+def global_batch_size(per_replica: int, replicas: int) -> int:
+    return per_replica * replicas
+
+
+def monitor_mode(monitor: str) -> str:
+    """'min' for losses, 'max' for accuracy/AUC-like metrics."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def learning_rate_schedule(training: Any, steps_per_epoch: int) -> Any:
+    import keras
+
+    if training.lr_schedule == "constant":
+        return training.learning_rate
+    total = max(1, training.epochs * steps_per_epoch)
+    return keras.optimizers.schedules.CosineDecay(training.learning_rate, decay_steps=total, alpha=0.01)
+
+
+def loss_and_metrics(task: str, label_smoothing: float, num_classes: int) -> tuple[Any, list]:
+    import keras
+
+    if task == "multiclass":
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
+                   keras.metrics.AUC(name="auc", multi_label=True, num_labels=num_classes)]
+    else:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"),
+                   keras.metrics.AUC(name="auc", multi_label=task == "multilabel",
+                                     num_labels=num_classes if task == "multilabel" else None)]
+    return loss, metrics
+
+
+def best_so_far(history_csv: Path, monitor: str) -> float | None:
+    """The best monitored value already logged by an interrupted run (so a resumed checkpoint is not worse)."""
+    if not history_csv.is_file():
+        return None
+    with history_csv.open(newline="") as handle:
+        values = [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor) not in (None, "")]
+    if not values:
+        return None
+    return min(values) if monitor_mode(monitor) == "min" else max(values)
+
+
+def epochs_logged(history_csv: Path) -> int:
+    if not history_csv.is_file():
+        return 0
+    with history_csv.open(newline="") as handle:
+        return sum(1 for _ in csv.DictReader(handle))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "medpipe"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def data_fingerprint(data_dir: Path) -> dict[str, Any]:
+    """What identifies the data: schema fingerprint, stats.json hash and per-shard sizes."""
+    import hashlib
+
+    schema_body = json.loads((data_dir / "schema.json").read_text())
+    stats = data_dir / "stats.json"
+    shards = {p.name: p.stat().st_size for p in sorted(data_dir.glob("*.tfrecord.gz"))}
+    return {
+        "data_dir": str(data_dir.resolve()),
+        "schema_fingerprint": schema_body.get("fingerprint"),
+        "stats_sha256": hashlib.sha256(stats.read_bytes()).hexdigest() if stats.is_file() else None,
+        "shards": shards,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------- TF
+def make_strategy(cpu_replicas: int | None) -> Any:
+    """MirroredStrategy over all GPUs, or over N logical CPU devices (must run before TensorFlow initialises)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if cpu_replicas is not None:
+        if cpu_replicas < 1:
+            raise ConfigError(f"--cpu-replicas must be >= 1, got {cpu_replicas}")
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        devices = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MirroredStrategy(devices=["/cpu:0"])
+
+
+def seed_everything(seed: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
+    # Deterministic kernels: cheap on CPU, and makes two seeded runs give the same losses.
+    tf.config.experimental.enable_op_determinism()
+
+
+def callbacks_for(run_dir: Path, training: Any, interactive: bool) -> list:
+    import keras
+
+    monitor = training.monitor
+    mode = monitor_mode(monitor)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(run_dir / "model.keras"), monitor=monitor, mode=mode, save_best_only=True,
+        initial_value_threshold=best_so_far(run_dir / "history.csv", monitor),
+    )
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
+        checkpoint,
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=training.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        tensorboard_callback(run_dir / "tensorboard"),
+    ]
+    return callbacks
+
+
+def tensorboard_callback(log_dir: Path) -> Any:
+    """keras.callbacks.TensorBoard when the tensorboard package is installed; otherwise the same per-epoch scalars
+    (train/ and validation/ epoch_<metric>) written as TensorBoard event files with TensorFlow's own summary ops,
+    so RUN_DIR/tensorboard is readable by any TensorBoard without the package being a training dependency."""
+    import importlib.util
+
+    import keras
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        return keras.callbacks.TensorBoard(str(log_dir), update_freq="epoch", profile_batch=0)
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    scalar = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    class EpochScalars(keras.callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.writers = {part: tf.summary.create_file_writer(str(log_dir / part)) for part in ("train", "validation")}
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            for key, value in (logs or {}).items():
+                part, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                with self.writers[part].as_default():
+                    tf.summary.write(f"epoch_{name}", tf.constant(float(value)), step=epoch, metadata=scalar)
+            for writer in self.writers.values():
+                writer.flush()
+
+        def on_train_end(self, logs: Any = None) -> None:
+            for writer in self.writers.values():
+                writer.close()
+
+    return EpochScalars()
+
+
+class EpochLog:
+    """Plain one-line-per-epoch log (for Airflow/CI logs) when stdout is not a terminal."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # build a real keras Callback lazily
+        import keras
+
+        class _EpochLog(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.started = time.monotonic()
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                values = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float))
+                log.info("epoch %d: %s (%.1fs)", epoch + 1, values, time.monotonic() - self.started)
+
+        return _EpochLog()
+
+
+# ---------------------------------------------------------------------------------------------------------------- run
+def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False) -> dict:
+    """Train and write RUN_DIR; returns train_metadata. Data/config problems raise before any model is built."""
+    from models import data as data_lib
+
+    started = time.monotonic()
+    schema = data_lib.check_data(data_dir, config)  # missing/empty dir, schema mismatch, missing shards: fail now
+
+    import keras
+    import tensorflow as tf
+
+    from medpipe.config import dump_config
+    from models.architectures import build_model
+
+    strategy = make_strategy(cpu_replicas)  # first TensorFlow use: logical devices must be set before any op
+    train_counts = data_lib.label_counts(data_dir, "train", schema)
+    val_counts = data_lib.label_counts(data_dir, "val", schema)
+    replicas = strategy.num_replicas_in_sync
+    log.info("replicas: %d (%s)", replicas, ", ".join(strategy.extended.worker_devices))
+    training = config.training
+    seed_everything(training.seed)
+    if training.mixed_precision and tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    shutil.copyfile(data_dir / "schema.json", run_dir / "schema.json")
+
+    batch = global_batch_size(training.batch_size, replicas)
+    class_weights = None
+    if training.class_weights == "balanced" and schema.task != "multilabel":
+        class_weights = data_lib.balanced_class_weights(train_counts).tolist()
+    train_ds = data_lib.make_dataset(data_dir, "train", schema, batch, training=True, config=config,
+                                     class_weights=class_weights, seed=training.seed, cache=cache,
+                                     num_examples=int(train_counts.sum()), replicas=replicas)
+    val_ds = data_lib.make_dataset(data_dir, "val", schema, batch, cache=cache, num_examples=int(val_counts.sum()),
+                                   replicas=replicas)
+    steps_per_epoch = (int(train_counts.sum()) // batch if replicas > 1 else math.ceil(int(train_counts.sum()) / batch))
+    if steps_per_epoch < 1:
+        raise DataError(f"{data_dir}: {int(train_counts.sum())} training examples is less than one global batch "
+                        f"({batch}); lower training.batch_size or ingest more data")
+    log.info("train %s, val %s examples per class %s; global batch %d; %d steps/epoch; class weights %s",
+             train_counts.tolist(), val_counts.tolist(), list(schema.labels), batch, steps_per_epoch,
+             None if class_weights is None else [round(w, 3) for w in class_weights])
+
+    with strategy.scope():
+        model = build_model(config, data_lib.num_outputs(schema))
+        loss, metrics = loss_and_metrics(schema.task, training.label_smoothing, schema.num_classes)
+        optimizer = keras.optimizers.AdamW(learning_rate_schedule(training, steps_per_epoch),
+                                           weight_decay=training.weight_decay)
+        # weighted_metrics: the zero-weight rows that pad multi-replica validation batches do not count (train
+        # metrics are then class-weighted, i.e. balanced, like the loss).
+        model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+
+    interactive = sys.stdout.isatty()
+    callbacks = callbacks_for(run_dir, training, interactive)
+    if not interactive:
+        callbacks.append(EpochLog())
+    resumed_from = epochs_logged(run_dir / "history.csv") if (run_dir / "backup").exists() else 0
+    if resumed_from:
+        log.info("resuming from %s after %d logged epochs", run_dir / "backup", resumed_from)
+    fit_started = time.monotonic()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
+                        shuffle=False, verbose=1 if interactive else 0)  # tf.data already shuffles
+    fit_seconds = time.monotonic() - fit_started
+
+    if not (run_dir / "model.keras").is_file():  # e.g. a metric that never improved from a NaN start
+        model.save(run_dir / "model.keras")
+    monitor = training.monitor
+    metadata = {
+        "config": config.name,
+        "config_source": config.source,
+        "data": data_fingerprint(data_dir),
+        "train_examples_per_class": dict(zip(schema.labels, train_counts.tolist())),
+        "val_examples_per_class": dict(zip(schema.labels, val_counts.tolist())),
+        "code_version": git_commit(),
+        "packages": package_versions(),
+        "replicas": replicas,
+        "devices": list(strategy.extended.worker_devices),
+        "global_batch_size": batch,
+        "model": training.model,
+        "parameters": int(model.count_params()),
+        "epochs_requested": training.epochs,
+        "epochs_run": epochs_logged(run_dir / "history.csv"),
+        "epochs_this_invocation": len(history.epoch),
+        "resumed_from_epoch": resumed_from,
+        "monitor": monitor,
+        "best_metric": best_so_far(run_dir / "history.csv", monitor),
+        "fit_seconds": round(fit_seconds, 1),
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    (run_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    log.info("done: %d epochs, best %s=%s, %.0fs wall; model in %s", metadata["epochs_run"], monitor,
+             metadata["best_metric"], metadata["wall_seconds"], run_dir / "model.keras")
+    return metadata
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, Any, Any]:
+    """(keras model, TaskConfig, DatasetSchema) of a finished run directory (for evaluation and export)."""
+    import yaml
+
+    from medpipe.config import config_from_dict
+    from medpipe.schema import read_schema
+
+    run = Path(run_dir)
+    for name in ("model.keras", "config.yaml", "schema.json"):
+        if not (run / name).is_file():
+            raise DataError(f"{run / name} not found: {run} is not a finished training run (run `medpipe train`)")
+    import keras
+
+    config = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()), origin=str(run / "config.yaml"))
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    return model, config, read_schema(run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from medpipe.config import load_config
+
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides) + ([f"training.epochs={args.epochs}"] if args.epochs is not None else [])
+    config = load_config(args.config, overrides)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    train(config, Path(args.data), Path(args.output), cpu_replicas=args.cpu_replicas, cache=args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    from medpipe.cli import module_main
+
+    module_main(main)
