@@ -1,0 +1,254 @@
+"""The clinicians' client: `medpipe predict` and a small library over the official TF Serving stubs.
+
+    medpipe predict --server HOST:8500 --model NAME [--label stable | --version V] [--config CONFIG] FILE...
+    medpipe predict --rest http://HOST:8501 --model NAME FILE...
+
+Every file (DICOM, PNG, JPEG) goes through medpipe.imaging.preprocess_bytes, the host-side pipeline ingest uses, so
+the server receives exactly the PNG ingest would have produced; the SavedModel decodes it in its graph. One JSON line
+per file: {"file", "class", "confidence", "probabilities", "model_version", "request_id"}; a file that cannot be
+read gets {"file", "error", "reason"} and the others continue (exit status 1). Works unchanged against the real
+tensorflow/serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from medpipe.cli import module_main
+from medpipe.errors import MedpipeError, RejectedInput
+
+SIGNATURE = "serving_default"
+CHUNK = 16  # images per request
+
+
+class ServerError(MedpipeError):
+    """The server could not be reached or refused the request (unknown model, bad input...)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe predict",
+        description="Classify DICOM/PNG/JPEG files with a served model (medpipe serve or TF Serving); "
+        "one JSON line per file on stdout.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files")
+    parser.add_argument("--server", default="localhost:8500", help="gRPC HOST:PORT (default localhost:8500)")
+    parser.add_argument("--rest", help="use REST at this base URL instead of gRPC, e.g. http://localhost:8501")
+    parser.add_argument("--model", required=True, help="model name (ModelSpec.name)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--label", help="version label, e.g. stable or canary")
+    group.add_argument("--version", type=int, help="a specific model version")
+    parser.add_argument("--config", help="task config of the model (default: image size from the model's metadata)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--signature", default=SIGNATURE, help="signature name (default serving_default)")
+    parser.add_argument("--deadline", type=float, default=10.0, help="seconds per request (default 10)")
+    parser.add_argument("--request-id", help="base x-request-id (default: a random one per request)")
+    return parser
+
+
+def _spec(request_spec, model: str, version: int | None, label: str | None, signature: str) -> None:
+    request_spec.name = model
+    request_spec.signature_name = signature
+    if version is not None:
+        request_spec.version.value = int(version)
+    elif label:
+        request_spec.version_label = label
+
+
+def _grpc_error(exc, host: str, model: str) -> ServerError:
+    import grpc
+
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerError(f"cannot reach the model server at {host} ({exc.details()}); is it running? "
+                           f"(medpipe serve, or TF Serving's gRPC port)")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServerError(f"the server at {host} did not answer within the deadline; retry or raise --deadline")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ServerError(f"the server at {host} does not serve that model/version/label of {model!r}: "
+                           f"{exc.details()}")
+    return ServerError(f"the server at {host} answered {code.name}: {exc.details()}")
+
+
+def predict_images(host: str, model: str, images: Sequence[bytes], version: int | None = None,
+                   label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
+                   request_id: str | None = None, channel=None) -> list[dict]:
+    """Encoded PNG/JPEG images -> one dict per image (class, confidence, probabilities, model_version,
+    request_id) from one gRPC Predict call with the official stubs. Raises ServerError with a clear message."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    _spec(request.model_spec, model, version, label, signature)
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    request_id = request_id or uuid.uuid4().hex
+    own = channel is None
+    channel = channel or grpc.insecure_channel(host)
+    try:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            request, timeout=deadline, metadata=[("x-request-id", request_id)])
+    except grpc.RpcError as exc:
+        raise _grpc_error(exc, host, model) from exc
+    finally:
+        if own:
+            channel.close()
+    outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+    return rows(outputs, response.model_spec.version.value, request_id)
+
+
+def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: int | None = None,
+                        label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
+                        request_id: str | None = None) -> list[dict]:
+    """The same over TF Serving's REST API (row format, b64 values)."""
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+
+    path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
+                                     f"/labels/{label}" if label else "")
+    body = json.dumps({"signature_name": signature,
+                       "instances": [{"b64": base64.b64encode(i).decode()} for i in images]}).encode()
+    request_id = request_id or uuid.uuid4().hex
+    request = urllib.request.Request(url.rstrip("/") + path + ":predict", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+    try:
+        with urllib.request.urlopen(request, timeout=deadline) as response:
+            predictions = json.load(response)["predictions"]
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=deadline) as response:
+            status = json.load(response)["model_version_status"]
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise ServerError(f"the server at {url} answered HTTP {exc.code} for {model!r}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerError(f"cannot reach the model server at {url} ({exc}); is it running?") from exc
+    # REST predictions do not carry the version: the status route of the same spec names it
+    available = [int(s["version"]) for s in status if s["state"] == "AVAILABLE"]
+    outputs = {key: np.array([p[key] for p in predictions]) for key in predictions[0]}
+    outputs["class_names"] = np.array([str(n).encode() for n in outputs["class_names"]], dtype=object)
+    return rows(outputs, max(available) if available else None, request_id)
+
+
+def rows(outputs: dict, model_version: int | None, request_id: str) -> list[dict]:
+    from serving.metrics import request_ids
+
+    probabilities = outputs["probabilities"]
+    ids = request_ids(request_id, len(probabilities))
+    result = []
+    for i, probs in enumerate(probabilities):
+        class_id = int(outputs["class_ids"][i])
+        name = outputs["class_names"][i]
+        result.append({"class": name.decode() if isinstance(name, bytes) else str(name),
+                       "confidence": float(probs[class_id]), "probabilities": [float(p) for p in probs],
+                       "model_version": model_version, "request_id": ids[i]})
+    return result
+
+
+def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float):
+    """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    from medpipe.config import config_from_dict
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    _spec(request.model_spec, model, version, label, "")
+    with grpc.insecure_channel(host) as channel:
+        try:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+                request, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise _grpc_error(exc, host, model) from exc
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_map)
+    signature = signature_map.signature_def.get("predict_preprocessed")
+    if signature is None:
+        raise MedpipeError(f"model {model} has no predict_preprocessed signature to read the image size from; "
+                           "pass --config with the model's task config")
+    dims = [d.size for d in signature.inputs["images"].tensor_shape.dim]
+    classes = signature.outputs["probabilities"].tensor_shape.dim[-1].size
+    return config_from_dict({"name": model, "task": "multiclass", "labels": [str(i) for i in range(classes)],
+                             "image": {"size": dims[1], "channels": dims[3]}}, origin=f"metadata of {model}")
+
+
+def prepare(paths: Sequence[str], config) -> Iterator[tuple[str, bytes | None, dict | None]]:
+    """(file, png bytes, None) or (file, None, error line) per path, in order."""
+    from medpipe.imaging import preprocess_bytes
+
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+            yield path, preprocess_bytes(data, config).png, None
+        except RejectedInput as exc:
+            yield path, None, {"file": path, "error": f"cannot use this file: {exc.detail or exc.reason}",
+                               "reason": exc.reason}
+        except OSError as exc:
+            yield path, None, {"file": path, "error": f"cannot read the file: {exc.strerror or exc}",
+                               "reason": "unreadable"}
+
+
+def predict_files(paths: Sequence[str], config, model: str, server: str | None = None, rest: str | None = None,
+                  version: int | None = None, label: str | None = None, signature: str = SIGNATURE,
+                  deadline: float = 10.0, request_id: str | None = None) -> Iterator[dict]:
+    """One dict per file, in order: a prediction, or an error line for a file that cannot be used."""
+    import grpc
+
+    pending: list[tuple[str, bytes]] = []
+    channel = None if rest else grpc.insecure_channel(server)
+
+    def flush():
+        images = [png for _, png in pending]
+        if rest:
+            results = predict_images_rest(rest, model, images, version, label, signature, deadline, request_id)
+        else:
+            results = predict_images(server, model, images, version, label, signature, deadline, request_id,
+                                     channel=channel)
+        lines = [{"file": path, **result} for (path, _), result in zip(pending, results)]
+        pending.clear()
+        return lines
+
+    try:
+        for path, png, error in prepare(paths, config):
+            if error is not None:
+                yield from flush() if pending else []
+                yield error
+                continue
+            pending.append((path, png))
+            if len(pending) >= CHUNK:
+                yield from flush()
+        if pending:
+            yield from flush()
+    finally:
+        if channel is not None:
+            channel.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config:
+        from medpipe.config import load_config
+
+        config = load_config(args.config, args.overrides)
+    elif args.rest:
+        raise MedpipeError("--rest needs --config (the model's task config) to preprocess files like ingest")
+    else:
+        config = config_from_metadata(args.server, args.model, args.version, args.label, args.deadline)
+    failed = 0
+    for line in predict_files(args.files, config, args.model, args.server, args.rest, args.version, args.label,
+                              args.signature, args.deadline, args.request_id):
+        failed += "error" in line
+        print(json.dumps(line), flush=True)
+    if failed:
+        print(f"medpipe predict: {failed} of {len(args.files)} file(s) could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    module_main(main)

@@ -1,0 +1,120 @@
+"""The TF Serving model repository on disk: REPO/NAME/<int version>/ folders and REPO/models.config.
+
+models.config is a text-format `tensorflow.serving.ModelServerConfig`, read identically by medpipe's server and by
+the real tensorflow/serving binary (`--model_config_file=/models/models.config`). Note for real TF Serving: a
+version label can only point at a version that is already loaded, unless the server runs with
+`--allow_version_labels_for_unavailable_models`; medpipe publish therefore lists every labelled version in a
+`specific` policy, and with real TF Serving the safe order is: publish (version loads), then move the label.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from medpipe.errors import ConfigError, DataError
+
+CONFIG_FILE = "models.config"
+LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
+HEADER = (
+    "# TF Serving ModelServerConfig (text format), maintained by `medpipe publish`.\n"
+    "# Real tensorflow/serving: --model_config_file=<this file>. Labels may point only at loaded versions unless\n"
+    "# the server runs with --allow_version_labels_for_unavailable_models (publish first, then move the label).\n"
+)
+
+
+def versions_on_disk(model_dir: Path) -> list[int]:
+    """Integer-named child folders, ascending (TF Serving ignores anything else, including our temp folders)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: Path, now: float | None = None) -> int:
+    """UNIX seconds, strictly greater than every existing version (two publishes in one second stay ordered)."""
+    existing = versions_on_disk(model_dir)
+    candidate = int(now if now is not None else time.time())
+    return max([candidate] + [v + 1 for v in existing])
+
+
+def parse_config_text(text: str, origin: str = "<text>"):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{origin}: not a valid text ModelServerConfig: {exc}") from exc
+    return config
+
+
+def read_config(path: Path):
+    """The ModelServerConfig in PATH, or an empty one when the file does not exist yet."""
+    if not path.is_file():
+        return parse_config_text("", str(path))
+    return parse_config_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def write_config(path: Path, config) -> None:
+    """Atomic replace so a polling server never reads half a file."""
+    from google.protobuf import text_format
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(HEADER + text_format.MessageToString(config), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def find_model(config, name: str):
+    for entry in config.model_config_list.config:
+        if entry.name == name:
+            return entry
+    return None
+
+
+def upsert_model(config, name: str, base_path: str, policy: str = "latest", num_versions: int = 1,
+                 versions_for_specific: list[int] | None = None, labels: dict[str, int] | None = None):
+    """Create or update NAME's entry: base path, version policy and labels (existing labels kept unless replaced).
+
+    With labels, a `latest` policy becomes `specific` over the newest num_versions plus every labelled version, so
+    a label never points at a version the policy would unload.
+    """
+    entry = find_model(config, name)
+    if entry is None:
+        entry = config.model_config_list.config.add()
+        entry.name = name
+    entry.base_path = base_path
+    entry.model_platform = "tensorflow"
+    merged = dict(entry.version_labels)
+    merged.update(labels or {})
+    for label in merged:
+        if not LABEL_PATTERN.match(label):
+            raise ConfigError(f"version label {label!r} is not allowed: use letters, digits and _ only")
+    entry.ClearField("version_labels")
+    for label, version in sorted(merged.items()):
+        entry.version_labels[label] = int(version)
+    entry.ClearField("model_version_policy")
+    if policy == "all":
+        entry.model_version_policy.all.SetInParent()
+    elif policy == "specific" or merged:
+        wanted = set(versions_for_specific or []) | set(merged.values())
+        if not wanted:
+            raise ConfigError(f"model {name}: a specific version policy needs at least one version")
+        entry.model_version_policy.specific.versions.extend(sorted(wanted))
+    else:
+        entry.model_version_policy.latest.num_versions = num_versions
+    return entry
+
+
+def model_dir(repository: Path, name: str) -> Path:
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+        raise ConfigError(f"model name {name!r} is not a safe folder name (letters, digits, _ . - only)")
+    return repository / name
+
+
+def require_version(repository: Path, name: str, version: int) -> None:
+    if version not in versions_on_disk(model_dir(repository, name)):
+        raise DataError(f"{repository / name / str(version)} does not exist; versions on disk: "
+                        f"{versions_on_disk(model_dir(repository, name)) or 'none'}")

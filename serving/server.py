@@ -1,0 +1,341 @@
+"""`medpipe serve`: a TF Serving-compatible server over a model repository (gRPC 8500 + REST 8501).
+
+Production runs the real tensorflow/serving image on the same repository; this server speaks the same API
+(tensorflow_serving.apis PredictionService + ModelService, the REST routes, the Prometheus names) so clients and
+publishers work unchanged against both. See docs/DESIGN.md and ../shared/notes/tf-serving-contract.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from medpipe.cli import module_main
+from medpipe.errors import ConfigError
+from serving.batching import BatchingParameters, read_batching_config
+from serving.manager import DEFAULT_SIGNATURE, ModelManager, ServingError, run_signature
+from serving.metrics import MedpipeMetrics, RequestLog, TfServingMetrics, log_records, request_ids
+
+log = logging.getLogger("medpipe.serve")
+STATE_CODES = {"UNKNOWN": 0, "START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe serve",
+        description="TF Serving-compatible server: gRPC PredictionService/ModelService/health and the REST API over "
+        "a model repository (REPO/NAME/<version>/), polling it for new versions.")
+    parser.add_argument("--repository", help="model repository; REPO/models.config is used when present")
+    parser.add_argument("--model-config-file", help="text ModelServerConfig (default: REPO/models.config, else "
+                        "every model folder of REPO with the latest version)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
+    parser.add_argument("--grpc-port", type=int, default=8500)
+    parser.add_argument("--rest-port", type=int, default=8501, help="REST + Prometheus port; 0 disables REST")
+    parser.add_argument("--batching-config", help="TF Serving batching parameters file (config/serving/batching.config)")
+    parser.add_argument("--no-batching", action="store_true", help="run each request on its own")
+    parser.add_argument("--monitoring-config", help="TF Serving monitoring config (prometheus path); default path "
+                        "/monitoring/prometheus/metrics")
+    parser.add_argument("--poll-seconds", type=float, default=1.0, help="repository poll interval (default 1 s)")
+    parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
+    parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (one line per image)")
+    parser.add_argument("--drift-baseline", help="medpipe.drift baseline: export drift gauges to Prometheus")
+    parser.add_argument("--allow-version-labels-for-unavailable-models", action="store_true")
+    parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve gRPC and REST over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    return parser
+
+
+def monitoring_path(config_file: str | None) -> str:
+    import re
+
+    if not config_file:
+        return "/monitoring/prometheus/metrics"
+    text = Path(config_file).read_text(encoding="utf-8")
+    match = re.search(r'path\s*:\s*"([^"]+)"', text)
+    return match.group(1) if match else "/monitoring/prometheus/metrics"
+
+
+class Metrics:
+    """Both metric families plus optional drift tracking, shared by gRPC and REST."""
+
+    def __init__(self, drift_baseline: str | None = None):
+        self.tf = TfServingMetrics()
+        self.medpipe = MedpipeMetrics()
+        self.loaded_versions = self.medpipe.loaded_versions
+        self.trackers: dict = {}
+        self.baseline = None
+        if drift_baseline:
+            from medpipe import drift  # lazy: only with --drift-baseline
+
+            self.drift = drift
+            self.baseline = drift.load_baseline(drift_baseline)
+
+    def render(self) -> str:
+        return self.tf.render() + self.medpipe.render()
+
+    def predictions(self, model: str, records: list[dict]) -> None:
+        for record in records:
+            self.medpipe.predictions.labels(model, str(record["version"]), record["class"]).inc()
+            self.medpipe.confidence.labels(model).observe(record["confidence"])
+        if self.baseline is None:
+            return
+        tracker = self.trackers.setdefault(model, self.drift.DriftTracker(self.baseline))
+        for record in records:
+            if "pixel_histogram" in record:
+                tracker.observe(record["pixel_histogram"], record["probabilities"])
+        snap = tracker.snapshot()
+        self.medpipe.drift_psi.labels(model).set(snap.get("psi") or 0.0)
+        self.medpipe.drift_class_shift.labels(model).set(snap.get("class_shift") or 0.0)
+        self.medpipe.low_confidence.labels(model).set(snap.get("low_confidence_rate") or 0.0)
+
+
+class Service:
+    """The API-independent core used by both gRPC and REST: predict with logging and metrics."""
+
+    def __init__(self, manager: ModelManager, metrics: Metrics, request_log: RequestLog | None):
+        self.manager, self.metrics, self.request_log = manager, metrics, request_log
+
+    def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
+                inputs: dict[str, np.ndarray], request_id: str | None, api: str = "predict"):
+        start = time.perf_counter()
+        ok = False
+        try:
+            model, found = self.manager.resolve(name, version, label)
+            outputs = run_signature(found, signature_name or DEFAULT_SIGNATURE, inputs)
+            ok = True
+        finally:
+            self.metrics.tf.request(name, api, ok, time.perf_counter() - start)
+        self._observe(name, found, signature_name or DEFAULT_SIGNATURE, inputs, outputs, request_id)
+        return found, outputs
+
+    def _observe(self, name, found, signature_name, inputs, outputs, request_id) -> None:
+        if "probabilities" not in outputs or "class_ids" not in outputs:
+            return
+        try:
+            pixels = None
+            if self.request_log is not None or self.metrics.baseline is not None:
+                pixels = self._pixels(found, signature_name, inputs)
+            count = len(outputs["probabilities"])
+            records = log_records(name, found.number, request_ids(request_id, count), outputs["class_ids"],
+                                  outputs["class_names"], outputs["probabilities"], pixels)
+            self.metrics.predictions(name, records)
+            if self.request_log is not None:
+                self.request_log.write(records)
+        except Exception:  # noqa: BLE001 - logging must never fail a prediction already made; it is reported
+            log.exception("could not log/measure a prediction of %s", name)
+
+    @staticmethod
+    def _pixels(found, signature_name, inputs) -> np.ndarray | None:
+        if "images" in inputs:
+            return inputs["images"]
+        preprocess = found.signatures.get("preprocess")
+        if preprocess is not None and "image_bytes" in inputs:
+            return preprocess.call({"image_bytes": inputs["image_bytes"]})["images"]
+        return None
+
+
+# ---- gRPC ------------------------------------------------------------------------------------------------------
+def _abort(context, error: ServingError):
+    context.abort(error.code, error.message)
+
+
+def _request_id(context) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == "x-request-id":
+            return value
+    return None
+
+
+def _spec_version(spec) -> tuple[int | None, str | None]:
+    which = spec.WhichOneof("version_choice")
+    if which == "version":
+        return spec.version.value, None
+    if which == "version_label":
+        return None, spec.version_label
+    return None, None
+
+
+def _fill_spec(target, name: str, version: int, signature_name: str) -> None:
+    target.name = name
+    target.version.value = version
+    target.signature_name = signature_name
+
+
+def make_servicers(service: Service):
+    import tensorflow as tf
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_management_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            version, label = _spec_version(request.model_spec)
+            signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            try:
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            except Exception as exc:  # noqa: BLE001 - malformed TensorProto
+                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed input tensor: {exc}"))
+            try:
+                found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs,
+                                                 _request_id(context))
+            except ServingError as exc:
+                _abort(context, exc)
+            response = predict_pb2.PredictResponse()
+            _fill_spec(response.model_spec, request.model_spec.name, found.number, signature_name)
+            wanted = set(request.output_filter) or set(outputs)
+            for key in wanted:
+                if key not in outputs:
+                    _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter: no output {key}"))
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+            return response
+
+        def Classify(self, request, context):
+            """tf.Example inputs with an `image_bytes` bytes feature -> (class name, probability) per example."""
+            version, label = _spec_version(request.model_spec)
+            examples = request.input.example_list.examples
+            try:
+                images = np.array([ex.features.feature["image_bytes"].bytes_list.value[0] for ex in examples],
+                                  dtype=object)
+            except IndexError:
+                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                             "Classify needs tf.Examples with an image_bytes bytes feature"))
+            try:
+                found, outputs = service.predict(request.model_spec.name, version, label, DEFAULT_SIGNATURE,
+                                                 {"image_bytes": images}, _request_id(context), api="classify")
+            except ServingError as exc:
+                _abort(context, exc)
+            labels = found.preprocessing.get("labels") or [str(i) for i in range(outputs["probabilities"].shape[1])]
+            response = classification_pb2.ClassificationResponse()
+            _fill_spec(response.model_spec, request.model_spec.name, found.number, DEFAULT_SIGNATURE)
+            for row in outputs["probabilities"]:
+                result = response.result.classifications.add()
+                for name, score in zip(labels, row):
+                    result.classes.add(label=name, score=float(score))
+            return response
+
+        def GetModelMetadata(self, request, context):
+            version, label = _spec_version(request.model_spec)
+            if list(request.metadata_field) != ["signature_def"]:
+                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                             "metadata_field must be [\"signature_def\"]"))
+            try:
+                _, found = service.manager.resolve(request.model_spec.name, version, label)
+            except ServingError as exc:
+                _abort(context, exc)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            _fill_spec(response.model_spec, request.model_spec.name, found.number, "")
+            response.metadata["signature_def"].Pack(found.signature_def_map)
+            return response
+
+    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        def GetModelStatus(self, request, context):
+            version, label = _spec_version(request.model_spec)
+            try:
+                versions = service.manager.status(request.model_spec.name, version, label)
+            except ServingError as exc:
+                _abort(context, exc)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for v in versions:
+                entry = response.model_version_status.add(version=v.number, state=STATE_CODES[v.state])
+                if v.error:
+                    entry.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
+                    entry.status.error_message = v.error
+            return response
+
+        def HandleReloadConfigRequest(self, request, context):
+            response = model_management_pb2.ReloadConfigResponse()
+            try:
+                service.manager.reload(request.config)
+            except ServingError as exc:
+                response.status.error_code = exc.code.value[0]
+                response.status.error_message = exc.message
+            return response
+
+    return PredictionService(), ModelService(), prediction_service_pb2_grpc, model_service_pb2_grpc
+
+
+def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: int, tls: tuple | None):
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
+        ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", 64 * 2**20)])
+    prediction, model, prediction_grpc, model_grpc = make_servicers(service)
+    prediction_grpc.add_PredictionServiceServicer_to_server(prediction, server)
+    model_grpc.add_ModelServiceServicer_to_server(model, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{host}:{port}"
+    if tls:
+        credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise ConfigError(f"cannot listen on {address} for gRPC (port in use?)")
+    server.start()
+    return server, health_servicer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.repository and not args.model_config_file:
+        raise ConfigError("pass --repository REPO (or --model-config-file F)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    repository = Path(args.repository).resolve() if args.repository else None
+    if repository is not None and not repository.is_dir():
+        raise ConfigError(f"repository {repository} does not exist; publish a model first (medpipe publish)")
+    batching = None if args.no_batching else (
+        read_batching_config(args.batching_config) if args.batching_config else BatchingParameters())
+    metrics = Metrics(args.drift_baseline)
+    manager = ModelManager(repository, Path(args.model_config_file).resolve() if args.model_config_file else None,
+                           batching, metrics, args.poll_seconds, args.allow_version_labels_for_unavailable_models)
+    service = Service(manager, metrics, RequestLog(args.request_log) if args.request_log else None)
+    max_bytes = int(args.max_request_mb * 2**20)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+
+    manager.start()
+    grpc_server, health_servicer = start_grpc(service, args.host, args.grpc_port, args.threads, max_bytes, tls)
+    rest_server = None
+    if args.rest_port:
+        from serving.rest import start_rest
+
+        rest_server = start_rest(service, args.host, args.rest_port, max_bytes,
+                                 monitoring_path(args.monitoring_config), tls)
+    log.info("serving gRPC on %s:%d, REST on %s:%s, batching %s", args.host, args.grpc_port, args.host,
+             args.rest_port or "off", batching)
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("shutting down: finishing in-flight requests")
+    health_servicer.enter_graceful_shutdown()
+    if rest_server is not None:
+        rest_server.shutdown()
+    grpc_server.stop(grace=10).wait()
+    manager.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    module_main(main)
