@@ -9,10 +9,12 @@ directory (its `predict_preprocessed` signature is called). Ingested records are
 models.preprocessing (as in training); raw images go through medpipe.imaging.preprocess_file (as in ingest), so
 both paths feed the model the same pixels.
 
-Outputs in DIR (default RUN_DIR/evaluation for a run): metrics.json, predictions.csv, plots/*.png, report.html,
-blessing.json, rejected.jsonl (--images only). For a run directory, blessing.json is also copied to
-RUN_DIR/blessing.json (what `medpipe publish` checks), and for binary tasks evaluated on records the operating
-threshold is chosen on the val split and stored in RUN_DIR/operating_point.json (exported with the model).
+Outputs in DIR (default for a run: RUN_DIR/evaluation for the test split, RUN_DIR/evaluation-<split|images>
+otherwise): metrics.json, predictions.csv, plots/*.png, report.html, blessing.json, rejected.jsonl (--images only).
+For a run evaluated on the test split or on external images, blessing.json is also copied to RUN_DIR/blessing.json
+(what `medpipe publish` checks); for binary tasks evaluated on records the operating threshold is chosen on the val
+split and stored in RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
+models/gate.py (the `stable` version's assets.extra/medpipe_metrics.json).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_path = Path(args.model)
     predictor = open_model(model_path)
     config = resolve_config(predictor, args.config, args.overrides)
-    output = Path(args.output) if args.output else default_output(predictor)
+    output = Path(args.output) if args.output else default_output(predictor, "images" if args.images else args.split)
     blessing = evaluate(
         predictor, config, output,
         data_dir=Path(args.data) if args.data else None, split=args.split,
@@ -195,10 +197,12 @@ def resolve_config(predictor: Predictor, config_arg: Optional[str], overrides: S
     return config
 
 
-def default_output(predictor: Predictor) -> Path:
+def default_output(predictor: Predictor, source: str) -> Path:
+    """RUN_DIR/evaluation for the test split (what publish ships as the version's metrics), else
+    RUN_DIR/evaluation-<split|images>, so evaluating another split never replaces the test figures."""
     if predictor.kind != "run":
         raise ConfigError("pass --output DIR when evaluating a SavedModel")
-    return predictor.path / "evaluation"
+    return predictor.path / ("evaluation" if source == "test" else f"evaluation-{source}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -329,8 +333,11 @@ def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optio
     blessing["data"] = metrics["data"]
 
     write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam)
-    if predictor.kind == "run":
+    if predictor.kind == "run" and (data_dir is None or split == "test"):
         shutil.copyfile(output / "blessing.json", predictor.path / "blessing.json")
+    elif predictor.kind == "run":  # a verdict on data the model was tuned on must not unlock publishing
+        log.info("blessing from the %s split not copied to %s (only test or external images gate a run)",
+                 split, predictor.path)
     return blessing
 
 

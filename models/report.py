@@ -104,7 +104,8 @@ def render_report(
         f"<title>medpipe evaluation: {html.escape(str(context.get('task_name', '')))}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Model evaluation: {html.escape(str(context.get('task_name', '')))}</h1>",
-        f'<p class="muted">{metrics["num_examples"]} cases from {html.escape(str(context.get("data_description", "")))}; '
+        f'<p class="muted">{metrics["num_examples"]} cases from '
+        f'{html.escape(str(context.get("data_description", "")))}; '
         f"classes: {html.escape(', '.join(labels))}. For research and quality assurance; not a medical device.</p>",
         "<h2>Verdict</h2>",
         _verdict(blessing),
@@ -133,12 +134,14 @@ def render_report(
         _table(
             ["class", "cases", "predicted", "sensitivity", "specificity", "precision", "F1", "ROC AUC"],
             [
-                [html.escape(label), str(row["support"]), str(row["predicted"]), _number(row["sensitivity"]),
+                [html.escape(label), str(row["support"]), str(row["predicted"]),
+                 _number(row["sensitivity"] if row["support"] else None),
                  _number(row["specificity"]), _number(row["precision"]), _number(row["f1"]), _number(row["auc"])]
                 for label, row in metrics["per_class"].items()
             ],
         ),
-        '<p class="muted">n/a: undefined on this data (e.g. ROC AUC of a class with no cases). Precision of a class '
+        '<p class="muted">n/a: undefined on this data (sensitivity and ROC AUC of a class with no cases, '
+        "specificity when every case has the class). Precision of a class "
         "the model never predicts is shown as 0.</p>",
         "<h2>Confusion matrix</h2>",
         _table(
