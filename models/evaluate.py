@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its config.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set evaluation.bootstrap_samples=200 (repeatable)")
-    parser.add_argument("--baseline-repository", help="model repository whose `stable` version is the baseline")
+    parser.add_argument("--baseline-repository", "--repository", dest="baseline_repository", help="model repository whose `stable` version is the baseline")
     parser.add_argument("--model-name", help="model name in the repository (default: serving.model_name)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
