@@ -7,8 +7,10 @@
 joined by request id with the server's request log (LOG_DIR/requests-*.jsonl, `medpipe serve --request-log`):
 
 - the rows with an image become PARTITION_DIR/<label>/<request_id><ext> plus PARTITION_DIR/manifest.csv
-  (`path,label`, paths relative to the manifest), which `medpipe ingest --input PARTITION_DIR` reads like any other
-  labelled folder, so the next `medpipe_ingest`/`medpipe_train` run learns from them;
+  (`path,label`, paths relative to the manifest): `medpipe ingest --input PARTITION_DIR/manifest.csv` reads them
+  like any other labelled manifest (the `medpipe_ingest` DAG's `source_uri`), so the next training run learns from
+  them. Pass the manifest rather than the folder: in folder mode ingest would count manifest.csv and
+  feedback_summary.json as unlabelled inputs;
 - every joined row counts towards the live accuracy (confirmed label == served class), written with the per-class
   figures to PARTITION_DIR/feedback_summary.json and pushed as the gauge `medpipe_live_accuracy{model}`.
 
@@ -215,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "medpipe_feedback_labels": (figures["n"], "confirmed labels joined with served requests"),
         }, labels={"model": model}, url=args.pushgateway)
     print(json.dumps({"live_accuracy": accuracy["live_accuracy"], "accepted": len(accepted),
-                      "rejected": len(rejected), "images_written": len(manifest), "output": str(output)}))
+                      "rejected": len(rejected), "images_written": len(manifest), "output": str(output),
+                      "ingest_input": str(output / MANIFEST)}))
     if not accepted:
         raise DataError(f"none of the {len(rows)} rows of {args.labels} could be used "
                         f"({summary['rejected_by_reason']}); see {output / SUMMARY}")

@@ -262,6 +262,16 @@ def push_report(report: dict, url: str | None) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _day(text: str) -> str:
+    """--date must be a calendar day: it names the log file read and the report written."""
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe monitor",
@@ -269,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--requests", required=True, help="the server's --request-log directory")
     parser.add_argument("--baseline", required=True, help="the training data's ingest directory or its stats.json")
-    parser.add_argument("--date", required=True, help="day to report, YYYY-MM-DD (reads requests-<date>.jsonl)")
+    parser.add_argument("--date", required=True, type=_day, help="day to report, YYYY-MM-DD (reads requests-<date>.jsonl)")
     parser.add_argument("--output", required=True, help="directory for drift_report.{json,md,html,png}")
     parser.add_argument("--model", help="only requests to this model name (required when the log has several)")
     parser.add_argument("--psi-threshold", type=float, default=PSI_THRESHOLD, help="alert above (default %(default)s)")
