@@ -1,0 +1,146 @@
+"""medpipe_ingest: the Beam ingest pipeline, one partition per run, announcing the dataset Asset when it lands."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, AssetAlias, Param, dag, task
+
+from medpipe_dag_common import (
+    DATASETS,
+    INGESTED_ALIAS,
+    PARTITION_PATTERN,
+    dataset_asset_name,
+    dataset_asset_uri,
+    default_task_args,
+    notify_failure,
+)
+
+RUNNERS = ["DirectRunner", "DaskRunner", "FlinkRunner", "PortableRunner", "SparkRunner", "DataflowRunner"]
+
+DOC_MD = """
+### medpipe_ingest
+
+Runs `python -m beam_pipelines.ingest` (Apache Beam) over one **source** folder/URI and writes one **partition** of
+validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `schema.json`, `stats.json`,
+`rejected.jsonl`).
+
+* **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). A re-run of the same run or
+  date *replaces* the partition (local paths are written to a staging folder and swapped in), so retries and
+  backfills are idempotent.
+* **Output** (default): `$MEDPIPE_DATA_ROOT/ingested/<dataset>/<partition>/` (`MEDPIPE_DATA_ROOT` defaults to
+  `<repo>/runs`). Placeholders `{home}`, `{data_root}`, `{dataset}`, `{partition}` work in `source_uri` and
+  `output_uri`.
+* **Runner**: `runner` + `pipeline_options` (e.g. `["--direct_num_workers=2", "--direct_running_mode=multi_processing"]`,
+  or `["--flink_master=flink-jobmanager:8081", "--environment_type=LOOPBACK"]` with the compose `flink` profile).
+* **De-identification key**: `MEDPIPE_DEID_KEY` in the worker environment, else the Variable `medpipe_deid_key`;
+  never a param.
+* **On success** an asset event for `medpipe://ingested/<dataset>` is emitted (through the alias
+  `medpipe_ingested_dataset`) with the partition path in its `extra`: `medpipe_train` is scheduled on it.
+
+Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `@daily`, `none` disables it).
+"""
+
+
+def _schedule() -> str | None:
+    # An environment variable, not a Variable: parsing must not touch the metadata database.
+    value = os.environ.get("MEDPIPE_INGEST_SCHEDULE", "@daily").strip()
+    return None if value.lower() in ("", "none", "null") else value
+
+
+@dag(
+    dag_id="medpipe_ingest",
+    schedule=_schedule(),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,  # history is loaded on purpose with `airflow backfill create`, not by accident on unpause
+    max_active_runs=2,
+    default_args=default_task_args(execution_timeout=timedelta(hours=2)),
+    on_failure_callback=notify_failure,
+    doc_md=DOC_MD,
+    tags=["medpipe", "ingest", "beam"],
+    params={
+        "config": Param("brain_mri", type="string", minLength=1,
+                        description="task config: a name from config/ (brain_mri, chest_xray) or a YAML path"),
+        "source_uri": Param("{home}/sample_data/{dataset}", type="string", minLength=1,
+                            description="folder/URI of class folders or DICOM files to ingest"),
+        "output_uri": Param("{data_root}/ingested/{dataset}/{partition}", type="string", minLength=1,
+                            description="where the partition is written (replaced when it exists)"),
+        "partition": Param(None, type=["null", "string"], pattern=PARTITION_PATTERN,
+                           description="partition name; empty = the run's logical date (YYYY-MM-DD)"),
+        "runner": Param("DirectRunner", type="string", enum=RUNNERS, description="Beam runner"),
+        "pipeline_options": Param([], type="array", items={"type": "string", "pattern": "^--"},
+                                  description="extra Beam pipeline options, e.g. --direct_num_workers=2"),
+        "overrides": Param([], type="array", items={"type": "string", "pattern": "^[A-Za-z_.]+=.*"},
+                           description="config overrides section.key=value (as --set)"),
+    },
+)
+def medpipe_ingest():
+    @task
+    def plan(params=None, **context) -> dict:
+        """Resolve every path of this run once; later tasks (and their retries) use exactly these."""
+        from pathlib import Path
+
+        from medpipe_dag_common import load_task_config, resolve_config, resolve_path, run_partition, safe_name
+
+        config_path = resolve_config(params["config"])
+        dataset = load_task_config(config_path)["name"]
+        partition = run_partition(context, params.get("partition"))
+        fields = {"dataset": dataset, "partition": partition, "ds": partition}
+        output = resolve_path(params["output_uri"], **fields)
+        source = resolve_path(params["source_uri"], **fields)
+        if "://" not in source and not Path(source).exists():
+            raise FileNotFoundError(f"source {source} does not exist: set the `source_uri` param")
+        staging = output
+        if "://" not in output:
+            run_tag = safe_name(context["run_id"])
+            staging = str(Path(output).with_name(f".{Path(output).name}.staging-{run_tag}"))
+        return {"config": config_path, "dataset": dataset, "partition": partition, "source": source,
+                "output": output, "staging": staging}
+
+    @task
+    def run_ingest(job: dict, params=None) -> dict:
+        """Launch the Beam pipeline on the configured runner and swap the finished partition into place."""
+        import shutil
+        from pathlib import Path
+
+        from medpipe_dag_common import deid_env, replace_dir, run_stage, set_args
+
+        if job["staging"] != job["output"]:
+            shutil.rmtree(job["staging"], ignore_errors=True)  # a half-written attempt from a previous try
+        args = ["--config", job["config"], "--input", job["source"], "--output", job["staging"],
+                *set_args(params["overrides"]), "--runner", params["runner"], *params["pipeline_options"]]
+        run_stage("beam_pipelines.ingest", args, env=deid_env())
+        if job["staging"] != job["output"]:
+            replace_dir(Path(job["staging"]), Path(job["output"]))
+        return job
+
+    @task(outlets=[AssetAlias(INGESTED_ALIAS)])
+    def publish_asset(job: dict, *, outlet_events=None) -> dict:
+        """Check the partition is complete, log its counts, and announce it to medpipe_train."""
+        import json
+        import logging
+        from pathlib import Path
+
+        summary: dict = {}
+        if "://" not in job["output"]:
+            out = Path(job["output"])
+            missing = [name for name in ("schema.json", "stats.json") if not (out / name).is_file()]
+            if missing or not list(out.glob("*.tfrecord*")):
+                raise FileNotFoundError(f"ingest output {out} is incomplete (missing {missing or 'TFRecords'})")
+            stats = json.loads((out / "stats.json").read_text())
+            summary = {key: stats.get(key) for key in ("input_files", "written", "rejected") if key in stats}
+            logging.getLogger("medpipe.dags").info("partition %s: %s", out, json.dumps(summary))
+        if job["dataset"] not in DATASETS:
+            logging.getLogger("medpipe.dags").warning(
+                "dataset %s has no Asset medpipe_train is scheduled on; trigger medpipe_train by hand", job["dataset"])
+        asset = Asset(name=dataset_asset_name(job["dataset"]), uri=dataset_asset_uri(job["dataset"]))
+        outlet_events[AssetAlias(INGESTED_ALIAS)].add(
+            asset, extra={"path": job["output"], "partition": job["partition"], "config": job["config"], **summary})
+        return {**job, "summary": summary}
+
+    publish_asset(run_ingest(plan()))
+
+
+medpipe_ingest()

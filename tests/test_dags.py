@@ -1,0 +1,218 @@
+"""DAG integrity: the dags/ folder parses cleanly, cheaply and without side effects.
+
+The folder is parsed in a fresh interpreter (the way the DAG processor does, with dags/ on sys.path) that records
+every database connection, Variable/connection lookup and socket connect made while parsing, so a DAG file that
+does I/O or imports the ML stack at top level fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DAGS = ROOT / "dags"
+HEAVY = ("tensorflow", "keras", "apache_beam", "pydicom", "tensorflow_serving", "grpc", "medpipe", "models",
+         "serving", "beam_pipelines", "PIL", "numpy")
+EXPECTED = {"medpipe_ingest", "medpipe_train", "medpipe_batch_inference"}
+
+PARSE_SCRIPT = r"""
+import json, socket, sys, time
+from pathlib import Path
+
+events = []
+real_connect = socket.socket.connect
+def record_connect(self, address):
+    events.append(f"socket connect {address}")
+    return real_connect(self, address)
+socket.socket.connect = record_connect
+
+import sqlalchemy.event, sqlalchemy.pool
+sqlalchemy.event.listen(sqlalchemy.pool.Pool, "connect", lambda *a: events.append("database connection"))
+
+from airflow.sdk import BaseHook, Variable
+def forbidden(what):
+    def call(*args, **kwargs):
+        events.append(f"{what}{args}")
+        raise RuntimeError(f"{what} during parse")
+    return call
+Variable.get = staticmethod(forbidden("Variable.get"))
+BaseHook.get_connection = classmethod(forbidden("BaseHook.get_connection"))
+
+from airflow.dag_processing.dagbag import BundleDagBag
+dags_folder = Path(sys.argv[1])
+started = time.perf_counter()
+bag = BundleDagBag(str(dags_folder), bundle_path=dags_folder)
+seconds = time.perf_counter() - started
+heavy = sorted({name.split(".")[0] for name in sys.modules} & set(sys.argv[2].split(",")))
+dags = {}
+for dag_id, dag in bag.dags.items():
+    dags[dag_id] = {
+        "tags": sorted(dag.tags), "doc_md": bool(dag.doc_md and dag.doc_md.strip()),
+        "max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
+        "params": sorted(dag.params.keys()),
+        "fileloc": dag.fileloc,
+        "tasks": {task.task_id: {
+            "retries": task.retries, "backoff": bool(task.retry_exponential_backoff),
+            "timeout": task.execution_timeout.total_seconds() if task.execution_timeout else None,
+            "callback": bool(task.on_failure_callback), "pool": task.pool,
+        } for task in dag.tasks},
+    }
+print(json.dumps({"import_errors": bag.import_errors, "dags": dags, "heavy": heavy, "events": events,
+                  "seconds": seconds}))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # a database that does not exist yet: parsing must not need it (and must not create it)
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/must_not_exist.db",
+    }
+    result = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), ",".join(HEAVY)],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=str(home))
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["db_file_created"] = (home / "must_not_exist.db").exists()
+    return report
+
+
+def test_no_import_errors(parsed):
+    assert parsed["import_errors"] == {}
+    assert EXPECTED <= set(parsed["dags"])
+
+
+def test_every_dag_has_doc_and_tags(parsed):
+    for dag_id, dag in parsed["dags"].items():
+        assert dag["doc_md"], f"{dag_id} has no doc_md"
+        assert "medpipe" in dag["tags"] and len(dag["tags"]) >= 2, f"{dag_id} tags: {dag['tags']}"
+
+
+def test_every_task_retries_with_backoff_timeout_and_callback(parsed):
+    for dag_id, dag in parsed["dags"].items():
+        for task_id, task in dag["tasks"].items():
+            where = f"{dag_id}.{task_id}"
+            assert task["retries"] >= 1, f"{where} has no retries"
+            assert task["backoff"], f"{where} has no exponential backoff"
+            assert task["timeout"] and task["timeout"] <= timedelta(hours=12).total_seconds(), where
+            assert task["callback"], f"{where} has no on_failure_callback"
+
+
+def test_parsing_imports_no_ml_stack(parsed):
+    assert parsed["heavy"] == [], f"parsing dags/ imported {parsed['heavy']}: import them inside tasks"
+
+
+def test_parsing_touches_no_database_variable_connection_or_network(parsed):
+    assert parsed["events"] == []
+    assert not parsed["db_file_created"]
+
+
+def test_parse_is_fast(parsed):
+    # the DAG files themselves (Airflow's own import excluded): milliseconds, well under the 30 s dagbag timeout
+    assert parsed["seconds"] < 2.0, parsed["seconds"]
+
+
+def test_train_dag_concurrency_and_gate(parsed):
+    train = parsed["dags"]["medpipe_train"]
+    assert train["max_active_runs"] == 1
+    assert train["tasks"]["train"]["pool"] == "medpipe_training"
+    assert list(train["tasks"]) == ["plan", "train", "evaluate", "gate", "publish"]
+
+
+def test_ingest_params_and_no_accidental_catchup(parsed):
+    ingest = parsed["dags"]["medpipe_ingest"]
+    assert {"config", "source_uri", "output_uri", "runner", "pipeline_options", "partition"} <= set(ingest["params"])
+    assert ingest["catchup"] is False
+
+
+def test_pool_file_declares_training_pool():
+    pools = json.loads((ROOT / "config" / "airflow" / "pools.json").read_text())
+    assert pools["medpipe_training"]["slots"] >= 1
+
+
+@pytest.fixture()
+def common(monkeypatch):
+    monkeypatch.syspath_prepend(str(DAGS))
+    import medpipe_dag_common
+
+    return medpipe_dag_common
+
+
+def test_run_partition_prefers_param_then_logical_date(common):
+    import pendulum
+
+    context = {"logical_date": pendulum.datetime(2026, 11, 24, 6, tz="UTC")}
+    assert common.run_partition(context) == "2026-11-24"
+    assert common.run_partition(context, "batch_7") == "batch_7"
+    with pytest.raises(ValueError, match="safe folder name"):
+        common.run_partition(context, "../etc")
+    with pytest.raises(ValueError, match="partition"):
+        common.run_partition({"dag_run": None})
+
+
+def test_paths_resolve_from_env(common, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDPIPE_DATA_ROOT", str(tmp_path))
+    monkeypatch.delenv("MEDPIPE_MODEL_REPOSITORY", raising=False)
+    assert common.model_repository() == tmp_path / "models"
+    assert common.resolve_path("{data_root}/ingested/{dataset}/{partition}", dataset="x", partition="p") == \
+        str(tmp_path / "ingested" / "x" / "p")
+    assert common.resolve_path("gs://bucket/{dataset}", dataset="x") == "gs://bucket/x"
+    assert common.resolve_config("brain_mri") == str(ROOT / "config" / "brain_mri.yaml")
+    assert common.load_task_config(common.resolve_config("chest_xray"))["name"] == "chest_xray"
+
+
+def test_serving_address_order(common, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("AIRFLOW_CONN_MEDPIPE_SERVING", raising=False)
+    monkeypatch.setenv("MEDPIPE_TF_SERVING_GRPC", "tf-serving:8500")
+    monkeypatch.delenv("MEDPIPE_SERVING_GRPC", raising=False)
+    assert common.serving_address("h:1") == ("h:1", "param serving_grpc")
+    assert common.serving_address()[0] == "tf-serving:8500"
+    monkeypatch.setenv("MEDPIPE_SERVING_GRPC", "other:9")
+    assert common.serving_address()[0] == "other:9"
+    # an Airflow connection (here from the environment, as docker-compose defines it) wins over the env variables
+    monkeypatch.setenv("AIRFLOW_CONN_MEDPIPE_SERVING", "generic://tf-serving:8600")
+    assert common.serving_address() == ("tf-serving:8600", "connection medpipe_serving")
+
+
+def test_run_stage_reports_the_failure(common):
+    with pytest.raises(common.StageFailed, match=r"exited with status 1[\s\S]*No module named medpipe_no_such"):
+        common.run_stage("medpipe_no_such_module_anywhere", [])
+    lines = common.run_stage("json.tool", ["--help"], capture_stdout=True)
+    assert any("usage" in line for line in lines)
+
+
+def test_replace_dir_is_a_swap(common, tmp_path):
+    final = tmp_path / "part"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    staging = tmp_path / ".part.staging"
+    staging.mkdir()
+    (staging / "new.txt").write_text("new")
+    common.replace_dir(staging, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+
+
+def test_asset_triggered_training_uses_the_newest_event(common):
+    from types import SimpleNamespace
+
+    import pendulum
+
+    older = SimpleNamespace(timestamp=pendulum.datetime(2026, 11, 1, tz="UTC"), extra={"path": "/d/2026-11-01"})
+    newer = SimpleNamespace(timestamp=pendulum.datetime(2026, 11, 2, tz="UTC"), extra={"path": "/d/2026-11-02"})
+    # the same event is listed under the asset and under the alias it came through
+    events = {"asset": [older, newer], "alias": [newer]}
+    assert common.newest_event_extra(events) == {"path": "/d/2026-11-02"}
+    assert common.newest_event_extra({}) == {} and common.newest_event_extra(None) == {}
