@@ -23,9 +23,7 @@ WORKDIR /build
 COPY requirements.lock ./
 RUN pip install -r requirements.lock \
  # depends on the full `tensorflow` wheel, which would replace tensorflow-cpu: install it alone
- && pip install --no-deps tensorflow-serving-api==2.21.0 \
- # container-only: the PostgreSQL driver for Airflow's metadata DB and the StatsD client for Airflow metrics
- && pip install psycopg2-binary==2.9.13 statsd==4.0.1
+ && pip install --no-deps tensorflow-serving-api==2.21.0
 COPY pyproject.toml README.md LICENSE ./
 COPY medpipe ./medpipe
 COPY beam_pipelines ./beam_pipelines
