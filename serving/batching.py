@@ -103,8 +103,6 @@ class Batcher:
             first = carry or self.queue.get()
             carry = None
             if first[0] is None:
-                if carry is not None:
-                    self.queue.put(carry)
                 return
             items, total, key = [first], first[1], _key(first[0])
             deadline = time.monotonic() + self.params.batch_timeout_micros / 1e6

@@ -202,13 +202,17 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
 
     pending: list[tuple[str, bytes]] = []
     channel = None if rest else grpc.insecure_channel(server)
+    chunks = [0]
 
     def flush():
         images = [png for _, png in pending]
+        # a caller's id names the whole call: later requests of it get -r<n> so ids never repeat
+        rid = request_id and (request_id if chunks[0] == 0 else f"{request_id}-r{chunks[0]}")
+        chunks[0] += 1
         if rest:
-            results = predict_images_rest(rest, model, images, version, label, signature, deadline, request_id)
+            results = predict_images_rest(rest, model, images, version, label, signature, deadline, rid)
         else:
-            results = predict_images(server, model, images, version, label, signature, deadline, request_id,
+            results = predict_images(server, model, images, version, label, signature, deadline, rid,
                                      channel=channel)
         lines = [{"file": path, **result} for (path, _), result in zip(pending, results)]
         pending.clear()

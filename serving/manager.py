@@ -37,6 +37,7 @@ class Signature:
     function: Any
     inputs: dict[str, Any]   # name -> tf.TensorSpec
     outputs: dict[str, Any]  # name -> tf.TensorSpec
+    owner: Any = None        # the loaded SavedModel object: keeps the function's variables alive
     batcher: Batcher | None = None
 
     def call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,8 +116,7 @@ class ModelManager:
                 return None
             self._config_mtime = mtime
             return repo_lib.read_config(path), path.parent
-        if self._config_mtime is not None or self.repository is None:
-            self._config_mtime = None
+        self._config_mtime = None
         from tensorflow_serving.config import model_server_config_pb2
 
         config = model_server_config_pb2.ModelServerConfig()
@@ -240,13 +240,15 @@ class ModelManager:
         return histogram.observe
 
     def _unload(self, model: ModelEntry, number: int) -> None:
+        """Stop batching and drop the version from the table; requests that already resolved it keep their own
+        reference and finish (the memory is freed when the last one is done)."""
         version = model.versions[number]
         version.state = "UNLOADING"
         for signature in version.signatures.values():
             if signature.batcher is not None:
                 signature.batcher.stop()
-        version.signatures = {}
-        version.state = "END"
+        with self._lock:
+            model.versions[number] = Version(number, version.path, state="END")
         log.info("model %s version %d unloaded", model.name, number)
 
     def _unload_all(self, model: ModelEntry) -> None:
@@ -310,19 +312,20 @@ def load_version(path: Path, batching: BatchingParameters | None, on_batch=None)
     loaded = tf.saved_model.load(str(path))
     signatures = {}
     for key, function in loaded.signatures.items():
-        inputs = dict(function.structured_input_signature[1])
-        outputs = dict(function.structured_outputs)
-        signature = Signature(key, function, inputs, outputs)
+        signature = Signature(key, function, dict(function.structured_input_signature[1]),
+                              dict(function.structured_outputs), owner=loaded)
         if batching is not None:
             signature.batcher = Batcher(signature.call, batching, on_batch)
         signatures[key] = signature
-    signatures["__loaded__"] = loaded  # keeps the variables alive
     preprocessing_file = path / "assets" / "preprocessing.json"
     preprocessing = json.loads(preprocessing_file.read_text()) if preprocessing_file.is_file() else {}
-    replay_warmup(path, signatures)
-    del signatures["__loaded__"]
-    for signature in signatures.values():
-        signature.owner = loaded
+    try:
+        replay_warmup(path, signatures)
+    except Exception:
+        for signature in signatures.values():  # a version that fails warmup is refused: free its threads
+            if signature.batcher is not None:
+                signature.batcher.stop()
+        raise
     return {"signatures": signatures, "signature_def_map": signature_def_map, "preprocessing": preprocessing}
 
 

@@ -118,3 +118,12 @@ def require_version(repository: Path, name: str, version: int) -> None:
     if version not in versions_on_disk(model_dir(repository, name)):
         raise DataError(f"{repository / name / str(version)} does not exist; versions on disk: "
                         f"{versions_on_disk(model_dir(repository, name)) or 'none'}")
+
+
+def label_version(repository: Path, name: str, label: str = "stable") -> int | None:
+    """The version LABEL points at in REPO/models.config (None when absent): e.g. the gate's `stable` baseline,
+    whose metrics are in REPO/NAME/<version>/assets.extra/medpipe_metrics.json."""
+    entry = find_model(read_config(Path(repository) / CONFIG_FILE), name)
+    if entry is None or label not in entry.version_labels:
+        return None
+    return int(entry.version_labels[label])
