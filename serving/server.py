@@ -74,7 +74,7 @@ class Metrics:
         self.loaded_versions = self.medpipe.loaded_versions
         self.trackers: dict = {}
         self.baseline = None
-        self._next_snapshot: dict[str, float] = {}
+        self._drift_lock = threading.Lock()
         if drift_baseline:
             from medpipe import drift  # lazy: only with --drift-baseline
 
@@ -82,6 +82,7 @@ class Metrics:
             self.baseline = drift.load_baseline(drift_baseline)
 
     def render(self) -> str:
+        self._refresh_drift()  # at scrape time, so the gauges never lag behind a burst of requests
         return self.tf.render() + self.medpipe.render()
 
     def predictions(self, model: str, records: list[dict]) -> None:
@@ -90,18 +91,19 @@ class Metrics:
             self.medpipe.confidence.labels(model).observe(record["confidence"])
         if self.baseline is None:
             return
-        tracker = self.trackers.setdefault(model, self.drift.DriftTracker(self.baseline))
-        for record in records:
-            if "pixel_histogram" in record:
-                tracker.observe(record["pixel_histogram"], record["probabilities"])
-        now = time.monotonic()
-        if now < self._next_snapshot.get(model, 0.0):  # a snapshot walks the whole window: once a second
-            return
-        self._next_snapshot[model] = now + 1.0
-        snap = tracker.snapshot()
-        self.medpipe.drift_psi.labels(model).set(snap.get("psi") or 0.0)
-        self.medpipe.drift_class_shift.labels(model).set(snap.get("class_shift") or 0.0)
-        self.medpipe.low_confidence.labels(model).set(snap.get("low_confidence_rate") or 0.0)
+        with self._drift_lock:
+            tracker = self.trackers.setdefault(model, self.drift.DriftTracker(self.baseline))
+            for record in records:
+                if "pixel_histogram" in record:
+                    tracker.observe(record["pixel_histogram"], record["probabilities"])
+
+    def _refresh_drift(self) -> None:
+        with self._drift_lock:  # a snapshot walks the tracker's window: no observe() may run meanwhile
+            snapshots = {model: tracker.snapshot() for model, tracker in self.trackers.items()}
+        for model, snap in snapshots.items():
+            self.medpipe.drift_psi.labels(model).set(snap.get("psi") or 0.0)
+            self.medpipe.drift_class_shift.labels(model).set(snap.get("class_shift") or 0.0)
+            self.medpipe.low_confidence.labels(model).set(snap.get("low_confidence_rate") or 0.0)
 
 
 class Service:
