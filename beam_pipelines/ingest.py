@@ -1,7 +1,8 @@
 """`medpipe ingest`: DICOM/PNG/JPEG/TIFF -> validated, de-identified, patient-split TFRecords (Apache Beam).
 
     medpipe ingest --config config/brain_mri.yaml --input ../shared/data/brain-tumor-mri/Training --output data/brain
-    python -m beam_pipelines.ingest --config brain_mri --input manifest.csv --output gs://bucket/x --runner DataflowRunner
+    python -m beam_pipelines.ingest --config brain_mri --input manifest.csv --output gs://bucket/x \
+        --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp
 
     ListInputs -> PreprocessImages (ok | rejected) -> Deduplicate (by decoded-pixel hash; label conflicts rejected)
     -> AssignSplit (by patient pseudonym, else pixel hash; salted, stable) -> WriteSplits (sharded GZIP TFRecords)
@@ -9,9 +10,16 @@
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
-and s3:// (with the extra) work. Unknown flags are Beam pipeline options; without --runner the DirectRunner runs in
-multi-processing mode with 2 workers. The de-identification key comes from MEDPIPE_DEID_KEY in the workers'
-environment (read in DoFn.setup, never pickled into the pipeline graph).
+and s3:// (with the extra) work. Unknown flags are Beam pipeline options; without --runner the DirectRunner's
+engine (FnApiRunner) runs in multi-processing mode with 2 workers. The de-identification key comes from
+MEDPIPE_DEID_KEY in the workers' environment (read in DoFn.setup, never pickled into the pipeline graph).
+
+Other runners, through the same pass-through options:
+    --runner DaskRunner --dask_client_address tcp://HOST:8786          (dask.distributed; tested in test_ingest.py)
+    --runner FlinkRunner --flink_master HOST:8081 --environment_type LOOPBACK   (Beam's Flink job server)
+    --runner SparkRunner --spark_master_url spark://HOST:7077 --environment_type LOOPBACK
+    --runner PortableRunner --job_endpoint HOST:8099 --environment_type LOOPBACK   (any running job server)
+With a remote cluster, inputs and --output must be paths every worker can reach (gs://, s3://, a shared mount).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -77,7 +86,7 @@ def list_inputs(source: str) -> list[InputItem]:
 def read_manifest(path: str) -> list[InputItem]:
     """CSV with a header: path,label[,patient_id,study_id]; relative paths are relative to the manifest's folder."""
     base = posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
-    with FileSystems.open(path) as handle:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         text = handle.read().decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
@@ -165,7 +174,8 @@ def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Option
     kept = group[0]
     if len(group) == 1:
         return kept, [], None
-    info = {"pixel_hash": pixel_hash, "label": labels[0], "kept": kept["path"], "dropped": [r["path"] for r in group[1:]]}
+    info = {"pixel_hash": pixel_hash, "label": labels[0], "kept": kept["path"],
+            "dropped": [r["path"] for r in group[1:]]}
     return kept, [], info
 
 
@@ -234,7 +244,7 @@ class PreprocessFn(beam.DoFn):
         try:
             if item.size > self.config.ingest.max_file_mb * 2**20:
                 raise RejectedInput("pixel_budget", f"file over ingest.max_file_mb={self.config.ingest.max_file_mb}")
-            with FileSystems.open(item.path, compression_type="uncompressed") as handle:
+            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 data = handle.read()
             record = prepare_record(item, data, self.config, self.key)
         except RejectedInput as exc:
@@ -333,7 +343,7 @@ def shard_of(source_id: str, num_shards: int) -> int:
 
 
 class WriteShardFn(beam.DoFn):
-    """One GZIP TFRecord file per (split, shard), records sorted by source id, gzip mtime 0 (reproducible bytes)."""
+    """One GZIP TFRecord file per (split, shard), records sorted by source id (reproducible bytes)."""
 
     def __init__(self, directory: str, shards: Any):
         self.directory, self.shards = directory, shards
@@ -347,9 +357,12 @@ class WriteShardFn(beam.DoFn):
         (split, shard), examples = element
         examples = sorted((e for e in examples if e is not None), key=lambda e: e[0])
         path = FileSystems.join(self.directory, shard_name(split, shard, getattr(self.shards, split)))
-        with FileSystems.create(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as out:
-            for _, example in examples:
-                out.write(tfrecord_frame(example))
+        # gzip level 1 with mtime 0: the payload is PNG (already deflated), so higher levels cost CPU for ~nothing,
+        # and a fixed header timestamp keeps re-runs byte-identical.
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+                for _, example in examples:
+                    out.write(tfrecord_frame(example))
         self.written.inc(len(examples))
         yield path
 
@@ -464,7 +477,7 @@ def write_reports(_, config: TaskConfig, directory: str, input_files: int, writt
 
 
 def _write_text(path: str, text: str) -> None:
-    with FileSystems.create(path) as handle:
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         handle.write(text.encode("utf-8"))
 
 
@@ -479,9 +492,13 @@ class WriteReports(beam.PTransform):
         written = split_records | "Summarise" >> beam.CombineGlobally(StatsFn())
         rejected_list = rejected | "CollectRejected" >> beam.combiners.ToList()
         duplicate_list = duplicates | "CollectDuplicates" >> beam.combiners.ToList()
-        sizes = (decoded | "InputSize" >> beam.Map(lambda r: r["input_size"]) | "CountSizes" >> beam.combiners.Count.PerElement()
+        sizes = (decoded
+                 | "InputSize" >> beam.Map(lambda r: r["input_size"])
+                 | "CountSizes" >> beam.combiners.Count.PerElement()
                  | "SizesToList" >> beam.combiners.ToList())
-        modes = (decoded | "InputMode" >> beam.Map(lambda r: r["input_mode"]) | "CountModes" >> beam.combiners.Count.PerElement()
+        modes = (decoded
+                 | "InputMode" >> beam.Map(lambda r: r["input_mode"])
+                 | "CountModes" >> beam.combiners.Count.PerElement()
                  | "ModesToList" >> beam.combiners.ToList())
         return (inputs[0].pipeline
                 | "Once" >> beam.Create([None])
@@ -550,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medpipe ingest",
         description="Beam pipeline: DICOM/PNG/JPEG/TIFF -> validated, de-identified, patient-split TFRecords. "
                     "Unknown options are passed to Beam (e.g. --runner DaskRunner --dask_client_address HOST:PORT); "
-                    "default: DirectRunner, multi_processing, 2 workers. Set MEDPIPE_DEID_KEY for DICOM with "
-                    "patient IDs.",
+                    "default: the direct runner (FnApiRunner), multi_processing, 2 workers. Set MEDPIPE_DEID_KEY "
+                    "for DICOM with patient IDs.",
     )
     parser.add_argument("--config", required=True, help="task config YAML (or a name in config/, e.g. brain_mri)")
     parser.add_argument("--input", required=True,
@@ -563,23 +580,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNER_ALIASES = {"--runner=DaskRunner": "--runner=apache_beam.runners.dask.dask_runner.DaskRunner"}
+# Short names Beam 2.77's registry lacks or resolves unhelpfully. DirectRunner -> its own engine, FnApiRunner:
+# the DirectRunner first tries the Prism runner, whose binary it downloads from GitHub (slow or failing offline) and
+# which ignores direct_running_mode.
+RUNNER_ALIASES = {
+    "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
+    "DirectRunner": "FnApiRunner",
+}
+LOCAL_DEFAULTS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+
+
+def split_runner(beam_args: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """(--runner value or None, the other options)."""
+    runner, rest, items = None, [], list(beam_args)
+    index = 0
+    while index < len(items):
+        arg = items[index]
+        if arg == "--runner" and index + 1 < len(items):
+            runner, index = items[index + 1], index + 2
+            continue
+        if arg.startswith("--runner="):
+            runner = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        index += 1
+    return runner, rest
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Pass-through Beam options; without a runner: DirectRunner in multi-processing mode with 2 workers."""
-    # Beam's registry does not know the Dask runner by its short name.
-    args = [RUNNER_ALIASES.get(a, a) for a in beam_args]
-    for index, arg in enumerate(args[:-1]):
-        if arg == "--runner":
-            args[index + 1] = RUNNER_ALIASES.get(f"--runner={args[index + 1]}", f"--runner={args[index + 1]}")[9:]
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args += ["--runner=DirectRunner"]
-        if not any(a.startswith("--direct_running_mode") for a in args):
-            args += ["--direct_running_mode=multi_processing"]
-        if not any(a.startswith("--direct_num_workers") for a in args):
-            args += ["--direct_num_workers=2"]
-    return PipelineOptions(args)
+    """Pass-through Beam options. Without a runner (or DirectRunner): FnApiRunner, multi-processing, 2 workers,
+    unless --direct_running_mode / --direct_num_workers say otherwise."""
+    runner, rest = split_runner(beam_args)
+    runner = RUNNER_ALIASES.get(runner or "DirectRunner", runner)
+    if runner == "FnApiRunner":
+        rest += [flag for flag in LOCAL_DEFAULTS if not any(a.startswith(flag.split("=")[0]) for a in rest)]
+    return PipelineOptions([f"--runner={runner}", *rest])
 
 
 def log_counters(result) -> dict[str, int]:
@@ -622,6 +657,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if is_local(temp):
             shutil.rmtree(temp, ignore_errors=True)
         raise
+    if stats["written"] == 0:
+        LOG.warning("ingest: no image was written (see %s/rejected.jsonl); --input must be a folder of class folders "
+                    "named like the config's labels %s, or a manifest", output, list(config.labels))
     LOG.info("ingest: %d written (%s), %d rejected, %d duplicates dropped -> %s", stats["written"],
              ", ".join(f"{s} {stats['splits'][s]['total']}" for s in SPLITS), stats["rejected"],
              stats["duplicates_dropped"], output)

@@ -1,0 +1,188 @@
+"""Ingest benchmark: the Beam pipeline vs a plain 2-process Pillow loop doing the same per-image work, same run.
+
+    .venv/bin/python benchmarks/bench_ingest.py [--size 128] [--repeat 2]
+
+Input: the 5,712 images of ../shared/data/brain-tumor-mri/Training. The baseline loop runs 2 processes, each
+reading files, calling the same medpipe.imaging.preprocess_bytes, encoding the same tf.train.Example and appending
+it to a GZIP TFRecord file: everything the pipeline does per image, minus Beam (dedup, split, reports). The pipeline
+runs as users run it (`python -m beam_pipelines.ingest`, DirectRunner multi-processing, 2 workers). Peak memory is
+the summed RSS of each process tree, sampled every 50 ms. Files are read once beforehand so both see a warm cache.
+Targets (issue 3): >= 400 images/s, pipeline wall <= 1.5x the loop's, peak <= 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, require_shared, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+
+def children_cpu_seconds() -> float:
+    """user + sys CPU of every waited-for descendant so far (Pool workers, the pipeline and its SDK workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class PeakRSS:
+    """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                total = root.memory_info().rss
+                for child in root.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _loop_worker(job: tuple[list[str], list[str], str, list[str]]) -> int:
+    """One baseline process: the same per-image work as the pipeline, written to one GZIP TFRecord file."""
+    from beam_pipelines.ingest import to_example
+    from beam_pipelines.tf_example import tfrecord_frame
+    from medpipe.config import load_config
+    from medpipe.deid import pseudonym
+    from medpipe.errors import RejectedInput
+    from medpipe.imaging import preprocess_bytes
+
+    paths, labels, output, overrides = job
+    config = load_config(ROOT / "config" / "brain_mri.yaml", overrides)
+    key = os.environ.get("MEDPIPE_DEID_KEY", "bench-key-0123456789").encode()
+    written = 0
+    with gzip.open(output, "wb", compresslevel=6) as out:
+        for path, label in zip(paths, labels):
+            try:
+                with open(path, "rb") as handle:
+                    prepared = preprocess_bytes(handle.read(), config)
+            except RejectedInput:
+                continue
+            record = {"png": prepared.png, "label": label, "source_id": pseudonym(prepared.pixel_hash, key),
+                      "pseudonym": "", "dicom": prepared.decoded.dicom}
+            out.write(tfrecord_frame(to_example(record, config)))
+            written += 1
+    return written
+
+
+def run_loop(paths: list[Path], overrides: list[str], workdir: Path) -> tuple[float, int, int, float]:
+    labels = [p.parent.name for p in paths]
+    jobs = [([str(p) for p in paths[i::2]], labels[i::2], str(workdir / f"loop-{i}.tfrecord.gz"), overrides)
+            for i in range(2)]
+    cpu_before = children_cpu_seconds()
+    with PeakRSS(os.getpid()) as memory:
+        start = time.perf_counter()
+        pool = get_context("spawn").Pool(2)
+        written = sum(pool.map(_loop_worker, jobs))
+        pool.close()
+        pool.join()  # joined, so the workers' CPU time is counted in RUSAGE_CHILDREN
+        wall = time.perf_counter() - start
+    return wall, written, memory.peak, children_cpu_seconds() - cpu_before
+
+
+def run_pipeline(source: Path, overrides: list[str], workdir: Path) -> tuple[float, int, int, float]:
+    import json
+
+    output = workdir / "pipeline"
+    command = [sys.executable, "-m", "beam_pipelines.ingest", "--config", str(ROOT / "config" / "brain_mri.yaml"),
+               "--input", str(source), "--output", str(output)]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", "bench-key-0123456789")}
+    cpu_before = children_cpu_seconds()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(process.pid) as memory:
+        _, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        sys.exit(f"benchmark: the pipeline failed:\n{stderr[-3000:]}")
+    stats = json.loads((output / "stats.json").read_text())
+    return wall, stats["input_files"], memory.peak, children_cpu_seconds() - cpu_before
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="image.size for both (default 128, the config's)")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved runs of each; the best wall time counts")
+    args = parser.parse_args(argv)
+    source = require_shared("brain-tumor-mri/Training")
+    paths = sorted(p for p in source.glob("*/*") if p.is_file())
+    for path in paths:  # warm the page cache for both contenders
+        path.read_bytes()
+    overrides = [f"image.size={args.size}"]
+    load_before = os.getloadavg()[0]
+    loops, pipes = [], []
+    for _ in range(args.repeat):  # interleaved, best of N each: the machine is shared and its load drifts
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            loops.append(run_loop(paths, overrides, Path(tmp)))
+            pipes.append(run_pipeline(source, overrides, Path(tmp)))
+    loop_wall, loop_written, loop_peak, loop_cpu = min(loops)
+    pipe_wall, pipe_inputs, pipe_peak, pipe_cpu = min(pipes)
+    pipe_peak = max(run[2] for run in pipes)
+    images = len(paths)
+    figures = {
+        "images": images,
+        "image_size": args.size,
+        "pipeline_wall_s": round(pipe_wall, 2),
+        "pipeline_images_per_s": round(images / pipe_wall, 1),
+        "loop_wall_s": round(loop_wall, 2),
+        "loop_images_per_s": round(images / loop_wall, 1),
+        "wall_ratio_pipeline_over_loop": round(pipe_wall / loop_wall, 2),
+        "pipeline_peak_rss_mb": round(pipe_peak / 2**20),
+        "loop_peak_rss_mb": round(loop_peak / 2**20),
+        "load_average_1min_before": round(load_before, 2),
+        "runs_each": args.repeat,
+        "pipeline_wall_s_all": [round(run[0], 2) for run in pipes],
+        "loop_wall_s_all": [round(run[0], 2) for run in loops],
+        # CPU seconds of each process tree: on a shared, loaded machine the wall figures understate both; the
+        # images per CPU-second x 2 cores is what an idle 2-core machine would reach (an upper bound).
+        "pipeline_cpu_s": round(pipe_cpu, 1),
+        "loop_cpu_s": round(loop_cpu, 1),
+        "pipeline_images_per_s_idle_2core_estimate": round(images / (pipe_cpu / 2), 1),
+        "loop_images_per_s_idle_2core_estimate": round(images / (loop_cpu / 2), 1),
+        "loop_written": loop_written,
+        "pipeline_inputs": pipe_inputs,
+    }
+    targets = {"throughput": ">= 400 images/s", "ratio": "pipeline wall <= 1.5x loop wall",
+               "memory": "pipeline peak RSS <= 2 GB"}
+    passed = {"throughput": images / pipe_wall >= 400, "ratio": pipe_wall <= 1.5 * loop_wall,
+              "memory": pipe_peak <= 2 * 2**30}
+    write_result("ingest", "benchmarks/bench_ingest.py", figures, targets, passed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

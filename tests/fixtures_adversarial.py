@@ -1,0 +1,134 @@
+"""Builders for adversarial and edge-case input files, made at test time from the real samples in sample_data/.
+
+Nothing here is a mock: each function writes a real file that a hospital export or an attacker could produce
+(a truncated JPEG, a PNG whose header claims 10^10 pixels, a DICOM carrying PHI in two dozen tags...).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+SAMPLE_MRI = SAMPLE / "brain_mri"
+SAMPLE_DICOM = SAMPLE / "dicom"
+
+# Distinctive markers: none of them can occur by chance in PNG/gzip bytes or JSON.
+PHI_PATIENT_ID = "PHIZQX-MRN-004711"
+
+
+def sample_jpegs(label: str, count: int) -> list[Path]:
+    return sorted((SAMPLE_MRI / label).iterdir())[:count]
+
+
+def truncated_jpeg(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def zero_bytes(target: Path) -> Path:
+    target.write_bytes(b"")
+    return target
+
+
+def text_named_dcm(target: Path) -> Path:
+    target.write_text("Patient list exported from the RIS\nnot an image, whatever its name says\n")
+    return target
+
+
+def large_png(target: Path, width: int, height: int) -> Path:
+    """A real, fully decodable PNG with many pixels (compresses to a few KB)."""
+    Image.new("L", (width, height), 7).save(target, "PNG")
+    return target
+
+
+def png_bomb_header(target: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A tiny PNG whose IHDR claims width x height pixels: a decompression bomb as seen by the header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    target.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return target
+
+
+def tiny_png(target: Path, side: int = 16) -> Path:
+    Image.new("L", (side, side), 100).save(target, "PNG")
+    return target
+
+
+def jpeg_named_png(source: Path, target: Path) -> Path:
+    shutil.copyfile(source, target)
+    return target
+
+
+def tiff_16bit(target: Path, pages: list[np.ndarray]) -> Path:
+    """A (multi-page) 16-bit grey TIFF."""
+    images = [Image.fromarray(page.astype(np.uint16), "I;16") for page in pages]
+    images[0].save(target, "TIFF", save_all=len(images) > 1, append_images=images[1:])
+    return target
+
+
+def png_16bit(target: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array.astype(np.uint16), "I;16").save(target, "PNG")
+    return target
+
+
+# DICOM attributes a real export might carry, each set to a unique marker string. None is allow-listed.
+PHI_TAGS: dict[str, str] = {
+    "PatientName": "PHIZQX^Name^Alice",
+    "PatientID": PHI_PATIENT_ID,
+    "OtherPatientIDs": "PHIZQX-OTHER-ID-55",
+    "PatientAddress": "PHIZQX 12 Hospital Road",
+    "PatientTelephoneNumbers": "PHIZQX-555-0199",
+    "PatientMotherBirthName": "PHIZQX^Mother",
+    "PatientComments": "PHIZQX comment about the patient",
+    "AdditionalPatientHistory": "PHIZQX history of present illness",
+    "Occupation": "PHIZQX-job",
+    "AccessionNumber": "PHIZQX-ACC-9",
+    "StudyID": "PHIZQXSTUDY",
+    "StudyDescription": "PHIZQX study description",
+    "SeriesDescription": "PHIZQX series description",
+    "InstitutionName": "PHIZQX General Hospital",
+    "InstitutionAddress": "PHIZQX 1 Main Street",
+    "InstitutionalDepartmentName": "PHIZQX Radiology",
+    "ReferringPhysicianName": "PHIZQX^Referrer",
+    "PerformingPhysicianName": "PHIZQX^Performer",
+    "NameOfPhysiciansReadingStudy": "PHIZQX^Reader",
+    "OperatorsName": "PHIZQX^Operator",
+    "RequestingPhysician": "PHIZQX^Requester",
+    "StationName": "PHIZQX-STATION",
+    "DeviceSerialNumber": "PHIZQX-SERIAL-42",
+    "ImageComments": "PHIZQX burned-in note",
+    "MedicalRecordLocator": "PHIZQX-LOCATOR",
+}
+PHI_DATES = {"PatientBirthDate": "18990101"}  # odd enough never to occur by chance
+
+
+def phi_dicom(target: Path, source: Path = SAMPLE_DICOM / "CT-MONO2-16-brain.dcm") -> list[str]:
+    """A real CT slice with PHI planted in 26 tags plus a private tag; returns every planted string."""
+    import pydicom
+
+    ds = pydicom.dcmread(source, force=True)
+    for keyword, value in {**PHI_TAGS, **PHI_DATES}.items():
+        setattr(ds, keyword, value)
+    block = ds.private_block(0x0011, "PHIZQX PRIVATE CREATOR", create=True)
+    block.add_new(0x01, "LO", "PHIZQX private value")
+    ds.save_as(target)
+    return [*PHI_TAGS.values(), *PHI_DATES.values(), "PHIZQX private value", "PHIZQX"]
+
+
+def pil_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
