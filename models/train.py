@@ -165,7 +165,7 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def callbacks_for(run_dir: Path, training: Any, interactive: bool) -> list:
+def callbacks_for(run_dir: Path, training: Any) -> list:
     import keras
 
     monitor = training.monitor
@@ -219,21 +219,18 @@ def tensorboard_callback(log_dir: Path) -> Any:
     return EpochScalars()
 
 
-class EpochLog:
-    """Plain one-line-per-epoch log (for Airflow/CI logs) when stdout is not a terminal."""
+def epoch_log_callback() -> Any:
+    """One plain log line per epoch (Airflow/CI logs) for when stdout is not a terminal (no progress bar then)."""
+    import keras
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # build a real keras Callback lazily
-        import keras
-
-        class _EpochLog(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.started = time.monotonic()
-
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                values = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float))
-                log.info("epoch %d: %s (%.1fs)", epoch + 1, values, time.monotonic() - self.started)
-
-        return _EpochLog()
+    started = {}
+    return keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs=None: started.__setitem__("t", time.monotonic()),
+        on_epoch_end=lambda epoch, logs=None: log.info(
+            "epoch %d: %s (%.1fs)", epoch + 1,
+            " ".join(f"{k}={float(v):.4f}" for k, v in sorted((logs or {}).items()) if k != "learning_rate"),
+            time.monotonic() - started.get("t", time.monotonic())),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
@@ -291,9 +288,9 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
         model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
 
     interactive = sys.stdout.isatty()
-    callbacks = callbacks_for(run_dir, training, interactive)
+    callbacks = callbacks_for(run_dir, training)
     if not interactive:
-        callbacks.append(EpochLog())
+        callbacks.append(epoch_log_callback())
     resumed_from = epochs_logged(run_dir / "history.csv") if (run_dir / "backup").exists() else 0
     if resumed_from:
         log.info("resuming from %s after %d logged epochs", run_dir / "backup", resumed_from)
