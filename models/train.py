@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: all GPUs, else the one CPU")
     parser.add_argument("--cache", action="store_true",
                         help="keep decoded images in memory after the first epoch (data that fits in RAM)")
+    parser.add_argument("--pushgateway", default=None, metavar="URL",
+                        help="push the final figures to this Prometheus Pushgateway (default: env MEDPIPE_PUSHGATEWAY; "
+                        "neither = no push)")
     return parser
 
 
@@ -234,7 +237,8 @@ def epoch_log_callback() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
-def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False) -> dict:
+def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False,
+          pushgateway: str | None = None) -> dict:
     """Train and write RUN_DIR; returns train_metadata. Data/config problems raise before any model is built."""
     from models import data as data_lib
 
@@ -327,6 +331,14 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     (run_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     log.info("done: %d epochs, best %s=%s, %.0fs wall; model in %s", metadata["epochs_run"], monitor,
              metadata["best_metric"], metadata["wall_seconds"], run_dir / "model.keras")
+    # Batch jobs end before Prometheus could scrape them: push the final figures (a no-op without a Pushgateway).
+    from medpipe.metrics_push import push_training_metrics
+
+    final = {name: values[-1] for name, values in history.history.items() if values}
+    if metadata["best_metric"] is not None:
+        final[f"best_{monitor}"] = metadata["best_metric"]
+    push_training_metrics(final, config.name, epoch=metadata["epochs_run"], duration_seconds=metadata["wall_seconds"],
+                          url=pushgateway)
     return metadata
 
 
@@ -355,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"training.epochs={args.epochs}"] if args.epochs is not None else [])
     config = load_config(args.config, overrides)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    train(config, Path(args.data), Path(args.output), cpu_replicas=args.cpu_replicas, cache=args.cache)
+    train(config, Path(args.data), Path(args.output), cpu_replicas=args.cpu_replicas, cache=args.cache,
+          pushgateway=args.pushgateway)
     return 0
 
 
