@@ -22,6 +22,15 @@ LAST_CONV_NAME = "last_conv"  # the feature map Grad-CAM explains (compact_cnn);
 # validation looked like chance for several epochs).
 BN_MOMENTUM = 0.9
 
+
+def bn_momentum_for(steps_per_epoch: int) -> float:
+    """Moving statistics that settle within one epoch (weight of the initial value <= 1%), at most BN_MOMENTUM.
+
+    A short run (the demo: 2 steps an epoch) with 0.9 keeps the initial mean 0 / variance 1; stacked batch norms then
+    shrink every activation towards 0 at inference and the model answers a uniform distribution for every image.
+    """
+    return min(BN_MOMENTUM, 0.01 ** (1.0 / max(1, steps_per_epoch)))
+
 BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121"}
 
 # The input scaling each backbone's ImageNet weights expect, from 0..255 RGB, as (mean, std) per channel; written as
@@ -43,32 +52,32 @@ def output_activation(task: str) -> str:
     return "softmax" if task == "multiclass" else "sigmoid"
 
 
-def conv_block(filters: int, name: str) -> Callable[[Any], Any]:
+def conv_block(filters: int, name: str, bn_momentum: float = BN_MOMENTUM) -> Callable[[Any], Any]:
     """Two depthwise-separable 3x3 convolutions with batch norm: ~8x fewer FLOPs than plain convs at equal width."""
 
     def apply(x: Any) -> Any:
         for index in (1, 2):
             x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sepconv{index}")(x)
-            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{index}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{index}")(x)
             x = layers.ReLU(name=f"{name}_relu{index}")(x)
         return x
 
     return apply
 
 
-def compact_cnn(inputs: Any, width: int, blocks: int = 4) -> Any:
+def compact_cnn(inputs: Any, width: int, blocks: int = 4, bn_momentum: float = BN_MOMENTUM) -> Any:
     """Stride-2 stem then `blocks` separable blocks (width doubling, max-pool between): the CPU-budget default.
 
     At 128x128 and width 32 a forward pass is about 60 MFLOPs, so an epoch of the brain MRI set is a minute or two
     on two cores, while the receptive field still covers the whole 128-pixel image.
     """
     x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for index in range(blocks):
         if index:
             x = layers.MaxPooling2D(2, name=f"block{index}_pool")(x)
-        x = conv_block(width * 2**index, name=f"block{index}")(x)
+        x = conv_block(width * 2**index, name=f"block{index}", bn_momentum=bn_momentum)(x)
     # A named identity so Grad-CAM finds the last feature map without knowing the block structure.
     return layers.Activation("linear", name=LAST_CONV_NAME)(x)
 
@@ -109,13 +118,15 @@ def backbone(inputs: Any, name: str, weights: str, channels: int) -> Any:
     return model.output
 
 
-def build_model(config: Any, num_outputs: int) -> keras.Model:
-    """The classifier for a TaskConfig: raw 0..255 images in, probabilities out."""
+def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = None) -> keras.Model:
+    """The classifier for a TaskConfig: raw 0..255 images in, probabilities out (steps_per_epoch sizes BN momentum)."""
     training = config.training
     size, channels = config.image.size, config.image.channels
     inputs = keras.Input((size, size, channels), name="image", dtype="float32")
     if training.model == "compact_cnn":
-        features = compact_cnn(layers.Rescaling(1.0 / 255, name="rescale")(inputs), training.width)
+        momentum = BN_MOMENTUM if steps_per_epoch is None else bn_momentum_for(steps_per_epoch)
+        features = compact_cnn(layers.Rescaling(1.0 / 255, name="rescale")(inputs), training.width,
+                               bn_momentum=momentum)
     elif training.model in BACKBONES:
         features = backbone(inputs, training.model, training.weights, channels)
         features = layers.Activation("linear", name=LAST_CONV_NAME)(features)

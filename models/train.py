@@ -283,7 +283,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
              None if class_weights is None else [round(w, 3) for w in class_weights])
 
     with strategy.scope():
-        model = build_model(config, data_lib.num_outputs(schema))
+        model = build_model(config, data_lib.num_outputs(schema), steps_per_epoch=steps_per_epoch)
         loss, metrics = loss_and_metrics(schema.task, training.label_smoothing, schema.num_classes)
         optimizer = keras.optimizers.AdamW(learning_rate_schedule(training, steps_per_epoch),
                                            weight_decay=training.weight_decay)

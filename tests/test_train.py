@@ -149,3 +149,20 @@ def test_two_seeded_runs_have_the_same_first_epoch_loss(tmp_path, ingested_sampl
         run_module("models.train", *train_args(ingested_sample, run_dir, "training.epochs=1"))
         losses.append(float(history(run_dir)[0]["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+
+
+def test_short_runs_settle_batch_norm_within_an_epoch(trained_sample_run, ingested_sample):
+    """A few-step run (the fixture: ~2 steps an epoch) must not answer the same distribution for every image, which
+    is what stacked batch norms with unsettled moving statistics do at inference."""
+    import numpy as np
+
+    from models import data as data_lib
+    from models.architectures import BN_MOMENTUM, bn_momentum_for
+    from models.train import load_run
+
+    assert bn_momentum_for(2) == pytest.approx(0.1)
+    assert bn_momentum_for(1000) == BN_MOMENTUM  # full runs keep the recipe's momentum
+    model, _, schema = load_run(trained_sample_run)
+    images = np.concatenate([batch[0].numpy() for batch in data_lib.make_dataset(ingested_sample, "val", schema, 64)])
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.std(axis=0).max() > 0.01, probabilities[:4]
