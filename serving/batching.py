@@ -76,7 +76,7 @@ class Batcher:
             if self.stopped.is_set():  # the version is being unloaded: finish this request directly
                 return self.run(inputs)
             try:
-                self.queue.put_nowait((inputs, size, future))
+                self.queue.put_nowait((inputs, size, future, time.monotonic()))
             except queue.Full as exc:
                 raise QueueFull(f"batch queue is full ({self.queue.maxsize} requests waiting)") from exc
         return future.result()
@@ -86,12 +86,12 @@ class Batcher:
         with self._submit_lock:
             self.stopped.set()
         for _ in self.threads:
-            self.queue.put((None, 0, None))
+            self.queue.put((None, 0, None, 0.0))
         for thread in self.threads:
             thread.join(timeout=30)
         while True:
             try:
-                inputs, _, future = self.queue.get_nowait()
+                inputs, _, future, _ = self.queue.get_nowait()
             except queue.Empty:
                 return
             if future is not None:
@@ -105,7 +105,9 @@ class Batcher:
             if first[0] is None:
                 return
             items, total, key = [first], first[1], _key(first[0])
-            deadline = time.monotonic() + self.params.batch_timeout_micros / 1e6
+            # as in TF Serving, the timeout runs from when the batch's first request arrived, not from when a busy
+            # thread got to it: requests that already waited go out at once with whatever queued behind them
+            deadline = first[3] + self.params.batch_timeout_micros / 1e6
             while total < self.params.max_batch_size:
                 remaining = deadline - time.monotonic()
                 try:
@@ -121,7 +123,7 @@ class Batcher:
 
     def _execute(self, items: list, total: int) -> None:
         if len(items) == 1:
-            inputs, _, future = items[0]
+            inputs, _, future, _ = items[0]
             self.on_batch(total)
             _resolve(future, lambda: self.run(inputs))
             return
@@ -130,11 +132,11 @@ class Batcher:
             self.on_batch(total)
             outputs = self.run(merged)
         except Exception:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
-            for inputs, _, future in items:
+            for inputs, _, future, _ in items:
                 _resolve(future, lambda inputs=inputs: self.run(inputs))
             return
         start = 0
-        for _, size, future in items:
+        for _, size, future, _ in items:
             future.set_result({name: value[start:start + size] for name, value in outputs.items()})
             start += size
 

@@ -88,7 +88,7 @@ def wanted_versions(policy: tuple, on_disk: list[int], failed: set[int]) -> list
 
 class ModelManager:
     def __init__(self, repository: Path | None, config_file: Path | None, batching: BatchingParameters | None,
-                 metrics=None, poll_seconds: float = 1.0, allow_unavailable_labels: bool = False):
+                 metrics=None, poll_seconds: float = 0.5, allow_unavailable_labels: bool = False):
         self.repository, self.config_file = repository, config_file
         self.batching, self.metrics, self.poll_seconds = batching, metrics, poll_seconds
         self.allow_unavailable_labels = allow_unavailable_labels
