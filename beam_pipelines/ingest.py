@@ -4,9 +4,16 @@
     python -m beam_pipelines.ingest --config brain_mri --input manifest.csv --output gs://bucket/x \
         --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp
 
-    ListInputs -> PreprocessImages (ok | rejected) -> Deduplicate (by decoded-pixel hash; label conflicts rejected)
-    -> AssignSplit (by patient pseudonym, else pixel hash; salted, stable) -> WriteSplits (sharded GZIP TFRecords)
+    ListInputs -> PreprocessImages (ok | rejected) -> AssignSplitAndShard (by patient pseudonym, else pixel hash;
+    salted, stable) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
+    + Deduplicate (small metadata by decoded-pixel hash; label conflicts rejected; kept copy = first path)
     + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl); schema.json; then the temp folder moves into place.
+
+Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The decoding stage spills each example to a
+per-bundle file under the temp output and shuffles a (file, offset, length) reference keyed by its own (split,
+shard); dedup shuffles only per-record metadata and hands the writer the dropped inputs as a side input. Since every
+copy is keyed by its own split, the kept copy is already in its split and shard: a duplicate spanning splits stays
+impossible. One combine gathers every report item. 6 fused stages on the FnApiRunner.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
@@ -33,7 +40,6 @@ import os
 import posixpath
 import shutil
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
@@ -46,20 +52,15 @@ from medpipe import schema as keys
 from medpipe.config import SPLITS, TaskConfig, load_config
 from medpipe.errors import DataError, RejectedInput
 
+# The per-record functions live in a Beam-free module (the benchmark's plain loop uses them); re-exported here.
+from beam_pipelines.records import (  # noqa: F401
+    HIST_BINS, InputItem, assign_split, histogram32, prepare_record, rejection, resolve_duplicates, route_record,
+    shard_examples, shard_name, shard_of, to_example)
+
 LOG = logging.getLogger("medpipe.ingest")
 NAMESPACE = "medpipe.ingest"
-HIST_BINS = 32
 DUPLICATES_FILE = "duplicates.jsonl"
 PROGRESS_EVERY = 1000
-
-
-@dataclass(frozen=True)
-class InputItem:
-    path: str
-    label: Optional[str]
-    size: int = -1  # bytes, when the listing knows it
-    patient_id: Optional[str] = None  # from a manifest; pseudonymised in PreprocessImages, never written
-    study_id: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,109 +110,6 @@ def read_manifest(path: str) -> list[InputItem]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pure element functions
-def rejection(path: str, reason: str, detail: str) -> dict:
-    return {"path": path, "reason": reason, "detail": detail}
-
-
-def histogram32(pixels) -> list[int]:
-    import numpy as np
-
-    return np.bincount(pixels.reshape(-1) >> 3, minlength=HIST_BINS).astype(int).tolist()
-
-
-def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:
-    """One file -> the record the rest of the pipeline carries. Raises RejectedInput."""
-    from medpipe.deid import pseudonym
-    from medpipe.imaging import check_file_size, preprocess_bytes
-    import numpy as np
-
-    if item.label is None:
-        raise RejectedInput("missing_label", "no label: the file is not inside a class folder or the manifest row "
-                                             "has no label")
-    if item.label not in config.labels:
-        raise RejectedInput("unknown_label", f"label {item.label!r} is not one of the config's labels "
-                                             f"{list(config.labels)}")
-    check_file_size(len(data), config.ingest.max_file_mb)
-    prepared = preprocess_bytes(data, config)
-    patient = item.patient_id or prepared.decoded.patient_id
-    if patient and key is None:
-        raise RejectedInput("deid_key_missing", "the file has a patient ID but MEDPIPE_DEID_KEY is not set; "
-                                                "refusing to process it without a pseudonym key")
-    pseudo = pseudonym(patient, key) if patient else ""
-    digest = prepared.pixel_hash
-    source_id = pseudonym(digest, key) if key else digest  # without a key: the pixel hash itself (not an identifier)
-    pixels = prepared.pixels
-    decoded = prepared.decoded
-    return {
-        "path": item.path,
-        "label": item.label,
-        "pixel_hash": digest,
-        "split_key": pseudo or digest,
-        "pseudonym": pseudo,
-        "source_id": source_id,
-        "png": prepared.png,
-        "dicom": dict(decoded.dicom),
-        "hist": histogram32(pixels),
-        "sum": float(pixels.sum(dtype=np.float64)),
-        "sumsq": float(np.square(pixels, dtype=np.float64).sum()),
-        "count": int(pixels.size),
-        "input_size": f"{decoded.width}x{decoded.height}",
-        "input_mode": f"{decoded.format}/{decoded.mode}",
-    }
-
-
-def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Optional[dict], list[dict], Optional[dict]]:
-    """Records sharing decoded pixels -> (kept or None, rejected, duplicate group or None).
-
-    One label: keep the first path (sorted, so the choice is deterministic) and list the others. Two or more
-    labels: a label conflict, every copy rejected (which label is right is for a human to decide)."""
-    group = sorted(records, key=lambda record: record["path"])
-    labels = sorted({record["label"] for record in group})
-    if len(labels) > 1:
-        detail = f"the same pixels appear under labels {labels} in {len(group)} files"
-        return None, [rejection(r["path"], "label_conflict", detail) for r in group], None
-    kept = group[0]
-    if len(group) == 1:
-        return kept, [], None
-    info = {"pixel_hash": pixel_hash, "label": labels[0], "kept": kept["path"],
-            "dropped": [r["path"] for r in group[1:]]}
-    return kept, [], info
-
-
-def assign_split(split_key: str, salt: str, ratios: Any) -> str:
-    """Deterministic split from a salted sha256 of the key: adding files never moves an existing key."""
-    import hashlib
-
-    unit = int(hashlib.sha256(f"{salt}:{split_key}".encode()).hexdigest()[:15], 16) / float(16**15)
-    if unit < ratios.train:
-        return "train"
-    if unit < ratios.train + ratios.val:
-        return "val"
-    return "test"
-
-
-def to_example(record: dict, config: TaskConfig) -> bytes:
-    from beam_pipelines.tf_example import encode_example
-
-    size, channels = config.image.size, config.image.channels
-    features: dict[str, tuple[str, list]] = {
-        keys.IMAGE_ENCODED: ("bytes", [record["png"]]),
-        keys.IMAGE_FORMAT: ("bytes", [b"png"]),
-        keys.IMAGE_HEIGHT: ("int64", [size]),
-        keys.IMAGE_WIDTH: ("int64", [size]),
-        keys.IMAGE_CHANNELS: ("int64", [channels]),
-        keys.LABEL: ("int64", [config.labels.index(record["label"])]),
-        keys.LABEL_TEXT: ("bytes", [record["label"]]),
-        keys.SOURCE_ID: ("bytes", [record["source_id"]]),
-        keys.PSEUDONYM: ("bytes", [record["pseudonym"]]),
-    }
-    for record_key, value in record["dicom"].items():
-        kind = keys.FEATURES[record_key]
-        features[record_key] = (kind, list(value) if isinstance(value, (list, tuple)) else [value])
-    return encode_example(features)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # DoFns and composite transforms
 class PreprocessFn(beam.DoFn):
@@ -236,7 +134,8 @@ class PreprocessFn(beam.DoFn):
         self._rejected[reason].inc()
         return ("rejected", rejection(path, reason, detail))
 
-    def process(self, item: InputItem):
+    def process(self, element: tuple[int, InputItem]):
+        index, item = element
         self.read.inc()
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:
@@ -257,7 +156,7 @@ class PreprocessFn(beam.DoFn):
             yield self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
             return
         self.ok.inc()
-        yield ("ok", record)
+        yield ("ok", (record, index))
 
 
 def _select(element: tuple, tag: str):
@@ -281,7 +180,7 @@ class SplitByTag(beam.PTransform):
 
 
 class PreprocessImages(beam.PTransform):
-    """InputItems -> {"ok": records, "rejected": rejections}."""
+    """(index, InputItem) pairs -> {"ok": (record, index) pairs, "rejected": rejections}."""
 
     def __init__(self, config: TaskConfig):
         super().__init__()
@@ -295,51 +194,107 @@ class PreprocessImages(beam.PTransform):
 
 
 class ResolveGroupFn(beam.DoFn):
+    """One decoded-pixel-hash group of small metadata -> input indices the shard writer drops + report items.
+
+    Only metadata travels through this shuffle: the PNG and its example go straight to the shard shuffle, keyed by
+    each copy's own (split, shard). The kept copy is therefore already where it belongs (its own split key decides
+    the split, as before); every other copy's input index is listed for the shard writer (a side input) to skip."""
+
     def __init__(self):
         self.dropped = Metrics.counter(NAMESPACE, "duplicates_dropped")
         self.conflicts = Metrics.counter(NAMESPACE, "rejected_label_conflict")
 
     def process(self, element):
-        pixel_hash, records = element
-        kept, rejected, group = resolve_duplicates(pixel_hash, records)
+        pixel_hash, metas = element
+        metas = list(metas)
+        kept, rejected, group = resolve_duplicates(pixel_hash, metas)
+        for meta in metas:
+            yield ("report", ("decoded", (meta["input_size"], meta["input_mode"])))
+            if kept is None or meta["index"] != kept["index"]:
+                yield ("drop", meta["index"])
         for item in rejected:
             self.conflicts.inc()
-            yield ("rejected", item)
+            yield ("report", ("rejected", item))
         if group is not None:
             self.dropped.inc(len(group["dropped"]))
-            yield ("duplicates", group)
+            yield ("report", ("duplicates", group))
         if kept is not None:
-            yield ("kept", kept)
+            yield ("report", ("kept", kept))
 
 
-class Deduplicate(beam.PTransform):
-    """Records -> {"kept": one per decoded-pixel hash, "rejected": label conflicts, "duplicates": groups listed}."""
+def write_shard(path: str, examples: Iterable[bytes]) -> None:
+    """One GZIP TFRecord file. gzip level 1 with mtime 0: the payload is PNG (already deflated), so higher levels cost
+    CPU for ~nothing, and a fixed header timestamp keeps re-runs byte-identical."""
+    import gzip
 
-    def expand(self, records):
-        return (records
-                | "KeyByPixelHash" >> beam.Map(lambda record: (record["pixel_hash"], record))
-                | "GroupByPixelHash" >> beam.GroupByKey()
-                | "Resolve" >> beam.ParDo(ResolveGroupFn())
-                | "ByOutcome" >> SplitByTag("kept", "rejected", "duplicates"))
+    from beam_pipelines.tf_example import tfrecord_frame
 
-
-class AssignSplit(beam.PTransform):
-    def __init__(self, config: TaskConfig):
-        super().__init__()
-        self.salt, self.ratios = config.ingest.split_salt, config.ingest.split
-
-    def expand(self, records):
-        salt, ratios = self.salt, self.ratios
-        return records | "Split" >> beam.Map(lambda r: {**r, "split": assign_split(r["split_key"], salt, ratios)})
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+            out.write(b"".join(tfrecord_frame(example) for example in examples))
 
 
-def shard_name(split: str, shard: int, num_shards: int) -> str:
-    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
+SPILL_DIR = "_spill"
 
 
-def shard_of(source_id: str, num_shards: int) -> int:
-    """Deterministic shard from the record's keyed id: a re-run writes byte-identical shards."""
-    return int(source_id[:8], 16) % num_shards
+class SpillExamplesFn(beam.DoFn):
+    """Example bytes -> a per-bundle spill file beside the output; the shard shuffle then carries only a small
+    (file, offset, length) reference. On the multi-process FnApiRunner every shuffled byte is encoded, sent to the
+    runner process over gRPC, buffered and sent back: the images are most of the bytes, and a file write + read costs
+    far less. Any runner works: the spill folder is under the output's temp folder, which every worker can reach."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def start_bundle(self):
+        self._file, self._path, self._offset = None, None, 0
+
+    def process(self, element):
+        shard, (index, source_id, example) = element
+        if self._file is None:  # a fresh file per bundle: a retried bundle never appends to a failed attempt's file
+            self._path = FileSystems.join(self.directory, f"{uuid.uuid4().hex}.bin")
+            self._file = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+            self._offset = 0
+        self._file.write(example)
+        yield (shard, (index, source_id, (self._path, self._offset, len(example))))
+        self._offset += len(example)
+
+    def finish_bundle(self):
+        self.teardown()
+
+    def teardown(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_spilled(refs: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    """(file, offset, length) references -> the bytes, in the same order; each file opened once, read in order."""
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
+    for position, (path, offset, length) in enumerate(refs):
+        by_file.setdefault(path, []).append((offset, length, position))
+    out: list[bytes] = [b""] * len(refs)
+    for path, parts in by_file.items():
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for offset, length, position in sorted(parts):
+                handle.seek(offset)
+                out[position] = handle.read(length)
+    return out
+
+
+def remove_spill(directory: str) -> None:
+    spill = FileSystems.join(directory, SPILL_DIR)
+    if is_local(spill):
+        shutil.rmtree(spill, ignore_errors=True)
+        return
+    spilled = [m.path for m in FileSystems.match([FileSystems.join(spill, "*")])[0].metadata_list]
+    if spilled:
+        FileSystems.delete(spilled)
+
+
+def shard_paths(directory: str, shards: Any) -> list[str]:
+    return [FileSystems.join(directory, shard_name(split, shard, getattr(shards, split)))
+            for split in SPLITS for shard in range(getattr(shards, split))]
 
 
 class WriteShardFn(beam.DoFn):
@@ -349,60 +304,77 @@ class WriteShardFn(beam.DoFn):
         self.directory, self.shards = directory, shards
         self.written = Metrics.counter(NAMESPACE, "written")
 
-    def process(self, element):
-        import gzip
-
-        from beam_pipelines.tf_example import tfrecord_frame
-
-        (split, shard), examples = element
-        examples = sorted((e for e in examples if e is not None), key=lambda e: e[0])
+    def process(self, element, dropped):
+        (split, shard), entries = element
+        examples = shard_examples(entries, set(dropped))  # (source_id, spill reference), sorted
         path = FileSystems.join(self.directory, shard_name(split, shard, getattr(self.shards, split)))
-        # gzip level 1 with mtime 0: the payload is PNG (already deflated), so higher levels cost CPU for ~nothing,
-        # and a fixed header timestamp keeps re-runs byte-identical.
-        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
-                for _, example in examples:
-                    out.write(tfrecord_frame(example))
+        write_shard(path, read_spilled([ref for _, ref in examples]))
         self.written.inc(len(examples))
-        yield path
+        yield ("shard", (path, len(examples)))
+
+
+class Deduplicate(beam.PTransform):
+    """Small per-record metadata, keyed by decoded-pixel hash -> {"drop": inputs the shard writer skips, "report":
+    decoded sizes/modes, label-conflict rejections, duplicate groups and the kept records' stats inputs}."""
+
+    def expand(self, metas):
+        return (metas
+                | "GroupByPixelHash" >> beam.GroupByKey()
+                | "Resolve" >> beam.ParDo(ResolveGroupFn())
+                | "ByOutcome" >> SplitByTag("drop", "report"))
 
 
 class WriteSplits(beam.PTransform):
-    """{train,val,test}-SSSSS-of-NNNNN.tfrecord.gz, ingest.shards files per split (empty shards written too).
+    """{train,val,test}-SSSSS-of-NNNNN.tfrecord.gz, ingest.shards files per split (shards no record falls into are
+    written empty by WriteReports, which knows which ones were written).
 
     Sharding is done here (GroupByKey on (split, shard)) rather than by WriteToTFRecord: its Impulse-based
-    initialisation does not run on Beam 2.77's DaskRunner, and a keyed shard makes the output deterministic."""
+    initialisation does not run on Beam 2.77's DaskRunner, and a keyed shard makes the output deterministic. The
+    example bytes go through spill files (SpillExamplesFn) and the shuffle carries references, straight from the
+    decoding stage: no Flatten before it (the FnApiRunner materialises a Flatten as an extra stage and round trip);
+    the input indices Deduplicate drops come as a small side input."""
 
     def __init__(self, config: TaskConfig, directory: str):
         super().__init__()
         self.config, self.directory = config, directory
 
-    def expand(self, records):
-        config, shards = self.config, self.config.ingest.shards
-        every_shard = [((split, shard), None) for split in SPLITS for shard in range(getattr(shards, split))]
-        keyed = records | "ToExample" >> beam.Map(
-            lambda r: ((r["split"], shard_of(r["source_id"], getattr(shards, r["split"]))),
-                       (r["source_id"], to_example(r, config))))
-        placeholders = records.pipeline | "EveryShard" >> beam.Create(every_shard)
-        return ((keyed, placeholders)
-                | "WithEmptyShards" >> beam.Flatten()
+    def expand(self, inputs):
+        entries, drops = inputs
+        return (entries
+                | "Spill" >> beam.ParDo(SpillExamplesFn(FileSystems.join(self.directory, SPILL_DIR)))
                 | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShards" >> beam.ParDo(WriteShardFn(self.directory, shards)))
+                | "WriteShards" >> beam.ParDo(WriteShardFn(self.directory, self.config.ingest.shards),
+                                              dropped=beam.pvalue.AsList(drops)))
 
 
-class StatsFn(beam.CombineFn):
-    """Counts and pixel moments of the written records (small accumulators: no image travels)."""
+class ReportFn(beam.CombineFn):
+    """Every report item -> one small accumulator: counts and pixel moments of the kept records, input sizes and
+    modes, rejections, duplicate groups, written shards (no image travels)."""
 
     def create_accumulator(self):
-        return {"splits": {}, "hist": [0] * HIST_BINS, "sum": 0.0, "sumsq": 0.0, "count": 0}
+        return {"splits": {}, "hist": [0] * HIST_BINS, "sum": 0.0, "sumsq": 0.0, "count": 0, "sizes": {},
+                "modes": {}, "rejected": [], "duplicates": [], "shards": [], "shard_records": 0}
 
-    def add_input(self, acc, record):
-        split = acc["splits"].setdefault(record["split"], {})
-        split[record["label"]] = split.get(record["label"], 0) + 1
-        acc["hist"] = [a + b for a, b in zip(acc["hist"], record["hist"])]
-        acc["sum"] += record["sum"]
-        acc["sumsq"] += record["sumsq"]
-        acc["count"] += record["count"]
+    def add_input(self, acc, item):
+        kind, value = item
+        if kind == "kept":
+            split = acc["splits"].setdefault(value["split"], {})
+            split[value["label"]] = split.get(value["label"], 0) + 1
+            acc["hist"] = [a + b for a, b in zip(acc["hist"], value["hist"])]
+            acc["sum"] += value["sum"]
+            acc["sumsq"] += value["sumsq"]
+            acc["count"] += value["count"]
+        elif kind == "decoded":
+            size, mode = value
+            acc["sizes"][size] = acc["sizes"].get(size, 0) + 1
+            acc["modes"][mode] = acc["modes"].get(mode, 0) + 1
+        elif kind == "rejected":
+            acc["rejected"].append(value)
+        elif kind == "duplicates":
+            acc["duplicates"].append(value)
+        elif kind == "shard":
+            acc["shards"].append(value[0])
+            acc["shard_records"] += value[1]
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -413,8 +385,13 @@ class StatsFn(beam.CombineFn):
                 for label, n in classes.items():
                     target[label] = target.get(label, 0) + n
             out["hist"] = [a + b for a, b in zip(out["hist"], acc["hist"])]
-            for name in ("sum", "sumsq", "count"):
+            for name in ("sum", "sumsq", "count", "shard_records"):
                 out[name] += acc[name]
+            for name in ("sizes", "modes"):
+                for key, n in acc[name].items():
+                    out[name][key] = out[name].get(key, 0) + n
+            for name in ("rejected", "duplicates", "shards"):
+                out[name].extend(acc[name])
         return out
 
     def extract_output(self, acc):
@@ -463,11 +440,17 @@ def build_stats(config: TaskConfig, input_files: int, written: dict, rejected: l
     return stats
 
 
-def write_reports(_, config: TaskConfig, directory: str, input_files: int, written, rejected, duplicates, sizes, modes,
-                  shard_paths):
+def write_reports(report: dict, config: TaskConfig, directory: str, input_files: int):
     """stats.json, rejected.jsonl and duplicates.jsonl through FileSystems (one small write each)."""
-    stats = build_stats(config, input_files, written, rejected, duplicates, dict(sizes), dict(modes))
-    stats["files"] = sorted(posixpath.basename(path.replace(os.sep, "/")) for path in shard_paths)
+    rejected, duplicates = report["rejected"], report["duplicates"]
+    stats = build_stats(config, input_files, report, rejected, duplicates, report["sizes"], report["modes"])
+    if report["shard_records"] != stats["written"]:
+        raise DataError(f"ingest bookkeeping error: {stats['written']} records kept but {report['shard_records']} "
+                        f"written to the shards (please report this bug)")
+    expected = shard_paths(directory, config.ingest.shards)
+    for path in sorted(set(expected) - set(report["shards"])):
+        write_shard(path, [])  # a shard no record fell into: still written, so every split has its N files
+    stats["files"] = sorted(posixpath.basename(path.replace(os.sep, "/")) for path in expected)
     _write_text(FileSystems.join(directory, keys.STATS_FILE), json.dumps(stats, indent=2) + "\n")
     _write_text(FileSystems.join(directory, keys.REJECTED_FILE),
                 "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["path"])))
@@ -482,43 +465,41 @@ def _write_text(path: str, text: str) -> None:
 
 
 class WriteReports(beam.PTransform):
+    """(kind, value) report items from every branch -> one combine -> the report files.
+
+    One CombineGlobally (no per-report ToList/Count stages, no side inputs): on the multi-process FnApiRunner every
+    extra stage costs a round trip to each worker. The written shards are among the items, so the reports are
+    written after the TFRecords (and a runner that computes only the final step's ancestors, like Beam 2.77's
+    DaskRunner, still runs every branch). The stream is never empty: every input is either decoded or rejected."""
+
     def __init__(self, config: TaskConfig, directory: str, input_files: int):
         super().__init__()
         self.config, self.directory, self.input_files = config, directory, input_files
 
-    def expand(self, inputs):
-        split_records, rejected, duplicates, decoded, shard_paths = inputs
-        side = beam.pvalue.AsSingleton
-        written = split_records | "Summarise" >> beam.CombineGlobally(StatsFn())
-        rejected_list = rejected | "CollectRejected" >> beam.combiners.ToList()
-        duplicate_list = duplicates | "CollectDuplicates" >> beam.combiners.ToList()
-        sizes = (decoded
-                 | "InputSize" >> beam.Map(lambda r: r["input_size"])
-                 | "CountSizes" >> beam.combiners.Count.PerElement()
-                 | "SizesToList" >> beam.combiners.ToList())
-        modes = (decoded
-                 | "InputMode" >> beam.Map(lambda r: r["input_mode"])
-                 | "CountModes" >> beam.combiners.Count.PerElement()
-                 | "ModesToList" >> beam.combiners.ToList())
-        return (inputs[0].pipeline
-                | "Once" >> beam.Create([None])
-                | "Write" >> beam.Map(write_reports, self.config, self.directory, self.input_files, side(written),
-                                      side(rejected_list), side(duplicate_list), side(sizes), side(modes),
-                                      beam.pvalue.AsList(shard_paths)))
+    def expand(self, items):
+        return (items
+                | "Flatten" >> beam.Flatten()
+                | "Summarise" >> beam.CombineGlobally(ReportFn()).without_defaults()
+                | "Write" >> beam.Map(write_reports, self.config, self.directory, self.input_files))
+
+
+def _route(pair: tuple[dict, int], config: TaskConfig) -> Iterable[tuple]:
+    record, index = pair
+    return route_record(record, index, config)
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[InputItem], directory: str) -> None:
-    """The whole graph; reads like the module docstring."""
-    listed = pipeline | "ListInputs" >> beam.Create(items)
+    """The whole graph; reads like the module docstring. Image bytes cross one shuffle only (to the shard writer);
+    dedup shuffles small metadata and tells the writer which copies to drop."""
+    listed = pipeline | "ListInputs" >> beam.Create(list(enumerate(items)))
     prepared = listed | "PreprocessImages" >> PreprocessImages(config)
-    unique = prepared["ok"] | "Deduplicate" >> Deduplicate()
-    split = unique["kept"] | "AssignSplit" >> AssignSplit(config)
-    shards = split | "WriteSplits" >> WriteSplits(config, directory)
-    rejected = (prepared["rejected"], unique["rejected"]) | "AllRejected" >> beam.Flatten()
-    # Applied last and fed the shard paths: the reports are written after the TFRecords (and a runner that computes
-    # only the final step's ancestors, like Beam 2.77's DaskRunner, still runs every branch).
-    ((split, rejected, unique["duplicates"], prepared["ok"], shards)
-     | "WriteReports" >> WriteReports(config, directory, len(items)))
+    routed = (prepared["ok"]
+              | "AssignSplitAndShard" >> beam.FlatMap(_route, config)
+              | "ByDestination" >> SplitByTag("shard", "meta"))
+    unique = routed["meta"] | "Deduplicate" >> Deduplicate()
+    shards = (routed["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
+    rejected = prepared["rejected"] | "RejectedItems" >> beam.Map(lambda item: ("rejected", item))
+    ((rejected, unique["report"], shards) | "WriteReports" >> WriteReports(config, directory, len(items)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -649,6 +630,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         result = pipeline.run()
         result.wait_until_finish()
         log_counters(result)
+        remove_spill(temp)
         write_schema_file(config, temp)
         with FileSystems.open(FileSystems.join(temp, keys.STATS_FILE)) as handle:
             stats = json.loads(handle.read().decode("utf-8"))

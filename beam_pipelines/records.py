@@ -1,0 +1,155 @@
+"""The ingest's per-record functions, free of Beam: the pipeline's DoFns call them, and so does the benchmark's plain
+loop baseline (benchmarks/bench_ingest.py), which must do the same per-image work without paying for a Beam import.
+
+beam_pipelines.ingest re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from medpipe import schema as keys
+from medpipe.config import TaskConfig
+from medpipe.errors import RejectedInput
+
+HIST_BINS = 32
+
+
+@dataclass(frozen=True)
+class InputItem:
+    path: str
+    label: Optional[str]
+    size: int = -1  # bytes, when the listing knows it
+    patient_id: Optional[str] = None  # from a manifest; pseudonymised in PreprocessImages, never written
+    study_id: Optional[str] = None
+
+
+# pure element functions (one record at a time)
+def rejection(path: str, reason: str, detail: str) -> dict:
+    return {"path": path, "reason": reason, "detail": detail}
+
+
+def histogram32(pixels) -> list[int]:
+    import numpy as np
+
+    return np.bincount(pixels.reshape(-1) >> 3, minlength=HIST_BINS).astype(int).tolist()
+
+
+def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:
+    """One file -> the record the rest of the pipeline carries. Raises RejectedInput."""
+    from medpipe.deid import pseudonym
+    from medpipe.imaging import check_file_size, preprocess_bytes
+    import numpy as np
+
+    if item.label is None:
+        raise RejectedInput("missing_label", "no label: the file is not inside a class folder or the manifest row "
+                                             "has no label")
+    if item.label not in config.labels:
+        raise RejectedInput("unknown_label", f"label {item.label!r} is not one of the config's labels "
+                                             f"{list(config.labels)}")
+    check_file_size(len(data), config.ingest.max_file_mb)
+    prepared = preprocess_bytes(data, config)
+    patient = item.patient_id or prepared.decoded.patient_id
+    if patient and key is None:
+        raise RejectedInput("deid_key_missing", "the file has a patient ID but MEDPIPE_DEID_KEY is not set; "
+                                                "refusing to process it without a pseudonym key")
+    pseudo = pseudonym(patient, key) if patient else ""
+    digest = prepared.pixel_hash
+    source_id = pseudonym(digest, key) if key else digest  # without a key: the pixel hash itself (not an identifier)
+    pixels = prepared.pixels
+    decoded = prepared.decoded
+    return {
+        "path": item.path,
+        "label": item.label,
+        "pixel_hash": digest,
+        "split_key": pseudo or digest,
+        "pseudonym": pseudo,
+        "source_id": source_id,
+        "png": prepared.png,
+        "dicom": dict(decoded.dicom),
+        "hist": histogram32(pixels),
+        "sum": float(pixels.sum(dtype=np.float64)),
+        "sumsq": float(np.square(pixels, dtype=np.float64).sum()),
+        "count": int(pixels.size),
+        "input_size": f"{decoded.width}x{decoded.height}",
+        "input_mode": f"{decoded.format}/{decoded.mode}",
+    }
+
+
+def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Optional[dict], list[dict], Optional[dict]]:
+    """Records sharing decoded pixels -> (kept or None, rejected, duplicate group or None).
+
+    One label: keep the first path (sorted, so the choice is deterministic) and list the others. Two or more
+    labels: a label conflict, every copy rejected (which label is right is for a human to decide)."""
+    group = sorted(records, key=lambda record: (record["path"], record.get("index", 0)))  # a path listed twice: 1st
+    labels = sorted({record["label"] for record in group})
+    if len(labels) > 1:
+        detail = f"the same pixels appear under labels {labels} in {len(group)} files"
+        return None, [rejection(r["path"], "label_conflict", detail) for r in group], None
+    kept = group[0]
+    if len(group) == 1:
+        return kept, [], None
+    info = {"pixel_hash": pixel_hash, "label": labels[0], "kept": kept["path"],
+            "dropped": [r["path"] for r in group[1:]]}
+    return kept, [], info
+
+
+def assign_split(split_key: str, salt: str, ratios: Any) -> str:
+    """Deterministic split from a salted sha256 of the key: adding files never moves an existing key."""
+    import hashlib
+
+    unit = int(hashlib.sha256(f"{salt}:{split_key}".encode()).hexdigest()[:15], 16) / float(16**15)
+    if unit < ratios.train:
+        return "train"
+    if unit < ratios.train + ratios.val:
+        return "val"
+    return "test"
+
+
+def to_example(record: dict, config: TaskConfig) -> bytes:
+    from beam_pipelines.tf_example import encode_example
+
+    size, channels = config.image.size, config.image.channels
+    features: dict[str, tuple[str, list]] = {
+        keys.IMAGE_ENCODED: ("bytes", [record["png"]]),
+        keys.IMAGE_FORMAT: ("bytes", [b"png"]),
+        keys.IMAGE_HEIGHT: ("int64", [size]),
+        keys.IMAGE_WIDTH: ("int64", [size]),
+        keys.IMAGE_CHANNELS: ("int64", [channels]),
+        keys.LABEL: ("int64", [config.labels.index(record["label"])]),
+        keys.LABEL_TEXT: ("bytes", [record["label"]]),
+        keys.SOURCE_ID: ("bytes", [record["source_id"]]),
+        keys.PSEUDONYM: ("bytes", [record["pseudonym"]]),
+    }
+    for record_key, value in record["dicom"].items():
+        kind = keys.FEATURES[record_key]
+        features[record_key] = (kind, list(value) if isinstance(value, (list, tuple)) else [value])
+    return encode_example(features)
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
+
+
+def shard_of(source_id: str, num_shards: int) -> int:
+    """Deterministic shard from the record's keyed id: a re-run writes byte-identical shards."""
+    return int(source_id[:8], 16) % num_shards
+
+
+def route_record(record: dict, index: int, config: TaskConfig) -> Iterable[tuple]:
+    """A decoded record (the index-th input) -> ("shard", ((split, shard), (index, source_id, example))) carrying the
+    example, and ("meta", (pixel_hash, meta)) carrying only what dedup and the stats need (no image bytes). The index
+    tells copies apart even when a manifest lists one path twice."""
+    split = assign_split(record["split_key"], config.ingest.split_salt, config.ingest.split)
+    shard = (split, shard_of(record["source_id"], getattr(config.ingest.shards, split)))
+    yield ("shard", (shard, (index, record["source_id"], to_example(record, config))))
+    meta = {name: record[name] for name in ("path", "label", "hist", "sum", "sumsq", "count", "input_size",
+                                            "input_mode")}
+    yield ("meta", (record["pixel_hash"], {**meta, "index": index, "split": split}))
+
+
+def shard_examples(entries: Iterable[tuple], dropped: set) -> list[tuple[str, bytes]]:
+    """A shard's (index, source_id, example) entries -> (source_id, example) pairs without the dropped copies (by
+    input index), sorted by source id (reproducible bytes)."""
+    return sorted((source_id, example) for index, source_id, example in entries if index not in dropped)
