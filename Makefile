@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpipe-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup demo test test-fast bench lock clean
+.PHONY: help setup system-deps demo test test-fast bench lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -18,8 +18,11 @@ setup: $(STAMP)  ## create .venv and install the locked dependencies (a no-op wh
 demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on the sample in sample_data/
 	$(BIN)/medpipe demo --output demo_output
 
-test: setup  ## the whole test suite
+test: setup system-deps  ## the whole test suite
 	$(BIN)/python -m pytest tests
+
+system-deps:  ## Prometheus + Pushgateway (Debian) for the observability integration tests; they skip without them
+	@bash scripts/install_prometheus.sh || echo "make: Prometheus not installed (needs root/apt); its tests will skip"
 
 test-fast: setup  ## the suite without the slow end-to-end tests
 	$(BIN)/python -m pytest tests -m "not slow"
