@@ -257,15 +257,19 @@ class ModelManager:
                 self._unload(model, number)
 
     # ---- lookups -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _labelled_version(model: ModelEntry, label: str) -> int:
+        if label not in model.labels:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {label}")
+        return model.labels[label]
+
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> tuple[ModelEntry, Version]:
         with self._lock:
             model = self.models.get(name)
         if model is None:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
         if label:
-            if label not in model.labels:
-                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {label}")
-            version = model.labels[label]
+            version = self._labelled_version(model, label)
         if version is not None:
             found = model.versions.get(int(version))
             if found is None or found.state != "AVAILABLE":
@@ -283,9 +287,7 @@ class ModelManager:
         if model is None:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
         if label:
-            if label not in model.labels:
-                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {label}")
-            version = model.labels[label]
+            version = self._labelled_version(model, label)
         if version is not None:
             if int(version) not in model.versions:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,

@@ -52,6 +52,9 @@ def airflow_env(home: Path, data_root: Path, **extra: str) -> dict[str, str]:
         # standalone launches its components as `airflow ...` from PATH: make that this venv's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "AIRFLOW_HOME": str(home),
+        # SQLite has one writer: standalone's scheduler and a CLI call collide; wait for the lock (default 5 s)
+        # instead of failing with "database is locked". Production runs PostgreSQL (docker-compose.yml).
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
