@@ -616,7 +616,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args, beam_args = build_parser().parse_known_args(argv)
     config = load_config(args.config, args.overrides)
     items = list_inputs(args.input)
-    if not os.environ.get("MEDPIPE_DEID_KEY"):
+    from medpipe.deid import deid_key_from_env
+
+    # A set but unusable key (e.g. too short) is a clear error here, before any worker starts, not a worker traceback.
+    if deid_key_from_env(required=False) is None:
         LOG.warning("MEDPIPE_DEID_KEY is not set: inputs with patient IDs will be rejected (deid_key_missing)")
     output = args.output.rstrip("/")
     temp = temp_directory(output)
