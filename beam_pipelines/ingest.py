@@ -558,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder (replaced when the run succeeds)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set image.size=64 (repeatable)")
+    parser.add_argument("--pushgateway", default=None, metavar="URL",
+                        help="push the run's counts to this Prometheus Pushgateway (default: env MEDPIPE_PUSHGATEWAY; "
+                             "neither = no push)")
     return parser
 
 
@@ -648,6 +651,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     LOG.info("ingest: %d written (%s), %d rejected, %d duplicates dropped -> %s", stats["written"],
              ", ".join(f"{s} {stats['splits'][s]['total']}" for s in SPLITS), stats["rejected"],
              stats["duplicates_dropped"], output)
+    from medpipe.metrics_push import push_ingest_stats
+
+    push_ingest_stats(stats, config.name, url=args.pushgateway)  # a batch job ends before a scrape; no-op without URL
     return stats
 
 

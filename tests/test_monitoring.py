@@ -195,6 +195,15 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
                 'reason="not_image"} 3') in text
         assert 'medpipe_training_val_accuracy{dataset="brain_mri",instance="",job="medpipe_training"} 0.9' in text
         assert 'medpipe_training_epoch{dataset="brain_mri",instance="",job="medpipe_training"} 3' in text
+
+        # and the real ingest pushes its counts at the end of a run
+        from conftest import ROOT, run_module
+
+        run_module("beam_pipelines.ingest", "--config", str(ROOT / "config" / "chest_xray.yaml"),
+                   "--input", str(SAMPLE / "chest_xray"), "--output", str(tmp_path / "ingest"),
+                   "--set", "image.size=32", "--pushgateway", f"127.0.0.1:{port}")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'medpipe_ingest_files_read{dataset="chest_xray",instance="",job="medpipe_ingest"} 24' in text
     finally:
         gateway.terminate()
         gateway.wait(timeout=10)
