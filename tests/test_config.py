@@ -23,7 +23,7 @@ def test_brain_mri_values_and_bare_name_lookup():
     config = load_config("brain_mri")
     assert config.labels == ("glioma", "meningioma", "notumor", "pituitary")
     assert config.task == "multiclass"
-    assert (config.image.size, config.image.channels) == (128, 1)
+    assert (config.image.size, config.image.channels) == (160, 1)
     assert config.ingest.split.train == pytest.approx(0.8)
     assert load_config("chest_xray").task == "binary"
 
