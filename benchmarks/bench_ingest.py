@@ -1,6 +1,6 @@
 """Ingest benchmark: the Beam pipeline vs a plain 2-process Pillow loop doing the same per-image work, same run.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--size 128] [--repeat 2]
+    .venv/bin/python benchmarks/bench_ingest.py [--size N] [--repeat 3]
 
 Input: the 5,712 images of ../shared/data/brain-tumor-mri/Training. The baseline loop runs 2 processes, each
 reading files and calling the pipeline's own per-image functions (prepare_record: decode, preprocess, PNG, pixel
@@ -158,9 +158,14 @@ def run_startup(paths: list[Path], overrides: list[str], workdir: Path) -> tuple
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128, help="image.size for both (default 128, the config's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image.size for both (default: config/brain_mri.yaml's, the recipe the data is for)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each; the best wall time counts")
     args = parser.parse_args(argv)
+    if args.size is None:
+        from medpipe.config import load_config
+
+        args.size = load_config(ROOT / "config" / "brain_mri.yaml").image.size
     source = require_shared("brain-tumor-mri/Training")
     paths = sorted(p for p in source.glob("*/*") if p.is_file())
     for path in paths:  # warm the page cache for both contenders
