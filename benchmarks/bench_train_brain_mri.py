@@ -104,7 +104,30 @@ def main(argv=None) -> int:
     write_result("train_brain_mri", "python benchmarks/bench_train_brain_mri.py " + " ".join(argv or sys.argv[1:]),
                  figures, {"wall": "<= 45 min (ingest + train)", "val_accuracy": ">= 0.97", "val_macro_f1": ">= 0.97"},
                  passed)
+    plot_curves(curves, ROOT / "benchmarks" / "results" / "train_brain_mri.png")
     return 0
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Loss and accuracy per epoch, train vs validation: the figure people look at first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in curves:
+                ax.plot(range(1, len(curves[key]) + 1), curves[key], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1].axhline(0.97, color="grey", lw=0.8, ls=":")  # the target
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def render() -> str:
             shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else value
             lines.append(f"| {key} | {shown} |")
         lines.append("")
+        if (RESULTS / f"{name}.png").exists():
+            lines += [f"![{name}](benchmarks/results/{name}.png)", ""]
         note = ROOT / "benchmarks" / "notes" / f"{name}.md"  # hand-written context that a re-run must not erase
         if note.exists():
             lines += [note.read_text().strip(), ""]
