@@ -11,9 +11,9 @@ from typing import Any, Iterable, Optional
 
 from medpipe import schema as keys
 from medpipe.config import TaskConfig
+from medpipe.drift import HISTOGRAM_BINS as HIST_BINS
+from medpipe.drift import histogram
 from medpipe.errors import RejectedInput
-
-HIST_BINS = 32
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ def rejection(path: str, reason: str, detail: str) -> dict:
 
 
 def histogram32(pixels) -> list[int]:
-    import numpy as np
-
-    return np.bincount(pixels.reshape(-1) >> 3, minlength=HIST_BINS).astype(int).tolist()
+    return histogram(pixels, HIST_BINS)  # the binning the drift monitor compares served images against
 
 
 def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:

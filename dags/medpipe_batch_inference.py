@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from medpipe_dag_common import PARTITION_PATTERN, default_task_args, notify_failure
+from medpipe_dag_common import PARTITION_PATTERN, default_task_args, notify_failure, schedule_from_env
 
 DOC_MD = """
 ### medpipe_batch_inference
@@ -31,14 +30,9 @@ Schedule: env `MEDPIPE_BATCH_SCHEDULE` (default `@daily`, `none` disables it).
 CHUNK = 32  # files per client invocation: bounds the command line and the blast radius of a failed call
 
 
-def _schedule() -> str | None:
-    value = os.environ.get("MEDPIPE_BATCH_SCHEDULE", "@daily").strip()
-    return None if value.lower() in ("", "none", "null") else value
-
-
 @dag(
     dag_id="medpipe_batch_inference",
-    schedule=_schedule(),
+    schedule=schedule_from_env("MEDPIPE_BATCH_SCHEDULE"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -64,6 +64,13 @@ DEID_VARIABLE = "medpipe_deid_key"
 STDERR_TAIL_LINES = 40
 
 
+def schedule_from_env(variable: str, default: str = "@daily") -> str | None:
+    """A DAG's schedule from an environment variable ("none" = trigger only). An environment variable, not an Airflow
+    Variable: parsing must not touch the metadata database."""
+    value = os.environ.get(variable, default).strip()
+    return None if value.lower() in ("", "none", "null") else value
+
+
 def dataset_asset_name(dataset: str) -> str:
     return f"medpipe_ingested_{dataset}"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -16,6 +15,7 @@ from medpipe_dag_common import (
     dataset_asset_uri,
     default_task_args,
     notify_failure,
+    schedule_from_env,
 )
 
 RUNNERS = ["DirectRunner", "DaskRunner", "FlinkRunner", "PortableRunner", "SparkRunner", "DataflowRunner"]
@@ -44,15 +44,9 @@ Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `
 """
 
 
-def _schedule() -> str | None:
-    # An environment variable, not a Variable: parsing must not touch the metadata database.
-    value = os.environ.get("MEDPIPE_INGEST_SCHEDULE", "@daily").strip()
-    return None if value.lower() in ("", "none", "null") else value
-
-
 @dag(
     dag_id="medpipe_ingest",
-    schedule=_schedule(),
+    schedule=schedule_from_env("MEDPIPE_INGEST_SCHEDULE"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,  # history is loaded on purpose with `airflow backfill create`, not by accident on unpause
     max_active_runs=2,

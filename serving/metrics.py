@@ -17,9 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
+from medpipe.drift import HISTOGRAM_BINS, histogram  # one binning for the ingest baseline and served traffic
+
 # TF Serving's request_latency buckets are in microseconds.
 LATENCY_BUCKETS_US = (500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000, 1000000, 5000000)
-HISTOGRAM_BINS = 32
 
 
 def _labels(pairs: dict[str, str]) -> str:
@@ -102,9 +103,8 @@ class MedpipeMetrics:
 
 
 def pixel_histogram(pixels: np.ndarray) -> list[int]:
-    """32 equal bins over 0..255 of one preprocessed image (the drift monitor's unit)."""
-    counts, _ = np.histogram(np.asarray(pixels, dtype=np.float32), bins=HISTOGRAM_BINS, range=(0.0, 256.0))
-    return [int(c) for c in counts]
+    """32 equal bins over 0..255 of one preprocessed image: the same binning as the ingest baseline."""
+    return histogram(pixels, HISTOGRAM_BINS)
 
 
 def request_ids(base: str | None, count: int) -> list[str]:
