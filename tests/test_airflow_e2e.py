@@ -68,8 +68,14 @@ def airflow_env(home: Path, data_root: Path, **extra: str) -> dict[str, str]:
 
 
 def airflow(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([AIRFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                            cwd=env["AIRFLOW_HOME"])
+    for attempt in range(5):
+        result = subprocess.run([AIRFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                                cwd=env["AIRFLOW_HOME"])
+        # SQLite cannot upgrade a reader to a writer while standalone's scheduler writes (no busy timeout helps
+        # there); the CLI's transaction is rolled back, so running it again is safe. PostgreSQL never needs this.
+        if result.returncode == 0 or "database is locked" not in result.stdout + result.stderr:
+            break
+        time.sleep(2 + attempt)
     if result.returncode != 0:
         pytest.fail(f"airflow {' '.join(args)} exited {result.returncode}\n{result.stdout[-6000:]}\n"
                     f"{result.stderr[-4000:]}")
