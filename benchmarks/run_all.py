@@ -22,6 +22,17 @@ BENCHMARKS = {
 }
 
 
+def _flatten(figures: dict, prefix: str = "") -> dict:
+    """Nested figures (e.g. one block per model) as `model.figure` rows."""
+    flat = {}
+    for key, value in figures.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def render() -> str:
     lines = [
         "# Benchmarks",
@@ -52,7 +63,7 @@ def render() -> str:
         for check, target in result["targets"].items():
             lines.append(f"| {check} | {target} | {'yes' if result['passed'].get(check) else '**no**'} |")
         lines += ["", "| figure | value |", "| --- | --- |"]
-        for key, value in result["figures"].items():
+        for key, value in _flatten(result["figures"]).items():
             shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else value
             lines.append(f"| {key} | {shown} |")
         lines.append("")
