@@ -120,6 +120,24 @@ def test_tf_serving_is_the_real_image_with_repo_configs(model):
     assert mounts(model["services"]["airflow-scheduler"])["/models"]["source"] == "model-repository"
 
 
+def test_medpipe_serve_takes_the_tf_serving_command_line(model):
+    """`medpipe serve` accepts tensorflow_model_server's flags, so the compose command runs either server."""
+    from serving.server import build_parser
+
+    args = build_parser().parse_args(model["services"]["tf-serving"]["command"])
+    assert (args.grpc_port, args.rest_port) == (8500, 8501)
+    assert args.model_config_file == "/models/models.config" and args.poll_seconds == 30
+    assert args.monitoring_config == "/etc/medpipe/serving/monitoring.config"
+    assert args.batching_config == "/etc/medpipe/serving/batching.config" and args.enable_batching is True
+    assert args.allow_version_labels_for_unavailable_models is True
+    tuned = build_parser().parse_args(["--enable_batching=false", "--tensorflow_intra_op_parallelism=1",
+                                       "--tensorflow_inter_op_parallelism=2"])
+    assert (tuned.enable_batching, tuned.intra_op_threads, tuned.inter_op_threads) == (False, 1, 2)
+    assert build_parser().parse_args(["--allow-version-labels-for-unavailable-models"]).allow_version_labels_for_unavailable_models
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--enable_batching=maybe"])
+
+
 def test_monitoring_wiring(model):
     services = model["services"]
     assert mounts(services["prometheus"])["/etc/prometheus"]["source"] == str(ROOT / "config" / "prometheus")
