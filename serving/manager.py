@@ -263,13 +263,18 @@ class ModelManager:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {label}")
         return model.labels[label]
 
-    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> tuple[ModelEntry, Version]:
+    def _lookup(self, name: str, version: int | None, label: str | None,
+                missing: str) -> tuple[ModelEntry, int | None]:
+        """The model and the version asked for (a label resolved to its number); `missing` is TF Serving's wording
+        for an unknown model, which differs between Predict and GetModelStatus."""
         with self._lock:
             model = self.models.get(name)
         if model is None:
-            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
-        if label:
-            version = self._labelled_version(model, label)
+            raise ServingError(grpc.StatusCode.NOT_FOUND, missing)
+        return model, self._labelled_version(model, label) if label else version
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> tuple[ModelEntry, Version]:
+        model, version = self._lookup(name, version, label, f"Servable not found for request: Latest({name})")
         if version is not None:
             found = model.versions.get(int(version))
             if found is None or found.state != "AVAILABLE":
@@ -282,12 +287,7 @@ class ModelManager:
         return model, max(available, key=lambda v: v.number)
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[Version]:
-        with self._lock:
-            model = self.models.get(name)
-        if model is None:
-            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
-        if label:
-            version = self._labelled_version(model, label)
+        model, version = self._lookup(name, version, label, f"Could not find any versions of model {name}")
         if version is not None:
             if int(version) not in model.versions:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,

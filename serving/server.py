@@ -49,25 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
         "names (--port, --rest_api_port, --model_config_file, --enable_batching=true, ...) are accepted too, so the "
         "same command line runs either server.")
     parser.add_argument("--repository", help="model repository; REPO/models.config is used when present")
-    parser.add_argument("--model-config-file", "--model_config_file", help="text ModelServerConfig (default: REPO/models.config, else "
-                        "every model folder of REPO with the latest version)")
+    parser.add_argument("--model-config-file", "--model_config_file",
+                        help="text ModelServerConfig (default: REPO/models.config, else every model folder of REPO "
+                        "with the latest version)")
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
     parser.add_argument("--grpc-port", "--port", type=int, default=8500)
-    parser.add_argument("--rest-port", "--rest_api_port", type=int, default=8501, help="REST + Prometheus port; 0 disables REST")
-    parser.add_argument("--batching-config", "--batching_parameters_file", help="TF Serving batching parameters file (config/serving/batching.config)")
-    parser.add_argument("--no-batching", action="store_true", help="run each request on its own")
+    parser.add_argument("--rest-port", "--rest_api_port", type=int, default=8501,
+                        help="REST + Prometheus port; 0 disables REST")
+    parser.add_argument("--batching-config", "--batching_parameters_file",
+                        help="TF Serving batching parameters file (config/serving/batching.config)")
+    # one setting, two spellings: medpipe batches by default; TF Serving's flag can also switch it off
+    parser.add_argument("--no-batching", dest="enable_batching", action="store_const", const=False,
+                        help="run each request on its own")
     parser.add_argument("--enable_batching", type=parse_flag_bool, nargs="?", const=True, default=None,
-                        metavar="true|false", help="TF Serving's flag; false is --no-batching (medpipe batches by "
-                        "default)")
-    parser.add_argument("--monitoring-config", "--monitoring_config_file", help="TF Serving monitoring config (prometheus path); default path "
+                        metavar="true|false", help="TF Serving's flag; false is --no-batching")
+    parser.add_argument("--monitoring-config", "--monitoring_config_file",
+                        help="TF Serving monitoring config (prometheus path); default path "
                         "/monitoring/prometheus/metrics")
     parser.add_argument("--poll-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.5,
                         help="repository poll interval (default 0.5 s: a new version serves well within 2 s)")
     parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
     parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (one line per image)")
     parser.add_argument("--drift-baseline", help="medpipe.drift baseline: export drift gauges to Prometheus")
-    parser.add_argument("--allow-version-labels-for-unavailable-models", "--allow_version_labels_for_unavailable_models",
-                        type=parse_flag_bool, nargs="?", const=True, default=False, metavar="true|false",
+    parser.add_argument("--allow-version-labels-for-unavailable-models",
+                        "--allow_version_labels_for_unavailable_models", type=parse_flag_bool, nargs="?",
+                        const=True, default=False, metavar="true|false",
                         help="let a label point at a version that is not loaded yet")
     parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
     parser.add_argument("--intra-op-threads", "--tensorflow_intra_op_parallelism", type=int, default=0,
@@ -362,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repository = Path(args.repository).resolve() if args.repository else None
     if repository is not None and not repository.is_dir():
         raise ConfigError(f"repository {repository} does not exist; publish a model first (medpipe publish)")
-    batching = None if args.no_batching or args.enable_batching is False else (
+    batching = None if args.enable_batching is False else (
         read_batching_config(args.batching_config) if args.batching_config else BatchingParameters())
     configure_tensorflow(args.intra_op_threads, args.inter_op_threads)
     metrics = Metrics(args.drift_baseline)

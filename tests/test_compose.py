@@ -133,7 +133,8 @@ def test_medpipe_serve_takes_the_tf_serving_command_line(model):
     tuned = build_parser().parse_args(["--enable_batching=false", "--tensorflow_intra_op_parallelism=1",
                                        "--tensorflow_inter_op_parallelism=2"])
     assert (tuned.enable_batching, tuned.intra_op_threads, tuned.inter_op_threads) == (False, 1, 2)
-    assert build_parser().parse_args(["--allow-version-labels-for-unavailable-models"]).allow_version_labels_for_unavailable_models
+    bare = build_parser().parse_args(["--allow-version-labels-for-unavailable-models"])
+    assert bare.allow_version_labels_for_unavailable_models
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--enable_batching=maybe"])
 
