@@ -21,8 +21,8 @@ demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on th
 test: setup system-deps  ## the whole test suite
 	$(BIN)/python -m pytest tests
 
-system-deps:  ## Prometheus + Pushgateway (Debian) for the observability integration tests; they skip without them
-	@bash scripts/install_prometheus.sh || echo "make: Prometheus not installed (needs root/apt); its tests will skip"
+system-deps:  ## Debian packages the integration tests run for real (Prometheus, Orthanc, Chromium, PostgreSQL...)
+	@bash scripts/install_system_deps.sh || echo "make: system packages not installed (needs root/apt); their tests will skip"
 
 test-fast: setup  ## the suite without the slow end-to-end tests
 	$(BIN)/python -m pytest tests -m "not slow"

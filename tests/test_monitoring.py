@@ -157,7 +157,7 @@ def _wait_http(url: str, timeout: float = 20) -> None:
 
 
 @pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
-                    reason="prometheus-pushgateway is not installed: run scripts/install_prometheus.sh (as root)")
+                    reason="prometheus-pushgateway is not installed: run scripts/install_system_deps.sh (as root)")
 def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
     port = _free_port()
     # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in tmp_path

@@ -2,7 +2,7 @@
 Pushgateway on loopback scraping a running `medpipe serve`, and the drift acceptance test (chest X-rays sent to the
 brain MRI model raise the drift gauges and fail the monitoring run / DAG with an alert; brain MRIs do not).
 
-Binaries come from scripts/install_prometheus.sh; each test that needs one skips with that hint when it is absent.
+Binaries come from scripts/install_system_deps.sh; each test that needs one skips with that hint when it is absent.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 SAMPLE = ROOT / "sample_data"
 BRAIN_LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 MODEL = "brain_mri"
-INSTALL_HINT = "is not installed: run scripts/install_prometheus.sh (as root) to install the Debian packages"
+INSTALL_HINT = "is not installed: run scripts/install_system_deps.sh (as root) to install the Debian packages"
 
 
 def _need(binary: str) -> str:
