@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.5,
                         help="repository poll interval (default 0.5 s: a new version serves well within 2 s)")
     parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
+    parser.add_argument("--rest-read-timeout", type=float, default=10.0,
+                        help="seconds a REST client has to send a whole request (headers, then body): 408 after")
     parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (one line per image)")
     parser.add_argument("--drift-baseline", help="medpipe.drift baseline: export drift gauges to Prometheus")
     parser.add_argument("--allow-version-labels-for-unavailable-models",
@@ -454,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serving.rest import start_rest
 
         rest_server = start_rest(service, args.host, args.rest_port, max_bytes,
-                                 monitoring_path(args.monitoring_config), tls)
+                                 monitoring_path(args.monitoring_config), tls, args.rest_read_timeout)
     log.info("serving gRPC on %s:%d, REST on %s:%s, batching %s", args.host, args.grpc_port, args.host,
              args.rest_port or "off", batching)
 
