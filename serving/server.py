@@ -385,7 +385,7 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("tensorflow.serving.ModelService", health_pb2.HealthCheckResponse.SERVING)  # reload works
-    set_health(health_servicer, {})  # the manager reports the models once it is wired (main)
+    health_reporter(health_servicer)({})  # NOT_SERVING until the manager reports its models (main)
     address = f"{host}:{port}"
     if tls:
         credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
@@ -398,22 +398,26 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
     return server, health_servicer
 
 
-def set_health(health_servicer, models: dict[str, bool]) -> None:
-    """gRPC health from the loaded set: each model name is a service, SERVING while it has an AVAILABLE version;
-    "" and PredictionService are SERVING only when every configured model is (a restart with nothing loadable
-    reports NOT_SERVING)."""
+def health_reporter(health_servicer):
+    """-> the manager's on_state callback. gRPC health from the loaded set: each model name is a service, SERVING
+    while it has an AVAILABLE version; "" and PredictionService are SERVING only when every configured model is (a
+    restart with nothing loadable reports NOT_SERVING)."""
     from grpc_health.v1 import health_pb2
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    known = getattr(health_servicer, "medpipe_models", set())
-    for name in known - set(models):  # removed from the config
-        health_servicer.set(name, not_serving)
-    for name, up in models.items():
-        health_servicer.set(name, serving if up else not_serving)
-    health_servicer.medpipe_models = known | set(models)
-    overall = serving if models and all(models.values()) else not_serving
-    for name in ("", "tensorflow.serving.PredictionService"):
-        health_servicer.set(name, overall)
+    known: set[str] = set()
+
+    def report(models: dict[str, bool]) -> None:
+        for name in known - set(models):  # removed from the config
+            health_servicer.set(name, not_serving)
+        for name, up in models.items():
+            health_servicer.set(name, serving if up else not_serving)
+        known.update(models)
+        overall = serving if models and all(models.values()) else not_serving
+        for name in ("", "tensorflow.serving.PredictionService"):
+            health_servicer.set(name, overall)
+
+    return report
 
 
 def configure_tensorflow(intra_op: int, inter_op: int) -> None:
@@ -449,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     manager.start()
     grpc_server, health_servicer = start_grpc(service, args.host, args.grpc_port, args.threads, max_bytes, tls)
-    manager.on_state = functools.partial(set_health, health_servicer)
+    manager.on_state = health_reporter(health_servicer)
     manager.report()
     rest_server = None
     if args.rest_port:
