@@ -223,7 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.label and args.version is not None:
         repo_lib.require_version(repository, args.model_name, args.version)
         labels[args.label] = args.version
-        print(f"label {args.label} of {args.model_name} -> version {args.version}")
     else:
         raise DataError("nothing to do: pass --run RUN_DIR to publish, or --label L --version V to move a label")
     config_path = repository / repo_lib.CONFIG_FILE
@@ -237,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MedpipeError(f"refused{' to move ' + moved if moved else ''}: {exc}. {config_path} is unchanged "
                                "and the server keeps its previous configuration.") from exc
     repo_lib.write_config(config_path, config)
+    if args.version is not None:
+        print(f"label {args.label} of {args.model_name} -> version {args.version}")
     return 0
 
 

@@ -2,7 +2,10 @@
 
 One server process per module, over a repository filled by the real `medpipe publish` from the session's trained
 sample run. Covers Predict/Classify/metadata/status/health, labels, reload, bad requests with TF Serving's codes,
-the request log, Prometheus names, and a corrupt version folder refused while the previous version serves.
+the request log, Prometheus names, and a corrupt version folder refused while the previous version serves; then the
+trial's findings (issues 12 and 17): the shape bomb, unparsable REST bodies and Content-Lengths, error messages without
+internals, hostile request ids, a broken label move under load, and versions that follow their folders (a non-atomic
+copy, a deleted version, health and metrics of the loaded set). HTTP-level hostility is in test_serving_rest.py.
 """
 
 from __future__ import annotations
@@ -587,3 +590,24 @@ def test_versions_follow_their_folders_and_health_follows_the_loaded_set(served,
     finally:
         channel.close()
         assert stop_server(process) == 0
+
+
+def test_a_label_move_first_loads_its_target_under_the_old_labels(tmp_path):
+    from serving.publish import loading_config, plan_config
+    from serving.repository import find_model, parse_config_text, upsert_model
+
+    for version in (1, 2, 3):
+        (tmp_path / MODEL / str(version)).mkdir(parents=True)
+    previous = parse_config_text("")
+    upsert_model(previous, MODEL, str(tmp_path / MODEL), "latest", 1, versions_for_specific=[3],
+                 labels={"stable": 1})
+    before = previous.SerializeToString()
+    final = plan_config(previous, tmp_path, MODEL, {"stable": 2}, None)
+    loading = loading_config(previous, final, MODEL)
+    assert previous.SerializeToString() == before  # planning never edits the live config
+    entry = find_model(final, MODEL)
+    assert dict(entry.version_labels) == {"stable": 2}
+    assert list(entry.model_version_policy.specific.versions) == [2, 3]
+    entry = find_model(loading, MODEL)
+    assert dict(entry.version_labels) == {"stable": 1}  # nothing points at the target yet
+    assert list(entry.model_version_policy.specific.versions) == [1, 2, 3]  # old label's version stays loaded
