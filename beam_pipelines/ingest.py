@@ -7,7 +7,13 @@
     ListInputs -> PreprocessImages (ok | rejected) -> AssignSplitAndShard (by patient pseudonym, else pixel hash;
     salted, stable) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
     + Deduplicate (small metadata by decoded-pixel hash; label conflicts rejected; kept copy = first path)
-    + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl); schema.json; then the temp folder moves into place.
+    + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl naming inputs by keyed input id; the input report
+    mapping ids to paths, PHI, beside the output); schema.json; then the temp folder moves into place.
+
+Safety of the output (run()): --output may not overlap --input, and must be new, empty or an earlier ingest output
+(its .medpipe-ingest marker lists the files it wrote; only those are ever replaced or removed; --force writes into
+another folder). The next run removes the OUTPUT.tmp-* folders of killed runs; the local workers die with this
+process (beam_pipelines/worker.py). No record written: exit 3, nothing published.
 
 Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The decoding stage spills each example to a
 per-bundle file under the temp output and shuffles a (file, offset, length) reference keyed by its own (split,
@@ -17,8 +23,9 @@ impossible. One combine gathers every report item. 6 fused stages on the FnApiRu
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
-and s3:// (with the extra) work. Unknown flags are Beam pipeline options; without --runner the DirectRunner's
-engine (FnApiRunner) runs in multi-processing mode with 2 workers. The de-identification key comes from
+and s3:// work, the last two with the extras medpipe[gcp] / medpipe[aws] (a clear error names a missing one).
+Unknown flags are Beam pipeline options; without --runner the DirectRunner's engine (FnApiRunner) runs in
+multi-processing mode with 2 workers. The de-identification key comes from
 MEDPIPE_DEID_KEY in the workers' environment (read in DoFn.setup, never pickled into the pipeline graph).
 
 Other runners, through the same pass-through options:
@@ -851,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="task config YAML (or a name in config/, e.g. brain_mri)")
     parser.add_argument("--input", required=True,
                         help="folder of class folders, or a CSV manifest (path,label[,patient_id,study_id]); "
-                             "any Beam FileSystems path")
+                             "local, gs:// (medpipe[gcp]) or s3:// (medpipe[aws])")
     parser.add_argument("--output", required=True,
                         help="output folder: new, empty, or an earlier ingest output (whose own files are replaced; "
                              "other files are kept). Must not overlap --input")
