@@ -590,7 +590,7 @@ def _read_json(path: str) -> Optional[dict]:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             body = json.loads(handle.read().decode("utf-8"))
-    except (OSError, ValueError, Exception):  # noqa: BLE001 - missing or unreadable: not ours
+    except Exception:  # noqa: BLE001 - missing or unreadable (Beam raises its own IO errors): not ours
         return None
     return body if isinstance(body, dict) and body.get("written_by") == "medpipe ingest" else None
 
