@@ -76,7 +76,9 @@ class Step:
         command = [sys.executable, "-m", module, *args]
         print(f"\n[{self.number}] {title}\n    $ {_shown(command)}", flush=True)
         start = time.monotonic()
-        result = subprocess.run(command, env=self.env, cwd=ROOT, text=True, capture_output=capture)
+        # stderr: the terminal (the quiet console's sys.stderr), so each stage shows its own progress lines
+        result = subprocess.run(command, env=self.env, cwd=ROOT, text=True, stdout=subprocess.PIPE if capture else None,
+                                stderr=subprocess.PIPE if capture else sys.stderr)
         self.timings.append((title, time.monotonic() - start))
         if result.returncode not in ok:
             if capture:

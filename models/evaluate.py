@@ -12,8 +12,9 @@ both paths feed the model the same pixels.
 Outputs in DIR (default for a run: RUN_DIR/evaluation for the test split, RUN_DIR/evaluation-<split|images>
 otherwise): metrics.json, predictions.csv, plots/*.png, report.html, blessing.json, rejected.jsonl (--images only).
 For a run evaluated on the test split, blessing.json is also copied to RUN_DIR/blessing.json (what `medpipe
-publish` checks; a verdict on val, train or external images never unlocks publishing); for binary tasks evaluated on records the operating threshold is chosen on the val
-split and stored in RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
+publish` checks; a verdict on val, train or external images never unlocks publishing). Exit status 0 when blessed,
+3 when not. For binary tasks evaluated on records the operating threshold is chosen on the val split and stored in
+RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
 models/gate.py (the `stable` version's assets.extra/medpipe_metrics.json).
 """
 

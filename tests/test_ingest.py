@@ -327,7 +327,8 @@ def test_brain_mri_training_set_acceptance(tmp_path):
         if entry["status"] == "duplicate":
             copies.setdefault(entry["kept_path"], {entry["kept_path"]}).add(entry["path"])
     found_sets = [{"/".join(Path(p).parts[-2:]) for p in group} for group in copies.values()]
-    conflicts = {"/".join(Path(p).parts[-2:]) for p, reason in rejected_paths(out).items() if reason == "label_conflict"}
+    conflicts = {"/".join(Path(p).parts[-2:]) for p, reason in rejected_paths(out).items()
+                 if reason == "label_conflict"}
     for group in known:
         assert group <= conflicts or any(group <= f for f in found_sets), f"duplicate group {sorted(group)} missed"
     assert stats["duplicates"]["groups"] >= len([g for g in known if not g <= conflicts])
