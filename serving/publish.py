@@ -6,7 +6,8 @@
 A version is written to REPO/NAME/.tmp-*/ and renamed into place (TF Serving never sees half a model); its
 number is the UNIX time in seconds, strictly increasing; an existing version is never overwritten. An unblessed run
 (RUN_DIR/blessing.json missing, blessed=false, or a verdict not made on the test split) is refused unless --force.
-REPO/models.config is rewritten atomically; with --server the running server (medpipe's or real TF Serving) reloads it via ModelService.HandleReloadConfigRequest.
+REPO/models.config is rewritten atomically;
+with --server the running server (medpipe's or real TF Serving) reloads it via ModelService.HandleReloadConfigRequest.
 """
 
 from __future__ import annotations
