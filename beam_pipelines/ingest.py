@@ -757,8 +757,7 @@ def remove_stale_temporaries(output: str, input_report: str) -> list[str]:
     if is_local(base):
         temps = sorted(globbing.glob(globbing.escape(base) + ".tmp-*"))
     else:
-        parent = posixpath.dirname(base)
-        found = FileSystems.match([FileSystems.join(parent, "**")])[0].metadata_list
+        found = FileSystems.match([base + ".tmp-*/**"])[0].metadata_list
         prefix = base + ".tmp-"
         temps = sorted({prefix + m.path[len(prefix):].split("/")[0] for m in found if m.path.startswith(prefix)})
     removed = []
