@@ -178,6 +178,8 @@ def module_main(main_function) -> None:  # pragma: no cover - thin shell
     """`if __name__ == "__main__": module_main(main)` for stage modules run with `python -m`:
     the same quiet console, the same one-line errors and exit statuses as the `medpipe` command."""
     module = main_function.__module__
+    if module == "__main__":  # python -m serving.client: the module's own name is in its spec
+        module = getattr(sys.modules["__main__"].__spec__, "name", module)
     command = next((name for name, (path, _) in STAGES.items() if path == module), module.rsplit(".", 1)[-1])
     verbose, log_file, argv = split_console_flags(sys.argv[1:])
     with Console(command, verbose, log_file):
