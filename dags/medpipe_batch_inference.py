@@ -104,9 +104,11 @@ def medpipe_batch_inference():
         staging.mkdir(parents=True)
         rows: list[dict] = []
         for start in range(0, len(job["files"]), CHUNK):
+            # no --config: the client preprocesses at the served model's own size (a task config at another
+            # size is refused by the client)
             lines = run_stage("serving.client", ["--server", job["server"], "--model", job["model_name"],
-                                                 "--label", params["label"], "--config", job["config"],
-                                                 *job["files"][start:start + CHUNK]], capture_stdout=True)
+                                                 "--label", params["label"], *job["files"][start:start + CHUNK]],
+                              capture_stdout=True)
             rows += [json.loads(line) for line in lines if line.lstrip().startswith("{")]
         with (staging / "predictions.jsonl").open("w") as handle:
             handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)

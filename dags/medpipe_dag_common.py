@@ -318,6 +318,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class StageFailed(RuntimeError):
     """A stage subprocess exited non-zero; the message carries the command, the exit code and the stderr tail."""
 
+    def __init__(self, message: str, returncode: int | None = None):
+        super().__init__(message)
+        self.returncode = returncode
+
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
@@ -381,7 +385,7 @@ def run_stage(
     if returncode != 0:
         tail = "\n".join(stderr_tail) or "(no stderr)"
         raise StageFailed(f"{module} exited with status {returncode}.\ncommand: {' '.join(command)}\n"
-                          f"last {len(stderr_tail)} lines of stderr:\n{tail}")
+                          f"last {len(stderr_tail)} lines of stderr:\n{tail}", returncode)
     logger.info("%s finished (exit 0)", module)
     return stdout_lines
 

@@ -104,6 +104,7 @@ def medpipe_ingest():
         if job["staging"] != job["output"]:
             shutil.rmtree(job["staging"], ignore_errors=True)  # a half-written attempt from a previous try
         args = ["--config", job["config"], "--input", job["source"], "--output", job["staging"],
+                "--input-report", f"{job['output']}.input-report.jsonl",  # PHI, beside the partition (not staging)
                 *set_args(params["overrides"]), "--runner", params["runner"], *params["pipeline_options"]]
         run_stage("beam_pipelines.ingest", args, env=deid_env())
         if job["staging"] != job["output"]:

@@ -135,10 +135,9 @@ def run_metrics(run_dir: Path) -> dict | None:
 
 
 def read_blessing(run_dir: Path) -> dict | None:
-    for path in (run_dir / "blessing.json", run_dir / "evaluation" / "blessing.json"):
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
+    """RUN_DIR/blessing.json, which `medpipe evaluate` writes for a test-split verdict only; no other file counts."""
+    path = run_dir / "blessing.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def export_saved_model(run_dir: str | Path, out_dir: str | Path, model_name: str | None = None,

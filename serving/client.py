@@ -3,6 +3,10 @@
     medpipe predict --server HOST:8500 --model NAME [--label stable | --version V] [--config CONFIG] FILE...
     medpipe predict --rest http://HOST:8501 --model NAME FILE...
 
+The image size and channels come from the served model's metadata (its predict_preprocessed signature), over gRPC
+or REST alike; a --config whose image size or channels differ from the model's is refused (preprocessing it would
+change the answer), and one is needed only for a model that does not declare them.
+
 Every file (DICOM, PNG, JPEG) goes through medpipe.imaging.preprocess_bytes, the host-side pipeline ingest uses, so
 the server receives exactly the PNG ingest would have produced; the SavedModel decodes it in its graph. One JSON line
 per file: {"file", "class", "confidence", "probabilities", "model_version", "request_id"}; a file that cannot be
@@ -43,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--label", help="version label, e.g. stable or canary")
     group.add_argument("--version", type=int, help="a specific model version")
-    parser.add_argument("--config", help="task config of the model (default: image size from the model's metadata)")
+    parser.add_argument("--config", help="task config for the host-side preprocessing (default: image size and "
+                        "channels from the model's metadata; a config that disagrees with them is refused)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--signature", default=SIGNATURE, help="signature name (default serving_default)")
@@ -151,31 +156,89 @@ def rows(outputs: dict, model_version: int | None, request_id: str) -> list[dict
     return result
 
 
-def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float):
-    """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
-    import grpc
-    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+def _shape_of(signature_map, model: str) -> tuple[int, int, int] | None:
+    """(image size, channels, classes) from the predict_preprocessed signature, or None when the model has none."""
+    signature = signature_map.signature_def.get("predict_preprocessed")
+    if signature is None or "images" not in signature.inputs:
+        return None
+    dims = [d.size for d in signature.inputs["images"].tensor_shape.dim]
+    classes = signature.outputs["probabilities"].tensor_shape.dim[-1].size
+    if len(dims) != 4 or dims[1] <= 0 or dims[3] <= 0:
+        return None
+    return dims[1], dims[3], classes
 
-    from medpipe.config import config_from_dict
+
+def model_shape(model: str, version: int | None, label: str | None, deadline: float, server: str | None = None,
+                rest: str | None = None) -> tuple[int, int, int] | None:
+    """(image size, channels, classes) the served model declares, over REST (GET .../metadata) or gRPC
+    (GetModelMetadata); None when it declares none. Raises ServerError when the server cannot answer."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    if rest:
+        import urllib.error
+        import urllib.request
+
+        from google.protobuf import json_format
+
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
+                                         f"/labels/{label}" if label else "") + "/metadata"
+        try:
+            with urllib.request.urlopen(rest.rstrip("/") + path, timeout=deadline) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise ServerError(f"the server at {rest} answered HTTP {exc.code} for {model!r}: {detail}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerError(f"cannot reach the model server at {rest} ({exc}); is it running?") from exc
+        signature_def = (body.get("metadata") or {}).get("signature_def") or {}
+        signature_def = {k: v for k, v in signature_def.items() if not k.startswith("@")}  # an Any's type URL
+        json_format.ParseDict(signature_def, signature_map, ignore_unknown_fields=True)
+        return _shape_of(signature_map, model)
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     _spec(request.model_spec, model, version, label, "")
-    with grpc.insecure_channel(host) as channel:
+    with grpc.insecure_channel(server) as channel:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
                 request, timeout=deadline)
         except grpc.RpcError as exc:
-            raise _grpc_error(exc, host, model) from exc
-    signature_map = get_model_metadata_pb2.SignatureDefMap()
+            raise _grpc_error(exc, server, model) from exc
     response.metadata["signature_def"].Unpack(signature_map)
-    signature = signature_map.signature_def.get("predict_preprocessed")
-    if signature is None:
+    return _shape_of(signature_map, model)
+
+
+def config_for_model(model: str, shape: tuple[int, int, int] | None, config_path: str | None = None,
+                     overrides: Sequence[str] = ()):
+    """The preprocessing config: the model's own size and channels; a --config must agree with them."""
+    from medpipe.config import config_from_dict, load_config
+
+    if config_path:
+        config = load_config(config_path, overrides)
+        if shape is None:
+            print(f"medpipe predict: model {model} does not declare its image size; using {config_path} unchecked",
+                  file=sys.stderr)
+        elif (config.image.size, config.image.channels) != shape[:2]:
+            raise MedpipeError(
+                f"--config {config_path} preprocesses to {config.image.size}x{config.image.size} with "
+                f"{config.image.channels} channel(s), but model {model} expects {shape[0]}x{shape[0]} with "
+                f"{shape[1]}; its answers would differ from the model's own. Drop --config (the model's metadata "
+                f"is used) or pass the config the model was trained with")
+        return config
+    if shape is None:
         raise MedpipeError(f"model {model} has no predict_preprocessed signature to read the image size from; "
                            "pass --config with the model's task config")
-    dims = [d.size for d in signature.inputs["images"].tensor_shape.dim]
-    classes = signature.outputs["probabilities"].tensor_shape.dim[-1].size
+    size, channels, classes = shape
     return config_from_dict({"name": model, "task": "multiclass", "labels": [str(i) for i in range(classes)],
-                             "image": {"size": dims[1], "channels": dims[3]}}, origin=f"metadata of {model}")
+                             "image": {"size": size, "channels": channels}}, origin=f"metadata of {model}")
+
+
+def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float,
+                         rest: str | None = None):
+    """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
+    return config_for_model(model, model_shape(model, version, label, deadline, server=host, rest=rest))
 
 
 def prepare(paths: Sequence[str], config) -> Iterator[tuple[str, bytes | None, dict | None]]:
@@ -236,14 +299,8 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.config:
-        from medpipe.config import load_config
-
-        config = load_config(args.config, args.overrides)
-    elif args.rest:
-        raise MedpipeError("--rest needs --config (the model's task config) to preprocess files like ingest")
-    else:
-        config = config_from_metadata(args.server, args.model, args.version, args.label, args.deadline)
+    shape = model_shape(args.model, args.version, args.label, args.deadline, server=args.server, rest=args.rest)
+    config = config_for_model(args.model, shape, args.config, args.overrides)
     failed = 0
     for line in predict_files(args.files, config, args.model, args.server, args.rest, args.version, args.label,
                               args.signature, args.deadline, args.request_id):

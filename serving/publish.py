@@ -5,10 +5,11 @@
 
 A version is written to REPO/NAME/.tmp-*/ and renamed into place (TF Serving never sees half a model); its
 number is the UNIX time in seconds, strictly increasing; an existing version is never overwritten. An unblessed run
-(blessing.json missing or blessed=false) is refused unless --force. REPO/models.config is rewritten atomically.
-With --server the running server (medpipe's or real TF Serving) gets the change first, via
-ModelService.HandleReloadConfigRequest: a label moves only after its target version is loaded and AVAILABLE there
-(GetModelStatus); when the server refuses, models.config stays as it was and the server keeps its previous config.
+(RUN_DIR/blessing.json missing, blessed=false, or a verdict not made on the test split) is refused unless --force.
+REPO/models.config is rewritten atomically. With --server the running server (medpipe's or real TF Serving) gets the
+change first, via ModelService.HandleReloadConfigRequest: a label moves only after its target version is loaded and
+AVAILABLE there (GetModelStatus); when the server refuses, models.config stays as it was and the server keeps its
+previous config.
 """
 
 from __future__ import annotations
@@ -51,10 +52,16 @@ def check_blessing(run_dir: Path, force: bool) -> None:
     from models.export import read_blessing
 
     blessing = read_blessing(run_dir)
-    if blessing is not None and blessing.get("blessed") is True:
+    split = ((blessing or {}).get("data") or {}).get("split")
+    if blessing is not None and blessing.get("blessed") is True and split == "test":
         return
-    why = ("no blessing.json (run `medpipe evaluate` first)" if blessing is None
-           else "not blessed: " + "; ".join(blessing.get("reasons", [])) or "blessed=false")
+    if blessing is None:
+        why = "no blessing.json (run `medpipe evaluate --split test` first)"
+    elif split != "test":
+        why = (f"its verdict was made on {split or 'unrecorded data'}, not the test split "
+               f"(run `medpipe evaluate --split test`)")
+    else:
+        why = "not blessed: " + ("; ".join(blessing.get("reasons", [])) or "blessed=false")
     if not force:
         raise DataError(f"refusing to publish {run_dir}: {why}. Fix the model, or pass --force to override.")
     banner = "!" * 78
