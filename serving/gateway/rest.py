@@ -23,6 +23,7 @@ import json
 import re
 
 import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the endpoints' (string) annotations here
 
 from serving.gateway.core import GatewayError, Principal
 
@@ -227,7 +228,7 @@ def make_protocol(header_timeout_s: float, metrics=None):
 # ---- the app ----------------------------------------------------------------------------------------------------
 def build_app(gateway):
     """The gateway's FastAPI app: TF Serving's REST routes and the metrics path. Other doors add routers."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
@@ -245,12 +246,12 @@ def build_app(gateway):
     async def metrics(request: Request):
         try:
             principal = await run_in_threadpool(principal_of, request)
-            if "metrics:read" not in principal.scopes:
-                raise GatewayError("PERMISSION_DENIED", f"{principal.identity} may not read metrics "
-                                   "(needs scope metrics:read)")
         except GatewayError as exc:
-            if exc.code == "PERMISSION_DENIED":
-                gateway.refused("rest", client_of(request), None, exc, event="metrics")
+            return error_response(exc)  # audited by authenticate
+        if "metrics:read" not in principal.scopes:
+            exc = GatewayError("PERMISSION_DENIED", f"{principal.identity} may not read metrics (needs scope "
+                               "metrics:read)")
+            gateway.refused("rest", client_of(request), principal, exc, event="metrics")
             return error_response(exc)
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
