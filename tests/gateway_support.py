@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, TEST_DEID_KEY
 
 
 def _key():
@@ -119,7 +119,8 @@ def start_gateway(args: list[str], log: Path, timeout: float = 90) -> tuple[subp
     """`python -m serving.gateway ARGS` with ports chosen by the OS; -> (process, grpc address, rest url)."""
     handle = open(log, "w")
     process = subprocess.Popen([sys.executable, "-m", "serving.gateway", "--grpc-port", "0", "--rest-port", "0",
-                                *args], cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                                *args], cwd=ROOT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
