@@ -353,8 +353,7 @@ class Gateway:
         """A REST request (starlette) -> Principal; GatewayError UNAUTHENTICATED otherwise (audited)."""
         client = request.client.host if request.client else None
         subject = request.scope.get("medpipe.client_subject")
-        return self._authenticated("rest", client, request.headers.get("authorization"), subject,
-                                   request.scope.get("path", ""))
+        return self._authenticated("rest", client, request.headers.get("authorization"), subject)
 
     def authenticate_grpc(self, context) -> Principal:
         from serving.gateway.auth import grpc_subject
@@ -363,10 +362,10 @@ class Gateway:
         for key, value in context.invocation_metadata():
             if key == "authorization":
                 authorization = value
-        return self._authenticated("grpc", context.peer(), authorization, grpc_subject(context), "")
+        return self._authenticated("grpc", context.peer(), authorization, grpc_subject(context))
 
-    def _authenticated(self, door: str, client: str | None, authorization: str | None, subject: str | None,
-                       what: str) -> Principal:
+    def _authenticated(self, door: str, client: str | None, authorization: str | None,
+                       subject: str | None) -> Principal:
         try:
             return self.auth.principal(authorization, subject)
         except GatewayError as exc:
