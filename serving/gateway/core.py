@@ -9,6 +9,7 @@ and logs every request. Nothing here binds a socket; serving.gateway.server wire
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -296,6 +297,18 @@ class ModelCatalog:
 
 
 # ---- the gateway ---------------------------------------------------------------------------------------------------
+def is_exact_png(data: bytes, prepared, config) -> bool:
+    """True when the input already is the PNG preprocessing would produce pixel for pixel: an 8-bit grey (or RGB
+    for 3-channel models) PNG of exactly image.size x image.size without transparency, which preprocess_bytes
+    passes through unchanged. It is then forwarded as sent: re-encoding it would cost time and change nothing."""
+    if prepared.decoded.format != "png" or not (prepared.decoded.width == prepared.decoded.height == config.image.size):
+        return False
+    bit_depth, colour_type = data[24], data[25]  # IHDR, right after the signature and the chunk header
+    wanted = 0 if config.image.channels == 1 else 2
+    head = data[:data.find(b"IDAT")] if b"IDAT" in data else data
+    return bit_depth == 8 and colour_type == wanted and b"tRNS" not in head
+
+
 def dicom_uids(data: bytes) -> dict | None:
     """Study/Series/SOP Instance UIDs of a DICOM object, for the response only."""
     import io
@@ -450,18 +463,19 @@ class Gateway:
 
     def _prepare(self, index: int, data: bytes, config):
         from medpipe.errors import RejectedInput
-        from medpipe.imaging import preprocess_bytes
+        from medpipe.imaging import encode_png, preprocess_bytes
 
         if not isinstance(data, (bytes, bytearray)):
             raise GatewayError("INVALID_ARGUMENT", f"image {index} is not binary data")
         try:
-            prepared = preprocess_bytes(bytes(data), config)
+            prepared = preprocess_bytes(bytes(data), config, encode=False)
         except RejectedInput as exc:
             reason = "pixel_budget" if exc.reason == "pixel_budget" else None
             raise GatewayError("INVALID_ARGUMENT", f"image {index} cannot be used ({exc.reason}): {exc.detail}",
                                reason=reason) from None
         uids = dicom_uids(bytes(data)) if prepared.decoded.format == "dicom" else None
-        return prepared, uids
+        png = bytes(data) if is_exact_png(data, prepared, config) else encode_png(prepared.pixels)
+        return dataclasses.replace(prepared, png=png), uids
 
     def _call_upstream(self, model: str, version: int, signature: str, pngs: list, timeout: float) -> dict:
         from tensorflow_serving.apis import predict_pb2
