@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import re
 import threading
 import time
@@ -359,6 +360,11 @@ class Gateway:
         # hospital, meaningless outside it); without it, not at all
         self.deid_key = deid_key_from_env(required=False)
         self.rate = RateLimiter(limits.rate_per_minute)
+        # request summaries and class/drift metrics are written by one thread, off the answer's path (in order;
+        # a full queue makes requests wait rather than drop a summary)
+        self._summaries: queue.Queue = queue.Queue(maxsize=256)
+        self._summariser = threading.Thread(target=self._summarise, daemon=True, name="summaries")
+        self._summariser.start()
         self.slots = ConcurrencyLimit(limits.max_concurrent, limits.queue_timeout_s)
 
     # -- identity --------------------------------------------------------------------------------------------------
@@ -458,7 +464,7 @@ class Gateway:
         record["classes"] = [item.class_name for item in prediction.items]
         record["confidences"] = [round(item.confidence, 6) for item in prediction.items]
         self._finish(record, start, "OK")
-        self._observe(prediction, prepared)
+        self._summaries.put((prediction, [image.pixels for image, _ in prepared]))
         return prediction
 
     def _prepare(self, index: int, data: bytes, config):
@@ -536,17 +542,22 @@ class Gateway:
         self.metrics.request(record["door"], record["model"] if record["version"] is not None else None,
                              record["version"], outcome, latency, error.reason if error else None)
 
-    def _observe(self, prediction: Prediction, prepared) -> None:
-        """Request summaries and class/confidence/drift metrics; never fails a prediction already made."""
+    def _summarise(self) -> None:
+        """Request summaries and class/confidence/drift metrics of each answered prediction, until close()."""
         from serving.gateway.metrics import summaries
 
-        try:
-            records = summaries(prediction, [image.pixels for image, _ in prepared])
-            self.metrics.predictions(prediction.model, records)
-            if self.request_log is not None:
-                self.request_log.write(records)
-        except Exception:  # noqa: BLE001 - reported, never raised
-            log.exception("could not log or measure a prediction of %s", prediction.model)
+        while True:
+            item = self._summaries.get()
+            if item is None:
+                return
+            prediction, pixels = item
+            try:
+                records = summaries(prediction, pixels)
+                self.metrics.predictions(prediction.model, records)
+                if self.request_log is not None:
+                    self.request_log.write(records)
+            except Exception:  # noqa: BLE001 - reported, never raised: the prediction was already answered
+                log.exception("could not log or measure a prediction of %s", prediction.model)
 
     def access(self, principal: Principal, model: str, what: str, door: str, client: str | None,
                outcome: str, error: GatewayError | None = None) -> None:
@@ -556,5 +567,7 @@ class Gateway:
                            **({"error": error.message} if error else {})})
 
     def close(self) -> None:
+        self._summaries.put(None)  # the summaries already queued are written first
+        self._summariser.join(timeout=30)
         self.upstream.close()
         self.audit.close()
