@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", help="version label to point at the new (or --version) version, e.g. stable")
     parser.add_argument("--version", type=int, help="with --label and no --run: move the label to this version")
     parser.add_argument("--server", help="HOST:PORT of a running server's gRPC port: ask it to reload models.config")
+    from serving.client import add_connection_options
+
+    add_connection_options(parser)  # TLS / mTLS / bearer token towards --server
     parser.add_argument("--force", action="store_true", help="publish even if the run is not blessed (dangerous)")
     parser.add_argument("--base-path", help="base_path written to models.config as the server sees it "
                         "(e.g. /models/NAME inside the tensorflow/serving container); default: the absolute path")
@@ -136,21 +139,21 @@ def update_config(repository: Path, model_name: str, labels: dict[str, int], bas
     return config
 
 
-def reload_server(stub, server: str, config, timeout: float) -> None:
+def reload_server(stub, server: str, config, timeout: float, metadata=()) -> None:
     """ModelService.HandleReloadConfigRequest: the same call works against real TF Serving."""
     import grpc
     from tensorflow_serving.apis import model_management_pb2
 
     try:
         response = stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config),
-                                                  timeout=timeout)
+                                                  timeout=timeout, metadata=list(metadata))
     except grpc.RpcError as exc:
         raise MedpipeError(f"server {server} did not reload: {exc.code().name}: {exc.details()}") from exc
     if response.status.error_code != 0:
         raise MedpipeError(f"server {server} refused the new config: {response.status.error_message}")
 
 
-def wait_available(stub, server: str, model_name: str, version: int, timeout: float) -> None:
+def wait_available(stub, server: str, model_name: str, version: int, timeout: float, metadata=()) -> None:
     """Until version VERSION of MODEL is AVAILABLE on the server; MedpipeError when it failed to load or the
     deadline passed. Asks GetModelStatus, so it works against real TF Serving too."""
     import grpc
@@ -162,7 +165,8 @@ def wait_available(stub, server: str, model_name: str, version: int, timeout: fl
     deadline, state = time.monotonic() + timeout, "unknown to the server"
     while True:
         try:
-            response = stub.GetModelStatus(request, timeout=max(1.0, deadline - time.monotonic()))
+            response = stub.GetModelStatus(request, timeout=max(1.0, deadline - time.monotonic()),
+                                           metadata=list(metadata))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise MedpipeError(f"server {server}: status of {model_name} version {version}: "
@@ -182,28 +186,32 @@ def wait_available(stub, server: str, model_name: str, version: int, timeout: fl
         time.sleep(0.2)
 
 
-def apply_on_server(server: str, previous, config, model_name: str, labels: dict[str, int], timeout: float) -> None:
+def apply_on_server(server: str, previous, config, model_name: str, labels: dict[str, int], timeout: float,
+                    connection=None) -> None:
     """Make CONFIG live on SERVER, moving labels only to versions the server has loaded: first load the targets
     under the old labels, check each is AVAILABLE (GetModelStatus), then move the labels. On a refusal the server is
     given PREVIOUS back, and the caller leaves models.config as it was."""
-    import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc
 
-    with grpc.insecure_channel(server) as channel:
+    from serving.client import Connection
+
+    connection = connection or Connection()
+    metadata = connection.metadata()
+    with connection.channel(server) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         if labels:
-            reload_server(stub, server, loading_config(previous, config, model_name), timeout)
+            reload_server(stub, server, loading_config(previous, config, model_name), timeout, metadata)
             try:
                 for version in sorted(set(labels.values())):
-                    wait_available(stub, server, model_name, version, timeout)
+                    wait_available(stub, server, model_name, version, timeout, metadata)
             except MedpipeError:
                 if repo_lib.find_model(previous, model_name) is not None:
                     try:
-                        reload_server(stub, server, previous, timeout)
+                        reload_server(stub, server, previous, timeout, metadata)
                     except MedpipeError as exc:
                         log.warning("could not give the server its previous config back: %s", exc)
                 raise
-        reload_server(stub, server, config, timeout)
+        reload_server(stub, server, config, timeout, metadata)
     log.info("server %s reloaded models.config", server)
 
 
@@ -237,7 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = plan_config(previous, repository, args.model_name, labels, args.base_path, policy, num_versions)
     if args.server:  # the server first: models.config changes only once the server took the change
         try:
-            apply_on_server(args.server, previous, config, args.model_name, labels, args.timeout)
+            from serving.client import connection_from_args
+
+            apply_on_server(args.server, previous, config, args.model_name, labels, args.timeout,
+                            connection_from_args(args))
         except MedpipeError as exc:
             moved = ", ".join(f"{label} -> {version}" for label, version in labels.items())
             raise MedpipeError(f"refused{' to move ' + moved if moved else ''}: {exc}. {config_path} is unchanged "
