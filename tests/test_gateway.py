@@ -395,20 +395,22 @@ def test_trial_inputs_get_clear_errors_in_bounded_time(gw, tmp_path):
 
 def test_deadlines_are_propagated(gw):
     """A client deadline shorter than the work: the gateway gives up too (DEADLINE_EXCEEDED, audited) instead of
-    finishing for nobody. Too short a deadline never reaches the handler, so a few are tried."""
+    finishing for nobody. Too short a deadline never reaches the handler and a long one lets the work finish, so
+    deadlines grow geometrically until one lands inside the work (independent of the machine's speed)."""
     images = [CT.read_bytes()] * 6  # about 3 MB: inside the test's 4 MB message limit
     outcomes = {}
-    for attempt, timeout in enumerate((0.15, 0.3, 0.6, 1.2)):
+    timeouts = [0.02 * 1.3 ** step for step in range(20)]  # 20 ms .. 2.9 s
+    for attempt, timeout in enumerate(timeouts):
         rid = f"hurry-{attempt}"
         try:
             gw["predict"].Predict(request(images), timeout=timeout, metadata=[("x-request-id", rid)])
-            break  # fast enough this time: nothing to give up on
+            break  # the work fitted in this deadline: a later, longer one cannot land inside it either
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 3
         while time.monotonic() < deadline and rid not in outcomes:
             outcomes.update({r["request_id"]: r["outcome"] for r in audit_lines(gw) if r.get("request_id") == rid})
-            time.sleep(0.2)
+            time.sleep(0.1)
         if outcomes.get(rid) == "DEADLINE_EXCEEDED":
             break
     assert "DEADLINE_EXCEEDED" in outcomes.values(), outcomes

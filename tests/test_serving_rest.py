@@ -49,7 +49,7 @@ def start(tmp_path: Path, tls: tuple | None = None):
     from serving.rest import start_rest
     from serving.server import Metrics, Service
 
-    service = Service(ModelManager(tmp_path, None, None), Metrics(), None)
+    service = Service(ModelManager(tmp_path, None, None), Metrics())
     server = start_rest(service, "127.0.0.1", 0, 2**20, "/monitoring/prometheus/metrics", tls, READ_TIMEOUT)
     return server, server.socket.getsockname()[1]
 
