@@ -65,8 +65,12 @@ PROGRESS_EVERY = 1000
 
 # ---------------------------------------------------------------------------------------------------------------
 # listing (at construction time: the list of names is small; the bytes are read by the workers)
-def list_inputs(source: str) -> list[InputItem]:
-    """A CSV manifest or a folder of class folders -> InputItems, sorted by path."""
+def list_inputs(source: str, labels: Optional[str] = None) -> list[InputItem]:
+    """A CSV manifest, a folder of class folders or a DICOMweb query (+ a labels CSV) -> InputItems."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(source):  # a PACS: QIDO-RS here, WADO-RS in the workers (read_input)
+        return dicomweb_source.list_dicomweb_inputs(source, labels)
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     root = source.rstrip("/")
@@ -143,8 +147,7 @@ class PreprocessFn(beam.DoFn):
         try:
             if item.size > self.config.ingest.max_file_mb * 2**20:
                 raise RejectedInput("pixel_budget", f"file over ingest.max_file_mb={self.config.ingest.max_file_mb}")
-            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read()
+            data = read_input(item.path)
             record = prepare_record(item, data, self.config, self.key)
         except RejectedInput as exc:
             yield self._reject(item.path, exc.reason, exc.detail)
@@ -157,6 +160,16 @@ class PreprocessFn(beam.DoFn):
             return
         self.ok.inc()
         yield ("ok", (record, index))
+
+
+def read_input(path: str) -> bytes:
+    """An input's bytes: WADO-RS for a DICOMweb instance, else Beam FileSystems (local, gs://, s3://)."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(path):
+        return dicomweb_source.retrieve(path)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
 
 
 def _select(element: tuple, tag: str):
@@ -554,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="task config YAML (or a name in config/, e.g. brain_mri)")
     parser.add_argument("--input", required=True,
                         help="folder of class folders, or a CSV manifest (path,label[,patient_id,study_id]); "
-                             "any Beam FileSystems path")
+                             "any Beam FileSystems path; or a PACS: 'dicomweb+http://HOST:PORT/ROOT?"
+                             "StudyDate=20261101-20261130&ModalitiesInStudy=MR' (QIDO-RS + WADO-RS) with --labels")
+    parser.add_argument("--labels", default=None, metavar="CSV",
+                        help="DICOMweb input: labels keyed by study (columns StudyInstanceUID,label or "
+                             "AccessionNumber,label[,patient_id])")
     parser.add_argument("--output", required=True, help="output folder (replaced when the run succeeds)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set image.size=64 (repeatable)")
@@ -618,7 +635,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the pipeline; returns the stats written to OUTPUT/stats.json."""
     args, beam_args = build_parser().parse_known_args(argv)
     config = load_config(args.config, args.overrides)
-    items = list_inputs(args.input)
+    items = list_inputs(args.input, args.labels)
     from medpipe.deid import deid_key_from_env
 
     # A set but unusable key (e.g. too short) is a clear error here, before any worker starts, not a worker traceback.
