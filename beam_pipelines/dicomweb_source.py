@@ -167,8 +167,9 @@ def retrieve(path: str) -> bytes:
 
 # ---------------------------------------------------------------------------------------------------------------
 # labels and listing
-def read_labels(path: str) -> dict[str, tuple[str, Optional[str]]]:
-    """CSV keyed by StudyInstanceUID or AccessionNumber -> {key: (label, patient_id or None)}."""
+def read_labels(path: str) -> dict[str, tuple[Optional[str], Optional[str]]]:
+    """CSV with a label column and a StudyInstanceUID and/or AccessionNumber column (each row fills one of them)
+    -> {study UID or accession number: (label, patient_id or None)}."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
@@ -176,15 +177,17 @@ def read_labels(path: str) -> dict[str, tuple[str, Optional[str]]]:
         text = handle.read().decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
-    key = next((name for name in ("StudyInstanceUID", "AccessionNumber") if name in columns), None)
-    if key is None or "label" not in columns:
-        raise DataError(f"{path}: a DICOMweb label manifest needs the columns StudyInstanceUID,label or "
-                        f"AccessionNumber,label (optional patient_id); got {columns}")
+    keys = [name for name in ("StudyInstanceUID", "AccessionNumber") if name in columns]
+    if not keys or "label" not in columns:
+        raise DataError(f"{path}: a DICOMweb label manifest needs a label column and a StudyInstanceUID or "
+                        f"AccessionNumber column (optional patient_id); got {columns}")
     labels = {}
     for row in reader:
-        value = (row.get(key) or "").strip()
-        if value:
-            labels[value] = ((row.get("label") or "").strip() or None, (row.get("patient_id") or "").strip() or None)
+        entry = ((row.get("label") or "").strip() or None, (row.get("patient_id") or "").strip() or None)
+        for key in keys:
+            value = (row.get(key) or "").strip()
+            if value:
+                labels[f"{key}={value}"] = entry
     return labels
 
 
@@ -203,7 +206,8 @@ def list_dicomweb_inputs(source: str, labels_path: Optional[str]):
                         f"{'&'.join(f'{k}={v}' for k, v in query.filters) or 'no filter'}; check the date range")
     items = []
     for ref in refs:
-        label, patient = labels.get(ref.study) or labels.get(ref.accession or "\0") or (None, None)
+        label, patient = (labels.get(f"StudyInstanceUID={ref.study}") or labels.get(f"AccessionNumber={ref.accession}")
+                          or (None, None))
         items.append(InputItem(path=instance_url(query.base, ref.study, ref.series, ref.sop), label=label,
                                patient_id=patient))
     LOG.info("DICOMweb: %d instances in %d studies from %s", len(items), len({r.study for r in refs}), query.base)

@@ -35,6 +35,8 @@ PATIENT_STUDY_KEYWORDS = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
     "StudyDescription",
 )
+TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                  "StudyDate", "StudyTime", "ReferringPhysicianName")
 # What a reference to a source instance needs (PS3.3 C.17.2.1 evidence, TID 1500 image library).
 REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
                       "FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
@@ -78,11 +80,21 @@ def aggregate(items: Sequence[Any], rule: str = "max") -> tuple[Optional[str], f
 def evidence_headers(ds) -> Any:
     """A copy of a source header reduced to the patient and study modules and the reference UIDs."""
     from pydicom.dataset import Dataset
+    from pydicom.valuerep import DA, TM
 
     out = Dataset()
-    for keyword in PATIENT_STUDY_KEYWORDS + REFERENCE_KEYWORDS:
+    for keyword in ("SpecificCharacterSet",) + PATIENT_STUDY_KEYWORDS + REFERENCE_KEYWORDS:
         if keyword in ds:
             out[keyword] = ds[keyword]
+    for keyword in TYPE2_KEYWORDS:  # type 2: present, possibly empty
+        if keyword not in out:
+            setattr(out, keyword, None)
+    for keyword, kind in (("StudyDate", DA), ("StudyTime", TM), ("PatientBirthDate", DA)):
+        try:  # a non-conformant value (old ACR-NEMA "10:52:34") would stop the SR: sent empty instead
+            if out[keyword].value not in (None, ""):
+                kind(out[keyword].value)
+        except ValueError:
+            setattr(out, keyword, None)
     return out
 
 
@@ -105,7 +117,6 @@ def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_ui
     """The Comprehensive 3D SR (TID 1500) for one study's routed instances. `sources`: full or header-only pydicom
     datasets; only `evidence_headers` of each is used."""
     import highdicom as hd
-    from highdicom.sr import codes as srcodes
     from pydicom.sr.codedict import codes as dcm
 
     evidence = [evidence_headers(ds) for ds in sources]
@@ -141,7 +152,6 @@ def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_ui
         sop_instance_uid=sr_uid, instance_number=1, manufacturer=MANUFACTURER,
         series_description=f"medpipe {finding.model} v{finding.version}", is_complete=True, is_final=False,
         is_verified=False)
-    del srcodes
     return sr
 
 
