@@ -217,18 +217,23 @@ def list_dicomweb_inputs(source: str, labels_path: Optional[str]):
 # ---------------------------------------------------------------------------------------------------------------
 # fetch (the batch-inference DAG's PACS source)
 def fetch(source: str, output: str) -> list[str]:
-    """Download every matching instance into OUTPUT/<n>.dcm (names carry no UID); returns the paths."""
+    """Download every matching instance into OUTPUT/<n>.dcm (names carry no UID) and OUTPUT/instances.csv (file ->
+    StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, AccessionNumber); returns the paths."""
     from pathlib import Path
 
-    refs = search_instances(parse_source(source))
     query = parse_source(source)
+    refs = search_instances(query)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, index = [], io.StringIO()
+    writer = csv.writer(index)
+    writer.writerow(["file", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber"])
     for number, ref in enumerate(refs):
         target = folder / f"{number:06d}.dcm"
         target.write_bytes(retrieve(instance_url(query.base, ref.study, ref.series, ref.sop)))
+        writer.writerow([target.name, ref.study, ref.series, ref.sop, ref.accession or ""])
         paths.append(str(target))
+    (folder / "instances.csv").write_text(index.getvalue())
     LOG.info("DICOMweb: fetched %d instances into %s", len(paths), output)
     return paths
 

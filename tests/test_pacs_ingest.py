@@ -103,15 +103,29 @@ def test_dicomweb_ingest_of_a_date_range_equals_the_folder_ingest(pacs_with_stud
 def test_backfill_over_three_days_gives_three_partitions(pacs_with_studies, tmp_path, monkeypatch):
     """What `airflow backfill create` over 2026-11-01..03 runs: medpipe_ingest's source template resolved per
     logical date ({ds_nodash}), one ingest per day into that day's partition."""
-    from medpipe_dag_common import resolve_path
+    from medpipe_dag_common import partition_fields, resolve_path
 
     monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_DEID_KEY)
     data = pacs_with_studies
     template = f"dicomweb+{data['pacs'].dicomweb}?StudyDate={{ds_nodash}}&ModalitiesInStudy=MR"
     root = tmp_path / "ingested" / "brain_mri"
     for day in ("2026-11-01", "2026-11-02", "2026-11-03"):
-        fields = {"partition": day, "ds": day, "ds_nodash": day.replace("-", "")}
+        fields = partition_fields("brain_mri", day)
         stats = ingest.run(["--config", CONFIG_FILE, "--input", resolve_path(template, **fields), "--labels",
                             str(data["labels"]), "--output", str(root / day), *IN_PROCESS])
         assert stats["input_files"] == stats["written"] == data["per_day"][day.replace("-", "")] == 4
     assert sorted(p.name for p in root.iterdir()) == ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+
+def test_fetch_for_batch_inference_pulls_one_day(pacs_with_studies, tmp_path):
+    """medpipe_batch_inference's PACS source: the day's instances as files, with an index naming their UIDs."""
+    data = pacs_with_studies
+    source = f"dicomweb+{data['pacs'].dicomweb}?StudyDate=20261102"
+    paths = dicomweb_source.fetch(source, str(tmp_path / "instances"))
+    assert len(paths) == data["per_day"]["20261102"] == 4
+    rows = list(csv.DictReader((tmp_path / "instances" / "instances.csv").open()))
+    assert [row["file"] for row in rows] == [Path(p).name for p in paths]
+    import pydicom
+
+    assert {str(pydicom.dcmread(p).StudyDate) for p in paths} == {"20261102"}
+    assert {row["StudyInstanceUID"] for row in rows} == {str(pydicom.dcmread(p).StudyInstanceUID) for p in paths}

@@ -94,7 +94,9 @@ class PacsService:
     # receiving (both doors)
     def receive(self, data: bytes, door: str, identity: str, principal: Any = None) -> Receipt:
         """One instance as bytes (a DICOM file, preamble optional) -> spooled for each model that takes it."""
-        import pydicom
+        from medpipe.imaging import _pydicom
+
+        pydicom = _pydicom()  # configured: no validation warnings or log lines that could quote a header value
 
         received = self.metrics["received"]
         if len(data) > self.config.max_instance_mb * 2**20:
@@ -160,8 +162,9 @@ class PacsService:
         return made
 
     def process(self, batch: StudyBatch) -> int:
-        import pydicom
+        from medpipe.imaging import _pydicom
 
+        pydicom = _pydicom()
         from serving.gateway.core import Principal
 
         datas = [instance.read() for instance in batch.instances]

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -115,7 +116,14 @@ def class_code(class_name: Optional[str], codes: dict):
 
 def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict):
     """The Comprehensive 3D SR (TID 1500) for one study's routed instances. `sources`: full or header-only pydicom
-    datasets; only `evidence_headers` of each is used."""
+    datasets; only `evidence_headers` of each is used. highdicom's and pydicom's validation warnings are silenced
+    here: they quote header values (a patient name) into logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _build_sr(sources, finding, sr_uid=sr_uid, series_uid=series_uid, codes=codes)
+
+
+def _build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict):
     import highdicom as hd
     from pydicom.sr.codedict import codes as dcm
 
@@ -173,10 +181,17 @@ def build_secondary_capture(source, png: bytes, heatmap: np.ndarray, *, sop_uid:
     heat = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(
         (seen.shape[1], seen.shape[0]), Image.BILINEAR), dtype=np.float32) / 255.0
     picture = overlay(seen, heat)
-    return hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=evidence_headers(source), pixel_array=picture, photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system=None, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
-        series_number=SC_SERIES_NUMBER, instance_number=1, manufacturer=MANUFACTURER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # they quote header values
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=evidence_headers(source), pixel_array=picture, photometric_interpretation="RGB",
+            bits_allocated=8, coordinate_system="PATIENT", patient_orientation=("L", "P"),
+            series_instance_uid=series_uid, sop_instance_uid=sop_uid, series_number=SC_SERIES_NUMBER,
+            instance_number=1, manufacturer=MANUFACTURER)
+    # padding and resizing keep the source's row/column directions: its orientation, or empty (type 2) if unknown
+    orientation = source.get("PatientOrientation")
+    sc.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else None
+    return sc
 
 
 def to_bytes(ds) -> bytes:
@@ -304,3 +319,30 @@ def post_webhook(url: str, payload: dict, timeout: float = 10.0) -> None:
         response.raise_for_status()
     except requests.RequestException as exc:
         raise DeliveryError(f"webhook {urllib.parse.urlsplit(url).netloc} failed: {type(exc).__name__}") from None
+
+
+def read_finding(ds) -> dict:
+    """What an SR built by build_sr says, read back from the dataset (for clients, tests and the benchmark):
+    {finding: code value, meaning, probability, algorithm, algorithm_version, references: [SOP Instance UIDs]}."""
+    out: dict = {"references": []}
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if name == "121071" and "ConceptCodeSequence" in item:
+                out["finding"] = str(item.ConceptCodeSequence[0].CodeValue)
+                out["meaning"] = str(item.ConceptCodeSequence[0].CodeMeaning)
+            elif name == "probability" and "MeasuredValueSequence" in item:
+                out["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif name == "111001":
+                out["algorithm"] = str(item.TextValue)
+            elif name == "111003":
+                out["algorithm_version"] = str(item.TextValue)
+            if "ReferencedSOPSequence" in item:
+                out["references"] += [str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence]
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    out["references"] = sorted(set(out["references"]))
+    return out
