@@ -114,8 +114,14 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
     router = APIRouter()
 
     async def stow(request: Request, study: Optional[str] = None):
+        from serving.gateway.core import GatewayError
+        from serving.gateway.rest import error_response
+
         service = pacs if pacs is not None else getattr(gateway, "pacs", None)
-        principal = gateway.authenticate(request)  # raises GatewayError (UNAUTHENTICATED/PERMISSION_DENIED)
+        try:  # audited by the gateway when refused
+            principal = await run_in_threadpool(gateway.authenticate, request)
+        except GatewayError as exc:
+            return error_response(exc)
         if service is None:
             return JSONResponse({"error": "the PACS road is not enabled on this gateway (start it with "
                                           "--results-to and --pacs-config)"}, status_code=503)

@@ -29,23 +29,27 @@ log = logging.getLogger("medpipe.gateway.pacs")
 DOORS = ("dimse", "dicomweb")
 
 
-def _metrics():
-    """Process-wide Prometheus collectors (one registration, however many services a process builds)."""
-    global _METRICS
-    if _METRICS is None:
-        from prometheus_client import Counter, Gauge
+def _metrics(registry=None):
+    """The PACS collectors, registered once per registry (the gateway's own, which /monitoring/prometheus/metrics
+    renders; else the process default)."""
+    from prometheus_client import REGISTRY, Counter, Gauge
 
-        _METRICS = {
+    registry = registry if registry is not None else REGISTRY
+    found = _METRICS.get(id(registry))
+    if found is None:
+        found = _METRICS[id(registry)] = {
             "queue": Gauge("medpipe_pacs_queue_length", "PACS work waiting: instances not yet inferred "
-                           "(stage=incoming) and results not yet delivered (stage=outbox)", ["stage"]),
+                           "(stage=incoming) and results not yet delivered (stage=outbox)", ["stage"],
+                           registry=registry),
             "received": Counter("medpipe_pacs_instances", "Instances received by a PACS door, by outcome",
-                                ["door", "outcome"]),
-            "results": Counter("medpipe_pacs_results", "Results produced and delivered, by outcome", ["outcome"]),
+                                ["door", "outcome"], registry=registry),
+            "results": Counter("medpipe_pacs_results", "Results produced and delivered, by outcome", ["outcome"],
+                               registry=registry),
         }
-    return _METRICS
+    return found
 
 
-_METRICS = None
+_METRICS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class PacsService:
         self._upstream_wait: dict[str, _Backoff] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.metrics = _metrics()
+        self.metrics = _metrics(getattr(getattr(gateway, "metrics", None), "registry", None))
         self.update_queue_metrics()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -175,8 +179,9 @@ class PacsService:
                               scopes=frozenset({f"predict:{batch.model}"}), via=first.get("via", "dimse"))
         request_id = f"pacs-{uuid.uuid4().hex[:16]}"
         usable, items, version = self._predict(principal, batch, datas, request_id, door)
+        unusable = [instance for index, instance in enumerate(batch.instances) if index not in items]
+        self.spool.reject(unusable)  # kept for the operator under SPOOL/rejected/, never inferred again
         if not usable:
-            self.spool.finish(batch.instances)
             return 0
         keys = {index: idempotency_key(str(headers[index].SOPInstanceUID), batch.model, version) for index in usable}
         fresh = [index for index in usable if not self.spool.is_done(keys[index])]
@@ -215,32 +220,40 @@ class PacsService:
         return 1
 
     def _predict(self, principal, batch: StudyBatch, datas: list[bytes], request_id: str, door: str):
-        """One predict call for the study; if the gateway refuses the batch as invalid, image by image so that one
-        undecodable instance cannot hold back the others. Returns (usable indices, items by index, version)."""
+        """The study's images in calls of at most the gateway's max_images (all at one model version); if the
+        gateway refuses a call as invalid, image by image, so that one undecodable instance cannot hold back the
+        others. Returns (usable indices, items by index, version)."""
         from serving.gateway.core import GatewayError
 
-        explain = self.config.secondary_capture
-        kwargs = dict(explain=explain, deadline_s=self.config.deadline_seconds, door=door)
-        try:
-            prediction = self.gateway.predict(principal, batch.model, datas, request_id=request_id, **kwargs)
-            return list(range(len(datas))), dict(enumerate(prediction.items)), int(prediction.version)
-        except GatewayError as exc:
-            if exc.code != "INVALID_ARGUMENT":
-                raise
-        items, version = {}, None
-        for index, data in enumerate(datas):
+        kwargs = dict(explain=self.config.secondary_capture, deadline_s=self.config.deadline_seconds, door=door)
+        size = max(1, int(self.gateway.config.limits.max_images))
+        items: dict[int, Any] = {}
+        version: Optional[int] = None
+        for start in range(0, len(datas), size):
+            chunk = list(range(start, min(start + size, len(datas))))
             try:
-                prediction = self.gateway.predict(principal, batch.model, [data], request_id=f"{request_id}-{index}",
-                                                  **kwargs)
+                prediction = self.gateway.predict(principal, batch.model, [datas[i] for i in chunk],
+                                                  version=version, request_id=f"{request_id}-{start}", **kwargs)
+                version = int(prediction.version)
+                items.update(zip(chunk, prediction.items))
+                continue
             except GatewayError as exc:
                 if exc.code != "INVALID_ARGUMENT":
                     raise
-                self.audit({"event": "pacs.rejected", "model": batch.model, "request_id": request_id,
-                            "reason": "image cannot be used"})
-                self.metrics["results"].labels("instance_rejected").inc()
-                continue
-            items[index], version = prediction.items[0], int(prediction.version)
-        return sorted(items), items, version
+            for index in chunk:
+                try:
+                    prediction = self.gateway.predict(principal, batch.model, [datas[index]], version=version,
+                                                      request_id=f"{request_id}-{index}", **kwargs)
+                except GatewayError as exc:
+                    if exc.code != "INVALID_ARGUMENT":
+                        raise
+                    self.audit({"event": "pacs.rejected", "model": batch.model, "request_id": request_id,
+                                "reason": exc.message[:200]})
+                    self.metrics["results"].labels("instance_rejected").inc()
+                    continue
+                version = int(prediction.version)
+                items[index] = prediction.items[0]
+        return sorted(items), items, (version if version is not None else 0)
 
     # ---------------------------------------------------------------------------------------------------------
     # delivery
@@ -307,6 +320,51 @@ class PacsService:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+
+
+class PacsRoad:
+    """What start_pacs started: the service (loops) and the SCP, stopped together."""
+
+    def __init__(self, service: PacsService, scp: Any = None):
+        self.service, self.scp = service, scp
+
+    def stop(self) -> None:
+        if self.scp is not None:
+            self.scp.shutdown()
+        self.service.stop()
+
+
+def start_pacs(gateway: Any, options: Any) -> Optional[PacsRoad]:
+    """The gateway CLI's hook: with --results-to (and optionally --dicom-port) build the PacsService, attach it as
+    `gateway.pacs` (the STOW-RS router uses it), start the SCP and the loops. None when neither flag is given."""
+    from medpipe.deid import deid_key_from_env
+    from medpipe.errors import ConfigError
+    from serving.gateway.pacs_config import load_pacs_config
+
+    dicom_port = getattr(options, "dicom_port", None)
+    results_to = getattr(options, "results_to", None)
+    if dicom_port is None and not results_to:
+        return None
+    if not results_to:
+        raise ConfigError("--dicom-port needs --results-to (dicomweb+http://HOST:PORT/ROOT or dimse://AET@HOST:PORT):"
+                          " the PACS road must know where its structured reports go")
+    config = load_pacs_config(getattr(options, "pacs_config", None))
+    if not config.routes:
+        log.warning("the PACS config has no routes: every received instance is acknowledged and audited "
+                    "'not routed' (pass --pacs-config with routes)")
+    service = PacsService(gateway, config, results.parse_destination(results_to), deid_key_from_env(required=True))
+    gateway.pacs = service
+    scp = None
+    if dicom_port is not None:
+        from serving.gateway.dimse import start_scp
+
+        host = getattr(options, "host", "127.0.0.1")
+        scp = start_scp(service, dicom_port, getattr(options, "dicom_ae_title", "MEDPIPE"), host)
+        # one parseable line, like the gRPC/REST one: tests and the benchmark read the bound port from it
+        print(f"medpipe gateway: DICOM {getattr(options, 'dicom_ae_title', 'MEDPIPE')}@{host}:"
+              f"{scp.server_address[1]}", flush=True)
+    service.start()
+    return PacsRoad(service, scp)
 
 
 def _may_call(principal, model: str) -> bool:

@@ -26,6 +26,7 @@ log = logging.getLogger("medpipe.gateway.pacs")
 
 LOCAL_SCHEME = "99MEDPIPE"  # private coding scheme for class names without a configured standard code
 MANUFACTURER = "medpipe"
+OUTSIDE_INTENDED_USE = "OUTSIDE-USE"  # the finding's code when the model says the image is out of distribution
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
@@ -107,11 +108,11 @@ def _code(value: str, scheme: str, meaning: str):
 
 def class_code(class_name: Optional[str], codes: dict):
     if class_name is None:
-        return _code("outside-intended-use", LOCAL_SCHEME, "Outside intended use")
+        return _code(OUTSIDE_INTENDED_USE, LOCAL_SCHEME, "Outside intended use")
     known = codes.get(class_name)
     if known is not None:
         return _code(known.value, known.scheme, known.meaning)
-    return _code(class_name[:16], LOCAL_SCHEME, class_name)
+    return _code(class_name, LOCAL_SCHEME, class_name)  # over 16 characters: highdicom writes LongCodeValue
 
 
 def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict):
@@ -326,11 +327,14 @@ def read_finding(ds) -> dict:
     {finding: code value, meaning, probability, algorithm, algorithm_version, references: [SOP Instance UIDs]}."""
     out: dict = {"references": []}
 
+    def value(code) -> str:
+        return str(code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or "")
+
     def walk(items):
         for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            name = value(item.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in item else None
             if name == "121071" and "ConceptCodeSequence" in item:
-                out["finding"] = str(item.ConceptCodeSequence[0].CodeValue)
+                out["finding"] = value(item.ConceptCodeSequence[0])
                 out["meaning"] = str(item.ConceptCodeSequence[0].CodeMeaning)
             elif name == "probability" and "MeasuredValueSequence" in item:
                 out["probability"] = float(item.MeasuredValueSequence[0].NumericValue)

@@ -4,6 +4,7 @@ can be replayed after a crash without a second result.
     SPOOL/incoming/<model>/<study key>/<instance key>.dcm (+ .json: door, identity, series key, no PHI)
     SPOOL/outbox/<job key>/   result objects (SR, optional SC) + job.json, ready to send; removed once delivered
     SPOOL/done/<idempotency key>   one empty marker per (SOP Instance UID, model, version) whose result was produced
+    SPOOL/rejected/<model>/<study key>/   instances the model's preprocessing refused (kept for the operator)
 
 Keys are sha256 digests of UIDs (file names never carry a UID). Every write goes to a temporary name, is fsync'd,
 renamed into place and the folder fsync'd, so a power cut leaves either the old state or the new one.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-INCOMING, OUTBOX, DONE = "incoming", "outbox", "done"
+INCOMING, OUTBOX, DONE, REJECTED = "incoming", "outbox", "done", "rejected"
 JOB_FILE = "job.json"
 
 
@@ -86,7 +87,7 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        for area in (INCOMING, OUTBOX, DONE):
+        for area in (INCOMING, OUTBOX, DONE, REJECTED):
             (self.root / area).mkdir(parents=True, exist_ok=True)
 
     # ----- incoming
@@ -136,6 +137,17 @@ class Spool:
             folders.add(instance.path.parent)
         for folder in folders:
             _remove_empty(folder)
+
+    def reject(self, instances: Iterable[SpooledInstance]) -> None:
+        """Move instances that cannot be inferred out of the way (never deleted: they were acknowledged)."""
+        for instance in instances:
+            target = self.root / REJECTED / instance.model / instance.study_key
+            target.mkdir(parents=True, exist_ok=True)
+            for path in (instance.path, instance.path.with_suffix(".json")):
+                if path.exists():
+                    os.replace(path, target / path.name)
+            _fsync_dir(target)
+            _remove_empty(instance.path.parent)
 
     def pending_instances(self) -> int:
         return sum(1 for _ in (self.root / INCOMING).glob("*/*/*.dcm"))
