@@ -8,11 +8,10 @@ PacsService.receive, which answers only once the instance is on disk. The respon
 Response (application/dicom+json): 200 all stored, 202 some failed, 409 none stored, 415 wrong media type.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Any, Optional
 
+# No `from __future__ import annotations` here: FastAPI reads the route's parameter annotations (Request) at runtime.
 STOW_MEDIA = "application/dicom"
 # PS3.18 Table 10.5.3-2 failure reasons (0x0122 refused: SOP Class not supported; 0x0124 not authorised; A700 out of
 # resources; C000 cannot understand) are the DIMSE status codes the receipt already carries.
