@@ -18,6 +18,7 @@ BENCHMARKS = {
     "ingest": "benchmarks/bench_ingest.py",
     "input_pipeline": "benchmarks/bench_input_pipeline.py",
     "serving": "benchmarks/bench_serving.py",
+    "gateway": "benchmarks/bench_gateway.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
 }
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, TEST_DEID_KEY
 
 
 def _key():
@@ -119,7 +119,8 @@ def start_gateway(args: list[str], log: Path, timeout: float = 90) -> tuple[subp
     """`python -m serving.gateway ARGS` with ports chosen by the OS; -> (process, grpc address, rest url)."""
     handle = open(log, "w")
     process = subprocess.Popen([sys.executable, "-m", "serving.gateway", "--grpc-port", "0", "--rest-port", "0",
-                                *args], cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                                *args], cwd=ROOT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,3 +149,26 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A real, fully decodable grey PNG of width x height, built row by row (never width*height bytes in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\x07" * width
+    parts = [compressor.compress(row) for _ in range(height)]
+    parts.append(compressor.flush())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")

@@ -185,3 +185,32 @@ def test_unsafe_option_combinations_are_refused():
     for words, options in refused.items():
         with pytest.raises(ConfigError, match=words):
             check_options(options)
+
+
+def test_concurrency_limit_refuses_after_the_queue_timeout():
+    from serving.gateway.core import ConcurrencyLimit
+
+    slots = ConcurrencyLimit(1, queue_timeout_s=0.05)
+    with slots:
+        with pytest.raises(GatewayError) as refused:
+            with slots:
+                pass
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and refused.value.reason == "concurrency"
+    assert refused.value.http_status == 429
+    with slots:  # the slot is free again
+        pass
+
+
+def test_gateway_config_is_typed(tmp_path):
+    from medpipe.errors import ConfigError
+    from serving.gateway.config import load_gateway_config
+
+    config = load_gateway_config(str(ROOT / "config" / "gateway.yaml"))
+    assert config.limits.max_images == 64 and config.identities["CN=prometheus,O=medpipe"] == ("metrics:read",)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits: {max_imagez: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key limits.max_imagez"):
+        load_gateway_config(str(bad))
+    bad.write_text("identities: {'CN=x': predict:*}\n")
+    with pytest.raises(ConfigError, match="identities must map"):
+        load_gateway_config(str(bad))

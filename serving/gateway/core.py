@@ -340,6 +340,11 @@ class Gateway:
                                   jwt_audience=getattr(options, "jwt_audience", None),
                                   jwt_issuer=getattr(options, "jwt_issuer", None),
                                   allow_anonymous=bool(getattr(options, "allow_anonymous", False)))
+        from medpipe.deid import deid_key_from_env
+
+        # with MEDPIPE_DEID_KEY, audit lines name a DICOM's patient by keyed pseudonym (traceable inside the
+        # hospital, meaningless outside it); without it, not at all
+        self.deid_key = deid_key_from_env(required=False)
         self.rate = RateLimiter(limits.rate_per_minute)
         self.slots = ConcurrencyLimit(limits.max_concurrent, limits.queue_timeout_s)
 
@@ -433,6 +438,11 @@ class Gateway:
                                  "can find it in the gateway log")
             self._finish(record, start, "INTERNAL", error=error)
             raise error from None
+        if self.deid_key is not None:
+            from medpipe.deid import pseudonym
+
+            record["patients"] = [pseudonym(image.decoded.patient_id, self.deid_key)
+                                  if image.decoded.patient_id else None for image, _ in prepared]
         record["classes"] = [item.class_name for item in prediction.items]
         record["confidences"] = [round(item.confidence, 6) for item in prediction.items]
         self._finish(record, start, "OK")

@@ -23,6 +23,7 @@ import json
 import re
 
 import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the endpoints' (string) annotations here
 
 from serving.gateway.core import GatewayError, Principal
 
@@ -123,15 +124,19 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.max_bytes:  # h11 has already refused a non-numeric one
+            if int(length) <= self.DRAIN_FACTOR * self.max_bytes:
+                await self._drain(receive, more=True)
             return await self._refuse(send, int(length))
         received = 0
         started = False
+        more = True
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, more
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if received > self.max_bytes:
                     raise _TooLarge()
             return message
@@ -145,7 +150,21 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracked_send)
         except _TooLarge:
             if not started:
+                await self._drain(receive, more, received)
                 await self._refuse(send, received)
+
+    DRAIN_FACTOR = 4
+
+    async def _drain(self, receive, more: bool, received: int = 0) -> None:
+        """Read (and drop) the rest of a body a little over the limit, so that a client that sends its whole body
+        before reading gets the 413 instead of a reset connection. A far larger body is not read: the connection
+        closes (the per-request read deadline bounds a slow one either way)."""
+        while more and received <= self.DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            more = message.get("more_body", False)
 
     async def _refuse(self, send, size: int):
         if self.metrics is not None:
@@ -227,7 +246,7 @@ def make_protocol(header_timeout_s: float, metrics=None):
 # ---- the app ----------------------------------------------------------------------------------------------------
 def build_app(gateway):
     """The gateway's FastAPI app: TF Serving's REST routes and the metrics path. Other doors add routers."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
@@ -245,12 +264,12 @@ def build_app(gateway):
     async def metrics(request: Request):
         try:
             principal = await run_in_threadpool(principal_of, request)
-            if "metrics:read" not in principal.scopes:
-                raise GatewayError("PERMISSION_DENIED", f"{principal.identity} may not read metrics "
-                                   "(needs scope metrics:read)")
         except GatewayError as exc:
-            if exc.code == "PERMISSION_DENIED":
-                gateway.refused("rest", client_of(request), None, exc, event="metrics")
+            return error_response(exc)  # audited by authenticate
+        if "metrics:read" not in principal.scopes:
+            exc = GatewayError("PERMISSION_DENIED", f"{principal.identity} may not read metrics (needs scope "
+                               "metrics:read)")
+            gateway.refused("rest", client_of(request), principal, exc, event="metrics")
             return error_response(exc)
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -111,8 +111,37 @@ def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca
         timeout_keep_alive=limits.idle_timeout_s, limit_concurrency=limits.max_connections,
         h11_max_incomplete_event_size=32 * 1024, access_log=False, server_header=False, log_level="warning",
         **tls_options)
+    if tls and client_ca:
+        config.load()
+        audit_tls_refusals(config.ssl, gateway)
     server = uvicorn.Server(config)
     return server, sock
+
+
+def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
+    """Audit a client certificate the TLS layer refused (another CA, expired): the request never reaches the app.
+
+    Python exposes no verification hook, only OpenSSL's message callback (`SSLContext._msg_callback`, present since
+    3.8): an alert we send during a handshake is the refusal. The peer address is not known at that layer."""
+    if not hasattr(context, "_msg_callback"):
+        log.warning("this Python cannot audit TLS handshake refusals (no SSLContext._msg_callback)")
+        return
+    from serving.gateway.core import GatewayError
+
+    refusals = {"UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED",
+                "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED", "DECRYPT_ERROR",
+                "ACCESS_DENIED"}
+
+    def on_message(conn, direction, version, content_type, msg_type, data):
+        if direction != "write" or content_type != ssl._TLSContentType.ALERT:
+            return
+        alert = getattr(msg_type, "name", str(msg_type))
+        if alert in refusals:
+            gateway.refused("rest", None, None, GatewayError(
+                "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
+                "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+
+    context._msg_callback = on_message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
