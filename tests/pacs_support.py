@@ -23,8 +23,9 @@ SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22", 
 
 
 def write_pacs_config(path: Path, spool: Path, stable_seconds: float = 1.5, calling=("STORESCU", "MEDPIPETEST"),
-                      retry_max: float = 2.0) -> Path:
+                      retry_max: float = 2.0, webhook: Optional[str] = None) -> Path:
     path.write_text(f"""spool: {spool}
+webhook: {webhook or "null"}
 calling_aets: [{", ".join(calling)}]
 stable_seconds: {stable_seconds}
 scan_seconds: 0.2
@@ -35,6 +36,34 @@ routes:
     sop_classes: [1.2.840.10008.5.1.4.1.1.4, 1.2.840.10008.5.1.4.1.1.4.1]
 """)
     return path
+
+
+class WebhookReceiver:
+    """A tiny HTTP endpoint that records the JSON bodies POSTed to it (an app listening for results)."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/results"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 class GatewayProcess:

@@ -21,7 +21,7 @@ import pytest
 import fixtures_adversarial as fa
 from conftest import TEST_DEID_KEY, run_module
 from orthanc import OrthancServer
-from pacs_support import (GatewayProcess, c_store, sr_finding, srs_in, storescu, stow, wait_for_srs,
+from pacs_support import (GatewayProcess, WebhookReceiver, c_store, sr_finding, srs_in, storescu, stow, wait_for_srs,
                           write_pacs_config)
 from test_serving import publish, start_server, stop_server
 
@@ -37,7 +37,8 @@ def road(trained_sample_run, tmp_path_factory):
     publish(trained_sample_run, repo)
     serve, grpc, _ = start_server(repo, root)
     pacs = OrthancServer(root / "orthanc").start()
-    config = write_pacs_config(root / "pacs.yaml", root / "spool")
+    webhook = WebhookReceiver()
+    config = write_pacs_config(root / "pacs.yaml", root / "spool", webhook=webhook.url)
     gateway = GatewayProcess(root, ["--upstream", grpc, "--allow-anonymous", "--audit-log", str(root / "audit.jsonl"),
                                     "--model-repository", str(repo), "--results-to", f"dicomweb+{pacs.dicomweb}",
                                     "--pacs-config", str(config)],
@@ -45,8 +46,9 @@ def road(trained_sample_run, tmp_path_factory):
     try:
         gateway.start()
         yield {"root": root, "pacs": pacs, "gateway": gateway, "grpc": grpc, "run": trained_sample_run,
-               "inputs": root / "inputs", "planted": set()}
+               "inputs": root / "inputs", "planted": set(), "webhook": webhook.received}
     finally:
+        webhook.close()
         gateway.kill()
         stop_server(serve)
         pacs.stop()
@@ -143,9 +145,14 @@ def test_routed_studies_get_one_sr_equal_to_medpipe_predict_and_unrouted_get_non
             name, probability = expected_finding(lines, labels)
             assert said["meaning"] == name and said["probability"] == pytest.approx(probability, abs=1e-5)
         assert said["algorithm"] == MODEL and int(said["algorithm_version"]) > 0
+        hooks = [h for h in road["webhook"] if h["StudyInstanceUID"] == uid]  # the apps' JSON, once per result
+        assert len(hooks) == 1 and hooks[0]["class_name"] == said["meaning"]
+        assert hooks[0]["SRSOPInstanceUID"] == srs[0]["00080018"]["Value"][0]
         assert said["references"] == sorted(str(__import__("pydicom").dcmread(f).SOPInstanceUID) for f in files)
     for path in [*unrouted, truncated]:
         assert srs_in(pacs, study_of(path)) == [], path.name
+    assert len(road["webhook"]) == len(expected)
+    assert not [s for s in road["planted"] if s in json.dumps(road["webhook"])]
     # the refused instance is kept for the operator, not lost
     assert list((road["root"] / "spool" / "rejected").rglob("*.dcm"))
     audit = [json.loads(line) for line in (road["root"] / "audit.jsonl").read_text().splitlines()]
