@@ -94,6 +94,8 @@ def session():
 def client(base: str, http=None):
     from dicomweb_client.api import DICOMwebClient
 
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its INFO lines name studies by UID
+
     return DICOMwebClient(url=base, session=http or session())
 
 

@@ -65,6 +65,7 @@ def make_study(road, name: str, label: str, slices: int = 1, offset: int = 0, ph
         road["planted"].update(fa.mr_dicom_from_jpeg(source, path, study_uid=study, series_uid=f"{study}.1",
                                                      sop_uid=f"{study}.1.{index + 1}", instance_number=index + 1,
                                                      phi=phi))
+        road["planted"].update((study, f"{study}.1.{index + 1}"))  # UIDs are header values too: never logged
         files.append(path)
     return study, files
 

@@ -52,6 +52,14 @@ def _metrics(registry=None):
 _METRICS: dict = {}
 
 
+def quiet_dicom_loggers() -> None:
+    """highdicom logs the source's SOP Instance UID at INFO ("copy Patient-related attributes from dataset ...");
+    pynetdicom and dicomweb-client log requests and datasets at INFO/DEBUG. Header values never reach our logs:
+    these libraries speak at WARNING and above only (their warnings carry no values in the calls made here)."""
+    for name in ("highdicom", "pynetdicom", "dicomweb_client", "pydicom"):
+        logging.getLogger(name).setLevel(logging.WARNING if name != "pydicom" else logging.CRITICAL)
+
+
 @dataclass(frozen=True)
 class Receipt:
     """The answer to one received instance. status: DIMSE status code (0x0000 stored; 0xA700 out of resources;
@@ -73,6 +81,7 @@ class _Backoff:
 class PacsService:
     def __init__(self, gateway: Any, config: PacsConfig, destination: results.Destination, deid_key: bytes,
                  clock=time.time):
+        quiet_dicom_loggers()
         self.gateway, self.config, self.destination = gateway, config, destination
         self.key = deid_key
         self.clock = clock
