@@ -71,6 +71,9 @@ def list_inputs(source: str, labels: Optional[str] = None) -> list[InputItem]:
 
     if dicomweb_source.is_dicomweb(source):  # a PACS: QIDO-RS here, WADO-RS in the workers (read_input)
         return dicomweb_source.list_dicomweb_inputs(source, labels)
+    if labels is not None:
+        raise DataError("--labels is for a DICOMweb --input; a folder's labels are its class folders and a "
+                        "manifest has its own label column")
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     root = source.rstrip("/")

@@ -42,6 +42,8 @@ def test_source_url_parsing_and_instance_paths():
         dicomweb_source.parse_source("http://pacs/dicom-web")
     with pytest.raises(Exception, match="--labels"):
         dicomweb_source.list_dicomweb_inputs("dicomweb+http://127.0.0.1:9/x", None)
+    with pytest.raises(Exception, match="--labels is for a DICOMweb"):
+        ingest.list_inputs(str(ROOT / "sample_data" / "brain_mri"), labels="labels.csv")
 
 
 @pytest.fixture(scope="module")

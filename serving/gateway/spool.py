@@ -44,14 +44,21 @@ def derived_uid(*parts: str) -> str:
 
 
 def write_durable(path: Path, data: bytes) -> None:
-    """Write, fsync, rename into place, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write, fsync, rename into place, fsync the folder. A study folder emptied and removed by a concurrent
+    finish() between mkdir and open is simply made again (once)."""
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    for attempt in (1, 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     _fsync_dir(path.parent)
 
 
