@@ -8,7 +8,7 @@ POST /v1/models/M[/versions/V | /labels/L]:predict       {"instances": [{"b64": 
 GET  /monitoring/prometheus/metrics                      scope metrics:read
 Request headers: Authorization: Bearer <JWT> (or a client certificate), X-Request-Id, X-Request-Timeout (seconds).
 Errors are {"error": "..."} with the status of core.ERRORS. Other doors (DICOMweb, the viewer) are routers that
-`build_app` callers include: `app.include_router(build_router(gateway))`.
+`build_app` includes when their modules exist (DOORS): `app.include_router(module.build_router(gateway))`.
 
 Transport limits live here because only the transport sees them: the body size is enforced while the body streams
 (and from Content-Length before it does), and `GatewayH11Protocol` gives every request a deadline for its headers
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib
 import json
 import re
 
@@ -334,7 +335,19 @@ def build_app(gateway):
             return error_response(exc)
         return JSONResponse(format_prediction(prediction, row))
 
+    for door in DOORS:  # the routers of the other doors, when their modules are present
+        try:
+            module = importlib.import_module(door)
+        except ModuleNotFoundError as exc:
+            if exc.name != door:
+                raise  # the door exists but is broken: fail loudly
+            continue
+        app.include_router(module.build_router(gateway))
     return app
+
+
+# Other doors, each a module with build_router(gateway) -> fastapi.APIRouter (the PACS and viewer issues).
+DOORS = ("serving.gateway.dicomweb", "serving.viewer")
 
 
 def _plain(name: str) -> bool:

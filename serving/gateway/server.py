@@ -159,12 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads)
     app = build_app(gateway)
-    for extension in ("serving.gateway.dicomweb", "serving.viewer"):  # doors of other issues, when present
-        try:
-            module = __import__(extension, fromlist=["build_router"])
-        except ImportError:
-            continue
-        app.include_router(module.build_router(gateway))
     server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca)
     rest_port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rest")
