@@ -111,8 +111,12 @@ def concurrent(gateway, pacs, studies: list[list[Path]], senders: int) -> dict:
 
     def send(share):
         for files in share:
-            if c_store(gateway.dicom_port, files) != [0]:
-                errors.append("status")
+            try:
+                statuses = c_store(gateway.dicom_port, files)
+            except AssertionError:  # association refused
+                statuses = ["no association"]
+            if statuses != [0]:
+                errors.append(statuses[0] if isinstance(statuses[0], str) else hex(statuses[0]))
 
     threads = [threading.Thread(target=send, args=(share,)) for share in shares]
     start = time.monotonic()
@@ -121,11 +125,12 @@ def concurrent(gateway, pacs, studies: list[list[Path]], senders: int) -> dict:
     for thread in threads:
         thread.join()
     acked = time.monotonic() - start
-    for files in studies:
+    sent = [files for files in studies]
+    for files in sent:
         wait_sr(pacs, study_uid(files), timeout=600)
     done = time.monotonic() - start
     return {"instances": len(studies), "senders": senders, "ack_per_s": len(studies) / acked,
-            "end_to_end_per_s": len(studies) / done, "failed_stores": len(errors)}
+            "end_to_end_per_s": len(studies) / done, "failed_stores": len(errors), "failures": sorted(set(errors))}
 
 
 def summary(values: list[float]) -> dict:

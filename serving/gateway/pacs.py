@@ -305,8 +305,12 @@ class PacsService:
         state.next_time = now + delay
 
     def update_queue_metrics(self) -> None:
-        self.metrics["queue"].labels("incoming").set(self.spool.pending_instances())
-        self.metrics["queue"].labels("outbox").set(self.spool.outbox_length())
+        """Never raises: a gauge must not turn a stored instance into a failed C-STORE."""
+        try:
+            self.metrics["queue"].labels("incoming").set(self.spool.pending_instances())
+            self.metrics["queue"].labels("outbox").set(self.spool.outbox_length())
+        except OSError as exc:
+            log.warning("PACS queue gauges not updated (%s)", type(exc).__name__)
 
     # ---------------------------------------------------------------------------------------------------------
     # background loops

@@ -112,13 +112,12 @@ class Spool:
 
     def studies(self) -> list[StudyBatch]:
         """Every pending (model, study) with its instances, oldest activity first. Arrival time = file mtime, so it
-        survives a restart."""
+        survives a restart. Folders may vanish while they are listed (a concurrent finish): skipped, not an error."""
         batches = []
-        incoming = self.root / INCOMING
-        for model_dir in sorted(p for p in incoming.iterdir() if p.is_dir()):
-            for study_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        for model_dir in _children(self.root / INCOMING):
+            for study_dir in _children(model_dir):
                 instances, newest = [], 0.0
-                for path in sorted(study_dir.glob("*.dcm")):
+                for path in sorted(_files(study_dir, ".dcm")):
                     try:
                         mtime = path.stat().st_mtime
                     except FileNotFoundError:
@@ -127,8 +126,6 @@ class Spool:
                     instances.append(SpooledInstance(path, model_dir.name, study_dir.name, _read_meta(path)))
                 if instances:
                     batches.append(StudyBatch(model_dir.name, study_dir.name, tuple(instances), newest))
-                else:
-                    _remove_empty(study_dir)
         return sorted(batches, key=lambda batch: batch.newest)
 
     def stable(self, stable_seconds: float, now: Optional[float] = None) -> list[StudyBatch]:
@@ -157,7 +154,7 @@ class Spool:
             _remove_empty(instance.path.parent)
 
     def pending_instances(self) -> int:
-        return sum(1 for _ in (self.root / INCOMING).glob("*/*/*.dcm"))
+        return sum(name.endswith(".dcm") for _, _, names in os.walk(self.root / INCOMING) for name in names)
 
     # ----- done markers
     def is_done(self, key: str) -> bool:
@@ -184,9 +181,13 @@ class Spool:
 
     def jobs(self) -> list[Path]:
         """Outbox folders with a complete job.json, oldest first."""
-        found = [p for p in (self.root / OUTBOX).iterdir() if p.is_dir() and not p.name.startswith(".")
-                 and (p / JOB_FILE).is_file()]
-        return sorted(found, key=lambda p: (p / JOB_FILE).stat().st_mtime)
+        found = []
+        for folder in _children(self.root / OUTBOX):
+            try:
+                found.append(((folder / JOB_FILE).stat().st_mtime, folder))
+            except FileNotFoundError:
+                continue  # being written (no job.json yet) or just delivered
+        return [folder for _, folder in sorted(found)]
 
     def remove_job(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -212,6 +213,21 @@ def _read_meta(path: Path) -> dict:
         return json.loads(path.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {"door": "unknown", "identity": "unknown", "series_key": "", "received": 0.0}
+
+
+def _children(folder: Path) -> list[Path]:
+    """Sub-folders (not hidden), sorted; [] if the folder itself is gone."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _files(folder: Path, suffix: str) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
 def _remove_empty(folder: Path) -> None:
