@@ -101,6 +101,7 @@ class PacsService:
         return pseudonym(value, self.key)[:16]
 
     def audit(self, record: dict) -> None:
+        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver)."""
         self.gateway.audit.append({"door": "pacs", **record})
 
     # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class PacsService:
         received = self.metrics["received"]
         if len(data) > self.config.max_instance_mb * 2**20:
             received.labels(door, "too_large").inc()
-            self.audit({"event": "pacs.refused", "via": door, "identity": identity, "reason": "too_large"})
+            self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "too_large"})
             return Receipt(0xA700, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
         try:
             header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
@@ -122,9 +123,10 @@ class PacsService:
             sop, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
         except Exception:  # noqa: BLE001 - any parse failure is "cannot understand"; no message (it may quote PHI)
             received.labels(door, "unreadable").inc()
-            self.audit({"event": "pacs.refused", "via": door, "identity": identity, "reason": "unreadable"})
+            self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "unreadable"})
             return Receipt(0xC000, reason="not a DICOM instance with Study/Series/SOP Instance UIDs")
-        record = {"event": "pacs.received", "via": door, "identity": identity, "study": self.pseudonym(study),
+        record = {"event": "pacs.received", "door": door, "identity": identity,
+                  "via": getattr(principal, "via", "dimse"), "study": self.pseudonym(study),
                   "instance": self.pseudonym(sop)}
         models = models_for(self.config.routes, routing_keys(header))
         if principal is not None:
