@@ -131,3 +131,22 @@ def test_fetch_for_batch_inference_pulls_one_day(pacs_with_studies, tmp_path):
 
     assert {str(pydicom.dcmread(p).StudyDate) for p in paths} == {"20261102"}
     assert {row["StudyInstanceUID"] for row in rows} == {str(pydicom.dcmread(p).StudyInstanceUID) for p in paths}
+
+
+def test_dicomweb_credentials_from_the_environment_or_the_airflow_connection(monkeypatch):
+    from medpipe_dag_common import dicomweb_env
+
+    for name in ("MEDPIPE_DICOMWEB_USER", "MEDPIPE_DICOMWEB_PASSWORD", "MEDPIPE_DICOMWEB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_MEDPIPE_PACS", '{"conn_type": "http", "login": "radiology", "password": "pw"}')
+    env = dicomweb_env()
+    assert env == {"MEDPIPE_DICOMWEB_USER": "radiology", "MEDPIPE_DICOMWEB_PASSWORD": "pw"}
+    monkeypatch.setenv("AIRFLOW_CONN_MEDPIPE_PACS", '{"conn_type": "http", "password": "a-token"}')
+    assert dicomweb_env() == {"MEDPIPE_DICOMWEB_TOKEN": "a-token"}
+    monkeypatch.setenv("MEDPIPE_DICOMWEB_TOKEN", "from-env")  # the worker's own environment wins
+    assert dicomweb_env() == {"MEDPIPE_DICOMWEB_TOKEN": "from-env"}
+    assert dicomweb_source.session().headers["Authorization"] == "Bearer from-env"
+    monkeypatch.delenv("MEDPIPE_DICOMWEB_TOKEN")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dicomweb_source.session().auth == ("radiology", "pw")

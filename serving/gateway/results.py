@@ -247,23 +247,6 @@ def parse_destination(text: str) -> Destination:
                       f"dimse://AET@HOST:PORT (C-STORE)")
 
 
-def dicomweb_session(url: str):
-    """A requests session with credentials from the environment: MEDPIPE_DICOMWEB_TOKEN (bearer) or
-    MEDPIPE_DICOMWEB_USER + MEDPIPE_DICOMWEB_PASSWORD (basic); none = no authentication."""
-    import os
-
-    import requests
-
-    session = requests.Session()
-    token = os.environ.get("MEDPIPE_DICOMWEB_TOKEN", "")
-    user, password = os.environ.get("MEDPIPE_DICOMWEB_USER", ""), os.environ.get("MEDPIPE_DICOMWEB_PASSWORD", "")
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif user:
-        session.auth = (user, password)
-    return session
-
-
 def send(destination: Destination, objects: Sequence[bytes], timeout: float = 30.0) -> None:
     """Deliver DICOM objects; raises DeliveryError (no header value in its message)."""
     if destination.kind == "dicomweb":
@@ -277,7 +260,9 @@ def _stow(url: str, objects: Sequence[bytes], timeout: float) -> None:
     import pydicom
     import requests
 
-    client = DICOMwebClient(url=url, session=dicomweb_session(url))
+    from beam_pipelines.dicomweb_source import session  # one reading of the MEDPIPE_DICOMWEB_* credentials
+
+    client = DICOMwebClient(url=url, session=session())
     datasets = [pydicom.dcmread(io.BytesIO(data)) for data in objects]
     try:
         client.store_instances(datasets=datasets)
