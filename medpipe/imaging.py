@@ -67,8 +67,9 @@ class PreparedImage:
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry points
-def preprocess_bytes(data: bytes, config: Any) -> PreparedImage:
-    """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail)."""
+def preprocess_bytes(data: bytes, config: Any, encode: bool = True) -> PreparedImage:
+    """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail). encode=False leaves .png empty
+    for a caller that may not need it (the gateway forwards an input that is already the exact PNG as it is)."""
     kind = sniff(data)
     if kind == "dicom":
         image, decoded = decode_dicom(data, config)
@@ -78,7 +79,8 @@ def preprocess_bytes(data: bytes, config: Any) -> PreparedImage:
     image = to_channels(image, config.image.channels)
     digest = pixel_hash(image)
     pixels = resize_square(pad_to_square(image), config.image.size)
-    return PreparedImage(png=encode_png(pixels), pixels=pixels, decoded=decoded, pixel_hash=digest)
+    return PreparedImage(png=encode_png(pixels) if encode else b"", pixels=pixels, decoded=decoded,
+                         pixel_hash=digest)
 
 
 def preprocess_file(path: str | os.PathLike, config: Any) -> PreparedImage:

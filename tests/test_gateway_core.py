@@ -214,3 +214,30 @@ def test_gateway_config_is_typed(tmp_path):
     bad.write_text("identities: {'CN=x': predict:*}\n")
     with pytest.raises(ConfigError, match="identities must map"):
         load_gateway_config(str(bad))
+
+
+def test_an_exact_size_png_is_forwarded_as_sent():
+    import io
+
+    from PIL import Image
+
+    from medpipe.config import load_config
+    from medpipe.imaging import preprocess_bytes
+    from serving.gateway.core import is_exact_png
+
+    config = load_config(ROOT / "config" / "brain_mri.yaml")
+    jpeg = sorted((ROOT / "sample_data" / "brain_mri" / "glioma").iterdir())[0].read_bytes()
+    exact = preprocess_bytes(jpeg, config).png
+    assert is_exact_png(exact, preprocess_bytes(exact, config, encode=False), config)
+    assert not is_exact_png(jpeg, preprocess_bytes(jpeg, config, encode=False), config)
+
+    def png(image: Image.Image, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", **options)
+        return buffer.getvalue()
+
+    side = config.image.size
+    for other in (png(Image.new("RGB", (side, side), (10, 20, 30))),  # colour: converted to grey
+                  png(Image.new("L", (side, side), 9), transparency=9),  # transparency: composited
+                  png(Image.new("L", (side + 2, side + 2), 9))):  # another size: resized
+        assert not is_exact_png(other, preprocess_bytes(other, config, encode=False), config)

@@ -9,7 +9,9 @@ and logs every request. Nothing here binds a socket; serving.gateway.server wire
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import queue
 import re
 import threading
 import time
@@ -296,6 +298,18 @@ class ModelCatalog:
 
 
 # ---- the gateway ---------------------------------------------------------------------------------------------------
+def is_exact_png(data: bytes, prepared, config) -> bool:
+    """True when the input already is the PNG preprocessing would produce pixel for pixel: an 8-bit grey (or RGB
+    for 3-channel models) PNG of exactly image.size x image.size without transparency, which preprocess_bytes
+    passes through unchanged. It is then forwarded as sent: re-encoding it would cost time and change nothing."""
+    if prepared.decoded.format != "png" or not (prepared.decoded.width == prepared.decoded.height == config.image.size):
+        return False
+    bit_depth, colour_type = data[24], data[25]  # IHDR, right after the signature and the chunk header
+    wanted = 0 if config.image.channels == 1 else 2
+    head = data[:data.find(b"IDAT")] if b"IDAT" in data else data
+    return bit_depth == 8 and colour_type == wanted and b"tRNS" not in head
+
+
 def dicom_uids(data: bytes) -> dict | None:
     """Study/Series/SOP Instance UIDs of a DICOM object, for the response only."""
     import io
@@ -346,6 +360,11 @@ class Gateway:
         # hospital, meaningless outside it); without it, not at all
         self.deid_key = deid_key_from_env(required=False)
         self.rate = RateLimiter(limits.rate_per_minute)
+        # request summaries and class/drift metrics are written by one thread, off the answer's path (in order;
+        # a full queue makes requests wait rather than drop a summary)
+        self._summaries: queue.Queue = queue.Queue(maxsize=256)
+        self._summariser = threading.Thread(target=self._summarise, daemon=True, name="summaries")
+        self._summariser.start()
         self.slots = ConcurrencyLimit(limits.max_concurrent, limits.queue_timeout_s)
 
     # -- identity --------------------------------------------------------------------------------------------------
@@ -353,8 +372,7 @@ class Gateway:
         """A REST request (starlette) -> Principal; GatewayError UNAUTHENTICATED otherwise (audited)."""
         client = request.client.host if request.client else None
         subject = request.scope.get("medpipe.client_subject")
-        return self._authenticated("rest", client, request.headers.get("authorization"), subject,
-                                   request.scope.get("path", ""))
+        return self._authenticated("rest", client, request.headers.get("authorization"), subject)
 
     def authenticate_grpc(self, context) -> Principal:
         from serving.gateway.auth import grpc_subject
@@ -363,10 +381,10 @@ class Gateway:
         for key, value in context.invocation_metadata():
             if key == "authorization":
                 authorization = value
-        return self._authenticated("grpc", context.peer(), authorization, grpc_subject(context), "")
+        return self._authenticated("grpc", context.peer(), authorization, grpc_subject(context))
 
-    def _authenticated(self, door: str, client: str | None, authorization: str | None, subject: str | None,
-                       what: str) -> Principal:
+    def _authenticated(self, door: str, client: str | None, authorization: str | None,
+                       subject: str | None) -> Principal:
         try:
             return self.auth.principal(authorization, subject)
         except GatewayError as exc:
@@ -446,23 +464,24 @@ class Gateway:
         record["classes"] = [item.class_name for item in prediction.items]
         record["confidences"] = [round(item.confidence, 6) for item in prediction.items]
         self._finish(record, start, "OK")
-        self._observe(prediction, prepared)
+        self._summaries.put((prediction, [image.pixels for image, _ in prepared]))
         return prediction
 
     def _prepare(self, index: int, data: bytes, config):
         from medpipe.errors import RejectedInput
-        from medpipe.imaging import preprocess_bytes
+        from medpipe.imaging import encode_png, preprocess_bytes
 
         if not isinstance(data, (bytes, bytearray)):
             raise GatewayError("INVALID_ARGUMENT", f"image {index} is not binary data")
         try:
-            prepared = preprocess_bytes(bytes(data), config)
+            prepared = preprocess_bytes(bytes(data), config, encode=False)
         except RejectedInput as exc:
             reason = "pixel_budget" if exc.reason == "pixel_budget" else None
             raise GatewayError("INVALID_ARGUMENT", f"image {index} cannot be used ({exc.reason}): {exc.detail}",
                                reason=reason) from None
         uids = dicom_uids(bytes(data)) if prepared.decoded.format == "dicom" else None
-        return prepared, uids
+        png = bytes(data) if is_exact_png(data, prepared, config) else encode_png(prepared.pixels)
+        return dataclasses.replace(prepared, png=png), uids
 
     def _call_upstream(self, model: str, version: int, signature: str, pngs: list, timeout: float) -> dict:
         from tensorflow_serving.apis import predict_pb2
@@ -523,17 +542,22 @@ class Gateway:
         self.metrics.request(record["door"], record["model"] if record["version"] is not None else None,
                              record["version"], outcome, latency, error.reason if error else None)
 
-    def _observe(self, prediction: Prediction, prepared) -> None:
-        """Request summaries and class/confidence/drift metrics; never fails a prediction already made."""
+    def _summarise(self) -> None:
+        """Request summaries and class/confidence/drift metrics of each answered prediction, until close()."""
         from serving.gateway.metrics import summaries
 
-        try:
-            records = summaries(prediction, [image.pixels for image, _ in prepared])
-            self.metrics.predictions(prediction.model, records)
-            if self.request_log is not None:
-                self.request_log.write(records)
-        except Exception:  # noqa: BLE001 - reported, never raised
-            log.exception("could not log or measure a prediction of %s", prediction.model)
+        while True:
+            item = self._summaries.get()
+            if item is None:
+                return
+            prediction, pixels = item
+            try:
+                records = summaries(prediction, pixels)
+                self.metrics.predictions(prediction.model, records)
+                if self.request_log is not None:
+                    self.request_log.write(records)
+            except Exception:  # noqa: BLE001 - reported, never raised: the prediction was already answered
+                log.exception("could not log or measure a prediction of %s", prediction.model)
 
     def access(self, principal: Principal, model: str, what: str, door: str, client: str | None,
                outcome: str, error: GatewayError | None = None) -> None:
@@ -543,5 +567,7 @@ class Gateway:
                            **({"error": error.message} if error else {})})
 
     def close(self) -> None:
+        self._summaries.put(None)  # the summaries already queued are written first
+        self._summariser.join(timeout=30)
         self.upstream.close()
         self.audit.close()

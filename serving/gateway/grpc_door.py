@@ -154,9 +154,7 @@ def make_servicers(gateway):
             return response
 
         def GetModelMetadata(self, request, context):
-            who = principal(context)
-            version, label = _version(request.model_spec)
-            return self._forward(who, context, request, "metadata", model_metadata)
+            return self._forward(principal(context), context, request, "metadata", model_metadata)
 
         def _forward(self, who, context, request, what, function):
             model = request.model_spec.name

@@ -238,9 +238,6 @@ def make_protocol(header_timeout_s: float, metrics=None):
                                      + b"\r\n\r\n" + timeout_body)
             self.transport.close()
 
-        def timeout_keep_alive_handler(self):
-            super().timeout_keep_alive_handler()
-
     return GatewayH11Protocol
 
 

@@ -182,3 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     thread.join(timeout=10)
     gateway.close()
     return 0
+
+
+if __name__ == "__main__":
+    from medpipe.cli import module_main
+
+    module_main(main)
