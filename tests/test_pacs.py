@@ -248,3 +248,54 @@ def test_destinations_parse_or_say_what_is_expected():
     for bad in ("http://pacs/dicom-web", "dimse://pacs:4242", "dicomweb+http:///x"):
         with pytest.raises(ConfigError, match="--results-to"):
             results.parse_destination(bad)
+
+
+# ---- STOW-RS through the gateway's app: authenticated and scoped like every REST call ----------------------------
+def test_stow_rs_is_authenticated_scoped_and_spools_before_answering(tmp_path, monkeypatch):
+    """The real app (build_app + this router) and PacsService over a spool; no model is called here (nothing gets
+    stable within the test), so the upstream address is never dialled."""
+    from argparse import Namespace
+
+    from fastapi.testclient import TestClient
+
+    from gateway_support import make_pki, token
+    from serving.gateway.core import Gateway
+    from serving.gateway.pacs import PacsService
+    from serving.gateway.pacs_config import PacsConfig, Route
+    from serving.gateway.rest import build_app
+
+    pki = make_pki(tmp_path / "pki")
+    options = Namespace(upstream="127.0.0.1:9", audit_log=str(tmp_path / "audit.jsonl"), jwt_key=str(pki["jwt_public"]),
+                        allow_anonymous=False, config=None, request_log=None, drift_baseline=None,
+                        model_repository=None, upstream_ca=None, upstream_cert=None, upstream_key=None)
+    gateway = Gateway(options)
+    config = PacsConfig(spool=str(tmp_path / "spool"), stable_seconds=3600, routes=(Route("brain_mri", ("MR",)),))
+    gateway.pacs = PacsService(gateway, config, results.parse_destination("dicomweb+http://127.0.0.1:9/x"),
+                               b"a-test-key-of-enough-length")
+    client = TestClient(build_app(gateway))
+    mr = tmp_path / "mr.dcm"
+    fa.mr_dicom_from_jpeg(fa.sample_jpegs("glioma", 1)[0], mr, study_uid="2.25.77", series_uid="2.25.771",
+                          sop_uid="2.25.7711")
+    body = multipart([("application/dicom", mr.read_bytes()),
+                      ("application/dicom", (fa.SAMPLE_DICOM / "CT-MONO2-16-brain.dcm").read_bytes())])
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=medpipe-test-boundary'}
+    assert client.post("/dicom-web/studies", content=body, headers=headers).status_code == 401
+    other = {**headers, "Authorization": f"Bearer {token(pki['jwt_private'], scope='predict:chest')}"}
+    refused = client.post("/dicom-web/studies", content=body, headers=other)
+    assert refused.status_code == 202  # the CT is not routed (stored = acknowledged); the MR is not theirs to send
+    assert refused.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
+    assert gateway.pacs.spool.pending_instances() == 0
+    allowed = {**headers, "Authorization": f"Bearer {token(pki['jwt_private'], scope='predict:brain_mri')}"}
+    stored = client.post("/dicom-web/studies", content=body, headers=allowed)
+    assert stored.status_code == 200 and len(stored.json()["00081199"]["Value"]) == 2
+    assert gateway.pacs.spool.pending_instances() == 1  # on disk before the 200
+    wrong = client.post("/dicom-web/studies", content=body, headers={**allowed, "Content-Type": "application/dicom"})
+    assert wrong.status_code == 415
+    in_study = client.post("/dicom-web/studies/2.25.99", content=body, headers=allowed)
+    assert in_study.status_code == 409  # neither instance belongs to the study named in the URL
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    received = [r for r in audit if r["event"] == "pacs.received"]
+    assert [r["outcome"] for r in received] == ["permission_denied", "not routed", "spooled", "not routed"]
+    assert {r["via"] for r in received} == {"jwt"} and {r["door"] for r in received} == {"dicomweb"}
+    assert "2.25.7711" not in (tmp_path / "audit.jsonl").read_text()
+    gateway.close()
