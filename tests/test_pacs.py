@@ -299,3 +299,25 @@ def test_stow_rs_is_authenticated_scoped_and_spools_before_answering(tmp_path, m
     assert {r["via"] for r in received} == {"jwt"} and {r["door"] for r in received} == {"dicomweb"}
     assert "2.25.7711" not in (tmp_path / "audit.jsonl").read_text()
     gateway.close()
+
+
+# ---- the senders against a real PACS -----------------------------------------------------------------------------
+def test_results_reach_orthanc_by_c_store_and_by_stow_rs_and_a_dead_destination_is_an_error(tmp_path):
+    from orthanc import OrthancServer
+    from pacs_support import srs_in
+
+    source = pydicom.dcmread(fa.SAMPLE_DICOM / "MR2_J2KI.dcm")
+    finding = results.Finding("glioma", 0.9, "brain_mri", 5, {"glioma": 0.9}, None, 1)
+    objects = {uid: results.to_bytes(results.build_sr([source], finding, sr_uid=uid, series_uid="2.25.55", codes={}))
+               for uid in ("2.25.501", "2.25.502")}
+    with OrthancServer(tmp_path / "orthanc") as pacs:
+        results.send(results.parse_destination(f"dimse://{pacs.aet}@127.0.0.1:{pacs.dicom_port}"),
+                     [objects["2.25.501"]])
+        results.send(results.parse_destination(f"dicomweb+{pacs.dicomweb}"), [objects["2.25.502"]])
+        results.send(results.parse_destination(f"dicomweb+{pacs.dicomweb}"), [objects["2.25.502"]])  # a re-send
+        stored = sorted(item["00080018"]["Value"][0] for item in srs_in(pacs, str(source.StudyInstanceUID)))
+        assert stored == ["2.25.501", "2.25.502"]  # the same SOP Instance UID twice is one object
+    for destination in (f"dimse://{pacs.aet}@127.0.0.1:{pacs.dicom_port}", f"dicomweb+{pacs.dicomweb}"):
+        with pytest.raises(results.DeliveryError) as failed:
+            results.send(results.parse_destination(destination), [objects["2.25.501"]], timeout=5)
+        assert "2.25" not in str(failed.value)  # no UID in the message that goes to the log

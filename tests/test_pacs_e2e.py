@@ -116,6 +116,17 @@ def test_routed_studies_get_one_sr_equal_to_medpipe_predict_and_unrouted_get_non
     unrouted.append(phi_ct)
     truncated = fa.SAMPLE_DICOM / "emri_small_jpeg_2k_lossless_too_short.dcm"  # routed, but cannot be decoded
 
+    from pynetdicom import AE
+
+    echo = AE(ae_title="MEDPIPETEST")
+    echo.add_requested_context("1.2.840.10008.1.1")
+    assoc = echo.associate("127.0.0.1", gateway.dicom_port, ae_title="MEDPIPE")
+    assert assoc.is_established and int(assoc.send_c_echo().Status) == 0  # C-ECHO
+    assoc.release()
+    stranger = AE(ae_title="NOTALLOWED")
+    stranger.add_requested_context("1.2.840.10008.1.1")
+    assert stranger.associate("127.0.0.1", gateway.dicom_port, ae_title="MEDPIPE").is_rejected  # allow-list
+
     for label, (_, files) in singles.items():
         storescu(gateway.dicom_port, files)
     assert c_store(gateway.dicom_port, series_files) == [0] * 4

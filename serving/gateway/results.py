@@ -262,7 +262,8 @@ def _stow(url: str, objects: Sequence[bytes], timeout: float) -> None:
 
     from beam_pipelines.dicomweb_source import session  # one reading of the MEDPIPE_DICOMWEB_* credentials
 
-    client = DICOMwebClient(url=url, session=session())
+    client = DICOMwebClient(url=url, session=session(), timeout=timeout)
+    client.set_http_retry_params(retry=False)  # the outbox retries with its own backoff; never block the sender
     datasets = [pydicom.dcmread(io.BytesIO(data)) for data in objects]
     try:
         client.store_instances(datasets=datasets)
