@@ -72,8 +72,15 @@ PROGRESS_EVERY = 1000
 
 # ---------------------------------------------------------------------------------------------------------------
 # listing (at construction time: the list of names is small; the bytes are read by the workers)
-def list_inputs(source: str) -> list[InputItem]:
-    """A CSV manifest or a folder of class folders -> InputItems, sorted by path."""
+def list_inputs(source: str, labels: Optional[str] = None) -> list[InputItem]:
+    """A CSV manifest, a folder of class folders or a DICOMweb query (+ a labels CSV) -> InputItems."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(source):  # a PACS: QIDO-RS here, WADO-RS in the workers (read_input)
+        return dicomweb_source.list_dicomweb_inputs(source, labels)
+    if labels is not None:
+        raise DataError("--labels is for a DICOMweb --input; a folder's labels are its class folders and a "
+                        "manifest has its own label column")
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     root = source.rstrip("/")
@@ -150,8 +157,7 @@ class PreprocessFn(beam.DoFn):
         try:
             if item.size > self.config.ingest.max_file_mb * 2**20:
                 raise RejectedInput("pixel_budget", f"file over ingest.max_file_mb={self.config.ingest.max_file_mb}")
-            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read()
+            data = read_input(item.path)
             record = prepare_record(item, data, self.config, self.key)
         except RejectedInput as exc:
             yield self._reject(item.path, exc.reason, exc.detail)
@@ -164,6 +170,16 @@ class PreprocessFn(beam.DoFn):
             return
         self.ok.inc()
         yield ("ok", (record, index))
+
+
+def read_input(path: str) -> bytes:
+    """An input's bytes: WADO-RS for a DICOMweb instance, else Beam FileSystems (local, gs://, s3://)."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(path):
+        return dicomweb_source.retrieve(path)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
 
 
 def _select(element: tuple, tag: str):
@@ -629,10 +645,17 @@ def _canonical(path: str) -> str:
     return os.path.realpath(path) if is_local(path) else path.rstrip("/")
 
 
-def check_placement(source: str, output: str, input_report: str, items: Sequence[InputItem]) -> None:
+def check_placement(source: str, output: str, input_report: str, items: Sequence[InputItem],
+                    pacs: bool = False) -> None:
     """Refuse (DataError, exit 2) an --output that overlaps --input (equal, inside or containing, or holding a
-    manifest's file) and an input report inside the de-identified output or the input folder."""
+    manifest's file) and an input report inside the de-identified output or the input folder. A PACS source
+    (pacs=True) has no local files to overlap; only the report's place is checked."""
     out, report = _canonical(output), _canonical(input_report)
+    if pacs:
+        if _inside(report, out):
+            raise DataError(f"--input-report {input_report} is inside --output {output}: it lists input paths (PHI) "
+                            f"and must stay out of the de-identified output; put it beside the output folder")
+        return
     src = _canonical(source)
     is_folder = not source.lower().endswith(".csv")
     fix = "choose an --output outside the input, e.g. a sibling folder"
@@ -857,7 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="task config YAML (or a name in config/, e.g. brain_mri)")
     parser.add_argument("--input", required=True,
                         help="folder of class folders, or a CSV manifest (path,label[,patient_id,study_id]); "
-                             "local, gs:// (medpipe[gcp]) or s3:// (medpipe[aws])")
+                             "local, gs:// (medpipe[gcp]) or s3:// (medpipe[aws]); or a PACS: "
+                             "'dicomweb+http://HOST:PORT/ROOT?StudyDate=20261101-20261130&ModalitiesInStudy=MR' "
+                             "(QIDO-RS + WADO-RS) with --labels")
+    parser.add_argument("--labels", default=None, metavar="CSV",
+                        help="DICOMweb input: labels keyed by study (columns StudyInstanceUID,label or "
+                             "AccessionNumber,label[,patient_id])")
     parser.add_argument("--output", required=True,
                         help="output folder: new, empty, or an earlier ingest output (whose own files are replaced; "
                              "other files are kept). Must not overlap --input")
@@ -964,10 +992,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     config = load_config(args.config, args.overrides)
     output = args.output.rstrip("/")
     input_report = args.input_report or output + INPUT_REPORT_SUFFIX
+    from beam_pipelines import dicomweb_source
+
+    pacs = dicomweb_source.is_dicomweb(args.input)
     for flag, path in (("--input", args.input), ("--output", output), ("--input-report", input_report)):
-        require_filesystem(path, flag)
-    items = list_inputs(args.input)
-    check_placement(args.input, output, input_report, items)
+        if not (pacs and flag == "--input"):  # a PACS is reached over DICOMweb, not a Beam filesystem
+            require_filesystem(path, flag)
+    items = list_inputs(args.input, args.labels)
+    check_placement(args.input, output, input_report, items, pacs=pacs)
     previous = check_output(output, args.force)
     check_input_report(input_report, args.force)
     from medpipe.deid import deid_key_from_env

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "input_pipeline": "benchmarks/bench_input_pipeline.py",
     "serving": "benchmarks/bench_serving.py",
     "gateway": "benchmarks/bench_gateway.py",
+    "pacs": "benchmarks/bench_pacs.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
 }
 

@@ -19,6 +19,9 @@ writes `predictions.jsonl` (one line per file: file, class, confidence, probabil
 
 * **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). The output partition is written
   to a staging folder and swapped in: re-running a day replaces that day's predictions.
+* **PACS source**: a `drop_uri` such as `dicomweb+http://pacs:8042/dicom-web?StudyDate={ds_nodash}&ModalitiesInStudy=MR`
+  pulls the day's instances by QIDO-RS/WADO-RS into the partition's `instances/` (with `instances.csv` naming each
+  file's study/series/instance UIDs) and scores them; credentials from the connection `medpipe_pacs`.
 * A day with no drop folder is **skipped** (nothing arrived); the server not answering fails `check_server`, which
   retries with backoff before anything is written.
 * **Serving address**: param `serving_grpc`, connection `medpipe_serving` (host + port), Variable
@@ -60,20 +63,24 @@ def medpipe_batch_inference():
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from medpipe_dag_common import load_task_config, resolve_config, resolve_path, run_partition, safe_name
+        from medpipe_dag_common import (is_dicomweb, load_task_config, partition_fields, resolve_config,
+                                        resolve_path, run_partition, safe_name)
 
         config_path = resolve_config(params["config"])
         config = load_task_config(config_path)
         dataset = config["name"]
         partition = run_partition(context, params.get("partition"))
-        fields = {"dataset": dataset, "partition": partition, "ds": partition}
-        drop = Path(resolve_path(params["drop_uri"], **fields))
+        fields = partition_fields(dataset, partition)
+        drop_uri = resolve_path(params["drop_uri"], **fields)
         output = Path(resolve_path(params["output_uri"], **fields))
-        if not drop.is_dir():
+        pacs = drop_uri if is_dicomweb(drop_uri) else None  # listed and fetched by `score`
+        drop = Path(drop_uri)
+        if pacs is None and not drop.is_dir():
             raise AirflowSkipException(f"no drop folder {drop}: nothing arrived for partition {partition}")
-        files = sorted(str(path) for path in drop.rglob("*") if path.is_file() and not path.name.startswith("."))
+        files = [] if pacs else sorted(str(path) for path in drop.rglob("*")
+                                       if path.is_file() and not path.name.startswith("."))
         staging = output.with_name(f".{output.name}.staging-{safe_name(context['run_id'])}")
-        return {"config": config_path, "dataset": dataset, "partition": partition, "files": files,
+        return {"config": config_path, "dataset": dataset, "partition": partition, "files": files, "pacs": pacs,
                 "output": str(output), "staging": str(staging),
                 "model_name": (config.get("serving") or {}).get("model_name") or dataset}
 
@@ -97,11 +104,15 @@ def medpipe_batch_inference():
         import shutil
         from pathlib import Path
 
-        from medpipe_dag_common import replace_dir, run_stage, write_json_atomic
+        from medpipe_dag_common import dicomweb_env, replace_dir, run_stage, write_json_atomic
 
         staging = Path(job["staging"])
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if job.get("pacs"):  # QIDO-RS + WADO-RS into the partition: the scored files stay beside their predictions
+            run_stage("beam_pipelines.dicomweb_source", ["--input", job["pacs"], "--output",
+                                                         str(staging / "instances")], env=dicomweb_env())
+            job = {**job, "files": sorted(str(p) for p in (staging / "instances").glob("*.dcm"))}
         rows: list[dict] = []
         for start in range(0, len(job["files"]), CHUNK):
             # no --config: the client preprocesses at the served model's own size (a task config at another

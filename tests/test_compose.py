@@ -202,7 +202,7 @@ def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(
     for internal in ("tf-serving", "pushgateway", "prometheus", "statsd-exporter"):
         assert "ports" not in services[internal], f"{internal} must stay internal"
     assert {name for name, service in services.items() if service.get("ports")} == {
-        "gateway", "airflow-apiserver", "grafana"}
+        "gateway", "airflow-apiserver", "grafana", "orthanc"}  # orthanc: its DICOM port only (modalities send to it)
 
     from serving.gateway.server import build_parser, check_options
 
@@ -226,3 +226,29 @@ def test_a_missing_secret_stops_compose(tmp_path):
     result = subprocess.run([compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "config",
                              "-q"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode != 0 and "GATEWAY_TLS_KEY" in result.stderr
+
+
+def test_orthanc_forwards_stable_studies_to_the_gateway_and_gets_its_srs(model):
+    """The PACS of the stack: DICOMweb on, new studies C-STOREd to the gateway's SCP, SRs come back by C-STORE."""
+    import json
+
+    orthanc, gateway = model["services"]["orthanc"], model["services"]["gateway"]
+    assert published(orthanc) == {4242}  # the DICOM port only: its HTTP API stays inside the compose network
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    settings = json.loads((ROOT / "config" / "orthanc" / "orthanc.json").read_text())
+    assert settings["AuthenticationEnabled"] is True and settings["RegisteredUsers"] == {}
+    assert settings["DicomModalities"]["medpipe"] == ["MEDPIPE", "gateway", 11112]
+    lua = (ROOT / "config" / "orthanc" / "medpipe-forward.lua").read_text()
+    assert "OnStableStudy" in lua and "/modalities/medpipe/store" in lua
+    from serving.gateway.pacs_config import load_pacs_config
+    from serving.gateway.results import parse_destination
+    from serving.gateway.server import build_parser
+
+    args = build_parser().parse_args(gateway["command"][3:])
+    assert (args.dicom_port, args.dicom_ae_title) == (11112, "MEDPIPE")
+    destination = parse_destination(args.results_to)
+    assert (destination.ae_title, destination.host, destination.port) == (settings["DicomAet"], "orthanc", 4242)
+    pacs = load_pacs_config(ROOT / "config" / args.pacs_config.rsplit("/", 1)[1])
+    assert settings["DicomAet"] in pacs.calling_aets
+    assert mounts(gateway)["/opt/medpipe/runs/pacs-spool"]["source"] == "pacs-spool"  # survives a re-create
+    assert gateway["environment"]["MEDPIPE_DEID_KEY"] == "compose-test-key"

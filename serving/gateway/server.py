@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstream-cert", help="PEM client certificate for the upstream (mTLS)")
     parser.add_argument("--upstream-key", help="PEM key of --upstream-cert")
     parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
+    # the PACS road (serving/gateway/pacs.py): DIMSE C-STORE SCP, STOW-RS at /dicom-web/studies, SR results
+    parser.add_argument("--dicom-port", type=int, help="DICOM C-STORE/C-ECHO SCP port (0 = any free port)")
+    parser.add_argument("--dicom-ae-title", default="MEDPIPE", help="the SCP's AE title (default MEDPIPE)")
+    parser.add_argument("--results-to", help="where SRs go: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or "
+                        "dimse://AET@HOST:PORT (C-STORE); enables STOW-RS at /dicom-web/studies")
+    parser.add_argument("--pacs-config", help="routing, stability, calling-AE allow-list, spool (config/pacs.yaml)")
     return parser
 
 
@@ -147,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.gateway.rest import build_app
 
     gateway = Gateway(args)
+    from serving.gateway.pacs import start_pacs
+
+    pacs = start_pacs(gateway, args)  # None unless --results-to / --dicom-port
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads)
     app = build_app(gateway)
@@ -167,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("the REST door stopped")
             break
     server.should_exit = True
+    if pacs is not None:
+        pacs.stop()
     grpc_server.stop(grace=5).wait()
     thread.join(timeout=10)
     gateway.close()
