@@ -11,9 +11,8 @@
 
 Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
 plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
-per bundle (or every few thousand records), emits one batch of (file, offset, length) references per (split, shard)
-and one batch of per-record dedup metadata per hash bucket: the runner shuffles a few dozen elements, not two per
-image. The shard writer streams the framed bytes from the spill files into GZIP. Since every copy is keyed by its
+per input batch, emits one list of (file, offset, length) references per (split, shard) and one list of per-record
+dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard writer streams the framed bytes from the spill files into GZIP. Since every copy is keyed by its
 own split, the kept copy is already in its split and shard: a duplicate spanning splits stays impossible. One
 combine gathers every report item.
 
@@ -115,8 +114,7 @@ def read_manifest(path: str) -> list[InputItem]:
 # ---------------------------------------------------------------------------------------------------------------
 # DoFns and composite transforms
 SPILL_DIR = "_spill"
-BATCH_INPUTS = 64  # listed inputs per element of ListInputs: one shuffled element per batch, not per file
-FLUSH_RECORDS = 4096  # decoded records a worker buffers (references + metadata) before emitting them
+BATCH_INPUTS = 64  # listed inputs per element of ListInputs; the decoding stage emits its outputs per batch
 DEDUP_BUCKET_RECORDS = 50_000  # records per dedup group at most, on average (the bucket count follows the input)
 
 
@@ -160,9 +158,10 @@ class PreprocessFn(beam.DoFn):
     never stop the run.
 
     What leaves the stage is batched: ("shard", ((split, shard), (spill file, [(index, source_id, offset, length)])))
-    and ("meta", (hash bucket, [(pixel_hash, meta)])) once per FLUSH_RECORDS records and at the end of the bundle,
-    so the runner encodes, shuffles and decodes a few dozen elements instead of two per image; only rejections (rare,
-    small) go out one by one."""
+    and ("meta", (hash bucket, [(pixel_hash, meta)])) once per input batch, so the runner encodes, shuffles and
+    decodes a handful of elements per BATCH_INPUTS images instead of two per image; only rejections (rare, small) go
+    out one by one. Emitted from process(), not finish_bundle(): Beam 2.77's DaskRunner drops finish_bundle outputs.
+    The spill file stays open for the bundle (closed in finish_bundle, before any reader runs)."""
 
     def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
         self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
@@ -178,7 +177,7 @@ class PreprocessFn(beam.DoFn):
         self.seen = 0
 
     def start_bundle(self):
-        self._spill, self._refs, self._metas, self._buffered = None, {}, {}, 0
+        self._spill = None
 
     def _reject(self, path: str, reason: str, detail: str):
         if reason not in self._rejected:
@@ -187,15 +186,19 @@ class PreprocessFn(beam.DoFn):
         return ("rejected", rejection(path, reason, detail))
 
     def process(self, batch: list[tuple]):
+        refs: dict[tuple, list] = {}
+        metas: dict[int, list] = {}
         for index, path, label, size, patient_id, study_id in batch:
             item = InputItem(path=path, label=label, size=size, patient_id=patient_id, study_id=study_id)
-            rejected = self._prepare(index, item)
+            rejected = self._prepare(index, item, refs, metas)
             if rejected is not None:
                 yield rejected
-        if self._buffered >= FLUSH_RECORDS:
-            yield from self._flush()
+        for shard, shard_refs in sorted(refs.items()):
+            yield ("shard", (shard, (self._spill.path, shard_refs)))
+        for bucket, bucket_metas in sorted(metas.items()):
+            yield ("meta", (bucket, bucket_metas))
 
-    def _prepare(self, index: int, item: InputItem):
+    def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
         from beam_pipelines.tf_example import tfrecord_frame
 
         self.read.inc()
@@ -221,23 +224,12 @@ class PreprocessFn(beam.DoFn):
             if tag == "shard":
                 _, source_id, example = value
                 offset, length = self._spill.append(tfrecord_frame(example))
-                self._refs.setdefault(key, []).append((index, source_id, offset, length))
+                refs.setdefault(key, []).append((index, source_id, offset, length))
             else:
-                self._metas.setdefault(hash_bucket(key, self.buckets), []).append((key, value))
-        self._buffered += 1
+                metas.setdefault(hash_bucket(key, self.buckets), []).append((key, value))
         return None
 
-    def _flush(self) -> list[tuple]:
-        out = [("shard", (shard, (self._spill.path, refs))) for shard, refs in sorted(self._refs.items())]
-        out += [("meta", (bucket, metas)) for bucket, metas in sorted(self._metas.items())]
-        self._refs, self._metas, self._buffered = {}, {}, 0
-        return out
-
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindows
-
-        for value in self._flush():
-            yield GlobalWindows.windowed_value(value)
         if self._spill is not None:
             self._spill.close()
             self._spill = None
