@@ -12,9 +12,10 @@
 Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
 plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
 per input batch, emits one list of (file, offset, length) references per (split, shard) and one list of per-record
-dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard writer streams the framed bytes from the spill files into GZIP. Since every copy is keyed by its
-own split, the kept copy is already in its split and shard: a duplicate spanning splits stays impossible. One
-combine gathers every report item.
+dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard
+writer streams the framed bytes from the spill files into GZIP (stored blocks: PNG is already deflated). Since every
+copy is keyed by its own split, the kept copy is already in its split and shard: a duplicate spanning splits stays
+impossible. One combine gathers every report item.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
@@ -313,13 +314,14 @@ class ResolveGroupFn(beam.DoFn):
 
 
 def write_shard(path: str, frames: Iterable[bytes]) -> None:
-    """One GZIP TFRecord file from framed records (tfrecord_frame), streamed. gzip level 1 with mtime 0: the payload
-    is PNG (already deflated), so higher levels cost CPU for ~nothing, and a fixed header timestamp keeps re-runs
-    byte-identical."""
+    """One GZIP TFRecord file from framed records (tfrecord_frame), streamed. SHARD_GZIP_LEVEL (stored blocks: the
+    payload is PNG, already deflated) with mtime 0: a fixed header timestamp keeps re-runs byte-identical."""
     import gzip
 
+    from beam_pipelines.tf_example import SHARD_GZIP_LEVEL
+
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=SHARD_GZIP_LEVEL, mtime=0) as out:
             chunk: list[bytes] = []
             size = 0
             for frame in frames:  # deflate in ~1 MB pieces: few calls, bounded memory for any shard size

@@ -17,7 +17,7 @@ shared and its load drifts), each as a fresh process tree whose summed RSS is sa
 Then a breakdown, in this process, per image over the slice (best of 3), of each part Beam adds and of the
 per-image path: preprocess (prepare_record + route_record) vs the lean loop's work; serialisation (Beam's coders
 on every element that crosses a stage boundary, encode + decode); spill (write the examples to a spill file and
-read them back); shard writer (framing + GZIP + write); start-up parts (import of the worker modules, pipeline
+read them back); shard writer (TFRecord framing + GZIP + write); start-up parts (import of the worker modules, pipeline
 construction over the full listing).
 Targets (issue 21): marginal <= 1.3x the lean loop's, start-up <= 1.5 s, peak RSS of all processes <= 1 GB.
 """
@@ -119,12 +119,12 @@ def _loop_worker(job: tuple[list[str], list[str], str, list[str]]) -> int:
 
     Per image, as the pipeline's decoding stage and shard writer do: read the file, prepare_record (sniff, decode,
     preprocess, PNG, pixel hash, keyed ids, the stats histogram and moments), route_record (split, shard, the
-    tf.train.Example), then a framed record into a GZIP stream at the pipeline's level (1, mtime 0). Not done: Beam
-    (startup, dedup and shard shuffles, reports)."""
+    tf.train.Example), then a framed record into a GZIP stream at the pipeline's level (SHARD_GZIP_LEVEL, mtime 0).
+    Not done: Beam (startup, dedup and shard shuffles, reports)."""
     import gzip
 
     from beam_pipelines.records import InputItem, prepare_record, route_record
-    from beam_pipelines.tf_example import tfrecord_frame
+    from beam_pipelines.tf_example import SHARD_GZIP_LEVEL, tfrecord_frame
     from medpipe.config import load_config
     from medpipe.errors import RejectedInput
 
@@ -132,7 +132,8 @@ def _loop_worker(job: tuple[list[str], list[str], str, list[str]]) -> int:
     config = load_config(ROOT / "config" / "brain_mri.yaml", overrides)
     key = os.environ.get("MEDPIPE_DEID_KEY", BENCH_KEY).encode()
     written = 0
-    with open(output, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+    with open(output, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=SHARD_GZIP_LEVEL,
+                                                            mtime=0) as out:
         for path, label in zip(paths, labels):
             try:
                 with open(path, "rb") as handle:
@@ -148,8 +149,8 @@ def _loop_worker(job: tuple[list[str], list[str], str, list[str]]) -> int:
 
 def run_same_work_loop(paths: list[Path], size: int, workdir: Path) -> tuple[float, int, float]:
     labels = [p.parent.name for p in paths]
-    jobs = [([str(p) for p in paths[i::2]], labels[i::2], str(workdir / f"loop-{i}.tfrecord.gz"), [f"image.size={size}"])
-            for i in range(2)]
+    jobs = [([str(p) for p in paths[i::2]], labels[i::2], str(workdir / f"loop-{i}.tfrecord.gz"),
+             [f"image.size={size}"]) for i in range(2)]
     cpu_before = children_cpu_seconds()
     with PeakRSS(os.getpid()) as memory:
         start = time.perf_counter()
@@ -173,30 +174,30 @@ def make_slice(paths: list[Path], folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # breakdown (in this process, per image over the slice)
-def stage_crossings(listed: list, routed: list) -> dict:
+def stage_crossings(items: list, config, directory: str) -> dict:
     """{crossing: (coder or None for Beam's default, [elements])}: every element that leaves one fused stage for
-    another in build_pipeline, shaped as the pipeline shapes it (kept in step with beam_pipelines/ingest.py)."""
-    shard_refs, metas = [], []
-    for pairs in routed:
-        for tag, value in pairs:
-            if tag == "shard":
-                shard, (index, source_id, example) = value
-                shard_refs.append((shard, (index, source_id, ("/tmp/x/_spill/0123456789abcdef.bin", 0, len(example)))))
-            else:
-                metas.append(value)
-    return {"listing_reshuffle": (None, listed), "shard_references": (None, shard_refs),
-            "dedup_metadata": (None, metas)}
-
-
-def spill_round_trip(routed: list, directory: str) -> None:
-    """The examples through the pipeline's spill DoFn (one bundle) and back through its reader."""
+    another in build_pipeline, produced by the pipeline's own ListInputs batching and decoding DoFn."""
     import beam_pipelines.ingest as ingest
 
-    spill = ingest.SpillExamplesFn(directory)
-    spill.start_bundle()
-    refs = [out for pairs in routed for tag, value in pairs if tag == "shard" for out in spill.process(value)]
-    spill.finish_bundle()
-    ingest.read_spilled([ref for _, (_, _, ref) in refs])
+    listed = ingest.input_batches(items)
+    decode = ingest.PreprocessFn(config, directory, ingest.dedup_buckets(len(items)))
+    decode.setup()
+    decode.start_bundle()
+    outputs = [out for batch in listed for out in decode.process(batch)]
+    decode.finish_bundle()
+    return {"listing": (None, listed), "shard_references": (None, [v for tag, v in outputs if tag == "shard"]),
+            "dedup_metadata": (None, [v for tag, v in outputs if tag == "meta"])}
+
+
+def spill_round_trip(frames: list, directory: str) -> None:
+    """Framed examples into a spill file (the decoding stage's part) and back through the shard writer's reader."""
+    import beam_pipelines.ingest as ingest
+
+    spill = ingest.SpillFile(directory)
+    refs = [(spill.path, *spill.append(frame)) for frame in frames]
+    spill.close()
+    for _ in ingest.read_spilled(refs):
+        pass
 
 
 def _best(function, repeat: int = 3) -> float:
@@ -222,6 +223,7 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
 
     import beam_pipelines.ingest as ingest
     from beam_pipelines.records import InputItem, prepare_record, route_record
+    from beam_pipelines.tf_example import tfrecord_frame
     from medpipe.config import load_config
 
     config = load_config(ROOT / "config" / "brain_mri.yaml", [f"image.size={size}"])
@@ -248,8 +250,9 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
     routed = per_image()
 
     # what crosses a stage boundary, encoded and decoded with the coders Beam picks for those PCollections
-    listed = [(i, InputItem(path=path, label=label, size=len(data))) for i, (path, label, data) in enumerate(blobs)]
-    crossings = stage_crossings(listed, routed)
+    items = [InputItem(path=path, label=label, size=len(data)) for path, label, data in blobs]
+    os.environ.setdefault("MEDPIPE_DEID_KEY", BENCH_KEY)
+    crossings = stage_crossings(items, config, str(workdir / "spill-probe"))
     coder = coders.registry.get_coder(object)
 
     def serialise():
@@ -262,9 +265,10 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
     examples = [value[-1] for pairs in routed for tag, (_, value) in pairs if tag == "shard"]
     spill_dir = workdir / "spill"
     spill_dir.mkdir()
-    spill_s = _best(lambda: spill_round_trip(routed, str(spill_dir)))
+    frames = [tfrecord_frame(e) for e in examples]
+    spill_s = _best(lambda: spill_round_trip(frames, str(spill_dir)))
     shard_path = workdir / "probe.tfrecord.gz"
-    shard_s = _best(lambda: ingest.write_shard(str(shard_path), examples))
+    shard_s = _best(lambda: ingest.write_shard(str(shard_path), (tfrecord_frame(e) for e in examples)))
 
     listing = [InputItem(path=str(p), label=p.parent.name, size=100) for p in all_paths]
 
@@ -334,6 +338,7 @@ def main(argv=None) -> int:
 
     best = {name_: min(runs) for name_, runs in arms.items()}  # by wall
     peak = {name_: max(run[1] for run in runs) for name_, runs in arms.items()}
+    cpu = {name_: min(run[2] for run in runs) for name_, runs in arms.items()}
     span = n_full - SLICE
     pipe_marginal = (best["pipe_full"][0] - best["pipe_slice"][0]) / span
     lean_marginal = (best["lean_full"][0] - best["lean_slice"][0]) / span
@@ -364,8 +369,15 @@ def main(argv=None) -> int:
         "load_average_1min_before": round(load_before, 2),
         "load_average_1min_per_round": [round(load, 2) for load in loads],
         "all_wall_s": {name_: [round(run[0], 2) for run in runs] for name_, runs in arms.items()},
-        "pipeline_cpu_s_full": round(best["pipe_full"][2], 1),
-        "lean_cpu_s_full": round(best["lean_full"][2], 1),
+        # CPU seconds of each process tree (best run each): less sensitive to a loaded machine than wall time
+        "pipeline_cpu_s_full": round(cpu["pipe_full"], 2),
+        "pipeline_cpu_s_slice": round(cpu["pipe_slice"], 2),
+        "lean_cpu_s_full": round(cpu["lean_full"], 2),
+        "lean_cpu_s_slice": round(cpu["lean_slice"], 2),
+        "pipeline_marginal_cpu_ms_per_image": round((cpu["pipe_full"] - cpu["pipe_slice"]) / span * 1000, 3),
+        "lean_marginal_cpu_ms_per_image": round((cpu["lean_full"] - cpu["lean_slice"]) / span * 1000, 3),
+        "marginal_cpu_ratio_pipeline_over_lean": round((cpu["pipe_full"] - cpu["pipe_slice"])
+                                                       / (cpu["lean_full"] - cpu["lean_slice"]), 2),
     }
     targets = {"marginal": "pipeline marginal cost per image <= 1.3x the lean loop's",
                "startup": "200-image run <= 1.5 s", "memory": "peak RSS of all processes <= 1 GB"}
