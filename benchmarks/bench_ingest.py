@@ -14,7 +14,7 @@ shared and its load drifts), each as a fresh process tree whose summed RSS is sa
 - same-work loop (the second line, as before): 2 spawned processes calling the pipeline's own per-record functions
   (prepare_record, route_record) and writing one GZIP TFRecord each: every per-image guarantee, minus Beam.
 
-Then a breakdown, in this process, per image over the slice (best of 3), of each part Beam adds and of the
+Then a breakdown, in this process, per image over the slice (best of 3, CPU time), of each part Beam adds and of the
 per-image path: preprocess (prepare_record + route_record) vs the lean loop's work; serialisation (Beam's coders
 on every element that crosses a stage boundary, encode + decode); spill (write the examples to a spill file and
 read them back); shard writer (TFRecord framing + GZIP + write); start-up parts (import of the worker modules, pipeline
@@ -201,18 +201,25 @@ def spill_round_trip(frames: list, directory: str) -> None:
 
 
 def _best(function, repeat: int = 3) -> float:
+    """Best CPU seconds of this process over `repeat` calls: on a shared machine, CPU time barely moves with the
+    load where wall time doubles."""
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         function()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
 def _import_seconds(statement: str) -> float:
-    """Wall of a fresh interpreter that runs `statement`, minus a bare interpreter's (best of 3 each)."""
+    """CPU seconds of a fresh interpreter that runs `statement`, minus a bare interpreter's (best of 3 each)."""
     def run(code):
-        return _best(lambda: subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True), 3)
+        times = []
+        for _ in range(3):
+            before = children_cpu_seconds()
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+            times.append(children_cpu_seconds() - before)
+        return min(times)
     return run(statement) - run("pass")
 
 
@@ -302,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None,
                         help="image.size for every arm (default: config/brain_mri.yaml's, the recipe the data is for)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each arm; the best counts")
+    parser.add_argument("--breakdown-only", action="store_true",
+                        help="only the in-process breakdown (CPU time), printed; no result file")
     parser.add_argument("--name", default=None, help="result name (default: ingest at the recipe's size, "
                                                      "else ingest_SIZE)")
     args = parser.parse_args(argv)
@@ -317,6 +326,13 @@ def main(argv=None) -> int:
     for path in paths:  # warm the page cache for every arm
         path.read_bytes()
     n_full = len(paths)
+    if args.breakdown_only:
+        import json
+
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            step = n_full // SLICE
+            print(json.dumps(breakdown(paths[::step][:SLICE], paths, args.size, Path(tmp))))
+        return 0
     load_before = os.getloadavg()[0]
     arms: dict[str, list] = {k: [] for k in ("pipe_full", "pipe_slice", "lean_full", "lean_slice", "same_full")}
     loads = []
