@@ -4,8 +4,8 @@
     python -m beam_pipelines.ingest --config brain_mri --input manifest.csv --output gs://bucket/x \
         --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp
 
-    ListInputs -> PreprocessImages (ok | rejected) -> AssignSplitAndShard (by patient pseudonym, else pixel hash;
-    salted, stable) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
+    ListInputs -> PreprocessImages (decode; split by patient pseudonym, else pixel hash, salted, stable; shard;
+    spill | rejected) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
     + Deduplicate (small metadata by decoded-pixel hash; label conflicts rejected; kept copy = first path)
     + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl naming inputs by keyed input id; the input report
     mapping ids to paths, PHI, beside the output); schema.json; then the temp folder moves into place.
@@ -15,11 +15,13 @@ Safety of the output (run()): --output may not overlap --input, and must be new,
 another folder). The next run removes the OUTPUT.tmp-* folders of killed runs; the local workers die with this
 process (beam_pipelines/worker.py). No record written: exit 3, nothing published.
 
-Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The decoding stage spills each example to a
-per-bundle file under the temp output and shuffles a (file, offset, length) reference keyed by its own (split,
-shard); dedup shuffles only per-record metadata and hands the writer the dropped inputs as a side input. Since every
+Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
+plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
+per input batch, emits one list of (file, offset, length) references per (split, shard) and one list of per-record
+dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard
+writer streams the framed bytes from the spill files into GZIP (stored blocks: PNG is already deflated). Since every
 copy is keyed by its own split, the kept copy is already in its split and shard: a duplicate spanning splits stays
-impossible. One combine gathers every report item. 6 fused stages on the FnApiRunner.
+impossible. One combine gathers every report item.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
@@ -126,11 +128,58 @@ def read_manifest(path: str) -> list[InputItem]:
 # ---------------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------------
 # DoFns and composite transforms
-class PreprocessFn(beam.DoFn):
-    """Read one file through FileSystems and prepare it; failures go to the `rejected` output, never stop the run."""
+SPILL_DIR = "_spill"
+BATCH_INPUTS = 64  # listed inputs per element of ListInputs; the decoding stage emits its outputs per batch
+DEDUP_BUCKET_RECORDS = 50_000  # records per dedup group at most, on average (the bucket count follows the input)
 
-    def __init__(self, config: TaskConfig):
-        self.config = config
+
+def input_batches(items: Sequence[InputItem]) -> list[list[tuple]]:
+    """The listing as batches of plain tuples (index, path, label, size, patient_id, study_id): Beam's coders encode
+    tuples of str/int natively, where a dataclass is pickled element by element."""
+    rows = [(index, item.path, item.label, item.size, item.patient_id, item.study_id)
+            for index, item in enumerate(items)]
+    return [rows[start:start + BATCH_INPUTS] for start in range(0, len(rows), BATCH_INPUTS)]
+
+
+def dedup_buckets(num_inputs: int) -> int:
+    """Hash buckets for the dedup shuffle: at least 2 (one per local worker), about DEDUP_BUCKET_RECORDS each."""
+    return max(2, -(-num_inputs // DEDUP_BUCKET_RECORDS))
+
+
+def hash_bucket(pixel_hash: str, buckets: int) -> int:
+    return int(pixel_hash[:8], 16) % buckets
+
+
+class SpillFile:
+    """One append-only spill file per bundle: framed TFRecord bytes, read back by (offset, length)."""
+
+    def __init__(self, directory: str):
+        self.path = FileSystems.join(directory, f"{uuid.uuid4().hex}.bin")  # fresh per bundle: a retried bundle
+        self._file = FileSystems.create(self.path, compression_type=CompressionTypes.UNCOMPRESSED)  # never appends
+        self.offset = 0
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        self._file.write(data)
+        start, self.offset = self.offset, self.offset + len(data)
+        return start, len(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class PreprocessFn(beam.DoFn):
+    """A batch of listed inputs -> per image: read through FileSystems, prepare_record, route_record (split, shard,
+    tf.train.Example), the framed example appended to this bundle's spill file. Failures go to the `rejected` output,
+    never stop the run.
+
+    What leaves the stage is batched: ("shard", ((split, shard), (spill file, [(index, source_id, offset, length)])))
+    and ("meta", (hash bucket, [(pixel_hash, meta)])) once per input batch, so the runner encodes, shuffles and
+    decodes a handful of elements per BATCH_INPUTS images instead of two per image; only rejections (rare, small) go
+    out one by one. Emitted from process(), not finish_bundle(): Beam 2.77's DaskRunner drops finish_bundle outputs.
+    The spill file stays open for the bundle (closed in finish_bundle, before any reader runs)."""
+
+    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
+        self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
         self.read = Metrics.counter(NAMESPACE, "read")
         self.ok = Metrics.counter(NAMESPACE, "decoded")
         self._rejected: dict = {}
@@ -142,14 +191,31 @@ class PreprocessFn(beam.DoFn):
         self.key = deid_key_from_env(required=False)
         self.seen = 0
 
+    def start_bundle(self):
+        self._spill = None
+
     def _reject(self, path: str, reason: str, detail: str):
         if reason not in self._rejected:
             self._rejected[reason] = Metrics.counter(NAMESPACE, f"rejected_{reason}")
         self._rejected[reason].inc()
         return ("rejected", rejection(path, reason, detail))
 
-    def process(self, element: tuple[int, InputItem]):
-        index, item = element
+    def process(self, batch: list[tuple]):
+        refs: dict[tuple, list] = {}
+        metas: dict[int, list] = {}
+        for index, path, label, size, patient_id, study_id in batch:
+            item = InputItem(path=path, label=label, size=size, patient_id=patient_id, study_id=study_id)
+            rejected = self._prepare(index, item, refs, metas)
+            if rejected is not None:
+                yield rejected
+        for shard, shard_refs in sorted(refs.items()):
+            yield ("shard", (shard, (self._spill.path, shard_refs)))
+        for bucket, bucket_metas in sorted(metas.items()):
+            yield ("meta", (bucket, bucket_metas))
+
+    def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
+        from beam_pipelines.tf_example import tfrecord_frame
+
         self.read.inc()
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:
@@ -160,16 +226,32 @@ class PreprocessFn(beam.DoFn):
             data = read_input(item.path)
             record = prepare_record(item, data, self.config, self.key)
         except RejectedInput as exc:
-            yield self._reject(item.path, exc.reason, exc.detail)
-            return
+            return self._reject(item.path, exc.reason, exc.detail)
         except OSError as exc:
-            yield self._reject(item.path, "corrupt", f"cannot read the file ({type(exc).__name__})")
-            return
+            return self._reject(item.path, "corrupt", f"cannot read the file ({type(exc).__name__})")
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the pipeline; no message (may hold PHI)
-            yield self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
-            return
+            return self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
         self.ok.inc()
-        yield ("ok", (record, index))
+        if self._spill is None:
+            self._spill = SpillFile(self.spill_directory)
+        for tag, (key, value) in route_record(record, index, self.config):
+            if tag == "shard":
+                _, source_id, example = value
+                offset, length = self._spill.append(tfrecord_frame(example))
+                refs.setdefault(key, []).append((index, source_id, offset, length))
+            else:
+                metas.setdefault(hash_bucket(key, self.buckets), []).append((key, value))
+        return None
+
+    def finish_bundle(self):
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def teardown(self):
+        if getattr(self, "_spill", None) is not None:
+            self._spill.close()
+            self._spill = None
 
 
 def read_input(path: str) -> bytes:
@@ -203,33 +285,42 @@ class SplitByTag(beam.PTransform):
 
 
 class PreprocessImages(beam.PTransform):
-    """(index, InputItem) pairs -> {"ok": (record, index) pairs, "rejected": rejections}."""
+    """Batches of listed inputs -> {"shard": spilled example references by (split, shard), "meta": dedup metadata
+    by hash bucket, "rejected": rejections} (PreprocessFn: decode, preprocess, split, shard, spill)."""
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
         super().__init__()
-        self.config = config
+        self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
 
-    def expand(self, items):
+    def expand(self, batches):
         # beam.Create already reshuffles its elements across workers: no extra Reshuffle here.
-        return (items
-                | "Decode" >> beam.ParDo(PreprocessFn(self.config))
-                | "ByOutcome" >> SplitByTag("ok", "rejected"))
+        return (batches
+                | "Decode" >> beam.ParDo(PreprocessFn(self.config, self.spill_directory, self.buckets))
+                | "ByOutcome" >> SplitByTag("shard", "meta", "rejected"))
 
 
 class ResolveGroupFn(beam.DoFn):
-    """One decoded-pixel-hash group of small metadata -> input indices the shard writer drops + report items.
+    """One hash bucket of small metadata -> input indices the shard writer drops + report items, per pixel hash.
 
-    Only metadata travels through this shuffle: the PNG and its example go straight to the shard shuffle, keyed by
-    each copy's own (split, shard). The kept copy is therefore already where it belongs (its own split key decides
-    the split, as before); every other copy's input index is listed for the shard writer (a side input) to skip."""
+    Only metadata travels through this shuffle: the example went to a spill file in the decoding stage, and its
+    reference is keyed by each copy's own (split, shard). The kept copy is therefore already where it belongs (its
+    own split key decides the split, as before); every other copy's input index is listed for the shard writer (a
+    side input) to skip."""
 
     def __init__(self):
         self.dropped = Metrics.counter(NAMESPACE, "duplicates_dropped")
         self.conflicts = Metrics.counter(NAMESPACE, "rejected_label_conflict")
 
     def process(self, element):
-        pixel_hash, metas = element
-        metas = list(metas)
+        _, batches = element
+        by_hash: dict[str, list[dict]] = {}
+        for batch in batches:
+            for pixel_hash, meta in batch:
+                by_hash.setdefault(pixel_hash, []).append(meta)
+        for pixel_hash in sorted(by_hash):
+            yield from self._resolve(pixel_hash, by_hash[pixel_hash])
+
+    def _resolve(self, pixel_hash: str, metas: list[dict]):
         kept, rejected, group = resolve_duplicates(pixel_hash, metas)
         for meta in metas:
             yield ("report", ("decoded", (meta["input_size"], meta["input_mode"])))
@@ -245,64 +336,40 @@ class ResolveGroupFn(beam.DoFn):
             yield ("report", ("kept", kept))
 
 
-def write_shard(path: str, examples: Iterable[bytes]) -> None:
-    """One GZIP TFRecord file. gzip level 1 with mtime 0: the payload is PNG (already deflated), so higher levels cost
-    CPU for ~nothing, and a fixed header timestamp keeps re-runs byte-identical."""
+def write_shard(path: str, frames: Iterable[bytes]) -> None:
+    """One GZIP TFRecord file from framed records (tfrecord_frame), streamed. SHARD_GZIP_LEVEL (stored blocks: the
+    payload is PNG, already deflated) with mtime 0: a fixed header timestamp keeps re-runs byte-identical."""
     import gzip
 
-    from beam_pipelines.tf_example import tfrecord_frame
+    from beam_pipelines.tf_example import SHARD_GZIP_LEVEL
 
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
-            out.write(b"".join(tfrecord_frame(example) for example in examples))
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=SHARD_GZIP_LEVEL, mtime=0) as out:
+            chunk: list[bytes] = []
+            size = 0
+            for frame in frames:  # deflate in ~1 MB pieces: few calls, bounded memory for any shard size
+                chunk.append(frame)
+                size += len(frame)
+                if size >= 2**20:
+                    out.write(b"".join(chunk))
+                    chunk, size = [], 0
+            if chunk:
+                out.write(b"".join(chunk))
 
 
-SPILL_DIR = "_spill"
-
-
-class SpillExamplesFn(beam.DoFn):
-    """Example bytes -> a per-bundle spill file beside the output; the shard shuffle then carries only a small
-    (file, offset, length) reference. On the multi-process FnApiRunner every shuffled byte is encoded, sent to the
-    runner process over gRPC, buffered and sent back: the images are most of the bytes, and a file write + read costs
-    far less. Any runner works: the spill folder is under the output's temp folder, which every worker can reach."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def start_bundle(self):
-        self._file, self._path, self._offset = None, None, 0
-
-    def process(self, element):
-        shard, (index, source_id, example) = element
-        if self._file is None:  # a fresh file per bundle: a retried bundle never appends to a failed attempt's file
-            self._path = FileSystems.join(self.directory, f"{uuid.uuid4().hex}.bin")
-            self._file = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
-            self._offset = 0
-        self._file.write(example)
-        yield (shard, (index, source_id, (self._path, self._offset, len(example))))
-        self._offset += len(example)
-
-    def finish_bundle(self):
-        self.teardown()
-
-    def teardown(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
-
-
-def read_spilled(refs: Sequence[tuple[str, int, int]]) -> list[bytes]:
-    """(file, offset, length) references -> the bytes, in the same order; each file opened once, read in order."""
-    by_file: dict[str, list[tuple[int, int, int]]] = {}
-    for position, (path, offset, length) in enumerate(refs):
-        by_file.setdefault(path, []).append((offset, length, position))
-    out: list[bytes] = [b""] * len(refs)
-    for path, parts in by_file.items():
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            for offset, length, position in sorted(parts):
-                handle.seek(offset)
-                out[position] = handle.read(length)
-    return out
+def read_spilled(refs: Iterable[tuple[str, int, int]]) -> Iterable[bytes]:
+    """(file, offset, length) references -> the bytes, in the same order, streamed; spill files opened once each."""
+    handles: dict[str, Any] = {}
+    try:
+        for path, offset, length in refs:
+            handle = handles.get(path)
+            if handle is None:
+                handle = handles[path] = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+            handle.seek(offset)
+            yield handle.read(length)
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def remove_spill(directory: str) -> None:
@@ -328,21 +395,23 @@ class WriteShardFn(beam.DoFn):
         self.written = Metrics.counter(NAMESPACE, "written")
 
     def process(self, element, dropped):
-        (split, shard), entries = element
+        (split, shard), batches = element
+        entries = [(index, source_id, (spill, offset, length))
+                   for spill, refs in batches for index, source_id, offset, length in refs]
         examples = shard_examples(entries, set(dropped))  # (source_id, spill reference), sorted
         path = FileSystems.join(self.directory, shard_name(split, shard, getattr(self.shards, split)))
-        write_shard(path, read_spilled([ref for _, ref in examples]))
+        write_shard(path, read_spilled(ref for _, ref in examples))
         self.written.inc(len(examples))
         yield ("shard", (path, len(examples)))
 
 
 class Deduplicate(beam.PTransform):
-    """Small per-record metadata, keyed by decoded-pixel hash -> {"drop": inputs the shard writer skips, "report":
-    decoded sizes/modes, label-conflict rejections, duplicate groups and the kept records' stats inputs}."""
+    """Small per-record metadata in hash buckets -> {"drop": inputs the shard writer skips, "report": decoded
+    sizes/modes, label-conflict rejections, duplicate groups and the kept records' stats inputs}."""
 
     def expand(self, metas):
         return (metas
-                | "GroupByPixelHash" >> beam.GroupByKey()
+                | "GroupByHashBucket" >> beam.GroupByKey()
                 | "Resolve" >> beam.ParDo(ResolveGroupFn())
                 | "ByOutcome" >> SplitByTag("drop", "report"))
 
@@ -353,9 +422,9 @@ class WriteSplits(beam.PTransform):
 
     Sharding is done here (GroupByKey on (split, shard)) rather than by WriteToTFRecord: its Impulse-based
     initialisation does not run on Beam 2.77's DaskRunner, and a keyed shard makes the output deterministic. The
-    example bytes go through spill files (SpillExamplesFn) and the shuffle carries references, straight from the
-    decoding stage: no Flatten before it (the FnApiRunner materialises a Flatten as an extra stage and round trip);
-    the input indices Deduplicate drops come as a small side input."""
+    framed examples are in spill files (PreprocessFn) and the shuffle carries batches of references, straight from
+    the decoding stage: no Flatten before it (the FnApiRunner materialises a Flatten as an extra stage and round
+    trip); the input indices Deduplicate drops come as a small side input."""
 
     def __init__(self, config: TaskConfig, directory: str):
         super().__init__()
@@ -364,7 +433,6 @@ class WriteSplits(beam.PTransform):
     def expand(self, inputs):
         entries, drops = inputs
         return (entries
-                | "Spill" >> beam.ParDo(SpillExamplesFn(FileSystems.join(self.directory, SPILL_DIR)))
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShards" >> beam.ParDo(WriteShardFn(self.directory, self.config.ingest.shards),
                                               dropped=beam.pvalue.AsList(drops)))
@@ -556,22 +624,16 @@ class WriteReports(beam.PTransform):
                                       self.input_report))
 
 
-def _route(pair: tuple[dict, int], config: TaskConfig) -> Iterable[tuple]:
-    record, index = pair
-    return route_record(record, index, config)
-
-
 def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[InputItem], directory: str,
                    input_report: Optional[str] = None) -> None:
-    """The whole graph; reads like the module docstring. Image bytes cross one shuffle only (to the shard writer);
-    dedup shuffles small metadata and tells the writer which copies to drop."""
-    listed = pipeline | "ListInputs" >> beam.Create(list(enumerate(items)))
-    prepared = listed | "PreprocessImages" >> PreprocessImages(config)
-    routed = (prepared["ok"]
-              | "AssignSplitAndShard" >> beam.FlatMap(_route, config)
-              | "ByDestination" >> SplitByTag("shard", "meta"))
-    unique = routed["meta"] | "Deduplicate" >> Deduplicate()
-    shards = (routed["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
+    """The whole graph; reads like the module docstring. Image bytes cross no shuffle (spill files); the shard
+    shuffle carries batches of references, dedup shuffles batches of small metadata and tells the writer which copies
+    to drop."""
+    listed = pipeline | "ListInputs" >> beam.Create(input_batches(items))
+    prepared = listed | "PreprocessImages" >> PreprocessImages(config, FileSystems.join(directory, SPILL_DIR),
+                                                               dedup_buckets(len(items)))
+    unique = prepared["meta"] | "Deduplicate" >> Deduplicate()
+    shards = (prepared["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
     rejected = prepared["rejected"] | "RejectedItems" >> beam.Map(lambda item: ("rejected", item))
     ((rejected, unique["report"], shards)
      | "WriteReports" >> WriteReports(config, directory, len(items), input_report))
