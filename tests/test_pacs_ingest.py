@@ -116,7 +116,7 @@ def test_backfill_over_three_days_gives_three_partitions(pacs_with_studies, tmp_
         stats = ingest.run(["--config", CONFIG_FILE, "--input", resolve_path(template, **fields), "--labels",
                             str(data["labels"]), "--output", str(root / day), *IN_PROCESS])
         assert stats["input_files"] == stats["written"] == data["per_day"][day.replace("-", "")] == 4
-    assert sorted(p.name for p in root.iterdir()) == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["2026-11-01", "2026-11-02", "2026-11-03"]
 
 
 def test_fetch_for_batch_inference_pulls_one_day(pacs_with_studies, tmp_path):
