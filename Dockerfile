@@ -15,7 +15,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG BEAM_SDK_IMAGE=apache/beam_python3.11_sdk:2.77.0
 # The CUDA libraries come with the nvidia-* wheels of requirements-gpu.lock, so the small `base` flavour suffices;
 # the host needs an NVIDIA driver for CUDA 12 and the NVIDIA container toolkit.
-ARG CUDA_IMAGE=nvidia/cuda:12.5.1-base-ubuntu22.04
+ARG CUDA_IMAGE=nvidia/cuda:12.9.1-base-ubuntu22.04
 
 # ---- builder: compilers and pip live only here -------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder

@@ -8,6 +8,7 @@ multilabel (one unit per label); see `output_units`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,7 +116,9 @@ def load_backbone_weights(model: keras.Model, file: str, name: str) -> None:
         raise ConfigError(f"training.backbone_weights: {path} is not a Keras weights file; expected a name ending in "
                           f"{', '.join(WEIGHT_FILE_SUFFIXES)}")
     try:
-        model.load_weights(str(path))
+        with warnings.catch_warnings():  # a mismatch also warns once per layer before it raises: the error says it
+            warnings.simplefilter("ignore")
+            model.load_weights(str(path))
     except Exception as exc:  # ValueError/KeyError/OSError from h5py or keras' loaders, depending on the mismatch
         raise ConfigError(f"training.backbone_weights: {path} does not fit training.model {name} "
                           f"({BACKBONES[name]} without its top): {type(exc).__name__}: {str(exc)[:300]}. "

@@ -173,3 +173,43 @@ def launch_local_workers(argv: Sequence[str], workers: int, poll_seconds: float 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# ------------------------------------------------------------------------------------------ Keras 3 + MultiWorker
+def patch_keras_for_multi_worker() -> None:
+    """Make Keras 3's TensorFlow trainer work under MultiWorkerMirroredStrategy (keras-team/keras#20585, open for
+    Keras 3.7-3.15): `fit()` (1) builds the model from its first batch averaged with `strategy.reduce(..., axis=None)`
+    over the whole (x, y, weight) tuple, which the multi-worker strategy cannot reduce, and (2) averages each step's
+    scalar logs with `strategy.reduce("MEAN", v, axis=0)`, which fails for a scalar. (1) builds from this worker's own
+    slice of the batch instead (the same shapes, which is all the build needs); (2) averages over every replica of
+    every worker with axis=None, so all workers see the same loss and metrics (and EarlyStopping/ModelCheckpoint
+    decide alike on every worker). Applied only when the multi-worker strategy is in use; idempotent."""
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer, "_medpipe_multi_worker_patch", False):
+        return
+    original_reduce = tf_trainer.reduce_per_replica
+    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return tree.map_structure(lambda value: strategy.reduce("MEAN", value, axis=None), values)
+        return original_reduce(values, strategy, reduction)
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            for _, _, batches in iterator:
+                batch = next(batches)
+                data_batch = tree.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues) else value, batch)
+                break
+            iterator = None
+        return original_build(self, iterator=iterator, data_batch=data_batch)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    tf_trainer._medpipe_multi_worker_patch = True

@@ -159,7 +159,11 @@ def make_strategy(cpu_replicas: int | None, cluster: Any = None) -> Any:
         if cpu_replicas is not None:
             raise ConfigError("--cpu-replicas splits one process's CPU; with a multi-worker TF_CONFIG each worker is "
                               "one replica (or mirrors over its GPUs): drop --cpu-replicas")
-        return tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG; ring all-reduce on CPU, NCCL on GPU
+        from models.distributed import patch_keras_for_multi_worker
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG; ring all-reduce on CPU, NCCL on GPU
+        patch_keras_for_multi_worker()
+        return strategy
     gpus = tf.config.list_physical_devices("GPU")
     if cpu_replicas is not None:
         if cpu_replicas < 1:
