@@ -88,7 +88,7 @@ class FineTuneConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    model: Literal["compact_cnn", "efficientnet_b0", "resnet50", "densenet121"] = "compact_cnn"
+    model: Literal["compact_cnn", "efficientnet_b0", "resnet50", "densenet121", "mobilenet"] = "compact_cnn"
     weights: Literal["none", "imagenet"] = "none"
     backbone_weights: Optional[str] = None  # a local .weights.h5 / .keras / keras.applications *_notop.h5 file
     fine_tune: Optional[FineTuneConfig] = None
@@ -332,7 +332,7 @@ def _check_transfer_learning(training: TrainingConfig, file: str) -> None:
     if training.model == "compact_cnn" and (pretrained or training.fine_tune is not None):
         raise ConfigError(f"{file}: training.weights, training.backbone_weights and training.fine_tune apply to "
                           f"keras.applications backbones; training.model is compact_cnn (choose efficientnet_b0, "
-                          f"resnet50 or densenet121)")
+                          f"resnet50, densenet121 or mobilenet)")
     if training.backbone_weights is not None and training.weights == "imagenet":
         raise ConfigError(f"{file}: training.weights is imagenet and training.backbone_weights is set; keep one "
                           f"(weights: none with a local backbone_weights file)")

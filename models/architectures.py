@@ -32,7 +32,8 @@ def bn_momentum_for(steps_per_epoch: int) -> float:
     """
     return min(BN_MOMENTUM, 0.01 ** (1.0 / max(1, steps_per_epoch)))
 
-BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121"}
+BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121",
+                             "mobilenet": "MobileNet"}
 
 # The input scaling each backbone's ImageNet weights expect, from 0..255 RGB, as (mean, std) per channel; written as
 # a Normalization layer (not a Lambda) so model.keras loads in safe mode. EfficientNet scales inside itself.
@@ -41,6 +42,7 @@ BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "R
 BACKBONE_SCALING: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "resnet50": ((123.68, 116.779, 103.939), (1.0, 1.0, 1.0)),
     "densenet121": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "mobilenet": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),  # "tf" mode: -1..1
 }
 
 

@@ -226,45 +226,44 @@ def test_fine_tune_from_a_local_backbone_file(tmp_path, ingested_sample, monkeyp
 
     size = 64  # the ingested sample's size
     keras.utils.set_random_seed(7)
-    source = build_backbone("efficientnet_b0", size)
-    weights_file = tmp_path / "efficientnet_b0_notop.weights.h5"
+    source = build_backbone("mobilenet", size)  # MobileNet v1: the smallest graph of the backbones, quick to trace
+    weights_file = tmp_path / "mobilenet_notop.weights.h5"
     source.save_weights(weights_file)
-    loaded = {layer.name: [w.copy() for w in layer.get_weights()] for layer in source.layers}
+    loaded = [[w.copy() for w in layer.get_weights()] for layer in source.layers]
 
     snapshots = []
     original_fit = keras.Model.fit
 
     def recording_fit(self, *args, **kwargs):  # what the backbone holds when each stage's fit returns
         history = original_fit(self, *args, **kwargs)
-        backbone = self.get_layer(BACKBONE_LAYER)
-        snapshots.append({layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers})
+        snapshots.append([[w.copy() for w in layer.get_weights()] for layer in self.get_layer(BACKBONE_LAYER).layers])
         return history
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
-    config = load_config(CONFIG, [*SAMPLE_OVERRIDES, "training.model=efficientnet_b0", "training.epochs=2",
+    config = load_config(CONFIG, [*SAMPLE_OVERRIDES, "training.model=mobilenet", "training.epochs=2",
                                   f"training.backbone_weights={weights_file}", "training.batch_size=16",
                                   "training.fine_tune={freeze: 0.5, warmup_epochs: 1, unfreeze_learning_rate: 0.0001}"])
     run_dir = tmp_path / "run"
     metadata = train(config, ingested_sample, run_dir)
 
     assert len(snapshots) == 2 and metadata["epochs_run"] == 2
-    names = [layer.name for layer in source.layers]
-    frozen = names[:frozen_count(names, 0.5)]
-    trainable = [name for name in names[len(frozen):] if loaded[name]]
+    layers = source.layers
+    count = frozen_count([layer.name for layer in layers], 0.5)
+    is_bn = [isinstance(layer, keras.layers.BatchNormalization) for layer in layers]
 
-    def same(snapshot, name):
-        return all(np.array_equal(a, b) for a, b in zip(snapshot[name], loaded[name]))
+    def same(snapshot, index):
+        return all(np.array_equal(a, b) for a, b in zip(snapshot[index], loaded[index]))
 
-    weighted_frozen = [name for name in frozen if loaded[name]]
-    assert weighted_frozen and all(same(snapshots[0], name) for name in weighted_frozen)
-    assert not all(same(snapshots[0], name) for name in trainable)  # stage 1 did train the unfrozen part
-    assert not any(same(snapshots[1], name) for name in weighted_frozen
-                   if "bn" not in name and "normalization" not in name)
-    # BatchNorm in inference mode throughout: moving statistics as loaded, in frozen and unfrozen layers alike
-    for name in names:
-        if isinstance(source.get_layer(name), keras.layers.BatchNormalization):
-            mean_now = snapshots[1][name][2]
-            np.testing.assert_array_equal(mean_now, loaded[name][2])
+    frozen = [i for i in range(count) if loaded[i]]
+    unfrozen = [i for i in range(count, len(layers)) if loaded[i]]
+    assert frozen and all(same(snapshots[0], i) for i in frozen)  # stage 1: frozen layers exactly as loaded
+    assert not all(same(snapshots[0], i) for i in unfrozen)  # ... while the unfrozen part did train
+    assert not any(same(snapshots[1], i) for i in frozen)  # stage 2 trained them (BN: gamma and beta)
+    # BatchNorm in inference mode throughout: moving mean and variance as loaded, frozen or not
+    for i in (i for i in range(len(layers)) if is_bn[i]):
+        for stage in snapshots:
+            np.testing.assert_array_equal(stage[i][2], loaded[i][2])
+            np.testing.assert_array_equal(stage[i][3], loaded[i][3])
     assert metadata["backbone_weights"] == str(weights_file)
     assert not (run_dir / "backup").exists()  # both stages' backups are gone once the run is complete
     assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
