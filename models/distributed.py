@@ -113,16 +113,20 @@ def worker_backup(backup_dir: Path, restore_dir: Path, delete_checkpoint: bool =
 
 
 # ------------------------------------------------------------------------------------------------- local launcher
-def reserve_ports(count: int) -> tuple[list[int], list[socket.socket]]:
-    """Free localhost ports held open with SO_REUSEPORT until the workers' gRPC servers (which set SO_REUSEPORT too)
-    bind them, so no other process can take one in between."""
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free localhost ports. They are released before the workers bind them (TensorFlow's gRPC
+    server does not share a port), so another process could take one in between: the worker then fails to start
+    and the launcher stops the others."""
     sockets = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-    return [sock.getsockname()[1] for sock in sockets], sockets
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def local_tf_configs(ports: Sequence[int]) -> list[str]:
@@ -142,16 +146,13 @@ def launch_local_workers(argv: Sequence[str], workers: int, poll_seconds: float 
     if os.environ.get(TF_CONFIG):
         raise ConfigError(f"--workers starts its own cluster but {TF_CONFIG} is already set; unset it, or start "
                           "each worker yourself with its TF_CONFIG and without --workers")
-    ports, held = reserve_ports(workers)
+    ports = free_ports(workers)
     processes = []
     try:
         for index, tf_config in enumerate(local_tf_configs(ports)):
             env = {**os.environ, TF_CONFIG: tf_config}
             processes.append(subprocess.Popen([sys.executable, "-m", "models.train", *argv], env=env))
             log.info("started worker %d of %d (pid %d, localhost:%d)", index, workers, processes[-1].pid, ports[index])
-        for sock in held:
-            sock.close()
-        held = []
         while True:
             codes = [process.poll() for process in processes]
             failed = [code for code in codes if code not in (None, 0)]
@@ -162,8 +163,6 @@ def launch_local_workers(argv: Sequence[str], workers: int, poll_seconds: float 
                 return 0
             time.sleep(poll_seconds)
     finally:
-        for sock in held:
-            sock.close()
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -411,7 +411,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
         "packages": package_versions(),
         "replicas": replicas,
         "workers": cluster.workers,
-        "strategy": type(strategy).__name__,
+        "strategy": "MultiWorkerMirroredStrategy" if cluster.multi_worker else "MirroredStrategy",
         "devices": list(strategy.extended.worker_devices),
         "gpus": len(gpu_names()),
         "gpu_names": gpu_names(),

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, SAMPLE_OVERRIDES, TEST_DEID_KEY, overrides
 from medpipe.config import load_config
 from medpipe.errors import ConfigError
-from models.distributed import Cluster, local_tf_configs, parse_tf_config, reserve_ports
+from models.distributed import Cluster, free_ports, local_tf_configs, parse_tf_config
 
 CONFIG = str(ROOT / "config" / "brain_mri.yaml")
 TINY = (*SAMPLE_OVERRIDES, "training.width=8")
@@ -53,12 +53,8 @@ def test_bad_tf_config_is_a_clear_error(text, message):
 
 
 def test_local_cluster_configs_name_every_worker_and_one_chief():
-    ports, held = reserve_ports(3)
-    try:
-        clusters = [parse_tf_config(text) for text in local_tf_configs(ports)]
-    finally:
-        for sock in held:
-            sock.close()
+    ports = free_ports(3)
+    clusters = [parse_tf_config(text) for text in local_tf_configs(ports)]
     assert len(set(ports)) == 3
     assert [c.task_index for c in clusters] == [0, 1, 2] and [c.is_chief for c in clusters] == [True, False, False]
     assert json.loads(local_tf_configs(ports)[1])["cluster"]["worker"] == [f"localhost:{port}" for port in ports]
@@ -117,7 +113,7 @@ def test_launcher_refuses_an_existing_tf_config(tmp_path, monkeypatch):
 def test_two_workers_on_localhost_train_one_run_written_by_the_chief(tmp_path, ingested_sample):
     """Acceptance: two `medpipe train` processes with a two-worker TF_CONFIG, 1 epoch on the sample."""
     run_dir = tmp_path / "run"
-    ports, held = reserve_ports(2)
+    ports = free_ports(2)
     args = ["--config", CONFIG, "--data", str(ingested_sample), "--output", str(run_dir),
             *overrides(*TINY, "training.epochs=1")]
     logs = [tmp_path / f"worker{index}.log" for index in range(2)]
@@ -134,8 +130,6 @@ def test_two_workers_on_localhost_train_one_run_written_by_the_chief(tmp_path, i
     finally:
         for process in processes:
             process.kill()
-        for sock in held:
-            sock.close()
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], outputs[codes.index(max(codes))][-4000:]
     assert "workers: 2 (this process: worker 0 (chief))" in outputs[0]
