@@ -130,10 +130,11 @@ def load_backbone_weights(model: keras.Model, file: str, name: str) -> None:
 def backbone(inputs: Any, name: str, weights: str, channels: int, backbone_weights: str | None = None) -> Any:
     """A keras.applications model nested as one layer named `backbone` (Grad-CAM looks inside nested models).
 
-    With pretrained weights (imagenet or a local file) the backbone is called with training=False: its BatchNorm
-    layers stay in inference mode, using the ImageNet statistics, while frozen and after unfreezing (Keras'
-    transfer-learning recipe: updating them from a few small medical batches would wreck the pretrained features).
-    Trained from scratch, BatchNorm learns as usual.
+    With pretrained weights (imagenet or a local file) the backbone's BatchNorm layers are frozen: they run in
+    inference mode on the ImageNet statistics, while the rest is frozen and after unfreezing (Keras' transfer-learning
+    recipe: statistics updated from a few small medical batches would wreck the pretrained features). It is done
+    with `trainable = False` on each BatchNorm layer, because Keras 3 overrides a `training=False` given when the
+    nested model is called inside a functional graph. Trained from scratch, BatchNorm learns as usual.
     """
     x = inputs
     if channels == 1:
@@ -144,8 +145,9 @@ def backbone(inputs: Any, name: str, weights: str, channels: int, backbone_weigh
     model = build_backbone(name, inputs.shape[1], weights)
     if backbone_weights is not None:
         load_backbone_weights(model, backbone_weights, name)
-    pretrained = weights == "imagenet" or backbone_weights is not None
-    return model(x, training=False) if pretrained else model(x)
+    if weights == "imagenet" or backbone_weights is not None:
+        set_frozen(model, 0)
+    return model(x)
 
 
 def frozen_count(layer_names: list[str], freeze: float | str) -> int:
@@ -161,10 +163,11 @@ def frozen_count(layer_names: list[str], freeze: float | str) -> int:
 
 
 def set_frozen(backbone_model: keras.Model, count: int) -> None:
-    """Freeze the first `count` layers of the backbone, make the others trainable (recompile afterwards)."""
+    """Freeze the first `count` layers of a pretrained backbone and make the others trainable, except BatchNorm
+    layers, which stay frozen (inference mode) throughout. Recompile afterwards."""
     backbone_model.trainable = True
     for index, layer in enumerate(backbone_model.layers):
-        layer.trainable = index >= count
+        layer.trainable = index >= count and not isinstance(layer, layers.BatchNormalization)
 
 
 def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = None) -> keras.Model:
