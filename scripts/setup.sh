@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pip check lines that are expected: tensorflow-serving-api's declared `tensorflow` (skipped with --no-deps), and in
+# the GPU venv medpipe's declared tensorflow-cpu (replaced by tensorflow[and-cuda], the same import package).
+EXPECTED="tensorflow-serving-api .* requires tensorflow"
 if [ "${GPU:-0}" = "1" ]; then
-  VENV=.venv-gpu LOCK=requirements-gpu.lock
+  VENV=.venv-gpu LOCK=requirements-gpu.lock EXPECTED="$EXPECTED|medpipe .* requires tensorflow-cpu"
 else
   VENV=.venv LOCK=requirements.lock
 fi
@@ -51,9 +54,11 @@ echo "setup: installing the locked dependency tree ($LOCK) into $VENV (a few min
 pip_install -r "$LOCK"
 pip_install --no-deps tensorflow-serving-api==2.21.0
 pip_install --no-deps -e .
-# Everything except tensorflow-serving-api's declared (and deliberately skipped) `tensorflow` must be consistent.
-if "$VENV/bin/python" -m pip check | grep -v "tensorflow-serving-api .* requires tensorflow" | grep -q .; then
-  "$VENV/bin/python" -m pip check || true
+# Everything except the expected lines above must be consistent (captured first: `grep -q` in a pipefail pipeline
+# can end the check early and hide a problem).
+problems="$("$VENV/bin/python" -m pip check | grep -v -E "$EXPECTED" || true)"
+if [ -n "$problems" ]; then
+  echo "$problems" >&2
   echo "setup: dependency check failed (see above)" >&2
   exit 1
 fi
