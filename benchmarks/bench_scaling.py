@@ -75,9 +75,12 @@ def main() -> int:
         work_dir = Path(work)
         make_subset(source, work_dir / "images", args.per_class)
         data = work_dir / "ingest"
-        subprocess.run([sys.executable, "-m", "beam_pipelines.ingest", "--config", "brain_mri", "--input",
-                        str(work_dir / "images"), "--output", str(data), "--set", "image.size=64"], cwd=ROOT,
-                       check=True, capture_output=True, env={**os.environ, "MEDPIPE_DEID_KEY": "bench-scaling"})
+        ingest = subprocess.run([sys.executable, "-m", "beam_pipelines.ingest", "--config", "brain_mri", "--input",
+                                 str(work_dir / "images"), "--output", str(data), "--set", "image.size=64"],
+                                cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "MEDPIPE_DEID_KEY": "bench-scaling-key-not-a-secret"})
+        if ingest.returncode != 0:
+            raise RuntimeError(f"ingest failed:\n{ingest.stderr[-3000:]}")
         logs = {
             "one_replica": train(data, work_dir / "r1", args.epochs, args.batch),
             "two_replicas": train(data, work_dir / "r2", args.epochs, args.batch // 2, "--cpu-replicas", "2"),
