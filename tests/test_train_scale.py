@@ -89,6 +89,7 @@ def test_strip_option():
     assert strip_option(["--workers=3", "--cache"], "--workers") == ["--cache"]
 
 
+@pytest.mark.slow
 def test_launcher_stops_on_a_failing_worker_and_returns_its_status(tmp_path):
     """The workers start with their TF_CONFIG and fail on missing data: the launcher returns their status."""
     result = subprocess.run([sys.executable, "-m", "models.train", "--config", CONFIG,
@@ -200,10 +201,10 @@ def test_missing_or_mismatched_backbone_weights_are_clear_errors(tmp_path):
     small = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, name="conv")])
     small.save_weights(tmp_path / "other.weights.h5")
     (tmp_path / "notes.txt").write_text("not weights")
-    cases = {"missing.weights.h5": "does not exist", "other.weights.h5": "does not fit training.model efficientnet_b0",
+    cases = {"missing.weights.h5": "does not exist", "other.weights.h5": "does not fit training.model mobilenet",
              "notes.txt": "is not a Keras weights file"}
     for name, message in cases.items():
-        config = load_config(CONFIG, ["image.size=32", "training.model=efficientnet_b0",
+        config = load_config(CONFIG, ["image.size=32", "training.model=mobilenet",
                                       f"training.backbone_weights={tmp_path / name}"])
         with pytest.raises(ConfigError, match=message):
             build_model(config, 4)
