@@ -22,6 +22,7 @@ BENCHMARKS = {
     "gateway": "benchmarks/bench_gateway.py",
     "pacs": "benchmarks/bench_pacs.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
+    "scaling": "benchmarks/bench_scaling.py",
 }
 
 

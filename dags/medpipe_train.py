@@ -31,9 +31,10 @@ DOC_MD = """
 * **Gate**: a model that is not blessed is **not published**: `gate` logs the reasons and skips `publish`
   (or fails the run when `fail_if_not_blessed` is set).
 * **Where training runs**: `training_mode` param, else env `MEDPIPE_TRAINING_MODE`, else `local` (a subprocess with
-  `--cpu-replicas`). `kubernetes` (needs `apache-airflow-providers-cncf-kubernetes`) starts a pod from
-  `$MEDPIPE_IMAGE` requesting `$MEDPIPE_TRAIN_GPUS` (default 1) `nvidia.com/gpu`; `docker` (needs
-  `apache-airflow-providers-docker`) runs the same image with GPU device requests. Paths must then be on storage the
+  `--cpu-replicas`; the `workers` param starts that many local worker processes, `--workers`). `kubernetes` (needs
+  `apache-airflow-providers-cncf-kubernetes`) starts a pod from `$MEDPIPE_IMAGE` (default `medpipe:gpu`) requesting
+  `$MEDPIPE_TRAIN_GPUS` (default 1) `nvidia.com/gpu`; `docker` (needs `apache-airflow-providers-docker`) runs the
+  same image with GPU device requests. Paths must then be on storage the
   pod/container mounts at the same place.
 * **Concurrency**: `max_active_runs=1`, and `train` runs in the pool `medpipe_training`
   (`airflow pools set medpipe_training 1 "medpipe training"`; `airflow pools import config/airflow/pools.json`).
@@ -63,6 +64,8 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
                            description="training config overrides section.key=value (saved in the run's config)"),
         "cpu_replicas": Param(None, type=["null", "integer"], minimum=1, maximum=64,
                               description="MirroredStrategy CPU replicas for local training (empty = stage default)"),
+        "workers": Param(None, type=["null", "integer"], minimum=1, maximum=16,
+                         description="local training: N worker processes (MultiWorkerMirroredStrategy); empty = 1"),
         "training_mode": Param(None, type=["null", "string"], enum=[None, "local", "kubernetes", "docker"],
                                description="local subprocess | kubernetes pod | docker container"),
         "serving_grpc": Param(None, type=["null", "string"], description="host:port of the serving endpoint"),
@@ -113,6 +116,8 @@ def medpipe_train():
         if mode == "local":
             if params.get("cpu_replicas"):
                 args += ["--cpu-replicas", str(params["cpu_replicas"])]
+            if (params.get("workers") or 1) > 1:
+                args += ["--workers", str(params["workers"])]
             run_stage("models.train", args)
         elif mode in ("kubernetes", "docker"):
             _train_in_container(mode, args, context)
@@ -197,7 +202,7 @@ def _train_in_container(mode: str, args: list[str], context: dict) -> None:
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    image = os.environ.get("MEDPIPE_IMAGE", "medpipe:latest")
+    image = os.environ.get("MEDPIPE_IMAGE", "medpipe:gpu")  # the Dockerfile's `gpu` target
     gpus = int(os.environ.get("MEDPIPE_TRAIN_GPUS", "1"))
     command = ["python", "-m", "models.train", *args]
     try:

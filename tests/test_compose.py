@@ -177,10 +177,35 @@ def test_flink_profile(flink_model):
     assert worker["image"] == "medpipe:latest" and worker["entrypoint"] == ["/opt/apache/beam/boot"]
 
 
+@pytest.fixture(scope="module")
+def gpu_model() -> dict:
+    return json.loads(compose("--profile", "gpu", "config", "--format", "json").stdout)
+
+
+def test_gpu_trainer_uses_the_gpu_target_and_reserves_gpus(model, gpu_model):
+    assert "trainer" not in model["services"]  # only with --profile gpu
+    trainer = gpu_model["services"]["trainer"]
+    assert trainer["build"]["target"] == "gpu" and trainer["image"] == "medpipe:gpu"
+    assert trainer["command"][:2] == ["medpipe", "train"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]  # -1 = all
+    assert mounts(trainer)["/data"]["source"] == "medpipe-data"
+
+
+def test_dockerfile_gpu_target_installs_the_gpu_lock_on_a_cuda_image():
+    text = (ROOT / "Dockerfile").read_text()
+    gpu = text.split("AS builder_gpu", 1)[1].split("AS runtime", 1)[0]
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:12\.\d+\.\d+-\S+", text, flags=re.MULTILINE)
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS gpu$", text, flags=re.MULTILINE)
+    assert "pip install -r requirements-gpu.lock" in gpu and "COPY --from=builder_gpu /opt/venv /opt/venv" in gpu
+    assert "USER 50000" in gpu.split("AS gpu", 1)[1]
+
+
 def test_dockerfile_is_multistage_slim_non_root_and_uses_the_lock():
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.MULTILINE)
-    assert [name for _, name in stages] == ["builder", "beam_sdk", "runtime"]
+    # runtime stays the last stage, so a plain `docker build .` makes the CPU image
+    assert [name for _, name in stages] == ["builder", "beam_sdk", "builder_gpu", "gpu", "runtime"]
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, flags=re.MULTILINE)
     assert "pip install -r requirements.lock" in text
     assert "pip install --no-deps tensorflow-serving-api==" in text
