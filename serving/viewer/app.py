@@ -366,9 +366,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
 
 
 def _http_status(error: GatewayError) -> int:
-    from serving.gateway.core import http_status
-
-    return http_status(error.code)
+    return error.http_status
 
 
 def _refusal(error: GatewayError) -> str:
