@@ -21,8 +21,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("models.evaluate", "metrics, plots, Grad-CAM, report.html and the quality gate (blessing.json)"),
     "publish": ("serving.publish", "export a blessed run as a versioned SavedModel into a TF Serving repository"),
     "serve": ("serving.server", "TF Serving-compatible gRPC (8500) + REST (8501) server over a model repository"),
+    "gateway": ("serving.gateway.server", "the clinical gateway: authenticated, audited gRPC + REST front door to TF Serving"),
+    "audit": ("serving.gateway.audit", "check the gateway's hash-chained audit log (medpipe audit verify FILE)"),
     "predict": ("serving.client", "classify DICOM/PNG/JPEG files against a served model over gRPC or REST"),
-    "monitor": ("medpipe.monitoring", "drift and live-accuracy report from the server's request log (alerts over thresholds)"),
+    "monitor": ("medpipe.monitoring", "drift and live-accuracy report from the gateway's request log (alerts over thresholds)"),
     "feedback": ("medpipe.feedback", "radiologists' confirmed labels for served studies -> a labelled partition"),
     "demo": ("medpipe.demo", "the whole chain on the sample in sample_data/, end to end, in a few minutes"),
 }

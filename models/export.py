@@ -38,8 +38,11 @@ def read_threshold(run_dir: Path) -> float | None:
 
 
 def preprocessing_params(config, threshold: float | None) -> dict:
+    # dicom and ingest: what the gateway needs to run preprocess_bytes exactly as ingest did for this model
+    plain = config.to_dict()
     return {"image_size": config.image.size, "channels": config.image.channels, "task": config.task,
-            "labels": list(config.labels), "threshold": threshold}
+            "labels": list(config.labels), "threshold": threshold, "dicom": plain["dicom"],
+            "ingest": {key: plain["ingest"][key] for key in ("min_size", "max_pixels", "max_file_mb")}}
 
 
 def _head(scores, task: str, num_classes: int, threshold: float | None):

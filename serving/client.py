@@ -17,6 +17,7 @@ import base64
 import json
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -49,7 +50,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signature", default=SIGNATURE, help="signature name (default serving_default)")
     parser.add_argument("--deadline", type=float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--request-id", help="base x-request-id (default: a random one per request)")
+    add_connection_options(parser)
     return parser
+
+
+# ---- TLS, mTLS and bearer tokens (the gateway; TF Serving behind TLS) ---------------------------------------------
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: plain, TLS (tls_ca), mTLS (+ tls_cert, tls_key), and/or a bearer token."""
+
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    def channel(self, target: str):
+        import grpc
+
+        if not self.tls_ca:
+            return grpc.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            Path(self.tls_ca).read_bytes(), Path(self.tls_key).read_bytes() if self.tls_key else None,
+            Path(self.tls_cert).read_bytes() if self.tls_cert else None)
+        return grpc.secure_channel(target, credentials)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def ssl_context(self):
+        import ssl
+
+        if not self.tls_ca:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect with TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS, with --tls-key and --tls-ca)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--token-file", help="file holding a bearer token (JWT) sent as Authorization: Bearer")
+
+
+def connection_from_args(args) -> Connection:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MedpipeError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise MedpipeError("--tls-cert needs --tls-ca (the CA of the server's certificate)")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise MedpipeError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
+        if not token:
+            raise MedpipeError(f"--token-file {args.token_file} is empty")
+    return Connection(args.tls_ca, args.tls_cert, args.tls_key, token)
 
 
 def _spec(request_spec, model: str, version: int | None, label: str | None, signature: str) -> None:
@@ -78,7 +137,7 @@ def _grpc_error(exc, host: str, model: str) -> ServerError:
 
 def predict_images(host: str, model: str, images: Sequence[bytes], version: int | None = None,
                    label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
-                   request_id: str | None = None, channel=None) -> list[dict]:
+                   request_id: str | None = None, channel=None, connection: Connection | None = None) -> list[dict]:
     """Encoded PNG/JPEG images -> one dict per image (class, confidence, probabilities, model_version,
     request_id) from one gRPC Predict call with the official stubs. Raises ServerError with a clear message."""
     import grpc
@@ -89,11 +148,12 @@ def predict_images(host: str, model: str, images: Sequence[bytes], version: int 
     _spec(request.model_spec, model, version, label, signature)
     request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
     request_id = request_id or uuid.uuid4().hex
+    connection = connection or Connection()
     own = channel is None
-    channel = channel or grpc.insecure_channel(host)
+    channel = channel or connection.channel(host)
     try:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            request, timeout=deadline, metadata=[("x-request-id", request_id)])
+            request, timeout=deadline, metadata=[("x-request-id", request_id), *connection.metadata()])
     except grpc.RpcError as exc:
         raise _grpc_error(exc, host, model) from exc
     finally:
@@ -105,7 +165,7 @@ def predict_images(host: str, model: str, images: Sequence[bytes], version: int 
 
 def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: int | None = None,
                         label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
-                        request_id: str | None = None) -> list[dict]:
+                        request_id: str | None = None, connection: Connection | None = None) -> list[dict]:
     """The same over TF Serving's REST API (row format, b64 values)."""
     import urllib.error
     import urllib.request
@@ -117,12 +177,16 @@ def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: 
     body = json.dumps({"signature_name": signature,
                        "instances": [{"b64": base64.b64encode(i).decode()} for i in images]}).encode()
     request_id = request_id or uuid.uuid4().hex
+    connection = connection or Connection()
+    auth = {"Authorization": f"Bearer {connection.token}"} if connection.token else {}
+    context = connection.ssl_context()
     request = urllib.request.Request(url.rstrip("/") + path + ":predict", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id, **auth})
     try:
-        with urllib.request.urlopen(request, timeout=deadline) as response:
+        with urllib.request.urlopen(request, timeout=deadline, context=context) as response:
             predictions = json.load(response)["predictions"]
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=deadline) as response:
+        status_request = urllib.request.Request(url.rstrip("/") + path, headers=auth)
+        with urllib.request.urlopen(status_request, timeout=deadline, context=context) as response:
             status = json.load(response)["model_version_status"]
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
@@ -151,7 +215,8 @@ def rows(outputs: dict, model_version: int | None, request_id: str) -> list[dict
     return result
 
 
-def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float):
+def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float,
+                         connection: Connection | None = None):
     """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
     import grpc
     from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
@@ -160,10 +225,11 @@ def config_from_metadata(host: str, model: str, version: int | None, label: str 
 
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     _spec(request.model_spec, model, version, label, "")
-    with grpc.insecure_channel(host) as channel:
+    connection = connection or Connection()
+    with connection.channel(host) as channel:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
-                request, timeout=deadline)
+                request, timeout=deadline, metadata=connection.metadata())
         except grpc.RpcError as exc:
             raise _grpc_error(exc, host, model) from exc
     signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -196,12 +262,14 @@ def prepare(paths: Sequence[str], config) -> Iterator[tuple[str, bytes | None, d
 
 def predict_files(paths: Sequence[str], config, model: str, server: str | None = None, rest: str | None = None,
                   version: int | None = None, label: str | None = None, signature: str = SIGNATURE,
-                  deadline: float = 10.0, request_id: str | None = None) -> Iterator[dict]:
+                  deadline: float = 10.0, request_id: str | None = None,
+                  connection: Connection | None = None) -> Iterator[dict]:
     """One dict per file, in order: a prediction, or an error line for a file that cannot be used."""
     import grpc
 
     pending: list[tuple[str, bytes]] = []
-    channel = None if rest else grpc.insecure_channel(server)
+    connection = connection or Connection()
+    channel = None if rest else connection.channel(server)
     chunks = [0]
 
     def flush():
@@ -210,10 +278,11 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
         rid = request_id and (request_id if chunks[0] == 0 else f"{request_id}-r{chunks[0]}")
         chunks[0] += 1
         if rest:
-            results = predict_images_rest(rest, model, images, version, label, signature, deadline, rid)
+            results = predict_images_rest(rest, model, images, version, label, signature, deadline, rid,
+                                          connection=connection)
         else:
             results = predict_images(server, model, images, version, label, signature, deadline, rid,
-                                     channel=channel)
+                                     channel=channel, connection=connection)
         lines = [{"file": path, **result} for (path, _), result in zip(pending, results)]
         pending.clear()
         return lines
@@ -236,6 +305,7 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    connection = connection_from_args(args)
     if args.config:
         from medpipe.config import load_config
 
@@ -243,10 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.rest:
         raise MedpipeError("--rest needs --config (the model's task config) to preprocess files like ingest")
     else:
-        config = config_from_metadata(args.server, args.model, args.version, args.label, args.deadline)
+        config = config_from_metadata(args.server, args.model, args.version, args.label, args.deadline, connection)
     failed = 0
     for line in predict_files(args.files, config, args.model, args.server, args.rest, args.version, args.label,
-                              args.signature, args.deadline, args.request_id):
+                              args.signature, args.deadline, args.request_id, connection):
         failed += "error" in line
         print(json.dumps(line), flush=True)
     if failed:

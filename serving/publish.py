@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", help="version label to point at the new (or --version) version, e.g. stable")
     parser.add_argument("--version", type=int, help="with --label and no --run: move the label to this version")
     parser.add_argument("--server", help="HOST:PORT of a running server's gRPC port: ask it to reload models.config")
+    from serving.client import add_connection_options
+
+    add_connection_options(parser)  # TLS / mTLS / bearer token towards --server
     parser.add_argument("--force", action="store_true", help="publish even if the run is not blessed (dangerous)")
     parser.add_argument("--base-path", help="base_path written to models.config as the server sees it "
                         "(e.g. /models/NAME inside the tensorflow/serving container); default: the absolute path")
@@ -95,16 +98,19 @@ def update_config(repository: Path, model_name: str, labels: dict[str, int], bas
     return config
 
 
-def reload_server(server: str, config, timeout: float) -> None:
+def reload_server(server: str, config, timeout: float, connection=None) -> None:
     """ModelService.HandleReloadConfigRequest: the same call works against real TF Serving."""
     import grpc
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
+    from serving.client import Connection
+
     request = model_management_pb2.ReloadConfigRequest(config=config)
-    with grpc.insecure_channel(server) as channel:
+    connection = connection or Connection()
+    with connection.channel(server) as channel:
         try:
             response = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
-                request, timeout=timeout)
+                request, timeout=timeout, metadata=connection.metadata())
         except grpc.RpcError as exc:
             raise MedpipeError(f"server {server} did not reload: {exc.code().name}: {exc.details()}") from exc
     if response.status.error_code != 0:
@@ -140,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError("nothing to do: pass --run RUN_DIR to publish, or --label L --version V to move a label")
     config = update_config(repository, args.model_name, labels, args.base_path, policy, num_versions)
     if args.server:
-        reload_server(args.server, config, args.timeout)
+        from serving.client import connection_from_args
+
+        reload_server(args.server, config, args.timeout, connection_from_args(args))
     return 0
 
 

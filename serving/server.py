@@ -24,7 +24,7 @@ from medpipe.cli import module_main
 from medpipe.errors import ConfigError
 from serving.batching import BatchingParameters, read_batching_config
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, ServingError, run_signature
-from serving.metrics import MedpipeMetrics, RequestLog, TfServingMetrics, log_records, request_ids
+from serving.metrics import MedpipeMetrics, TfServingMetrics
 
 log = logging.getLogger("medpipe.serve")
 GIL_SWITCH_SECONDS = 0.0005  # Python default 0.005: see main()
@@ -69,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.5,
                         help="repository poll interval (default 0.5 s: a new version serves well within 2 s)")
     parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
-    parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (one line per image)")
-    parser.add_argument("--drift-baseline", help="medpipe.drift baseline: export drift gauges to Prometheus")
     parser.add_argument("--allow-version-labels-for-unavailable-models",
                         "--allow_version_labels_for_unavailable_models", type=parse_flag_bool, nargs="?",
                         const=True, default=False, metavar="true|false",
@@ -96,51 +94,23 @@ def monitoring_path(config_file: str | None) -> str:
 
 
 class Metrics:
-    """Both metric families plus optional drift tracking, shared by gRPC and REST."""
+    """Both metric families, shared by gRPC and REST. The request log, class mix and drift gauges live in the
+    gateway (serving/gateway/metrics.py), which production runs in front of the real TF Serving."""
 
-    def __init__(self, drift_baseline: str | None = None):
+    def __init__(self):
         self.tf = TfServingMetrics()
         self.medpipe = MedpipeMetrics()
         self.loaded_versions = self.medpipe.loaded_versions
-        self.trackers: dict = {}
-        self.baseline = None
-        self._drift_lock = threading.Lock()
-        if drift_baseline:
-            from medpipe import drift  # lazy: only with --drift-baseline
-
-            self.drift = drift
-            self.baseline = drift.load_baseline(drift_baseline)
 
     def render(self) -> str:
-        self._refresh_drift()  # at scrape time, so the gauges never lag behind a burst of requests
         return self.tf.render() + self.medpipe.render()
-
-    def predictions(self, model: str, records: list[dict]) -> None:
-        for record in records:
-            self.medpipe.predictions.labels(model, str(record["version"]), record["class"]).inc()
-            self.medpipe.confidence.labels(model).observe(record["confidence"])
-        if self.baseline is None:
-            return
-        with self._drift_lock:
-            tracker = self.trackers.setdefault(model, self.drift.DriftTracker(self.baseline))
-            for record in records:
-                if "pixel_histogram" in record:
-                    tracker.observe(record["pixel_histogram"], record["probabilities"])
-
-    def _refresh_drift(self) -> None:
-        with self._drift_lock:  # a snapshot walks the tracker's window: no observe() may run meanwhile
-            snapshots = {model: tracker.snapshot() for model, tracker in self.trackers.items()}
-        for model, snap in snapshots.items():
-            self.medpipe.drift_psi.labels(model).set(snap.get("psi") or 0.0)
-            self.medpipe.drift_class_shift.labels(model).set(snap.get("class_shift") or 0.0)
-            self.medpipe.low_confidence.labels(model).set(snap.get("low_confidence_rate") or 0.0)
 
 
 class Service:
-    """The API-independent core used by both gRPC and REST: predict with logging and metrics."""
+    """The API-independent core used by both gRPC and REST."""
 
-    def __init__(self, manager: ModelManager, metrics: Metrics, request_log: RequestLog | None):
-        self.manager, self.metrics, self.request_log = manager, metrics, request_log
+    def __init__(self, manager: ModelManager, metrics: Metrics):
+        self.manager, self.metrics = manager, metrics
 
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
                 inputs: dict[str, np.ndarray], request_id: str | None, api: str = "predict"):
@@ -152,33 +122,7 @@ class Service:
             ok = True
         finally:
             self.metrics.tf.request(name, api, ok, time.perf_counter() - start)
-        self._observe(name, found, signature_name or DEFAULT_SIGNATURE, inputs, outputs, request_id)
         return found, outputs
-
-    def _observe(self, name, found, signature_name, inputs, outputs, request_id) -> None:
-        if "probabilities" not in outputs or "class_ids" not in outputs:
-            return
-        try:
-            pixels = None
-            if self.request_log is not None or self.metrics.baseline is not None:
-                pixels = self._pixels(found, signature_name, inputs)
-            count = len(outputs["probabilities"])
-            records = log_records(name, found.number, request_ids(request_id, count), outputs["class_ids"],
-                                  outputs["class_names"], outputs["probabilities"], pixels)
-            self.metrics.predictions(name, records)
-            if self.request_log is not None:
-                self.request_log.write(records)
-        except Exception:  # noqa: BLE001 - logging must never fail a prediction already made; it is reported
-            log.exception("could not log/measure a prediction of %s", name)
-
-    @staticmethod
-    def _pixels(found, signature_name, inputs) -> np.ndarray | None:
-        if "images" in inputs:
-            return inputs["images"]
-        preprocess = found.signatures.get("preprocess")
-        if preprocess is not None and "image_bytes" in inputs:
-            return preprocess.call({"image_bytes": inputs["image_bytes"]})["images"]
-        return None
 
 
 # ---- gRPC ------------------------------------------------------------------------------------------------------
@@ -371,10 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     batching = None if args.enable_batching is False else (
         read_batching_config(args.batching_config) if args.batching_config else BatchingParameters())
     configure_tensorflow(args.intra_op_threads, args.inter_op_threads)
-    metrics = Metrics(args.drift_baseline)
+    metrics = Metrics()
     manager = ModelManager(repository, Path(args.model_config_file).resolve() if args.model_config_file else None,
                            batching, metrics, args.poll_seconds, args.allow_version_labels_for_unavailable_models)
-    service = Service(manager, metrics, RequestLog(args.request_log) if args.request_log else None)
+    service = Service(manager, metrics)
     max_bytes = int(args.max_request_mb * 2**20)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
 

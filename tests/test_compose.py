@@ -17,6 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# the gateway's certificates and keys come from files the operator names; no defaults
+GATEWAY_SECRETS = {name: f"/secrets/{name.lower()}.pem" for name in (
+    "GATEWAY_TLS_CERT", "GATEWAY_TLS_KEY", "GATEWAY_CLIENT_CA", "GATEWAY_JWT_KEY", "PROMETHEUS_CLIENT_CERT",
+    "PROMETHEUS_CLIENT_KEY")}
 
 
 def compose_binary() -> str | None:
@@ -39,6 +43,7 @@ pytestmark = pytest.mark.skipif(compose_binary() is None, reason="no docker-comp
 def compose(*args: str, file: Path = COMPOSE_FILE, check: bool = True) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
     env["MEDPIPE_DEID_KEY"] = "compose-test-key"
+    env.update(GATEWAY_SECRETS)
     result = subprocess.run([compose_binary(), "-f", str(file), "--project-directory", str(ROOT), *args],
                             capture_output=True, text=True, timeout=60, env=env)
     if check:
@@ -79,7 +84,7 @@ def test_a_broken_file_is_rejected(tmp_path):
 
 def test_services(model):
     expected = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway"}
+                "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway", "gateway"}
     assert expected <= set(model["services"])
     for name, command in (("airflow-apiserver", "api-server"), ("airflow-scheduler", "scheduler"),
                           ("airflow-dag-processor", "dag-processor"), ("airflow-triggerer", "triggerer")):
@@ -107,7 +112,7 @@ def test_airflow_runs_on_postgres_with_the_medpipe_image(model):
 def test_tf_serving_is_the_real_image_with_repo_configs(model):
     serving = model["services"]["tf-serving"]
     assert serving["image"].startswith("tensorflow/serving:")
-    assert published(serving) == {8500, 8501}
+    assert "ports" not in serving  # internal: only the gateway reaches it
     flags = serving["command"]
     assert "--model_config_file=/models/models.config" in flags
     assert "--monitoring_config_file=/etc/medpipe/serving/monitoring.config" in flags
@@ -142,7 +147,7 @@ def test_medpipe_serve_takes_the_tf_serving_command_line(model):
 def test_monitoring_wiring(model):
     services = model["services"]
     assert mounts(services["prometheus"])["/etc/prometheus"]["source"] == str(ROOT / "config" / "prometheus")
-    assert published(services["prometheus"]) == {9090} and published(services["grafana"]) == {3000}
+    assert "ports" not in services["prometheus"] and published(services["grafana"]) == {3000}
     grafana = mounts(services["grafana"])
     assert grafana["/etc/grafana/provisioning"]["source"] == str(ROOT / "config" / "grafana" / "provisioning")
     assert grafana["/var/lib/grafana/dashboards"]["source"] == str(ROOT / "config" / "grafana" / "dashboards")
@@ -185,3 +190,39 @@ def test_dockerfile_is_multistage_slim_non_root_and_uses_the_lock():
     assert "build-essential" not in runtime  # compilers stay in the builder stage
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", ".env"} <= set(ignored)
+
+
+def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(model, flink_model):
+    services = model["services"]
+    gateway = services["gateway"]
+    assert published(gateway) == {8500, 8501}
+    for current in (model, flink_model):  # everything published binds loopback unless MEDPIPE_BIND says otherwise
+        for name, service in current["services"].items():
+            assert all(port["host_ip"] == "127.0.0.1" for port in service.get("ports", [])), name
+    for internal in ("tf-serving", "pushgateway", "prometheus", "statsd-exporter"):
+        assert "ports" not in services[internal], f"{internal} must stay internal"
+    assert {name for name, service in services.items() if service.get("ports")} == {
+        "gateway", "airflow-apiserver", "grafana"}
+
+    from serving.gateway.server import build_parser, check_options
+
+    args = build_parser().parse_args(gateway["command"][3:])
+    check_options(args)  # TLS + mTLS + JWT on 0.0.0.0 inside the container: accepted; no anonymous access
+    assert args.upstream == "tf-serving:8500" and not args.allow_anonymous
+    secrets = {entry["source"]: entry["target"] for entry in gateway["secrets"]}
+    for flag, secret in (("tls_cert", "gateway_tls_cert"), ("tls_key", "gateway_tls_key"),
+                         ("client_ca", "gateway_client_ca"), ("jwt_key", "gateway_jwt_key")):
+        assert getattr(args, flag) == secrets[secret] == f"/run/secrets/{secret}"
+        assert model["secrets"][secret]["file"] == GATEWAY_SECRETS[secret.upper()]
+    assert mounts(gateway)["/models"]["read_only"] is True
+    assert Path(ROOT / "config" / "gateway.yaml").is_file() and args.config == "/opt/medpipe/config/gateway.yaml"
+    assert args.request_log == "/data/request_logs" and mounts(gateway)["/data"]["source"] == "medpipe-data"
+
+
+def test_a_missing_secret_stops_compose(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
+    env.update(GATEWAY_SECRETS, MEDPIPE_DEID_KEY="compose-test-key")
+    del env["GATEWAY_TLS_KEY"]
+    result = subprocess.run([compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "config",
+                             "-q"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0 and "GATEWAY_TLS_KEY" in result.stderr

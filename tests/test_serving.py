@@ -2,7 +2,7 @@
 
 One server process per module, over a repository filled by the real `medpipe publish` from the session's trained
 sample run. Covers Predict/Classify/metadata/status/health, labels, reload, bad requests with TF Serving's codes,
-the request log, Prometheus names, and a corrupt version folder refused while the previous version serves.
+Prometheus names, and a corrupt version folder refused while the previous version serves.
 """
 
 from __future__ import annotations
@@ -131,24 +131,15 @@ def predict_request(images, name=MODEL, label=None, version=None, input_name="im
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------------
-def drift_flags(ingested: Path) -> list[str]:
-    """--drift-baseline when this ingest output carries the pixel histogram medpipe.drift needs."""
-    stats = ingested / "stats.json"
-    has_histogram = stats.is_file() and "pixel_histogram" in json.loads(stats.read_text())
-    return ["--drift-baseline", str(ingested)] if has_histogram else []
-
-
 @pytest.fixture(scope="module")
 def served(trained_sample_run, ingested_sample, tmp_path_factory):
     base = tmp_path_factory.mktemp("serving")
     repo = base / "models"
     version = publish(trained_sample_run, repo, "--label", "stable")
-    drift = drift_flags(ingested_sample)
-    process, grpc_address, rest = start_server(repo, base, "--request-log", str(base / "requests"),
-                                               "--max-request-mb", "1", *drift)
+    process, grpc_address, rest = start_server(repo, base, "--max-request-mb", "1")
     channel = grpc.insecure_channel(grpc_address)
     yield {"process": process, "grpc": grpc_address, "rest": rest, "repo": repo, "base": base, "v1": version,
-           "run": trained_sample_run, "channel": channel, "drift": bool(drift),
+           "run": trained_sample_run, "channel": channel,
            "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
            "models": model_service_pb2_grpc.ModelServiceStub(channel),
            "pngs": prepared_pngs(trained_sample_run / "config.yaml")}
@@ -199,16 +190,7 @@ def test_grpc_predict_equals_keras_and_rest(served):
                               {"inputs": {"image_bytes": b64}})
     assert code == 200
     np.testing.assert_allclose(columns["outputs"]["probabilities"], probabilities, atol=1e-6)
-
-    # the request log: one line per image, caller's id suffixed, 32-bin histogram, no image
-    lines = [json.loads(line) for f in (served["base"] / "requests").glob("requests-*.jsonl")
-             for line in f.read_text().splitlines()]
-    mine = [line for line in lines if line["request_id"].startswith("test-req-")]
-    assert [m["request_id"] for m in mine] == [f"test-req-{i}" for i in range(len(IMAGES))]
-    assert set(mine[0]) == {"ts", "request_id", "model", "version", "class", "confidence", "probabilities",
-                            "pixel_histogram", "pixel_mean"}
-    assert len(mine[0]["pixel_histogram"]) == 32 and sum(mine[0]["pixel_histogram"]) == 64 * 64
-    assert mine[0]["class"] == names[0] and mine[0]["version"] == served["v1"]
+    # the request log and class/drift metrics moved to the gateway (tests/test_gateway.py)
 
 
 def test_metadata_status_classify_health_and_metrics(served):
@@ -244,11 +226,8 @@ def test_metadata_status_classify_health_and_metrics(served):
         text = response.read().decode()
     assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
-    assert "medpipe_predictions_total{" in text and "medpipe_batch_size_bucket" in text
+    assert "medpipe_batch_size_bucket" in text and "medpipe_predictions_total{" not in text  # the gateway's
     assert f'medpipe_loaded_versions{{model="{MODEL}",version="{served["v1"]}"}} 1.0' in text
-    if served["drift"]:
-        psi = [line for line in text.splitlines() if line.startswith(f'medpipe_drift_psi{{model="{MODEL}"}}')]
-        assert psi and float(psi[0].split()[-1]) >= 0.0
 
 
 @pytest.mark.parametrize("case, code", [
