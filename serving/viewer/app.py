@@ -68,6 +68,19 @@ class ViewerSettings:
                                                         or secrets.token_bytes(32)))
 
 
+def settings_from_options(options) -> ViewerSettings:
+    """The viewer's settings from `medpipe gateway`'s parsed flags."""
+    def path(name: str) -> Path | None:
+        value = getattr(options, name, None)
+        return Path(value) if value else None
+
+    models = list(getattr(options, "viewer_models", None) or [])
+    return ViewerSettings(users_file=path("viewer_users"), feedback_dir=path("feedback_dir"),
+                          repository=path("model_repository"), drift_reports=path("drift_reports"),
+                          models=models, default_model=models[0] if models else None,
+                          secure_cookies=bool(getattr(options, "tls_cert", None)))
+
+
 class Viewer:
     def __init__(self, gateway, settings: ViewerSettings):
         self.gateway, self.settings = gateway, settings
@@ -203,7 +216,7 @@ def _png_size(png: bytes) -> int:
 
 
 def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
-    viewer = Viewer(gateway, settings or ViewerSettings())
+    viewer = Viewer(gateway, settings or settings_from_options(gateway.options))
     router = APIRouter(prefix="/viewer")
 
     def signed_in(request: Request) -> Principal | RedirectResponse:
@@ -281,9 +294,18 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
             if not data:
                 errors.append(f"Image {number}: the file is empty.")
                 continue
+            client = request.client.host if request.client else None
+            request_id = f"viewer-{uuid.uuid4().hex[:24]}"
             try:
-                prediction = gateway.predict(principal, model, [data], explain=True,
-                                             request_id=f"viewer-{uuid.uuid4().hex[:24]}", door="viewer")
+                try:
+                    prediction = gateway.predict(principal, model, [data], explain=True, request_id=request_id,
+                                                 door="viewer", client=client)
+                except GatewayError as exc:
+                    if exc.reason != "no_explain":
+                        raise
+                    # A version exported before heat maps existed still gets its finding, without the overlay.
+                    prediction = gateway.predict(principal, model, [data], request_id=request_id, door="viewer",
+                                                 client=client)
             except GatewayError as exc:
                 errors.append(f"Image {number}: {_refusal(exc)}")
                 continue

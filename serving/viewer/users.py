@@ -65,7 +65,7 @@ def read_users(path: str | Path) -> dict[str, LocalUser]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
-        parts = line.split(":")
+        parts = line.split(":", 2)  # scopes hold colons themselves (predict:brain_mri)
         if len(parts) != 3 or not USER_NAME.match(parts[0]) or not parts[1].startswith("scrypt$"):
             raise ConfigError(f"viewer users file {path}, line {number}: expected name:scrypt$...:scopes "
                               "(rewrite it with `medpipe viewer-users add`)")
