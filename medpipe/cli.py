@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "publish": ("serving.publish", "export a blessed run as a versioned SavedModel into a TF Serving repository"),
     "serve": ("serving.server", "TF Serving-compatible gRPC (8500) + REST (8501) server over a model repository"),
     "gateway": ("serving.gateway.server", "the clinical gateway: authenticated, audited gRPC + REST front door to TF Serving"),
+    "viewer-users": ("serving.viewer.users", "manage the web viewer's local users file (scrypt-hashed passwords)"),
     "audit": ("serving.gateway.audit", "check the gateway's hash-chained audit log (medpipe audit verify FILE)"),
     "predict": ("serving.client", "classify DICOM/PNG/JPEG files against a served model over gRPC or REST"),
     "monitor": ("medpipe.monitoring", "drift and live-accuracy report from the gateway's request log (alerts over thresholds)"),

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 SUMMARY = "feedback_summary.json"
+UNUSABLE = "unusable"  # the viewer's "mark image unusable" answer: recorded, never trained on
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # used as a file name: no path separators
 
 # Reasons a feedback row is not used (stable keys: they appear in feedback_summary.json).
@@ -48,6 +49,7 @@ REASONS = {
     "missing_label": "the row has no label",
     "unknown_label": "the label is not one of the model's labels",
     "label_conflict": "the same request id was given two different labels",
+    "marked_unusable": "the reader marked the image unusable (kept out of training and of live accuracy)",
     "image_missing": "image_path does not exist",
 }
 
@@ -106,6 +108,8 @@ def validate(rows: Iterable[dict], requests: dict[str, dict], labels: Sequence[s
             reason = "unsafe_request_id"
         elif not label:
             reason = "missing_label"
+        elif label == UNUSABLE:
+            reason = "marked_unusable"
         elif labels is not None and label not in labels:
             reason = "unknown_label"
         elif labels is None and not SAFE_NAME.match(label):

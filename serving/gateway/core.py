@@ -499,7 +499,7 @@ class Gateway:
         except grpc.RpcError as exc:
             if signature == "explain" and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise GatewayError("INVALID_ARGUMENT", f"model {model} version {version} has no explain "
-                                   "signature (exported before heat maps were added)") from None
+                                   "signature (exported before heat maps were added)", reason="no_explain") from None
             raise upstream_error(exc, model) from None
         finally:
             self.metrics.upstream_latency.observe(time.monotonic() - started)

@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-to", help="where SRs go: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or "
                         "dimse://AET@HOST:PORT (C-STORE); enables STOW-RS at /dicom-web/studies")
     parser.add_argument("--pacs-config", help="routing, stability, calling-AE allow-list, spool (config/pacs.yaml)")
+    viewer = parser.add_argument_group("web viewer (/viewer/ on the REST port)")
+    viewer.add_argument("--viewer-users", help="local users file (medpipe viewer-users add): sign-in with a "
+                        "password; without it the viewer accepts the gateway's own identities only")
+    viewer.add_argument("--feedback-dir", help="where readers' confirmed/corrected labels go (confirmed.csv + "
+                        "images/, the input of medpipe feedback); without it the viewer takes no feedback")
+    viewer.add_argument("--drift-reports", help="folder of medpipe monitor outputs shown on the model page")
+    viewer.add_argument("--viewer-model", action="append", default=[], dest="viewer_models",
+                        help="model offered in the viewer (repeatable; default: every model of --model-repository)")
     return parser
 
 
@@ -75,9 +83,13 @@ def check_options(args) -> None:
     if args.allow_anonymous and not is_loopback(args.host):
         raise ConfigError(f"--allow-anonymous is for the loopback demo only; it is refused on --host {args.host}. "
                           "Use client certificates (--client-ca) or bearer tokens (--jwt-key)")
-    if not (args.client_ca or args.jwt_key or args.allow_anonymous):
-        raise ConfigError("no way to authenticate: pass --client-ca (mTLS) and/or --jwt-key (bearer tokens), or "
-                          "--allow-anonymous for a loopback demo")
+    viewer_users = getattr(args, "viewer_users", None)
+    if viewer_users and not args.tls_cert and not is_loopback(args.host):
+        raise ConfigError("--viewer-users signs readers in with passwords: serve it over TLS (--tls-cert, --tls-key) "
+                          "or on a loopback --host")
+    if not (args.client_ca or args.jwt_key or args.allow_anonymous or viewer_users):
+        raise ConfigError("no way to authenticate: pass --client-ca (mTLS) and/or --jwt-key (bearer tokens), "
+                          "--viewer-users (the web viewer's local accounts), or --allow-anonymous for a loopback demo")
     if not args.tls_cert and not is_loopback(args.host):
         raise ConfigError(f"listening on {args.host} without TLS would send credentials and images in clear: "
                           "pass --tls-cert and --tls-key")
