@@ -5,7 +5,8 @@
 Every run uses tf.distribute.MirroredStrategy (all GPUs when present; `--cpu-replicas N` splits the CPU into N
 logical devices). RUN_DIR receives config.yaml, schema.json, model.keras (best checkpoint), history.csv,
 tensorboard/, backup/ (BackupAndRestore: re-running the same command after a crash resumes at the last finished
-epoch) and train_metadata.json.
+epoch) and train_metadata.json; then, with the best checkpoint, the safety step (models/safety.py) writes
+calibration.json (the temperature), ood.json and ood_stats.npz, which the export bakes into the SavedModel.
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     import tensorflow as tf
 
     from medpipe.config import dump_config
+    from models import safety
     from models.architectures import build_model
 
     strategy = make_strategy(cpu_replicas)  # first TensorFlow use: logical devices must be set before any op
@@ -305,6 +307,11 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
 
     if not (run_dir / "model.keras").is_file():  # e.g. a metric that never improved from a NaN start
         model.save(run_dir / "model.keras")
+    # Calibration and the OOD statistics belong to the weights that ship: the best checkpoint, not the last epoch.
+    safety_started = time.monotonic()
+    best = keras.models.load_model(run_dir / "model.keras", compile=False)
+    safety_summary = safety.fit_run(best, config, data_dir, run_dir, schema)
+    safety_summary["seconds"] = round(time.monotonic() - safety_started, 1)
     monitor = training.monitor
     metadata = {
         "config": config.name,
@@ -326,6 +333,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
         "monitor": monitor,
         "best_metric": best_so_far(run_dir / "history.csv", monitor),
         "fit_seconds": round(fit_seconds, 1),
+        "safety": safety_summary,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     (run_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
