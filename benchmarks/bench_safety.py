@@ -82,6 +82,41 @@ def previous_signature_archive(model, config):
     return archive
 
 
+def score_comparison(run_dir: Path, in_images, probe_sets: dict) -> dict:
+    """OOD AUROC of three candidate scores on the same images: the Mahalanobis distance (served), the energy
+    -logsumexp(z) (Liu et al. 2020) and 1 - max softmax (Hendrycks & Gimpel 2017): the measurement behind the
+    choice in docs/DESIGN.md."""
+    import numpy as np
+
+    from models.safety import SafeClassifier, auroc, energy_scores, load_params
+    from models.train import load_run
+
+    model, config, _ = load_run(run_dir)
+    safe = SafeClassifier(model, config.task, len(config.labels), load_params(run_dir))
+
+    def scores(images):
+        out = {"mahalanobis": [], "energy": [], "max_softmax": []}
+        for start in range(0, len(images), 64):
+            _, _, features, logits = safe.forward(images[start:start + 64])
+            logits = np.asarray(logits, np.float64)
+            out["mahalanobis"].append(np.asarray(safe.ood_score(features)))
+            out["energy"].append(energy_scores(logits))
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            out["max_softmax"].append(1 - (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    inside = scores(in_images)
+    result = {}
+    pooled = {k: [] for k in inside}
+    for name, images in probe_sets.items():
+        outside = scores(images)
+        result[name] = {k: round(auroc(inside[k], outside[k]), 4) for k in inside}
+        for k in inside:
+            pooled[k].append(outside[k])
+    result["pooled"] = {k: round(auroc(inside[k], np.concatenate(v)), 4) for k, v in pooled.items()}
+    return result
+
+
 def latency(run_dir: Path, data_dir: Path, work: Path, rounds: int = 30) -> dict:
     """Median ms per call of both serving_default signatures on the same PNGs, alternating call by call."""
     import tensorflow as tf
@@ -155,6 +190,13 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    from medpipe.config import load_config
+    from models.evaluate import load_ood_set, load_records
+
+    config = load_config(run_dir / "config.yaml")
+    comparison = score_comparison(run_dir, load_records(data_dir, "test", config).images,
+                                  {"chest_xray_train": load_ood_set(chest, config).images,
+                                   "non_mr_dicom": load_ood_set(probes, config).images})
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     metadata = json.loads((run_dir / "train_metadata.json").read_text())
     rows = list(csv.DictReader((eval_dir / "predictions.csv").open(newline="")))
@@ -185,6 +227,7 @@ def main(argv=None) -> int:
         "macro_f1_with": round(metrics["macro_f1"], 4), "macro_f1_without": round(without["macro_f1"], 4),
         "predictions_unchanged": metrics["predictions_unchanged_by_calibration"],
         "epochs_run": metadata["epochs_run"],
+        "score_comparison_auroc": comparison,
         "latency": latency(run_dir, data_dir, work),
         **timings,
         "work_dir": str(work),

@@ -428,7 +428,8 @@ def ood_metrics(predictor: Predictor, in_scores: Optional[np.ndarray], in_flags:
         out = predictor.outputs(examples.images, batch_size)
         pooled.append(out["ood_score"])
         result["probe_sets"].append({
-            "name": directory.name, "path": str(directory), "description": examples.description,
+            "name": f"{directory.parent.name}/{directory.name}", "path": str(directory),
+            "description": examples.description,
             "fingerprint": examples.fingerprint, "examples": int(len(examples.ids)),
             "rejected": len(examples.rejected), "auroc": auroc(in_scores, out["ood_score"]),
             "flagged_out_of_distribution": float(np.mean(~out["in_distribution"])),

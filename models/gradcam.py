@@ -140,7 +140,7 @@ def feature_forward(model: Any, layer: Any) -> Callable:
     import keras
 
     if any(layer is top for top in model.layers):
-        two_outputs = keras.Model(model.inputs, [layer.output, model.output])
+        two_outputs = keras.Model(model.input, [layer.output, model.output])
         return lambda images: tuple(two_outputs(images, training=False))
 
     def captured(images):  # a layer inside a nested model: see the module docstring

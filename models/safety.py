@@ -208,7 +208,7 @@ class SafeClassifier:
             raise DataError(f"model {model.name} lacks a top-level {exc}; it was not built by "
                             "models.architectures.build_model") from exc
         self.activation = "softmax" if task == "multiclass" else "sigmoid"
-        self.extractor = keras.Model(model.inputs, [last_conv.output, features.output], name="safety_features")
+        self.extractor = keras.Model(model.input, [last_conv.output, features.output], name="safety_features")
         if params is not None:
             self.temperature = tf.constant(params.temperature, tf.float32)
             self.whitening = tf.constant(params.whitening, tf.float32)

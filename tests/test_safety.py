@@ -167,7 +167,8 @@ def test_model_card_and_evaluate_ood_report(trained_sample_run, ingested_sample,
     assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["ece_uncalibrated"] <= 1
     assert metrics["predictions_unchanged_by_calibration"] == 1.0
     ood = metrics["ood"]
-    assert [p["name"] for p in ood["probe_sets"]] == ["chest_xray", ingested_sample.name]
+    ingested_name = f"{ingested_sample.parent.name}/{ingested_sample.name}"
+    assert [p["name"] for p in ood["probe_sets"]] == ["sample_data/chest_xray", ingested_name]
     assert ood["probe_sets"][0]["examples"] == 24
     assert ood["threshold"] == pytest.approx(json.loads((run / "ood.json").read_text())["threshold"], rel=1e-6)
     assert 0 <= ood["retention"] <= 1 and ood["probe_sets"][0]["auroc"] > 0.9

@@ -157,13 +157,16 @@ def served(trained_sample_run, ingested_sample, tmp_path_factory):
 
 
 def keras_answer(run_dir: Path, pngs: list[bytes]) -> np.ndarray:
-    """The in-process Keras model on the same decoded pixels (models.preprocessing, as in training)."""
+    """The in-process model on the same decoded pixels (models.preprocessing, as in training): the Keras model's
+    probabilities with the run's temperature applied, as the SavedModel serves them."""
     from models.preprocessing import decode_image_tensor
+    from models.safety import calibrated_probabilities, load_params
     from models.train import load_run
 
     model, config, _ = load_run(run_dir)
     pixels = tf.stack([decode_image_tensor(tf.constant(p), config.image.size, config.image.channels) for p in pngs])
-    return model(pixels, training=False).numpy()
+    raw = model(pixels, training=False).numpy().astype(np.float64)
+    return calibrated_probabilities(np.log(np.clip(raw, 1e-30, 1)), load_params(run_dir).temperature, "softmax")
 
 
 # ---- tests -----------------------------------------------------------------------------------------------------
