@@ -19,6 +19,7 @@ BENCHMARKS = {
     "input_pipeline": "benchmarks/bench_input_pipeline.py",
     "serving": "benchmarks/bench_serving.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
+    "safety": "benchmarks/bench_safety.py",
 }
 
 

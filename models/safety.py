@@ -330,6 +330,9 @@ def fit(train: tuple, val: tuple, task: str, num_classes: int, retention: float,
 
 def fit_run(model: Any, config: Any, data_dir: Path, run_dir: Path, schema: Any) -> dict:
     """Fit on train/val of DATA with the run's (best) model, write the files; returns a summary for train_metadata."""
+    if schema.task == "multilabel":  # no single predicted class to calibrate or to centre features on
+        log.warning("multilabel task: no calibration or OOD statistics fitted; such a run cannot be exported yet")
+        return {"skipped": "multilabel tasks have no calibration or OOD guard yet"}
     train = split_features(model, data_dir, "train", schema)
     val = split_features(model, data_dir, "val", schema)
     params, calibration, ood = fit(train, val, schema.task, schema.num_classes, config.evaluation.ood_retention,
