@@ -40,6 +40,9 @@ OOD_METHOD = "mahalanobis"
 FEATURES_LAYER = "gap"  # build_model's global average pooling: the penultimate features
 HEAD_LAYER = "probs"  # build_model's last Dense layer (its activation is softmax or sigmoid)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+# The threshold is a val score computed in float64; the graph recomputes it in float32 (and in other batch sizes),
+# which can land a hair above it and flip the very image that defines it. A relative margin far below any real gap.
+THRESHOLD_MARGIN = 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ pure numpy
@@ -313,7 +316,7 @@ def fit(train: tuple, val: tuple, task: str, num_classes: int, retention: float,
     }
     means, whitening = fit_mahalanobis(train_features, train_labels, num_classes)
     val_scores = mahalanobis_scores(val_features, means, whitening)
-    threshold = retention_threshold(val_scores, retention)
+    threshold = retention_threshold(val_scores, retention) * (1 + THRESHOLD_MARGIN)
     ood = {
         "method": OOD_METHOD,
         "description": "distance of the penultimate (global-average-pooled) features to the nearest class mean, "

@@ -108,12 +108,34 @@ def test_rows_say_outside_intended_use_and_accept_old_models():
 
 
 # ---- the acceptance test ---------------------------------------------------------------------------------------
+# The session's tiny model (width 8, 3 epochs, 8 test slices) keeps 7 of its 8 test slices: one miss is 12.5%. With
+# 15% of the sample for val and for test and a slightly bigger budget, the threshold rests on 22 val slices and the
+# held-back test split has 13 (a minute more of CI).
+GUARDED_SETTINGS = ("image.size=64", "ingest.shards={train: 2, val: 1, test: 1}",
+                    "ingest.split={train: 0.7, val: 0.15, test: 0.15}")
+
+
+@pytest.fixture(scope="module")
+def guarded_sample(tmp_path_factory):
+    from conftest import overrides, run_module
+
+    base = tmp_path_factory.mktemp("guarded")
+    config = str(ROOT / "config" / "brain_mri.yaml")
+    run_module("beam_pipelines.ingest", "--config", config, "--input", str(SAMPLE / "brain_mri"),
+               "--output", str(base / "ingest"), *overrides(*GUARDED_SETTINGS))
+    run_module("models.train", "--config", config, "--data", str(base / "ingest"), "--output", str(base / "run"),
+               *overrides(*GUARDED_SETTINGS, "training.epochs=6", "training.width=16"))
+    return base / "run", base / "ingest"
+
+
 @pytest.mark.slow
-def test_published_sample_model_flags_chest_xrays_and_keeps_brain_mri(trained_sample_run, ingested_sample,
-                                                                        tmp_path):
+def test_published_sample_model_flags_chest_xrays_and_keeps_brain_mri(guarded_sample, tmp_path):
     """Trained on the sample, published, served: >= 90% of the 24 sample chest X-rays answer in_distribution=false
-    and >= 90% of the held-back (test split) brain MRI slices answer true, over gRPC."""
+    and >= 90% of the held-back brain MRI slices (the test split: never trained on, not used for the threshold)
+    answer true, over gRPC."""
     import tensorflow as tf
+
+    trained_sample_run, ingested_sample = guarded_sample
 
     from medpipe.config import load_config
     from serving.client import OUTSIDE_INTENDED_USE, predict_files, predict_images
