@@ -222,8 +222,8 @@ def test_metadata_status_classify_health_and_metrics(served):
     response.metadata["signature_def"].Unpack(signatures)
     default = signatures.signature_def["serving_default"]
     assert default.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
-    assert set(default.outputs) == {"probabilities", "class_ids", "class_names"}
-    assert "predict_preprocessed" in signatures.signature_def
+    assert set(default.outputs) == {"probabilities", "class_ids", "class_names", "ood_score", "in_distribution"}
+    assert "predict_preprocessed" in signatures.signature_def and "explain" in signatures.signature_def
 
     status = served["models"].GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": MODEL}), timeout=10)
