@@ -23,6 +23,7 @@ BENCHMARKS = {
     "pacs": "benchmarks/bench_pacs.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
     "scaling": "benchmarks/bench_scaling.py",
+    "safety": "benchmarks/bench_safety.py",
 }
 
 

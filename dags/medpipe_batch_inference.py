@@ -14,7 +14,9 @@ DOC_MD = """
 
 Each run scores the studies in one **drop-folder partition** (default `$MEDPIPE_DATA_ROOT/dropbox/<dataset>/<partition>/`,
 any DICOM/PNG/JPEG files, recursively) with `python -m serving.client` against the **served** model over gRPC, and
-writes `predictions.jsonl` (one line per file: file, class, confidence, probabilities, model_version, request_id),
+writes `predictions.jsonl` (one line per file: file, finding, class, confidence, probabilities, ood_score,
+in_distribution, model_version, request_id; the finding is "outside intended use" when the model's OOD guard flags
+the image),
 `predictions.csv` and `summary.json` to `$MEDPIPE_DATA_ROOT/predictions/<dataset>/<partition>/`.
 
 * **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). The output partition is written
@@ -123,14 +125,16 @@ def medpipe_batch_inference():
             rows += [json.loads(line) for line in lines if line.lstrip().startswith("{")]
         with (staging / "predictions.jsonl").open("w") as handle:
             handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        columns = ["file", "class", "confidence", "model_version", "request_id", "error"]
+        columns = ["file", "finding", "class", "confidence", "in_distribution", "ood_score", "model_version",
+                   "request_id", "error"]
         with (staging / "predictions.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         classes: dict[str, int] = {}
         for row in rows:
-            classes[str(row.get("class"))] = classes.get(str(row.get("class")), 0) + 1
+            finding = str(row.get("finding", row.get("class")))  # "outside intended use" is counted as such
+            classes[finding] = classes.get(finding, 0) + 1
         summary = {"partition": job["partition"], "files": len(job["files"]), "predictions": len(rows),
                    "classes": classes, "model_name": job["model_name"], "label": params["label"],
                    "model_versions": sorted({str(row.get("model_version")) for row in rows})}

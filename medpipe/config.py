@@ -114,6 +114,8 @@ class GateThresholds:
     accuracy: float = 0.9
     macro_f1: float = 0.9
     macro_auc: float = 0.95
+    max_ece: Optional[float] = None  # calibrated ECE must be <= this (null: not gated)
+    min_ood_auroc: Optional[float] = None  # OOD AUROC over the --ood probe sets must be >= this (null: not gated)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class EvaluationConfig:
     bootstrap_samples: int = 1000
     calibration_bins: int = 10
     gradcam_per_class: int = 2
+    ood_retention: float = 0.99  # share of the val split the OOD threshold keeps in distribution
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,8 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
     low, high = config.dicom.voi_percentiles
     if not 0 <= low < high <= 100:
         raise ConfigError(f"{file}: dicom.voi_percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
+    if not 0 < config.evaluation.ood_retention <= 1:
+        raise ConfigError(f"{file}: evaluation.ood_retention must be in (0, 1], got {config.evaluation.ood_retention}")
     if config.dicom.window is not None and config.dicom.window.width <= 0:
         raise ConfigError(f"{file}: dicom.window.width must be > 0")
     _check_transfer_learning(config.training, file)

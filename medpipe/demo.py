@@ -238,8 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + "=" * 78)
     print(f"Prediction for {image.relative_to(ROOT) if image.is_relative_to(ROOT) else image} "
           f"(true class: {config.labels[0]})")
-    print(f"  class: {prediction.get('class')}   confidence: {prediction.get('confidence', 0):.3f}   "
-          f"model version: {prediction.get('model_version')}")
+    confidence = prediction.get("confidence")
+    print(f"  class: {prediction.get('finding')}   confidence: "
+          f"{'n/a' if confidence is None else format(confidence, '.3f')}   "
+          f"in distribution: {prediction.get('in_distribution')}   model version: {prediction.get('model_version')}")
     print(f"  probabilities: {json.dumps(prediction.get('probabilities'))}")
     print(f"Audit line of this prediction ({audit_log}; check the chain: medpipe audit verify {audit_log}):")
     print(f"  {audit_line}")

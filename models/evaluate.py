@@ -3,11 +3,16 @@
     medpipe evaluate --model RUN_DIR --data INGEST_DIR [--split test|val] [--output DIR]
     medpipe evaluate --model RUN_DIR_OR_SAVEDMODEL --images FOLDER_OF_CLASS_FOLDERS --output DIR [--config C]
     ... [--baseline-repository REPO --model-name NAME]   # also gate against the model labelled `stable`
+    ... [--ood DIR ...]   # out-of-distribution probe sets: folders of images or ingest outputs (repeatable)
 
 MODEL is a training run directory (model.keras + config.yaml + schema.json) or a published SavedModel version
 directory (its `predict_preprocessed` signature is called). Ingested records are decoded in the graph by
 models.preprocessing (as in training); raw images go through medpipe.imaging.preprocess_file (as in ingest), so
 both paths feed the model the same pixels.
+
+The probabilities evaluated are the calibrated ones the SavedModel serves (models.safety); metrics.json also carries
+the ECE before calibration, and with --ood the OOD AUROC (probe images against the evaluated split) and the share of
+the evaluated split kept in distribution at the model's threshold.
 
 Outputs in DIR (default for a run: RUN_DIR/evaluation for the test split, RUN_DIR/evaluation-<split|images>
 otherwise): metrics.json, predictions.csv, plots/*.png, report.html, blessing.json, rejected.jsonl (--images only).
@@ -65,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     parser.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM overlays")
+    parser.add_argument("--ood", action="append", default=[], metavar="DIR",
+                        help="out-of-distribution probe set: a folder of images (searched recursively; DICOM, PNG, "
+                        "JPEG, TIFF) or an ingest output (every split); repeatable")
     return parser
 
 
@@ -81,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images_dir=Path(args.images) if args.images else None,
         baseline_repository=Path(args.baseline_repository) if args.baseline_repository else None,
         model_name=args.model_name, batch_size=args.batch_size, seed=args.seed, gradcam=not args.no_gradcam,
+        ood_dirs=[Path(d) for d in args.ood],
     )
     verdict = "BLESSED" if blessing["blessed"] else "NOT BLESSED: " + "; ".join(blessing["reasons"])
     print(f"{verdict}\nreport: {output / 'report.html'}")
@@ -100,26 +109,78 @@ class Predictor:
     task: str
     fingerprint: str
     threshold: Optional[float] = None  # stored binary operating point, if any
-    keras_model: Any = None  # run directories only (Grad-CAM needs the Keras graph)
+    keras_model: Any = None  # run directories only
     run_config: Any = None
+    temperature: Optional[float] = None  # None: the model has no calibration (trained before it existed)
+    ood_threshold: Optional[float] = None  # None: the model has no OOD outputs
+    model_card: Optional[dict] = None  # a SavedModel's assets.extra/model_card.json
+    _safe: Any = field(default=None, repr=False)  # models.safety.SafeClassifier (run directories)
     _signature: Any = field(default=None, repr=False)
     _loaded: Any = field(default=None, repr=False)  # keeps the SavedModel's resources alive
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities [N, C], as served."""
+        return self.outputs(images, batch_size)["probabilities"]
+
+    def outputs(self, images: np.ndarray, batch_size: int = 64) -> dict[str, Optional[np.ndarray]]:
+        """probabilities (calibrated, as served), uncalibrated (temperature 1), ood_score, in_distribution (the
+        last two None for a model without the OOD outputs)."""
         import tensorflow as tf
 
         from models.metrics import as_probability_matrix
 
-        outputs = []
+        parts: dict[str, list] = {"probabilities": [], "uncalibrated": [], "ood_score": [], "in_distribution": []}
         for start in range(0, len(images), batch_size):
             batch = tf.constant(images[start:start + batch_size], dtype=tf.float32)
             if self.kind == "run":
-                out = self.keras_model(batch, training=False)
+                served = self._safe(batch)
+                _, _, _, logits = self._safe.forward(batch)
+                parts["uncalibrated"].append(np.asarray(self._safe.scores(logits), np.float64))
             else:
-                out = self._signature(images=batch)["probabilities"]
-            outputs.append(np.asarray(out, dtype=np.float64))
-        stacked = np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)))
-        return as_probability_matrix(stacked, len(self.labels))
+                served = self._signature(images=batch)
+            parts["probabilities"].append(np.asarray(served["probabilities"], np.float64))
+            if "ood_score" in served:
+                parts["ood_score"].append(np.asarray(served["ood_score"], np.float64))
+                parts["in_distribution"].append(np.asarray(served["in_distribution"], bool))
+        count = len(self.labels)
+        result: dict[str, Optional[np.ndarray]] = {
+            "probabilities": as_probability_matrix(
+                np.concatenate(parts["probabilities"]) if parts["probabilities"] else np.zeros((0, count)), count)}
+        if parts["uncalibrated"]:
+            result["uncalibrated"] = as_probability_matrix(np.concatenate(parts["uncalibrated"]), count)
+        else:
+            result["uncalibrated"] = uncalibrate(result["probabilities"], self.temperature)
+        result["ood_score"] = np.concatenate(parts["ood_score"]) if parts["ood_score"] else None
+        result["in_distribution"] = np.concatenate(parts["in_distribution"]) if parts["in_distribution"] else None
+        return result
+
+    def explain(self, images: np.ndarray, batch_size: int = 16) -> Optional[np.ndarray]:
+        """Grad-CAM heat maps [N, S, S] of the predicted class, from the same graph as the `explain` signature
+        (None for a SavedModel exported before it existed)."""
+        import tensorflow as tf
+
+        maps = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if self.kind == "run":
+                maps.append(np.asarray(self._safe(tf.constant(batch, tf.float32), explain=True)["heatmap"]))
+            elif "explain" in self._loaded.signatures:
+                pngs = [tf.io.encode_png(np.clip(np.round(image), 0, 255).astype(np.uint8)) for image in batch]
+                maps.append(np.asarray(self._loaded.signatures["explain"](image_bytes=tf.stack(pngs))["heatmap"]))
+            else:
+                return None
+        return np.concatenate(maps) if maps else np.zeros((0, self.image_size, self.image_size), np.float32)
+
+
+def uncalibrate(probs: np.ndarray, temperature: Optional[float]) -> np.ndarray:
+    """Undo temperature scaling on served probabilities: softmax(T log p) (= softmax(z)) per row; for two classes
+    from one sigmoid unit the same as sigmoid(T logit(p)). Without a temperature the probabilities are returned."""
+    if temperature is None:
+        return probs
+    logs = temperature * np.log(np.clip(probs, 1e-12, 1.0))
+    logs -= logs.max(axis=1, keepdims=True)
+    exps = np.exp(logs)
+    return exps / exps.sum(axis=1, keepdims=True)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -144,11 +205,20 @@ def open_model(path: Path) -> Predictor:
     if is_run_dir(path):
         from models.train import load_run
 
+        from models.safety import SafeClassifier, load_params
+
         model, config, _schema = load_run(path)
         point = path / "operating_point.json"
         threshold = float(json.loads(point.read_text())["threshold"]) if point.is_file() else None
+        params = load_params(path)
+        if params is None:
+            log.warning("%s has no calibration/OOD statistics (trained before they existed): evaluating the raw "
+                        "model; fit them with `python -m models.safety --run %s --data INGEST_DIR`", path, path)
         return Predictor("run", path, tuple(config.labels), config.image.size, config.image.channels, config.task,
-                         files_sha256([path / "model.keras"], path), threshold, keras_model=model, run_config=config)
+                         files_sha256([path / "model.keras"], path), threshold, keras_model=model, run_config=config,
+                         temperature=None if params is None else params.temperature,
+                         ood_threshold=None if params is None else params.threshold,
+                         _safe=SafeClassifier(model, config.task, len(config.labels), params, threshold))
     if is_saved_model(path):
         return open_saved_model(path)
     raise DataError(
@@ -171,8 +241,17 @@ def open_saved_model(path: Path) -> Predictor:
     if "predict_preprocessed" not in loaded.signatures:
         raise DataError(f"{path} has no predict_preprocessed signature (signatures: {list(loaded.signatures)})")
     model_files = [path / "saved_model.pb", *[p for p in (path / "variables").glob("*") if p.is_file()]]
+    from models import safety
+    from models.export import MODEL_CARD_FILE
+
+    calibration_file, ood_file = path / "assets" / safety.CALIBRATION_FILE, path / "assets" / safety.OOD_FILE
+    card_file = path / "assets.extra" / MODEL_CARD_FILE
     return Predictor("savedmodel", path, labels, int(params["image_size"]), int(params["channels"]), params["task"],
                      files_sha256(model_files, path), params.get("threshold"),
+                     temperature=json.loads(calibration_file.read_text())["temperature"]
+                     if calibration_file.is_file() else None,
+                     ood_threshold=json.loads(ood_file.read_text())["threshold"] if ood_file.is_file() else None,
+                     model_card=json.loads(card_file.read_text()) if card_file.is_file() else None,
                      _signature=loaded.signatures["predict_preprocessed"], _loaded=loaded)
 
 
@@ -287,18 +366,97 @@ def load_image_folder(folder: Path, config: Any) -> Examples:
                     files_sha256(files, folder), rejected)
 
 
+def load_ood_set(directory: Path, config: Any) -> Examples:
+    """An OOD probe set: every split of an ingest output (schema.json present; its own image size must match), or
+    every file under a folder through medpipe.imaging (the ingest preprocessing); unusable files are listed."""
+    from medpipe.imaging import preprocess_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"--ood {directory}: not a directory (pass a folder of images or an ingest output)")
+    if (directory / "schema.json").is_file():
+        from medpipe.schema import read_schema
+        from models.data import read_records
+        from models.preprocessing import parse_example
+
+        schema = read_schema(directory)
+        if (schema.image_size, schema.channels) != (config.image.size, config.image.channels):
+            raise DataError(f"--ood {directory}: ingested at {schema.image_size}px/{schema.channels}ch but the model "
+                            f"takes {config.image.size}px/{config.image.channels}ch; re-ingest with "
+                            f"--set image.size={config.image.size} --set image.channels={config.image.channels}")
+        chunks = []
+        for split in SPLITS:
+            if any(directory.glob(f"{split}-*.tfrecord.gz")):
+                dataset = read_records(directory, split).map(lambda r: parse_example(r, schema)[0]).batch(256)
+                chunks += list(dataset.as_numpy_iterator())
+        if not chunks:
+            raise DataError(f"--ood {directory}: the ingest output has no records")
+        images = np.concatenate(chunks)
+        shards = sorted(directory.glob("*.tfrecord.gz"))
+        return Examples(images, np.zeros(len(images), np.int64), [f"record {i}" for i in range(len(images))],
+                        f"the ingest output {directory}", files_sha256(shards, directory))
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.upper().startswith("LICENSE"))
+    images, ids, rejected = [], [], []
+    for path in files:
+        relative = str(path.relative_to(directory))
+        try:
+            prepared = preprocess_file(path, config)
+        except RejectedInput as exc:
+            rejected.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
+            continue
+        images.append(prepared.pixels.astype(np.float32))
+        ids.append(relative)
+    if not images:
+        raise DataError(f"--ood {directory}: no usable image among {len(files)} file(s)")
+    return Examples(np.stack(images), np.zeros(len(images), np.int64), ids, f"the image folder {directory}",
+                    files_sha256(files, directory), rejected)
+
+
+def ood_metrics(predictor: Predictor, in_scores: Optional[np.ndarray], in_flags: Optional[np.ndarray],
+                probe_sets: Sequence[tuple[Path, Examples]], batch_size: int) -> Optional[dict]:
+    """AUROC of each probe set (and all pooled) against the evaluated split, and the shares flagged."""
+    from models.safety import auroc
+
+    if in_scores is None:
+        if probe_sets:
+            raise DataError(f"{predictor.path} has no ood_score output (exported before the OOD guard): --ood "
+                            "cannot be evaluated; re-export the run with this version of medpipe")
+        return None
+    result: dict[str, Any] = {"threshold": predictor.ood_threshold,
+                              "retention": float(np.mean(in_flags)), "in_distribution_examples": int(len(in_scores)),
+                              "probe_sets": []}
+    pooled = []
+    for directory, examples in probe_sets:
+        out = predictor.outputs(examples.images, batch_size)
+        pooled.append(out["ood_score"])
+        result["probe_sets"].append({
+            "name": f"{directory.parent.name}/{directory.name}", "path": str(directory),
+            "description": examples.description,
+            "fingerprint": examples.fingerprint, "examples": int(len(examples.ids)),
+            "rejected": len(examples.rejected), "auroc": auroc(in_scores, out["ood_score"]),
+            "flagged_out_of_distribution": float(np.mean(~out["in_distribution"])),
+            "scores": out["ood_score"].round(4).tolist()})
+    result["auroc"] = auroc(in_scores, np.concatenate(pooled)) if pooled else None
+    result["in_distribution_scores"] = in_scores.round(4).tolist()
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optional[Path] = None,
              split: str = "test", images_dir: Optional[Path] = None, baseline_repository: Optional[Path] = None,
-             model_name: Optional[str] = None, batch_size: int = 64, seed: int = 0, gradcam: bool = True) -> dict:
+             model_name: Optional[str] = None, batch_size: int = 64, seed: int = 0, gradcam: bool = True,
+             ood_dirs: Sequence[Path] = ()) -> dict:
     """Run everything and write the outputs; returns the blessing."""
     from models import gate
-    from models.metrics import choose_threshold, classification_metrics
+    from models.metrics import calibration, choose_threshold, classification_metrics, predict_classes
 
     evaluation = config.evaluation
     examples = load_records(data_dir, split, config) if data_dir else load_image_folder(images_dir, config)
+    probe_sets = [(Path(d), load_ood_set(Path(d), config)) for d in ood_dirs]  # bad --ood fails before the work
     log.info("evaluating %s on %d images from %s", predictor.path, len(examples.ids), examples.description)
-    probs = predictor.predict(examples.images, batch_size)
+    served = predictor.outputs(examples.images, batch_size)
+    probs = served["probabilities"]
 
     threshold, threshold_source = predictor.threshold, "stored with the model"
     if config.task == "binary" and predictor.kind == "run" and data_dir is not None:
@@ -322,6 +480,15 @@ def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optio
                                      calibration_bins=evaluation.calibration_bins, seed=seed)
     if "operating_point" in metrics:
         metrics["operating_point"]["chosen_on"] = threshold_source
+    binary_cut = threshold if config.task == "binary" else None
+    before = calibration(examples.labels, served["uncalibrated"], evaluation.calibration_bins)
+    metrics["calibration_before"] = before
+    metrics["temperature"] = predictor.temperature
+    metrics["ece_uncalibrated"] = before["ece"]
+    # temperature scaling must not move any prediction: the share of unchanged predicted classes, shown not assumed
+    metrics["predictions_unchanged_by_calibration"] = float(np.mean(
+        predict_classes(served["uncalibrated"], binary_cut) == predict_classes(probs, binary_cut)))
+    metrics["ood"] = ood_metrics(predictor, served["ood_score"], served["in_distribution"], probe_sets, batch_size)
     metrics["model"] = {"path": str(predictor.path.resolve()), "kind": predictor.kind,
                         "fingerprint": predictor.fingerprint}
     metrics["data"] = {"description": examples.description, "split": split if data_dir else "images",
@@ -335,7 +502,8 @@ def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optio
     blessing["model"] = metrics["model"]
     blessing["data"] = metrics["data"]
 
-    write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam)
+    write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam,
+                  probe_sets=probe_sets)
     if predictor.kind == "run" and data_dir is not None and split == "test":
         shutil.copyfile(output / "blessing.json", predictor.path / "blessing.json")
     elif predictor.kind == "run":  # a verdict on data the model was tuned on (or not the gate's data) never publishes
@@ -373,9 +541,11 @@ def load_baseline(repository: Path, model_name: str, examples: Examples, config:
 
 # ------------------------------------------------------------------------------------------------ outputs
 def write_outputs(output: Path, predictor: Predictor, config: Any, examples: Examples, probs: np.ndarray,
-                  metrics: dict, blessing: dict, gradcam: bool = True) -> None:
+                  metrics: dict, blessing: dict, gradcam: bool = True,
+                  probe_sets: Sequence[tuple[Path, Examples]] = ()) -> None:
     """metrics.json, predictions.csv, plots/*.png, report.html, blessing.json (+ rejected.jsonl)."""
     from models.metrics import predict_classes, roc_curves
+    from models.model_card import build_model_card
     from models.report import render_report
 
     plots_dir = output / "plots"
@@ -386,21 +556,29 @@ def write_outputs(output: Path, predictor: Predictor, config: Any, examples: Exa
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (output / "blessing.json").write_text(json.dumps(blessing, indent=2) + "\n", encoding="utf-8")
     write_predictions(output / "predictions.csv", examples, probs, predicted, labels)
-    if examples.rejected:
+    rejected = examples.rejected + [{**row, "ood_set": directory.name} for directory, probe in probe_sets
+                                    for row in probe.rejected]
+    if rejected:
         with open(output / "rejected.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in examples.rejected)
+            handle.writelines(json.dumps(row) + "\n" for row in rejected)
 
     plots = {
         "Confusion matrix (rows: true class; colour: share of the true class)":
             plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), labels, plots_dir / "confusion_matrix.png"),
         "ROC curves, one class against the rest": plot_roc(
             roc_curves(examples.labels, probs, labels), metrics["per_class"], plots_dir / "roc.png"),
-        "Reliability diagram (calibration)": plot_reliability(metrics["calibration"], plots_dir / "reliability.png"),
+        "Reliability diagram (calibration; outline: before temperature scaling)": plot_reliability(
+            metrics["calibration"], plots_dir / "reliability.png", metrics.get("calibration_before")),
     }
+    if metrics.get("ood") and metrics["ood"]["probe_sets"]:
+        plots["Out-of-distribution score: evaluated split against the probe sets"] = plot_ood_scores(
+            metrics["ood"], plots_dir / "ood_scores.png")
     gradcam_plots = {}
-    if gradcam and predictor.keras_model is not None and config.evaluation.gradcam_per_class > 0:
-        gradcam_plots = plot_gradcam_cases(predictor.keras_model, examples, probs, predicted, labels,
+    if gradcam and config.evaluation.gradcam_per_class > 0:
+        gradcam_plots = plot_gradcam_cases(predictor, examples, probs, predicted, labels,
                                            config.evaluation.gradcam_per_class, plots_dir)
+    card = predictor.model_card if predictor.kind == "savedmodel" else build_model_card(
+        predictor.path, config, metrics)
     context = {
         "task_name": config.name,
         "data_description": examples.description,
@@ -414,7 +592,7 @@ def write_outputs(output: Path, predictor: Predictor, config: Any, examples: Exa
         "config": config.source,
         "bootstrap resamples": config.evaluation.bootstrap_samples,
     }
-    page = render_report(metrics, blessing, plots, gradcam_plots, context)
+    page = render_report(metrics, blessing, plots, gradcam_plots, context, model_card=card)
     (output / "report.html").write_text(page, encoding="utf-8")
     log.info("wrote %s (accuracy %.4f, macro F1 %.4f, blessed %s)", output, metrics["accuracy"], metrics["macro_f1"],
              blessing["blessed"])
@@ -465,21 +643,43 @@ def plot_roc(curves: dict, per_class: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_reliability(calibration: dict, path: Path) -> Path:
+def plot_reliability(calibration: dict, path: Path, before: Optional[dict] = None) -> Path:
     plt = _pyplot()
     edges = np.asarray(calibration["bin_edges"])
     centres = (edges[:-1] + edges[1:]) / 2
     accuracy = np.array([np.nan if v is None else v for v in calibration["bin_accuracy"]])
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), height_ratios=(3, 1), sharex=True)
     top.bar(centres, np.nan_to_num(accuracy), width=edges[1] - edges[0], edgecolor="black", alpha=0.7,
-            label="observed accuracy")
+            label="observed accuracy (calibrated)")
+    title = f"ECE {calibration['ece']:.3f}"
+    if before is not None:
+        previous = np.array([np.nan if v is None else v for v in before["bin_accuracy"]])
+        top.bar(centres, np.nan_to_num(previous), width=edges[1] - edges[0], fill=False, edgecolor="firebrick",
+                linestyle="--", label="before temperature scaling")
+        title = f"ECE {before['ece']:.3f} before, {calibration['ece']:.3f} after calibration"
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     top.set_ylabel("accuracy")
-    top.set_title(f"ECE {calibration['ece']:.3f}")
+    top.set_title(title)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, calibration["bin_count"], width=edges[1] - edges[0], color="grey")
     bottom.set_xlabel("model confidence (highest probability)")
     bottom.set_ylabel("cases")
+    return _save(figure, path)
+
+
+def plot_ood_scores(ood: dict, path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    sets = [("evaluated split (in distribution)", ood["in_distribution_scores"])]
+    sets += [(f"{probe['name']} (AUROC {probe['auroc']:.3f})", probe["scores"]) for probe in ood["probe_sets"]]
+    everything = np.concatenate([np.asarray(v, float) for _, v in sets])
+    bins = np.linspace(everything.min(), everything.max(), 50)
+    for name, values in sets:
+        axis.hist(values, bins=bins, alpha=0.55, density=True, label=name)
+    axis.axvline(ood["threshold"], color="black", linestyle="--", label=f"threshold {ood['threshold']:.2f}")
+    axis.set_xlabel("ood_score (higher = less like the training data)")
+    axis.set_ylabel("density")
+    axis.legend(fontsize=8)
     return _save(figure, path)
 
 
@@ -498,14 +698,18 @@ def select_gradcam_cases(labels: np.ndarray, predicted: np.ndarray, probs: np.nd
     return chosen
 
 
-def plot_gradcam_cases(model: Any, examples: Examples, probs: np.ndarray, predicted: np.ndarray,
+def plot_gradcam_cases(predictor: Predictor, examples: Examples, probs: np.ndarray, predicted: np.ndarray,
                        labels: Sequence[str], per_class: int, plots_dir: Path) -> dict[str, Path]:
-    from models.gradcam import gradcam, overlay
+    """Overlays of the heat maps the `explain` signature serves (the same graph: models.safety.SafeClassifier)."""
+    from models.gradcam import overlay
 
     plt = _pyplot()
     out = {}
     for cls, index in select_gradcam_cases(examples.labels, predicted, probs, per_class, len(labels)).items():
-        maps = gradcam(model, examples.images[index], class_ids=predicted[index])
+        maps = predictor.explain(examples.images[index])
+        if maps is None:
+            log.info("%s has no explain signature (exported before it existed): no Grad-CAM", predictor.path)
+            return {}
         figure, axes = plt.subplots(1, len(index), figsize=(2.6 * len(index), 3), squeeze=False)
         for axis, i, heatmap in zip(axes[0], index, maps):
             axis.imshow(overlay(examples.images[i], heatmap))

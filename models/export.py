@@ -1,10 +1,15 @@
 """Export a training run as a TF Serving SavedModel whose signatures decode images exactly as training did.
 
 Signatures (docs/DESIGN.md, "SavedModel"):
-  serving_default(image_bytes: string[-1])        -> {probabilities float32[-1,C], class_ids int64[-1], class_names string[-1]}
-  predict_preprocessed(images: float32[-1,S,S,ch]) -> the same dict
+  serving_default(image_bytes: string[-1])        -> {probabilities float32[-1,C] (calibrated), class_ids int64[-1],
+                                                      class_names string[-1], ood_score float32[-1],
+                                                      in_distribution bool[-1]}
+  explain(image_bytes: string[-1])                -> the same dict + heatmap float32[-1,S,S] (Grad-CAM, 0..1)
+  predict_preprocessed(images: float32[-1,S,S,ch]) -> the serving_default dict
   preprocess(image_bytes: string[-1])              -> {images float32[-1,S,S,ch]}  (what the model saw; used by the
                                                       server's request log for pixel histograms)
+Probabilities, the OOD score and the heat map come from models.safety.SafeClassifier with the run's temperature and
+OOD statistics baked in as constants (the run's calibration.json, ood.json, ood_stats.npz).
 The decode is models.preprocessing.decode_image_tensor, the function tf.data used in training, so a client cannot
 preprocess differently from training. Labels and preprocessing parameters travel in assets/; warmup requests in
 assets.extra/tf_serving_warmup_requests.
@@ -14,18 +19,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 log = logging.getLogger(__name__)
 
 SERVING_DEFAULT = "serving_default"
+EXPLAIN = "explain"
 PREPROCESSED = "predict_preprocessed"
 PREPROCESS = "preprocess"
 INPUT_BYTES = "image_bytes"
 INPUT_IMAGES = "images"
 WARMUP_FILE = "tf_serving_warmup_requests"
 METRICS_FILE = "medpipe_metrics.json"
+MODEL_CARD_FILE = "model_card.json"
 MAX_WARMUP_RECORDS = 1000  # TF Serving refuses more
 
 
@@ -64,20 +72,21 @@ def _head(scores, task: str, num_classes: int, threshold: float | None):
     return probabilities, class_ids
 
 
-def build_archive(model, config, threshold: float | None):
-    """A keras.export.ExportArchive with the three endpoints (tracked variables, explicit dict outputs)."""
+def build_archive(model, config, threshold: float | None, safety_params=None):
+    """A keras.export.ExportArchive with the four endpoints (tracked variables, explicit dict outputs)."""
     import keras
     import tensorflow as tf
 
     from models.preprocessing import decode_image_tensor
+    from models.safety import SafeClassifier
 
     size, channels, labels = config.image.size, config.image.channels, list(config.labels)
     label_table = tf.constant(labels)
+    safe = SafeClassifier(model, config.task, len(labels), safety_params, threshold)
 
-    def classify(images):
-        probabilities, class_ids = _head(model(images, training=False), config.task, len(labels), threshold)
-        return {"probabilities": probabilities, "class_ids": class_ids,
-                "class_names": tf.gather(label_table, class_ids)}
+    def classify(images, explain=False):
+        outputs = safe(images, explain=explain)
+        return {**outputs, "class_names": tf.gather(label_table, outputs["class_ids"])}
 
     def decode_batch(image_bytes):
         return tf.map_fn(lambda b: decode_image_tensor(b, size, channels), image_bytes,
@@ -85,15 +94,16 @@ def build_archive(model, config, threshold: float | None):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        SERVING_DEFAULT, lambda image_bytes: classify(decode_batch(image_bytes)),
-        input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_BYTES)])
+    bytes_spec = [tf.TensorSpec([None], tf.string, name=INPUT_BYTES)]
+    archive.add_endpoint(SERVING_DEFAULT, lambda image_bytes: classify(decode_batch(image_bytes)),
+                         input_signature=bytes_spec)
+    archive.add_endpoint(EXPLAIN, lambda image_bytes: classify(decode_batch(image_bytes), explain=True),
+                         input_signature=bytes_spec)
     archive.add_endpoint(
         PREPROCESSED, lambda images: classify(images),
         input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name=INPUT_IMAGES)])
-    archive.add_endpoint(
-        PREPROCESS, lambda image_bytes: {INPUT_IMAGES: decode_batch(image_bytes)},
-        input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_BYTES)])
+    archive.add_endpoint(PREPROCESS, lambda image_bytes: {INPUT_IMAGES: decode_batch(image_bytes)},
+                         input_signature=bytes_spec)
     return archive
 
 
@@ -149,24 +159,30 @@ def export_saved_model(run_dir: str | Path, out_dir: str | Path, model_name: str
 
     warmup_images: encoded PNG/JPEG bytes for the warmup log; synthetic images at the model's size by default.
     """
+    from models import model_card, safety
     from models.train import load_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config, _schema = load_run(run_dir)
     threshold = read_threshold(run_dir)
-    archive = build_archive(model, config, threshold)
+    params = safety.require_params(run_dir)
+    archive = build_archive(model, config, threshold, params)
     archive.write_out(str(out_dir), verbose=False)
 
     assets = out_dir / "assets"
     assets.mkdir(exist_ok=True)
     (assets / "labels.txt").write_text("\n".join(config.labels) + "\n", encoding="utf-8")
     (assets / "preprocessing.json").write_text(json.dumps(preprocessing_params(config, threshold), indent=2) + "\n")
+    for name in (safety.CALIBRATION_FILE, safety.OOD_FILE):  # what the graph's constants were fitted as
+        shutil.copyfile(run_dir / name, assets / name)
     extra = out_dir / "assets.extra"
     images = warmup_images or synthetic_warmup_images(config.image.size, config.image.channels)
     write_warmup(extra / WARMUP_FILE, model_name or config.serving.model_name, images)
     metrics = run_metrics(run_dir)
     if metrics is not None:
         (extra / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    card = model_card.build_model_card(run_dir, config)
+    (extra / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     log.info("exported %s to %s (%d classes, size %d, threshold %s)", run_dir, out_dir, len(config.labels),
              config.image.size, threshold)
     return out_dir

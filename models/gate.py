@@ -1,6 +1,8 @@
 """The quality gate (TFX Evaluator style): blessed or not, and why.
 
-A model is blessed when every gated metric reaches its absolute threshold from `evaluation.thresholds`, and, when
+A model is blessed when every gated metric reaches its absolute threshold from `evaluation.thresholds` (and, when
+set, the calibrated ECE is at most `max_ece` and the OOD AUROC over the `evaluate --ood` probe sets at least
+`min_ood_auroc`), and, when
 a model is already published under the `stable` version label, no gated metric is worse than the stable model's by
 more than `evaluation.max_regression`. The first model (no stable version) is judged on the absolute thresholds only.
 
@@ -37,6 +39,7 @@ def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[d
             reasons.append(f"{name} is undefined on this split (every class needs positives and negatives)")
         elif not passed:
             reasons.append(f"{name} {value:.4f} is below the threshold {threshold:.4f}")
+    safety_checks(metrics, evaluation.thresholds, checks, reasons)
     if baseline_metrics is not None:
         delta = float(evaluation.max_regression)
         which = f"the {STABLE_LABEL} model" + (f" (version {baseline_version})" if baseline_version else "")
@@ -56,6 +59,33 @@ def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[d
         "checks": checks,
         "baseline": None if baseline_metrics is None else {"label": STABLE_LABEL, "version": baseline_version},
     }
+
+
+def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons: list) -> None:
+    """max_ece and min_ood_auroc, when configured (None = not gated). A gated OOD AUROC without probe sets fails:
+    the gate cannot vouch for what was not measured."""
+    max_ece = getattr(thresholds, "max_ece", None)
+    if max_ece is not None:
+        value = metrics.get("ece")
+        passed = value is not None and value <= max_ece
+        checks.append({"metric": "ece", "kind": "absolute", "direction": "max", "value": value,
+                       "threshold": float(max_ece), "passed": passed})
+        if not passed:
+            reasons.append(f"ece {value:.4f} is above the maximum {max_ece:.4f}" if value is not None
+                           else "ece is undefined")
+    min_auroc = getattr(thresholds, "min_ood_auroc", None)
+    if min_auroc is not None:
+        ood = metrics.get("ood") or {}
+        value = ood.get("auroc")
+        passed = value is not None and value >= min_auroc
+        checks.append({"metric": "ood_auroc", "kind": "absolute", "value": value, "threshold": float(min_auroc),
+                       "passed": passed})
+        if value is None:
+            reasons.append("ood_auroc is gated (evaluation.thresholds.min_ood_auroc) but no probe set was evaluated: "
+                           "pass --ood DIR to medpipe evaluate" if not ood.get("probe_sets") else
+                           "ood_auroc is undefined (the model has no ood_score output)")
+        elif not passed:
+            reasons.append(f"ood_auroc {value:.4f} is below the threshold {min_auroc:.4f}")
 
 
 # ------------------------------------------------------------------------------------------------ the baseline

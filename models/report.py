@@ -78,7 +78,8 @@ def _verdict(blessing: Mapping[str, Any]) -> str:
         [
             [
                 html.escape(f"{c['metric']} ({'vs stable model' if c['kind'] == 'regression' else 'absolute'})"),
-                _number(c["value"]), f"&ge; {_number(c['threshold'])}", "pass" if c["passed"] else "<b>fail</b>",
+                _number(c["value"]), f"{'&le;' if c.get('direction') == 'max' else '&ge;'} {_number(c['threshold'])}",
+                "pass" if c["passed"] else "<b>fail</b>",
             ]
             for c in blessing["checks"]
         ],
@@ -87,15 +88,86 @@ def _verdict(blessing: Mapping[str, Any]) -> str:
     return f'<div class="verdict {css}">{html.escape(text)}{reasons}</div>{checks}'
 
 
+def _safety_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Calibration (ECE before/after temperature scaling) and the OOD guard on the evaluated data."""
+    parts = ["<h2>Calibration and the out-of-distribution guard</h2>"]
+    temperature = metrics.get("temperature")
+    parts.append(_table(["figure", "value"], [
+        ["Temperature (fitted on the val split)", _number(temperature, 4)],
+        ["ECE before calibration", _number(metrics.get("ece_uncalibrated"))],
+        ["ECE after calibration (served probabilities)", _number(metrics.get("ece"))],
+        ["Predictions unchanged by calibration", _number(metrics.get("predictions_unchanged_by_calibration"), 4)],
+    ]))
+    ood = metrics.get("ood")
+    if ood is None:
+        parts.append('<p class="muted">This model has no OOD output (exported before the guard existed).</p>')
+        return parts
+    rows = [["evaluated split: kept in distribution", str(ood["in_distribution_examples"]), "",
+             _number(ood["retention"], 4)]]
+    rows += [[html.escape(probe["name"]), str(probe["examples"]), _number(probe["auroc"], 4),
+              _number(1.0 - probe["flagged_out_of_distribution"], 4)] for probe in ood["probe_sets"]]
+    if ood["probe_sets"]:
+        rows.append(["all probe sets", str(sum(p["examples"] for p in ood["probe_sets"])), _number(ood["auroc"], 4),
+                     ""])
+    parts.append(f"<p>An image whose <code>ood_score</code> is above {_number(ood['threshold'])} is answered "
+                 "<b>outside intended use</b> instead of a finding.</p>")
+    parts.append(_table(["set", "images", "OOD AUROC", "share answered with a finding"], rows))
+    return parts
+
+
+def render_model_card(card: Mapping[str, Any]) -> list[str]:
+    """The model card section (the same dict as the SavedModel's assets.extra/model_card.json)."""
+    use = card.get("intended_use", {})
+    parts = ["<h2>Model card</h2>", "<h3>Intended use</h3>", f"<p>{html.escape(str(use.get('use', '')))}</p>",
+             f"<p>Users: {html.escape(str(use.get('users', '')))}</p>",
+             "<p>Out of scope:</p><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in use.get("out_of_scope", []))
+             + "</ul>"]
+    data = card.get("training_data") or {}
+    rows = [[html.escape(label), str(count), str((data.get("val_examples_per_class") or {}).get(label, ""))]
+            for label, count in (data.get("train_examples_per_class") or {}).items()]
+    parts += ["<h3>Training data</h3>", _table(["class", "train", "val"], rows),
+              f'<p class="muted">Split {html.escape(str(data.get("split", "")))}; {data.get("epochs_run")} epochs.</p>']
+    metrics = card.get("metrics")
+    if metrics:
+        parts += ["<h3>Metrics</h3>", f'<p class="muted">{metrics.get("examples")} cases from '
+                  f'{html.escape(str(metrics.get("evaluated_on")))}</p>',
+                  _table(["figure", "value", "95% confidence interval"],
+                         [[name, _number(metrics[key]["value"]), _interval(metrics[key]["ci95"])]
+                          for name, key in (("Accuracy", "accuracy"), ("Macro F1", "macro_f1"),
+                                            ("Macro ROC AUC", "macro_auc"))])]
+    calibration = card.get("calibration")
+    if calibration:
+        parts += ["<h3>Calibration</h3>", _table(["figure", "value"], [
+            ["temperature", _number(calibration.get("temperature"), 4)],
+            ["val ECE before / after", f"{_number(calibration.get('val_ece_before'))} / "
+                                       f"{_number(calibration.get('val_ece_after'))}"],
+            ["test ECE before / after", f"{_number(calibration.get('test_ece_before'))} / "
+                                        f"{_number(calibration.get('test_ece_after'))}"]])]
+    ood = card.get("ood")
+    if ood:
+        parts += ["<h3>Out-of-distribution guard</h3>",
+                  f"<p>{html.escape(str(ood.get('method')))}: {html.escape(str(ood.get('description')))}. Threshold "
+                  f"{_number(ood.get('threshold'))} (keeps {_number(ood.get('val_retention'), 4)} of the val split; "
+                  f"{_number(ood.get('test_retention'), 4)} of the evaluated split).</p>",
+                  _table(["probe set", "images", "OOD AUROC", "flagged outside intended use"],
+                         [[html.escape(str(p["name"])), str(p["examples"]), _number(p["auroc"], 4),
+                           _number(p["flagged_out_of_distribution"], 4)] for p in ood.get("probe_sets", [])])
+                  if ood.get("probe_sets") else '<p class="muted">No probe set evaluated yet.</p>']
+    parts += ["<h3>Known limits</h3>",
+              "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in card.get("known_limits", [])) + "</ul>"]
+    return parts
+
+
 def render_report(
     metrics: Mapping[str, Any],
     blessing: Mapping[str, Any],
     plots: Mapping[str, str | Path],
     gradcam_plots: Mapping[str, str | Path],
     context: Mapping[str, Any],
+    model_card: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """The whole page. `plots`: caption -> PNG path; `gradcam_plots`: class label -> PNG path; `context`: model,
-    data, split, fingerprints and creation details (shown in a table)."""
+    data, split, fingerprints and creation details (shown in a table); `model_card`: models/model_card.py's dict."""
     labels = metrics["labels"]
     ci = metrics["confidence_intervals"]
     parts = [
@@ -149,6 +221,7 @@ def render_report(
             [[html.escape(label), *map(str, row)] for label, row in zip(labels, metrics["confusion_matrix"])],
         ),
     ]
+    parts += _safety_section(metrics)
     for caption, path in plots.items():
         parts.append(f"<figure>{embed_png(path, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     if gradcam_plots:
@@ -158,6 +231,8 @@ def render_report(
         for label, path in gradcam_plots.items():
             parts.append(f"<figure>{embed_png(path, f'Grad-CAM {label}')}<figcaption>true class "
                          f"{html.escape(label)}</figcaption></figure>")
+    if model_card:
+        parts += render_model_card(model_card)
     parts += [
         "<h2>Provenance</h2>",
         _table(["item", "value"], [[html.escape(str(k)), html.escape(str(v))] for k, v in context.items()]),

@@ -7,7 +7,9 @@ logical devices), or MultiWorkerMirroredStrategy when TensorFlow's TF_CONFIG nam
 starts N local ones; see models/distributed.py). RUN_DIR receives config.yaml, schema.json, model.keras (best
 checkpoint), history.csv, tensorboard/, backup/ (BackupAndRestore: re-running the same command after a crash resumes
 at the last finished epoch) and train_metadata.json; with several workers only the chief writes it.
-With `training.fine_tune` the fit runs in two stages (see fit_two_stages).
+With `training.fine_tune` the fit runs in two stages (see fit_two_stages). Then, with the best checkpoint, the safety
+step (models/safety.py) writes calibration.json (the temperature), ood.json and ood_stats.npz, which the export bakes
+into the SavedModel.
 """
 
 from __future__ import annotations
@@ -328,6 +330,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     import tensorflow as tf
 
     from medpipe.config import dump_config
+    from models import safety
     from models.architectures import build_model
     from models.distributed import artefact_dir, cluster_from_env
 
@@ -400,6 +403,11 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
 
     if not (write_dir / "model.keras").is_file():  # e.g. a metric that never improved from a NaN start
         model.save(write_dir / "model.keras")
+    # Calibration and the OOD statistics belong to the weights that ship: the best checkpoint, not the last epoch.
+    safety_started = time.monotonic()
+    best = keras.models.load_model(write_dir / "model.keras", compile=False)
+    safety_summary = safety.fit_run(best, config, data_dir, write_dir, schema)
+    safety_summary["seconds"] = round(time.monotonic() - safety_started, 1)
     monitor = training.monitor
     metadata = {
         "config": config.name,
@@ -427,6 +435,7 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
         "monitor": monitor,
         "best_metric": best_so_far(write_dir / "history.csv", monitor),
         "fit_seconds": round(fit_seconds, 1),
+        "safety": safety_summary,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     (write_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")

@@ -9,7 +9,10 @@ change the answer), and one is needed only for a model that does not declare the
 
 Every file (DICOM, PNG, JPEG) goes through medpipe.imaging.preprocess_bytes, the host-side pipeline ingest uses, so
 the server receives exactly the PNG ingest would have produced; the SavedModel decodes it in its graph. One JSON line
-per file: {"file", "class", "confidence", "probabilities", "model_version", "request_id"}; a file that cannot be
+per file: {"file", "finding", "class", "confidence", "probabilities", "ood_score", "in_distribution",
+"model_version", "request_id"}. An image the model's OOD guard flags (in_distribution false) gets
+"finding": "outside intended use" and no class, confidence or probabilities; a model exported before the guard
+existed answers ood_score/in_distribution null (no OOD information) and its class as before. A file that cannot be
 read gets {"file", "error", "reason"} and the others continue (exit status 1). Works unchanged against the real
 tensorflow/serving.
 """
@@ -30,6 +33,7 @@ from medpipe.errors import MedpipeError, RejectedInput
 
 SIGNATURE = "serving_default"
 CHUNK = 16  # images per request
+OUTSIDE_INTENDED_USE = "outside intended use"
 
 
 class ServerError(MedpipeError):
@@ -206,17 +210,26 @@ def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: 
 
 
 def rows(outputs: dict, model_version: int | None, request_id: str) -> list[dict]:
+    """Served outputs -> one dict per image. ood_score/in_distribution are optional outputs (None when the model
+    predates them); an image outside the intended use gets no finding."""
     from serving.metrics import request_ids
 
     probabilities = outputs["probabilities"]
     ids = request_ids(request_id, len(probabilities))
+    scores, flags = outputs.get("ood_score"), outputs.get("in_distribution")
     result = []
     for i, probs in enumerate(probabilities):
         class_id = int(outputs["class_ids"][i])
         name = outputs["class_names"][i]
-        result.append({"class": name.decode() if isinstance(name, bytes) else str(name),
-                       "confidence": float(probs[class_id]), "probabilities": [float(p) for p in probs],
-                       "model_version": model_version, "request_id": ids[i]})
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        in_distribution = None if flags is None else bool(flags[i])
+        row = {"finding": name, "class": name, "confidence": float(probs[class_id]),
+               "probabilities": [float(p) for p in probs],
+               "ood_score": None if scores is None else float(scores[i]), "in_distribution": in_distribution,
+               "model_version": model_version, "request_id": ids[i]}
+        if in_distribution is False:
+            row.update(finding=OUTSIDE_INTENDED_USE, **{"class": None, "confidence": None, "probabilities": None})
+        result.append(row)
     return result
 
 

@@ -171,13 +171,16 @@ def served(trained_sample_run, ingested_sample, tmp_path_factory):
 
 
 def keras_answer(run_dir: Path, pngs: list[bytes]) -> np.ndarray:
-    """The in-process Keras model on the same decoded pixels (models.preprocessing, as in training)."""
+    """The in-process model on the same decoded pixels (models.preprocessing, as in training): the Keras model's
+    probabilities with the run's temperature applied, as the SavedModel serves them."""
     from models.preprocessing import decode_image_tensor
+    from models.safety import calibrated_probabilities, load_params
     from models.train import load_run
 
     model, config, _ = load_run(run_dir)
     pixels = tf.stack([decode_image_tensor(tf.constant(p), config.image.size, config.image.channels) for p in pngs])
-    return model(pixels, training=False).numpy()
+    raw = model(pixels, training=False).numpy().astype(np.float64)
+    return calibrated_probabilities(np.log(np.clip(raw, 1e-30, 1)), load_params(run_dir).temperature, "softmax")
 
 
 # ---- tests -----------------------------------------------------------------------------------------------------
@@ -224,8 +227,8 @@ def test_metadata_status_classify_health_and_metrics(served):
     response.metadata["signature_def"].Unpack(signatures)
     default = signatures.signature_def["serving_default"]
     assert default.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
-    assert set(default.outputs) == {"probabilities", "class_ids", "class_names"}
-    assert "predict_preprocessed" in signatures.signature_def
+    assert set(default.outputs) == {"probabilities", "class_ids", "class_names", "ood_score", "in_distribution"}
+    assert "predict_preprocessed" in signatures.signature_def and "explain" in signatures.signature_def
 
     status = served["models"].GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": MODEL}), timeout=10)
