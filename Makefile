@@ -18,7 +18,7 @@ $(STAMP): $(LOCK) pyproject.toml scripts/setup.sh
 setup: $(STAMP)  ## create .venv (GPU=1: .venv-gpu with CUDA TensorFlow) from the lock (a no-op when nothing changed)
 
 demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on the sample in sample_data/
-	$(BIN)/medpipe demo --output demo_output
+	$(BIN)/medpipe demo --output demo_output --keep-server
 
 test: setup system-deps  ## the whole test suite
 	$(BIN)/python -m pytest tests

@@ -2,7 +2,10 @@
 
 ingest (Beam) -> train (Keras, MirroredStrategy) -> evaluate (report + gate) -> publish (versioned SavedModel)
 -> serve (TF Serving-compatible server on 127.0.0.1) -> the clinical gateway in front of it (anonymous, loopback
-only) -> predict one image over gRPC through the gateway -> print the prediction's audit line -> stop both.
+only) -> predict one image over gRPC through the gateway -> print the prediction's audit line. The same server also
+serves the validated model shipped in models/shipped/ (trained by the full recipe on the whole training set) as
+`brain_mri_validated`; the demo predicts the sample glioma with it and prints the web viewer's URL, which opens on
+that model. `--keep-server` (as `make demo` runs it) leaves both processes up for the viewer.
 
 Each stage runs as the same command a user or an Airflow task would run (`python -m <stage> ...`), printed before
 it runs, so the demo doubles as a walkthrough. Nothing here is simulated: a stage that fails stops the demo with
@@ -40,6 +43,9 @@ DEMO_OVERRIDES = (
 # 100 images cannot train a clinical model: the demo's gate asks only for better than chance (4 classes).
 DEMO_GATE = ("evaluation.thresholds={accuracy: 0.25, macro_f1: 0.0, macro_auc: 0.5}",)
 DEMO_DEID_KEY = "medpipe-demo-key-do-not-use-in-production"
+SHIPPED = ROOT / "models" / "shipped"
+SHIPPED_NAME = "brain_mri_validated"  # served beside the demo's own brain_mri
+MARKER = ".medpipe-demo"  # the demo only ever replaces an output folder that holds this file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +54,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run ingest -> train -> evaluate -> publish -> serve -> predict on the repository's sample, "
         "end to end, in a few minutes on a 2-core machine.",
     )
-    parser.add_argument("--output", default="demo_output", help="folder for every artefact (replaced on each run)")
+    parser.add_argument("--output", default="demo_output",
+                        help="folder for every artefact: new, empty, or an earlier demo's (replaced on each run)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="task config (default: config/brain_mri.yaml)")
     parser.add_argument("--input", default=str(DEFAULT_SAMPLE), help="folder of class folders (default: the sample)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 12)")
     parser.add_argument("--cpu-replicas", type=int, default=2, help="logical CPU devices for MirroredStrategy")
     parser.add_argument("--keep-server", action="store_true", help="leave the server running after the prediction")
     return parser
+
+
+def prepare_output(out: Path) -> Path:
+    """A new or empty folder, or an earlier demo's output (recognised by MARKER): never another folder's files."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise SystemExit(f"demo: --output {out} exists and is not an earlier demo output; choose a new or empty "
+                         "folder (the demo replaces only its own output)")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by medpipe demo; the next demo run replaces this folder\n")
+    return out
+
+
+def shipped_version(shipped: Path = SHIPPED, name: str = "brain_mri") -> Path | None:
+    """The newest version folder of the shipped model, or None in a checkout without it."""
+    folder = shipped / name
+    versions = sorted((p for p in folder.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()),
+                      key=lambda p: int(p.name)) if folder.is_dir() else []
+    return versions[-1] if versions else None
+
+
+def add_shipped_model(repo: Path, source: Path) -> int:
+    """Copy the shipped version into the demo's repository as SHIPPED_NAME and add it to models.config."""
+    from serving import repository as repo_lib
+
+    target = repo / SHIPPED_NAME / source.name
+    shutil.copytree(source, target)
+    config_path = repo / repo_lib.CONFIG_FILE
+    config = repo_lib.read_config(config_path)
+    repo_lib.upsert_model(config, SHIPPED_NAME, str(repo / SHIPPED_NAME))
+    repo_lib.write_config(config_path, config)
+    return int(source.name)
 
 
 def free_port() -> int:
@@ -119,15 +159,15 @@ def wait_for_model(rest_port: int, model_name: str, process: subprocess.Popen, t
     raise SystemExit(f"demo: model {model_name} was not AVAILABLE at {url} within {timeout:.0f} s")
 
 
-def wait_for_gateway(log_path: Path, process: subprocess.Popen, timeout: float = 120.0) -> str:
-    """The gateway prints one line naming its bound ports; -> its gRPC HOST:PORT."""
+def wait_for_gateway(log_path: Path, process: subprocess.Popen, timeout: float = 120.0) -> tuple[str, str]:
+    """The gateway prints one line naming its bound ports; -> (its gRPC HOST:PORT, its REST base URL)."""
     import re
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = re.search(r"medpipe gateway: gRPC (\S+) REST", log_path.read_text())
+        match = re.search(r"medpipe gateway: gRPC (\S+) REST (\S+)", log_path.read_text())
         if match:
-            return match.group(1)
+            return match.group(1), match.group(2)
         if process.poll() is not None:
             raise SystemExit(f"demo: the gateway exited with status {process.returncode}; see {log_path}")
         time.sleep(0.3)
@@ -151,10 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(DEMO_OVERRIDES) + ([f"training.epochs={args.epochs}"] if args.epochs else [])
     config = load_config(args.config, overrides)  # fail here, before any work, on a bad config
     model_name = config.serving.model_name
-    out = Path(args.output).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = prepare_output(Path(args.output).resolve())
     data_dir, run_dir, repo = out / "data" / config.name, out / "runs" / config.name, out / "models"
     eval_dir = run_dir / "evaluation"
 
@@ -185,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         publish_args.append("--force")
     step.run("Publish a versioned SavedModel", "serving.publish", publish_args)
     version = max(int(p.name) for p in (repo / model_name).iterdir() if p.name.isdigit())
+    shipped = shipped_version()
+    shipped_number = add_shipped_model(repo, shipped) if shipped else None
+    if shipped is None:
+        print(f"demo: no shipped model in {SHIPPED} (see models/shipped/README.md); the viewer shows the demo model")
 
     grpc_port, rest_port = free_port(), free_port()
     serve_command = [sys.executable, "-m", "serving.server", "--repository", str(repo), "--host", "127.0.0.1",
@@ -203,13 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         gateway_command = [sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
                            "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "0", "--allow-anonymous",
                            "--audit-log", str(audit_log), "--request-log", str(out / "gateway" / "requests"),
-                           "--model-repository", str(repo)]
+                           "--model-repository", str(repo), "--feedback-dir", str(out / "gateway" / "feedback"),
+                           *(["--viewer-model", SHIPPED_NAME] if shipped else []), "--viewer-model", model_name]
         step.number += 1
         print(f"\n[{step.number}] The clinical gateway in front of it (anonymous: loopback demo only)\n"
               f"    $ {_shown(gateway_command)}", flush=True)
         gateway = subprocess.Popen(gateway_command, env=env, cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        gateway_address = wait_for_gateway(out / "gateway.log", gateway)
+        gateway_address, viewer_url = wait_for_gateway(out / "gateway.log", gateway)
+        viewer_url += "/viewer/"
         print(f"    gateway: gRPC {gateway_address} -> upstream 127.0.0.1:{grpc_port}")
         image = sorted((Path(args.input) / config.labels[0]).iterdir())[0]
         result = step.run("Predict one image over gRPC through the gateway (tensorflow_serving.apis stubs)",
@@ -220,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prediction = json.loads(result.stdout.strip().splitlines()[-1])
         audit_line = next(line for line in audit_log.read_text().splitlines()
                           if json.loads(line).get("request_id") == "demo-prediction")
+        validated = None
+        if shipped is not None:
+            wait_for_model(rest_port, SHIPPED_NAME, server)
+            result = step.run(f"Predict the sample glioma with the shipped, validated model ({SHIPPED_NAME})",
+                              "serving.client",
+                              ["--server", gateway_address, "--model", SHIPPED_NAME, "--request-id",
+                               "demo-validated", str(image)], capture=True)
+            validated = json.loads(result.stdout.strip().splitlines()[-1])
     finally:
         if args.keep_server:
             print(f"demo: server and gateway left running (pids {server.pid}"
@@ -245,6 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  probabilities: {json.dumps(prediction.get('probabilities'))}")
     print(f"Audit line of this prediction ({audit_log}; check the chain: medpipe audit verify {audit_log}):")
     print(f"  {audit_line}")
+    if validated is not None:
+        confidence = validated.get("confidence")
+        print(f"The shipped model {SHIPPED_NAME} (version {shipped_number}, trained on the full training set; "
+              f"models/shipped/README.md) on the same image:")
+        print(f"  class: {validated.get('finding')}   confidence: "
+              f"{'n/a' if confidence is None else format(confidence, '.3f')}   "
+              f"in distribution: {validated.get('in_distribution')}   model version: {validated.get('model_version')}")
+    state = "open it now" if args.keep_server else "live only while the demo runs: use --keep-server (make demo does)"
+    print(f"Web viewer (anonymous on loopback; {state}): {viewer_url}")
     if metrics:
         print(f"Test-split accuracy of this demo model: {metrics.get('accuracy', float('nan')):.3f} "
               f"(macro-F1 {metrics.get('macro_f1', float('nan')):.3f}); gate: "

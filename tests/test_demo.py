@@ -43,3 +43,23 @@ def test_demo_predicts_over_grpc_from_a_published_version(tmp_path):
     assert stats["input_files"] == 100
     assert (out / "runs" / "brain_mri" / "evaluation" / "report.html").is_file()
     assert "brain_mri" in (out / "models" / "models.config").read_text()
+    viewer = next(line for line in lines if line.startswith("Web viewer"))
+    assert viewer.split()[-1].startswith("http://127.0.0.1:") and viewer.endswith("/viewer/")
+    from medpipe.demo import SHIPPED_NAME, shipped_version
+
+    shipped = shipped_version()
+    if shipped is not None:  # the validated model of models/shipped/, served beside the demo's own
+        index = lines.index(next(line for line in lines if line.startswith(f"The shipped model {SHIPPED_NAME}")))
+        finding = lines[index + 1].split()[1]
+        assert finding in labels + ["outside"] and f"model version: {shipped.name}" in lines[index + 1]
+        assert (out / "models" / SHIPPED_NAME / shipped.name / "saved_model.pb").is_file()
+        assert "python -m serving.client --server" in stdout and "--model brain_mri_validated" in stdout
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("not the demo's")
+    result = subprocess.run([str(Path(sys.executable).parent / "medpipe"), "demo", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0 and "not an earlier demo output" in result.stderr + result.stdout
+    assert precious.read_text() == "not the demo's"
