@@ -21,7 +21,7 @@ demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on th
 	$(BIN)/medpipe demo --output demo_output --keep-server
 
 test: setup system-deps  ## the whole test suite
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 system-deps:  ## Debian packages the integration tests run for real (Prometheus, Orthanc, Chromium, PostgreSQL...)
 	@bash scripts/install_system_deps.sh || echo "make: system packages not installed (needs root/apt); their tests will skip"
