@@ -14,25 +14,14 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import ROOT, require_shared, write_result  # noqa: E402
-
-
-def run_stage(module: str, args: list[str], log_path: Path) -> float:
-    env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", "benchmark-key-not-a-secret-0000")}
-    start = time.monotonic()
-    with log_path.open("w") as log:
-        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, env=env, stdout=log,
-                       stderr=subprocess.STDOUT)
-    return time.monotonic() - start
+from benchmarks.common import ROOT, require_shared, run_stage, write_result  # noqa: E402
 
 
 def macro_f1(y_true, y_pred, num_classes: int) -> float:

@@ -65,3 +65,13 @@ def write_result(name: str, command: str, figures: dict, targets: dict[str, str]
     path.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(body, indent=2))
     return path
+
+
+def run_stage(module: str, args: list[str], log_path: Path) -> float:
+    """Run a medpipe stage as Airflow would (`python -m MODULE ARGS`), output to LOG_PATH; -> wall seconds."""
+    env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", "benchmark-key-not-a-secret-0000")}
+    start = time.monotonic()
+    with log_path.open("w") as log:
+        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, env=env, stdout=log,
+                       stderr=subprocess.STDOUT)
+    return time.monotonic() - start
