@@ -334,10 +334,27 @@ def load_records(data_dir: Path, split: str, config: Any) -> Examples:
                     f"the {split} split of {data_dir}", fingerprint)
 
 
-def load_image_folder(folder: Path, config: Any) -> Examples:
-    """FOLDER/<label>/<files>, each through medpipe.imaging (the ingest preprocessing); rejects are listed."""
+def preprocess_files(files: Sequence[Path], root: Path, config: Any) -> tuple[list, list, list, list]:
+    """Each file through medpipe.imaging (the ingest preprocessing) -> (float32 images, ids relative to ROOT,
+    rejected rows with their reasons, indices of the files kept)."""
     from medpipe.imaging import preprocess_file
 
+    images, ids, rejected, kept = [], [], [], []
+    for index, path in enumerate(files):
+        relative = str(path.relative_to(root))
+        try:
+            prepared = preprocess_file(path, config)
+        except RejectedInput as exc:
+            rejected.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
+            continue
+        images.append(prepared.pixels.astype(np.float32))
+        ids.append(relative)
+        kept.append(index)
+    return images, ids, rejected, kept
+
+
+def load_image_folder(folder: Path, config: Any) -> Examples:
+    """FOLDER/<label>/<files>, each through medpipe.imaging (the ingest preprocessing); rejects are listed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a directory (pass --images with one sub-folder per label)")
@@ -347,19 +364,13 @@ def load_image_folder(folder: Path, config: Any) -> Examples:
     if unknown or not class_dirs:
         raise DataError(f"{folder}: sub-folders must be named after the labels {list(config.labels)}; "
                         f"found {[p.name for p in class_dirs]}")
-    images, labels, ids, rejected, files = [], [], [], [], []
+    files, labels = [], []
     for class_dir in class_dirs:
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            relative = str(path.relative_to(folder))
-            files.append(path)
-            try:
-                prepared = preprocess_file(path, config)
-            except RejectedInput as exc:
-                rejected.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
-                continue
-            images.append(prepared.pixels.astype(np.float32))
-            labels.append(by_name[class_dir.name.lower()])
-            ids.append(relative)
+        paths = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files += paths
+        labels += [by_name[class_dir.name.lower()]] * len(paths)
+    images, ids, rejected, kept = preprocess_files(files, folder, config)
+    labels = [labels[index] for index in kept]
     if not images:
         raise DataError(f"{folder}: no usable image ({len(rejected)} rejected); see the reasons in rejected.jsonl")
     return Examples(np.stack(images), np.asarray(labels, dtype=np.int64), ids, f"the image folder {folder}",
@@ -369,8 +380,6 @@ def load_image_folder(folder: Path, config: Any) -> Examples:
 def load_ood_set(directory: Path, config: Any) -> Examples:
     """An OOD probe set: every split of an ingest output (schema.json present; its own image size must match), or
     every file under a folder through medpipe.imaging (the ingest preprocessing); unusable files are listed."""
-    from medpipe.imaging import preprocess_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"--ood {directory}: not a directory (pass a folder of images or an ingest output)")
@@ -397,16 +406,7 @@ def load_ood_set(directory: Path, config: Any) -> Examples:
                         f"the ingest output {directory}", files_sha256(shards, directory))
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.upper().startswith("LICENSE"))
-    images, ids, rejected = [], [], []
-    for path in files:
-        relative = str(path.relative_to(directory))
-        try:
-            prepared = preprocess_file(path, config)
-        except RejectedInput as exc:
-            rejected.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
-            continue
-        images.append(prepared.pixels.astype(np.float32))
-        ids.append(relative)
+    images, ids, rejected, _ = preprocess_files(files, directory, config)
     if not images:
         raise DataError(f"--ood {directory}: no usable image among {len(files)} file(s)")
     return Examples(np.stack(images), np.zeros(len(images), np.int64), ids, f"the image folder {directory}",
