@@ -151,8 +151,8 @@ def notify_failure(context: dict) -> None:
     )
 
 
-def deadline_missed(**kwargs: Any) -> None:
-    """Deadline callback (runs in the triggerer): the run is still not done when its deadline passed."""
+async def deadline_missed(**kwargs: Any) -> None:
+    """Deadline callback (awaited in the triggerer): the run is still not done when its deadline passed."""
     context = kwargs.get("context") or {}
     dag_run = context.get("dag_run") or {}
     get = dag_run.get if isinstance(dag_run, dict) else (lambda key, default=None: getattr(dag_run, key, default))
