@@ -278,9 +278,10 @@ class Airflow:
                                 f"{task_id}")
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
-        status, answer = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.request.quote(run_id)}/"
-                                             f"taskInstances/{task_id}/logs/{try_number}?full_content=true")
-        return json.dumps(answer)
+        """The task attempt's log file as the task runner wrote it (JSON lines)."""
+        path = (Path(self.env["AIRFLOW_HOME"]) / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" /
+                f"task_id={task_id}" / f"attempt={try_number}.log")
+        return path.read_text() if path.is_file() else ""
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 420) -> dict:
         done = wait_until(lambda: (lambda run: run if run["state"] in ("success", "failed") else None)(
@@ -310,6 +311,7 @@ def airflow_env(home: Path, data: Path, database: str, port: int, alertmanager_u
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "MEDPIPE_DATA_ROOT": str(data),
+        "MEDPIPE_BATCH_SCHEDULE": "none",  # trigger only; ingest keeps @daily (backfills need a time schedule)
         "MEDPIPE_DEID_KEY": TEST_DEID_KEY,
         "MEDPIPE_ALERTMANAGER_URL": alertmanager_url,
         "MEDPIPE_SERVING_GRPC": "127.0.0.1:9",  # nothing listens there: publish must not need a server
@@ -373,6 +375,13 @@ def airflow(tmp_path_factory, postgres, alertmanager):
             "DAGs parsed", 120, 2, log)
         for dag_id in ("medpipe_ingest", "medpipe_batch_inference"):
             instance.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        # unpausing @daily medpipe_ingest starts today's scheduled run on the default source: stop it, as an
+        # operator would (mark the run failed), so that only the test's partitions exist
+        today = wait_until(lambda: next((run for run in instance.runs("medpipe_ingest")
+                                         if run["run_type"] == "scheduled"), None), "today's scheduled ingest", 90, 1,
+                           log)
+        instance.call("PATCH", f"/api/v2/dags/medpipe_ingest/dagRuns/{urllib.request.quote(today['dag_run_id'])}",
+                      {"state": "failed"})
         yield instance
 
 
