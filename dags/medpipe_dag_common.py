@@ -365,7 +365,7 @@ def serving_address(explicit: str | None = None) -> tuple[str, str]:
 
 
 def deid_env() -> dict[str, str]:
-    """MEDPIPE_DEID_KEY for the ingest subprocess, read at run time: env, else the Airflow Variable `medpipe_deid_key`.
+    """MEDPIPE_DEID_KEY for the ingest subprocess, read at run time: env, else the Airflow Variable `medpipe_deid_secret`.
 
     The key is never a DAG param or a file in the repo (params are stored in the metadata DB in clear text).
     """
