@@ -68,7 +68,7 @@ def medpipe_batch_inference():
 
         from medpipe_dag_common import check_conf, load_task_config, resolve_config, resolve_path, run_partition
 
-        check_conf(context)
+        check_conf(context, params)
         config_path = resolve_config(params["config"])
         config = load_task_config(config_path)
         dataset = config["name"]

@@ -9,7 +9,7 @@ the task, i.e. the deployment's venv), stream their output into the task log, an
 failure whose message carries the tail of the stage's stderr.
 
 Stable public helpers for every medpipe DAG file (keep their signatures):
-  task defaults:   default_task_args(**overrides), notify_failure(context), check_conf(context),
+  task defaults:   default_task_args(**overrides), notify_failure(context), check_conf(context, params),
                    stage_deadline(hours, what)
   alerts:          send_alert(name, summary, severity=..., **labels) -> Alertmanager (MEDPIPE_ALERTMANAGER_URL)
   run partition:   run_partition(context, explicit=None), check_partition(name), PARTITION_PATTERN, safe_name(text),
@@ -169,13 +169,19 @@ def stage_deadline(hours: float, what: str) -> Any:
                          callback=AsyncCallback(deadline_missed, kwargs={"what": what}))
 
 
-def check_conf(context: dict) -> None:
-    """Refuse a run whose conf has keys the DAG does not know (a typo such as `partiton` must not be ignored)."""
+def check_conf(context: dict, params: Any = None) -> None:
+    """Refuse a run whose conf has keys the DAG does not know (a typo such as `partiton` must not be ignored).
+
+    The known keys are the DAG's declared params (`context["dag"].params`): the run's own params already hold
+    every conf key, the unknown ones included. `params` is the fallback when there is no DAG object (tests)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     dag_run = context.get("dag_run")
     conf = dict(getattr(dag_run, "conf", None) or {})
-    known = set((context.get("params") or {}).keys())
+    dag = context.get("dag")
+    declared = getattr(dag, "params", None)
+    known = set((declared if declared is not None else params if params is not None
+                 else context.get("params") or {}).keys())
     unknown = sorted(set(conf) - known)
     if unknown:
         raise AirflowFailException(f"unknown conf key(s) {unknown}: this DAG knows {sorted(known)}; "

@@ -84,7 +84,7 @@ def medpipe_ingest():
         from medpipe_dag_common import (check_conf, load_task_config, resolve_config, resolve_path, run_partition,
                                         safe_name)
 
-        check_conf(context)
+        check_conf(context, params)
         config_path = resolve_config(params["config"])
         dataset = load_task_config(config_path)["name"]
         partition = run_partition(context, params.get("partition"))

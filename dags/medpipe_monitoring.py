@@ -72,7 +72,7 @@ def medpipe_monitoring():
         from medpipe_dag_common import (StageFailed, check_conf, check_partition, data_root, latest_partition,
                                         load_task_config, resolve_config, resolve_path, run_stage, send_alert)
 
-        check_conf(context)
+        check_conf(context, params)
 
         config = load_task_config(resolve_config(params["config"]))
         dataset = config["name"]

@@ -97,7 +97,7 @@ def medpipe_train():
                                         partition_ingest_times, resolve_config, resolve_path, run_stage, safe_name,
                                         set_args, triggering_events)
 
-        check_conf(context)
+        check_conf(context, params)
         events = triggering_events(context.get("triggering_asset_events"))
         newest_event = events[-1] if events else {}
         config_path = resolve_config(params.get("config") or newest_event.get("config") or "brain_mri")

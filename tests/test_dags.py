@@ -249,11 +249,13 @@ def test_unknown_conf_keys_are_refused_with_the_known_ones(common):
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    params = {"partition": None, "config": "brain_mri"}
-    common.check_conf({"params": params, "dag_run": SimpleNamespace(conf={"partition": "x"})})
+    dag = SimpleNamespace(params={"partition": None, "config": "brain_mri"})
+    common.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"partition": "x"})})
+    # the run's params hold the conf's keys too (Airflow merges them): only the DAG's declared params count
+    merged = {"partition": None, "config": "brain_mri", "partiton": "x"}
     with pytest.raises(AirflowFailException, match=r"unknown conf key\(s\) \['partiton'\]: this DAG knows "
                                                    r"\['config', 'partition'\]"):
-        common.check_conf({"params": params, "dag_run": SimpleNamespace(conf={"partiton": "x"})})
+        common.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"partiton": "x"})}, merged)
 
 
 def test_exit_2_is_not_retried_and_exit_3_is_a_verdict(common):
