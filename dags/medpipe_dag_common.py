@@ -21,7 +21,8 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
                    (every task's on_kill), set_args(overrides), deid_env()
   outputs:         replace_dir(staging, final), write_json_atomic(path, payload)
   serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
-  assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL
+  assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
+                   ASSET_EVENTS_POOL
 
 The name is deliberately specific: `dags/` sits on Airflow's sys.path, so a generic name (`common`, `utils`)
 could shadow or be shadowed by another package.
@@ -50,6 +51,10 @@ log = logging.getLogger("medpipe.dags")
 DATASETS: tuple[str, ...] = ("brain_mri", "chest_xray")
 INGESTED_ALIAS = "medpipe_ingested_dataset"
 TRAINING_POOL = "medpipe_training"  # create it: `airflow pools set medpipe_training 1 "medpipe training"`
+# One slot: two ingest runs announcing their partitions at the same moment (a backfill with --max-active-runs 2)
+# make Airflow 3.3 on PostgreSQL insert the same alias->asset link twice (UniqueViolation on asset_alias_asset,
+# the task is then failed). Serialising the 2-second publish_asset task avoids it.
+ASSET_EVENTS_POOL = "medpipe_asset_events"
 
 PARTITION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,99}$"  # a folder name: 2026-11-24, 2026-11-24T06, batch_7
 _PARTITION_RE = re.compile(PARTITION_PATTERN)

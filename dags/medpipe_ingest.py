@@ -8,6 +8,7 @@ import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
 
 from medpipe_dag_common import (
+    ASSET_EVENTS_POOL,
     DATASETS,
     INGESTED_ALIAS,
     PARTITION_PATTERN,
@@ -131,7 +132,7 @@ def medpipe_ingest():
             replace_dir(Path(job["staging"]), Path(job["output"]))
         return job
 
-    @task(outlets=[AssetAlias(INGESTED_ALIAS)])
+    @task(outlets=[AssetAlias(INGESTED_ALIAS)], pool=ASSET_EVENTS_POOL)
     def publish_asset(job: dict, *, outlet_events=None, **context) -> dict:
         """Check the partition is complete and not empty, log its counts, and announce it to medpipe_train."""
         import json

@@ -436,9 +436,13 @@ def test_backfill_trains_on_the_window_from_the_data_and_does_not_publish(airflo
     airflow.cli("backfill", "create", "--dag-id", "medpipe_ingest", "--from-date", "2026-11-01",
                 "--to-date", "2026-11-02", "--dag-run-conf", json.dumps(ingest_conf(airflow)),
                 "--max-active-runs", "2")
-    wait_until(lambda: len([run for run in airflow.runs("medpipe_ingest")
-                            if run["run_type"] == "backfill" and run["state"] == "success"]) == 2,
-               "both backfill days ingested", 300, 2, airflow.log)
+    def backfill_done():
+        runs = [run for run in airflow.runs("medpipe_ingest") if run["logical_date"] and
+                run["logical_date"][:10] in ("2026-11-01", "2026-11-02")]
+        assert not [run for run in runs if run["state"] == "failed"], runs
+        return len([run for run in runs if run["state"] == "success"]) == 2
+
+    wait_until(backfill_done, "both backfill days ingested", 300, 5, airflow.log)
     assert not [run for run in airflow.runs("medpipe_ingest") if run["run_type"] == "backfill"
                 and run["state"] == "failed"]
 
@@ -467,6 +471,16 @@ def test_backfill_trains_on_the_window_from_the_data_and_does_not_publish(airflo
                     str(airflow.data / "models"), "--model-name", "brain_mri", "--label", "stable"],
                    check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
     assert len(versions(airflow)) == 1 and stable_version(airflow) == versions(airflow)[0]
+
+
+def test_triggering_an_existing_logical_date_says_what_to_do(airflow):
+    """Item 13: scripts/airflow_trigger.py turns Airflow's raw IntegrityError into a message with the fix."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "airflow_trigger.py"), "medpipe_ingest",
+                             "--logical-date", "2026-11-01T00:00:00+00:00", "--conf", "{}"],
+                            capture_output=True, text=True, env=airflow.env, timeout=300, cwd=airflow.env["AIRFLOW_HOME"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "already has a run for the logical date 2026-11-01" in result.stderr
+    assert "airflow tasks clear medpipe_ingest" in result.stderr and "IntegrityError" not in result.stderr
 
 
 def test_a_worse_candidate_is_not_published_stable_stays_and_an_alert_fires(airflow, alertmanager):

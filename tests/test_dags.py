@@ -141,6 +141,7 @@ def test_ingest_params_and_no_accidental_catchup(parsed):
 def test_pool_file_declares_training_pool():
     pools = json.loads((ROOT / "config" / "airflow" / "pools.json").read_text())
     assert pools["medpipe_training"]["slots"] >= 1
+    assert pools["medpipe_asset_events"]["slots"] == 1
 
 
 @pytest.fixture()
