@@ -124,11 +124,12 @@ def medpipe_ingest():
                                        f"not written, no asset event (see the reasons above)\n{exc}") from exc
         if job["staging"] != job["output"]:
             stats_file = Path(job["staging"]) / "stats.json"
-            if stats_file.is_file() and not json.loads(stats_file.read_text()).get("written"):
+            stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+            if stats_file.is_file() and not stats.get("written"):
                 shutil.rmtree(job["staging"], ignore_errors=True)
-                raise AirflowFailException(f"ingest of {job['source']} wrote 0 records (stats: "
-                                           f"{stats_file.read_text()[:500]}): partition {job['partition']} not "
-                                           "written, no asset event")
+                counts = {key: stats.get(key) for key in ("input_files", "written", "rejected")}
+                raise AirflowFailException(f"ingest of {job['source']} wrote 0 records ({counts}): partition "
+                                           f"{job['partition']} not written, no asset event")
             replace_dir(Path(job["staging"]), Path(job["output"]))
         return job
 
