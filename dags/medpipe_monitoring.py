@@ -21,7 +21,7 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 * **Figures**: pixel-intensity PSI, predicted class shift (total variation distance to the training class mix),
   low-confidence rate; live accuracy when a `medpipe feedback` folder is given.
 * **Alert**: any figure over its threshold (params; defaults PSI 0.25, class shift 0.3, low-confidence rate 0.5)
-  **fails** `drift_report` without retrying, which runs `on_failure_callback` (log line + optional webhook
+  **fails** `drift_report` without retrying, which runs `on_failure_callback` (the alert `MedpipeTaskFailed` to
   Alertmanager). A crash of the stage itself is retried.
 * **No traffic**: fewer than `min_requests` requests in the day (status `insufficient_data`) raises the alert
   `MedpipeNoTraffic` (the server, the gateway or its request log may be down); the run itself succeeds.
