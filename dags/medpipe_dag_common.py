@@ -13,10 +13,11 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
                    stage_deadline(hours, what)
   alerts:          send_alert(name, summary, severity=..., **labels) -> Alertmanager (MEDPIPE_ALERTMANAGER_URL)
   run partition:   run_partition(context, explicit=None), check_partition(name), PARTITION_PATTERN, safe_name(text),
-                   newest_event_extra(events), triggering_events(events), is_backfill(context)
+                   newest_event_extra(events), triggering_events(events), is_backfill(context),
+                   order_partitions(ingested_at), partition_ingest_times(root, events)
   paths:           medpipe_home(), data_root(), model_repository(), resolve_path(value, **fields),
                    resolve_config(name_or_path), load_task_config(path), latest_partition(root, marker)
-  stages:          run_stage(module, args, env=None, capture_stdout=False, verdicts=(3,)) -> stdout lines,
+  stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines,
                    StageFailed / StageRefused (exit 2: no retry) / StageVerdict (exit 3), kill_running_stages
                    (every task's on_kill), set_args(overrides), deid_env()
   outputs:         replace_dir(staging, final), write_json_atomic(path, payload)
