@@ -1,6 +1,8 @@
 # medpipe: the two commands are `make demo` and `make test`. Both set up .venv first when needed.
 .DEFAULT_GOAL := help
-VENV := .venv
+# GPU=1: a separate .venv-gpu from requirements-gpu.lock (TensorFlow with CUDA), e.g. `make setup GPU=1`
+VENV := $(if $(filter 1,$(GPU)),.venv-gpu,.venv)
+LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,requirements.lock)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpipe-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -10,10 +12,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-$(STAMP): requirements.lock pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh
+$(STAMP): $(LOCK) pyproject.toml scripts/setup.sh
+	GPU=$(if $(filter 1,$(GPU)),1,0) bash scripts/setup.sh
 
-setup: $(STAMP)  ## create .venv and install the locked dependencies (a no-op when nothing changed)
+setup: $(STAMP)  ## create .venv (GPU=1: .venv-gpu with CUDA TensorFlow) from the lock (a no-op when nothing changed)
 
 demo: setup  ## ingest -> train -> evaluate -> publish -> serve -> predict on the sample in sample_data/
 	$(BIN)/medpipe demo --output demo_output

@@ -4,21 +4,30 @@
     python -m beam_pipelines.ingest --config brain_mri --input manifest.csv --output gs://bucket/x \
         --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp
 
-    ListInputs -> PreprocessImages (ok | rejected) -> AssignSplitAndShard (by patient pseudonym, else pixel hash;
-    salted, stable) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
+    ListInputs -> PreprocessImages (decode; split by patient pseudonym, else pixel hash, salted, stable; shard;
+    spill | rejected) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
     + Deduplicate (small metadata by decoded-pixel hash; label conflicts rejected; kept copy = first path)
-    + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl); schema.json; then the temp folder moves into place.
+    + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl naming inputs by keyed input id; the input report
+    mapping ids to paths, PHI, beside the output); schema.json; then the temp folder moves into place.
 
-Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The decoding stage spills each example to a
-per-bundle file under the temp output and shuffles a (file, offset, length) reference keyed by its own (split,
-shard); dedup shuffles only per-record metadata and hands the writer the dropped inputs as a side input. Since every
+Safety of the output (run()): --output may not overlap --input, and must be new, empty or an earlier ingest output
+(its .medpipe-ingest marker lists the files it wrote; only those are ever replaced or removed; --force writes into
+another folder). The next run removes the OUTPUT.tmp-* folders of killed runs; the local workers die with this
+process (beam_pipelines/worker.py). No record written: exit 3, nothing published.
+
+Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
+plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
+per input batch, emits one list of (file, offset, length) references per (split, shard) and one list of per-record
+dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard
+writer streams the framed bytes from the spill files into GZIP (stored blocks: PNG is already deflated). Since every
 copy is keyed by its own split, the kept copy is already in its split and shard: a duplicate spanning splits stays
-impossible. One combine gathers every report item. 6 fused stages on the FnApiRunner.
+impossible. One combine gathers every report item.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
-and s3:// (with the extra) work. Unknown flags are Beam pipeline options; without --runner the DirectRunner's
-engine (FnApiRunner) runs in multi-processing mode with 2 workers. The de-identification key comes from
+and s3:// work, the last two with the extras medpipe[gcp] / medpipe[aws] (a clear error names a missing one).
+Unknown flags are Beam pipeline options; without --runner the DirectRunner's engine (FnApiRunner) runs in
+multi-processing mode with 2 workers. The de-identification key comes from
 MEDPIPE_DEID_KEY in the workers' environment (read in DoFn.setup, never pickled into the pipeline graph).
 
 Other runners, through the same pass-through options:
@@ -50,7 +59,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from medpipe import schema as keys
 from medpipe.config import SPLITS, TaskConfig, load_config
-from medpipe.errors import DataError, RejectedInput
+from medpipe.errors import ConfigError, DataError, NoResult, RejectedInput
 
 # The per-record functions live in a Beam-free module (the benchmark's plain loop uses them); re-exported here.
 from beam_pipelines.records import (  # noqa: F401
@@ -65,8 +74,15 @@ PROGRESS_EVERY = 1000
 
 # ---------------------------------------------------------------------------------------------------------------
 # listing (at construction time: the list of names is small; the bytes are read by the workers)
-def list_inputs(source: str) -> list[InputItem]:
-    """A CSV manifest or a folder of class folders -> InputItems, sorted by path."""
+def list_inputs(source: str, labels: Optional[str] = None) -> list[InputItem]:
+    """A CSV manifest, a folder of class folders or a DICOMweb query (+ a labels CSV) -> InputItems."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(source):  # a PACS: QIDO-RS here, WADO-RS in the workers (read_input)
+        return dicomweb_source.list_dicomweb_inputs(source, labels)
+    if labels is not None:
+        raise DataError("--labels is for a DICOMweb --input; a folder's labels are its class folders and a "
+                        "manifest has its own label column")
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     root = source.rstrip("/")
@@ -112,11 +128,58 @@ def read_manifest(path: str) -> list[InputItem]:
 # ---------------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------------
 # DoFns and composite transforms
-class PreprocessFn(beam.DoFn):
-    """Read one file through FileSystems and prepare it; failures go to the `rejected` output, never stop the run."""
+SPILL_DIR = "_spill"
+BATCH_INPUTS = 64  # listed inputs per element of ListInputs; the decoding stage emits its outputs per batch
+DEDUP_BUCKET_RECORDS = 50_000  # records per dedup group at most, on average (the bucket count follows the input)
 
-    def __init__(self, config: TaskConfig):
-        self.config = config
+
+def input_batches(items: Sequence[InputItem]) -> list[list[tuple]]:
+    """The listing as batches of plain tuples (index, path, label, size, patient_id, study_id): Beam's coders encode
+    tuples of str/int natively, where a dataclass is pickled element by element."""
+    rows = [(index, item.path, item.label, item.size, item.patient_id, item.study_id)
+            for index, item in enumerate(items)]
+    return [rows[start:start + BATCH_INPUTS] for start in range(0, len(rows), BATCH_INPUTS)]
+
+
+def dedup_buckets(num_inputs: int) -> int:
+    """Hash buckets for the dedup shuffle: at least 2 (one per local worker), about DEDUP_BUCKET_RECORDS each."""
+    return max(2, -(-num_inputs // DEDUP_BUCKET_RECORDS))
+
+
+def hash_bucket(pixel_hash: str, buckets: int) -> int:
+    return int(pixel_hash[:8], 16) % buckets
+
+
+class SpillFile:
+    """One append-only spill file per bundle: framed TFRecord bytes, read back by (offset, length)."""
+
+    def __init__(self, directory: str):
+        self.path = FileSystems.join(directory, f"{uuid.uuid4().hex}.bin")  # fresh per bundle: a retried bundle
+        self._file = FileSystems.create(self.path, compression_type=CompressionTypes.UNCOMPRESSED)  # never appends
+        self.offset = 0
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        self._file.write(data)
+        start, self.offset = self.offset, self.offset + len(data)
+        return start, len(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class PreprocessFn(beam.DoFn):
+    """A batch of listed inputs -> per image: read through FileSystems, prepare_record, route_record (split, shard,
+    tf.train.Example), the framed example appended to this bundle's spill file. Failures go to the `rejected` output,
+    never stop the run.
+
+    What leaves the stage is batched: ("shard", ((split, shard), (spill file, [(index, source_id, offset, length)])))
+    and ("meta", (hash bucket, [(pixel_hash, meta)])) once per input batch, so the runner encodes, shuffles and
+    decodes a handful of elements per BATCH_INPUTS images instead of two per image; only rejections (rare, small) go
+    out one by one. Emitted from process(), not finish_bundle(): Beam 2.77's DaskRunner drops finish_bundle outputs.
+    The spill file stays open for the bundle (closed in finish_bundle, before any reader runs)."""
+
+    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
+        self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
         self.read = Metrics.counter(NAMESPACE, "read")
         self.ok = Metrics.counter(NAMESPACE, "decoded")
         self._rejected: dict = {}
@@ -128,14 +191,31 @@ class PreprocessFn(beam.DoFn):
         self.key = deid_key_from_env(required=False)
         self.seen = 0
 
+    def start_bundle(self):
+        self._spill = None
+
     def _reject(self, path: str, reason: str, detail: str):
         if reason not in self._rejected:
             self._rejected[reason] = Metrics.counter(NAMESPACE, f"rejected_{reason}")
         self._rejected[reason].inc()
         return ("rejected", rejection(path, reason, detail))
 
-    def process(self, element: tuple[int, InputItem]):
-        index, item = element
+    def process(self, batch: list[tuple]):
+        refs: dict[tuple, list] = {}
+        metas: dict[int, list] = {}
+        for index, path, label, size, patient_id, study_id in batch:
+            item = InputItem(path=path, label=label, size=size, patient_id=patient_id, study_id=study_id)
+            rejected = self._prepare(index, item, refs, metas)
+            if rejected is not None:
+                yield rejected
+        for shard, shard_refs in sorted(refs.items()):
+            yield ("shard", (shard, (self._spill.path, shard_refs)))
+        for bucket, bucket_metas in sorted(metas.items()):
+            yield ("meta", (bucket, bucket_metas))
+
+    def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
+        from beam_pipelines.tf_example import tfrecord_frame
+
         self.read.inc()
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:
@@ -143,20 +223,45 @@ class PreprocessFn(beam.DoFn):
         try:
             if item.size > self.config.ingest.max_file_mb * 2**20:
                 raise RejectedInput("pixel_budget", f"file over ingest.max_file_mb={self.config.ingest.max_file_mb}")
-            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read()
+            data = read_input(item.path)
             record = prepare_record(item, data, self.config, self.key)
         except RejectedInput as exc:
-            yield self._reject(item.path, exc.reason, exc.detail)
-            return
+            return self._reject(item.path, exc.reason, exc.detail)
         except OSError as exc:
-            yield self._reject(item.path, "corrupt", f"cannot read the file ({type(exc).__name__})")
-            return
+            return self._reject(item.path, "corrupt", f"cannot read the file ({type(exc).__name__})")
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the pipeline; no message (may hold PHI)
-            yield self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
-            return
+            return self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
         self.ok.inc()
-        yield ("ok", (record, index))
+        if self._spill is None:
+            self._spill = SpillFile(self.spill_directory)
+        for tag, (key, value) in route_record(record, index, self.config):
+            if tag == "shard":
+                _, source_id, example = value
+                offset, length = self._spill.append(tfrecord_frame(example))
+                refs.setdefault(key, []).append((index, source_id, offset, length))
+            else:
+                metas.setdefault(hash_bucket(key, self.buckets), []).append((key, value))
+        return None
+
+    def finish_bundle(self):
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def teardown(self):
+        if getattr(self, "_spill", None) is not None:
+            self._spill.close()
+            self._spill = None
+
+
+def read_input(path: str) -> bytes:
+    """An input's bytes: WADO-RS for a DICOMweb instance, else Beam FileSystems (local, gs://, s3://)."""
+    from beam_pipelines import dicomweb_source
+
+    if dicomweb_source.is_dicomweb(path):
+        return dicomweb_source.retrieve(path)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
 
 
 def _select(element: tuple, tag: str):
@@ -180,33 +285,42 @@ class SplitByTag(beam.PTransform):
 
 
 class PreprocessImages(beam.PTransform):
-    """(index, InputItem) pairs -> {"ok": (record, index) pairs, "rejected": rejections}."""
+    """Batches of listed inputs -> {"shard": spilled example references by (split, shard), "meta": dedup metadata
+    by hash bucket, "rejected": rejections} (PreprocessFn: decode, preprocess, split, shard, spill)."""
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
         super().__init__()
-        self.config = config
+        self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
 
-    def expand(self, items):
+    def expand(self, batches):
         # beam.Create already reshuffles its elements across workers: no extra Reshuffle here.
-        return (items
-                | "Decode" >> beam.ParDo(PreprocessFn(self.config))
-                | "ByOutcome" >> SplitByTag("ok", "rejected"))
+        return (batches
+                | "Decode" >> beam.ParDo(PreprocessFn(self.config, self.spill_directory, self.buckets))
+                | "ByOutcome" >> SplitByTag("shard", "meta", "rejected"))
 
 
 class ResolveGroupFn(beam.DoFn):
-    """One decoded-pixel-hash group of small metadata -> input indices the shard writer drops + report items.
+    """One hash bucket of small metadata -> input indices the shard writer drops + report items, per pixel hash.
 
-    Only metadata travels through this shuffle: the PNG and its example go straight to the shard shuffle, keyed by
-    each copy's own (split, shard). The kept copy is therefore already where it belongs (its own split key decides
-    the split, as before); every other copy's input index is listed for the shard writer (a side input) to skip."""
+    Only metadata travels through this shuffle: the example went to a spill file in the decoding stage, and its
+    reference is keyed by each copy's own (split, shard). The kept copy is therefore already where it belongs (its
+    own split key decides the split, as before); every other copy's input index is listed for the shard writer (a
+    side input) to skip."""
 
     def __init__(self):
         self.dropped = Metrics.counter(NAMESPACE, "duplicates_dropped")
         self.conflicts = Metrics.counter(NAMESPACE, "rejected_label_conflict")
 
     def process(self, element):
-        pixel_hash, metas = element
-        metas = list(metas)
+        _, batches = element
+        by_hash: dict[str, list[dict]] = {}
+        for batch in batches:
+            for pixel_hash, meta in batch:
+                by_hash.setdefault(pixel_hash, []).append(meta)
+        for pixel_hash in sorted(by_hash):
+            yield from self._resolve(pixel_hash, by_hash[pixel_hash])
+
+    def _resolve(self, pixel_hash: str, metas: list[dict]):
         kept, rejected, group = resolve_duplicates(pixel_hash, metas)
         for meta in metas:
             yield ("report", ("decoded", (meta["input_size"], meta["input_mode"])))
@@ -222,64 +336,40 @@ class ResolveGroupFn(beam.DoFn):
             yield ("report", ("kept", kept))
 
 
-def write_shard(path: str, examples: Iterable[bytes]) -> None:
-    """One GZIP TFRecord file. gzip level 1 with mtime 0: the payload is PNG (already deflated), so higher levels cost
-    CPU for ~nothing, and a fixed header timestamp keeps re-runs byte-identical."""
+def write_shard(path: str, frames: Iterable[bytes]) -> None:
+    """One GZIP TFRecord file from framed records (tfrecord_frame), streamed. SHARD_GZIP_LEVEL (stored blocks: the
+    payload is PNG, already deflated) with mtime 0: a fixed header timestamp keeps re-runs byte-identical."""
     import gzip
 
-    from beam_pipelines.tf_example import tfrecord_frame
+    from beam_pipelines.tf_example import SHARD_GZIP_LEVEL
 
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
-            out.write(b"".join(tfrecord_frame(example) for example in examples))
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=SHARD_GZIP_LEVEL, mtime=0) as out:
+            chunk: list[bytes] = []
+            size = 0
+            for frame in frames:  # deflate in ~1 MB pieces: few calls, bounded memory for any shard size
+                chunk.append(frame)
+                size += len(frame)
+                if size >= 2**20:
+                    out.write(b"".join(chunk))
+                    chunk, size = [], 0
+            if chunk:
+                out.write(b"".join(chunk))
 
 
-SPILL_DIR = "_spill"
-
-
-class SpillExamplesFn(beam.DoFn):
-    """Example bytes -> a per-bundle spill file beside the output; the shard shuffle then carries only a small
-    (file, offset, length) reference. On the multi-process FnApiRunner every shuffled byte is encoded, sent to the
-    runner process over gRPC, buffered and sent back: the images are most of the bytes, and a file write + read costs
-    far less. Any runner works: the spill folder is under the output's temp folder, which every worker can reach."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def start_bundle(self):
-        self._file, self._path, self._offset = None, None, 0
-
-    def process(self, element):
-        shard, (index, source_id, example) = element
-        if self._file is None:  # a fresh file per bundle: a retried bundle never appends to a failed attempt's file
-            self._path = FileSystems.join(self.directory, f"{uuid.uuid4().hex}.bin")
-            self._file = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
-            self._offset = 0
-        self._file.write(example)
-        yield (shard, (index, source_id, (self._path, self._offset, len(example))))
-        self._offset += len(example)
-
-    def finish_bundle(self):
-        self.teardown()
-
-    def teardown(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
-
-
-def read_spilled(refs: Sequence[tuple[str, int, int]]) -> list[bytes]:
-    """(file, offset, length) references -> the bytes, in the same order; each file opened once, read in order."""
-    by_file: dict[str, list[tuple[int, int, int]]] = {}
-    for position, (path, offset, length) in enumerate(refs):
-        by_file.setdefault(path, []).append((offset, length, position))
-    out: list[bytes] = [b""] * len(refs)
-    for path, parts in by_file.items():
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            for offset, length, position in sorted(parts):
-                handle.seek(offset)
-                out[position] = handle.read(length)
-    return out
+def read_spilled(refs: Iterable[tuple[str, int, int]]) -> Iterable[bytes]:
+    """(file, offset, length) references -> the bytes, in the same order, streamed; spill files opened once each."""
+    handles: dict[str, Any] = {}
+    try:
+        for path, offset, length in refs:
+            handle = handles.get(path)
+            if handle is None:
+                handle = handles[path] = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+            handle.seek(offset)
+            yield handle.read(length)
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def remove_spill(directory: str) -> None:
@@ -305,21 +395,23 @@ class WriteShardFn(beam.DoFn):
         self.written = Metrics.counter(NAMESPACE, "written")
 
     def process(self, element, dropped):
-        (split, shard), entries = element
+        (split, shard), batches = element
+        entries = [(index, source_id, (spill, offset, length))
+                   for spill, refs in batches for index, source_id, offset, length in refs]
         examples = shard_examples(entries, set(dropped))  # (source_id, spill reference), sorted
         path = FileSystems.join(self.directory, shard_name(split, shard, getattr(self.shards, split)))
-        write_shard(path, read_spilled([ref for _, ref in examples]))
+        write_shard(path, read_spilled(ref for _, ref in examples))
         self.written.inc(len(examples))
         yield ("shard", (path, len(examples)))
 
 
 class Deduplicate(beam.PTransform):
-    """Small per-record metadata, keyed by decoded-pixel hash -> {"drop": inputs the shard writer skips, "report":
-    decoded sizes/modes, label-conflict rejections, duplicate groups and the kept records' stats inputs}."""
+    """Small per-record metadata in hash buckets -> {"drop": inputs the shard writer skips, "report": decoded
+    sizes/modes, label-conflict rejections, duplicate groups and the kept records' stats inputs}."""
 
     def expand(self, metas):
         return (metas
-                | "GroupByPixelHash" >> beam.GroupByKey()
+                | "GroupByHashBucket" >> beam.GroupByKey()
                 | "Resolve" >> beam.ParDo(ResolveGroupFn())
                 | "ByOutcome" >> SplitByTag("drop", "report"))
 
@@ -330,9 +422,9 @@ class WriteSplits(beam.PTransform):
 
     Sharding is done here (GroupByKey on (split, shard)) rather than by WriteToTFRecord: its Impulse-based
     initialisation does not run on Beam 2.77's DaskRunner, and a keyed shard makes the output deterministic. The
-    example bytes go through spill files (SpillExamplesFn) and the shuffle carries references, straight from the
-    decoding stage: no Flatten before it (the FnApiRunner materialises a Flatten as an extra stage and round trip);
-    the input indices Deduplicate drops come as a small side input."""
+    framed examples are in spill files (PreprocessFn) and the shuffle carries batches of references, straight from
+    the decoding stage: no Flatten before it (the FnApiRunner materialises a Flatten as an extra stage and round
+    trip); the input indices Deduplicate drops come as a small side input."""
 
     def __init__(self, config: TaskConfig, directory: str):
         super().__init__()
@@ -341,7 +433,6 @@ class WriteSplits(beam.PTransform):
     def expand(self, inputs):
         entries, drops = inputs
         return (entries
-                | "Spill" >> beam.ParDo(SpillExamplesFn(FileSystems.join(self.directory, SPILL_DIR)))
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShards" >> beam.ParDo(WriteShardFn(self.directory, self.config.ingest.shards),
                                               dropped=beam.pvalue.AsList(drops)))
@@ -440,8 +531,10 @@ def build_stats(config: TaskConfig, input_files: int, written: dict, rejected: l
     return stats
 
 
-def write_reports(report: dict, config: TaskConfig, directory: str, input_files: int):
-    """stats.json, rejected.jsonl and duplicates.jsonl through FileSystems (one small write each)."""
+def write_reports(report: dict, config: TaskConfig, directory: str, input_files: int,
+                  input_report: Optional[str] = None):
+    """stats.json, rejected.jsonl and duplicates.jsonl through FileSystems (one small write each), naming inputs by
+    keyed input id only; the ids' paths go to `input_report` (PHI, written outside the output; see run())."""
     rejected, duplicates = report["rejected"], report["duplicates"]
     stats = build_stats(config, input_files, report, rejected, duplicates, report["sizes"], report["modes"])
     if report["shard_records"] != stats["written"]:
@@ -451,15 +544,61 @@ def write_reports(report: dict, config: TaskConfig, directory: str, input_files:
     for path in sorted(set(expected) - set(report["shards"])):
         write_shard(path, [])  # a shard no record fell into: still written, so every split has its N files
     stats["files"] = sorted(posixpath.basename(path.replace(os.sep, "/")) for path in expected)
+    inside, outside = report_lines(rejected, duplicates)
     _write_text(FileSystems.join(directory, keys.STATS_FILE), json.dumps(stats, indent=2) + "\n")
-    _write_text(FileSystems.join(directory, keys.REJECTED_FILE),
-                "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["path"])))
-    _write_text(FileSystems.join(directory, DUPLICATES_FILE),
-                "".join(json.dumps(g, sort_keys=True) + "\n" for g in sorted(duplicates, key=lambda g: g["kept"])))
+    _write_text(FileSystems.join(directory, keys.REJECTED_FILE), inside["rejected"])
+    _write_text(FileSystems.join(directory, DUPLICATES_FILE), inside["duplicates"])
+    if input_report:
+        _write_text(input_report, outside, private=True)
     return stats["written"]
 
 
-def _write_text(path: str, text: str) -> None:
+def report_lines(rejected: list[dict], duplicates: list[dict]) -> tuple[dict[str, str], str]:
+    """({"rejected": ..., "duplicates": ...} JSON lines for the de-identified output, naming each input by its
+    input id; the input report's JSON lines, which map the same ids to paths: PHI, kept outside the output).
+
+    Input id: HMAC-SHA256 of the input's path under MEDPIPE_DEID_KEY (stable across runs), or under a random key of
+    this run when there is none: never a plain hash a path or medical record number could be guessed back from.
+    A duplicate group is named by the kept record's `image/source_id`, as in the TFRecords."""
+    import secrets
+
+    from medpipe.deid import deid_key_from_env, pseudonym
+
+    key = deid_key_from_env(required=False)
+    id_key = key or secrets.token_bytes(32)
+
+    def input_id(path: str) -> str:
+        return pseudonym(f"input:{path}", id_key)[:20]
+
+    rows = [{"input_id": input_id(r["path"]), "reason": r["reason"], "detail": r["detail"], "path": r["path"]}
+            for r in rejected]
+    groups = [{"source_id": pseudonym(g["pixel_hash"], key) if key else g["pixel_hash"],  # as prepare_record
+               "label": g["label"], "kept": input_id(g["kept"]), "dropped": sorted(map(input_id, g["dropped"])),
+               "paths": {input_id(path): path for path in [g["kept"], *g["dropped"]]}} for g in duplicates]
+    inside = {
+        "rejected": "".join(json.dumps({k: r[k] for k in ("input_id", "reason", "detail")}, sort_keys=True) + "\n"
+                            for r in sorted(rows, key=lambda r: r["input_id"])),
+        "duplicates": "".join(json.dumps({k: g[k] for k in ("source_id", "label", "kept", "dropped")},
+                                         sort_keys=True) + "\n" for g in sorted(groups, key=lambda g: g["source_id"])),
+    }
+    entries = [{"input_id": r["input_id"], "path": r["path"], "status": "rejected", "reason": r["reason"],
+                "detail": r["detail"]} for r in rows]
+    for group in groups:
+        entries += [{"input_id": ident, "path": group["paths"][ident], "status": "duplicate",
+                     "source_id": group["source_id"], "kept_input_id": group["kept"],
+                     "kept_path": group["paths"][group["kept"]]} for ident in group["dropped"]]
+    outside = "".join(json.dumps(e, sort_keys=True) + "\n" for e in sorted(entries, key=lambda e: e["path"]))
+    return inside, outside
+
+
+def _write_text(path: str, text: str, private: bool = False) -> None:
+    """One small file; `private`: a local file is created with mode 0600 (it holds PHI), never readable by others."""
+    if private and is_local(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to an existing file
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+        return
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         handle.write(text.encode("utf-8"))
 
@@ -472,68 +611,314 @@ class WriteReports(beam.PTransform):
     written after the TFRecords (and a runner that computes only the final step's ancestors, like Beam 2.77's
     DaskRunner, still runs every branch). The stream is never empty: every input is either decoded or rejected."""
 
-    def __init__(self, config: TaskConfig, directory: str, input_files: int):
+    def __init__(self, config: TaskConfig, directory: str, input_files: int, input_report: Optional[str] = None):
         super().__init__()
         self.config, self.directory, self.input_files = config, directory, input_files
+        self.input_report = input_report
 
     def expand(self, items):
         return (items
                 | "Flatten" >> beam.Flatten()
                 | "Summarise" >> beam.CombineGlobally(ReportFn()).without_defaults()
-                | "Write" >> beam.Map(write_reports, self.config, self.directory, self.input_files))
+                | "Write" >> beam.Map(write_reports, self.config, self.directory, self.input_files,
+                                      self.input_report))
 
 
-def _route(pair: tuple[dict, int], config: TaskConfig) -> Iterable[tuple]:
-    record, index = pair
-    return route_record(record, index, config)
-
-
-def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[InputItem], directory: str) -> None:
-    """The whole graph; reads like the module docstring. Image bytes cross one shuffle only (to the shard writer);
-    dedup shuffles small metadata and tells the writer which copies to drop."""
-    listed = pipeline | "ListInputs" >> beam.Create(list(enumerate(items)))
-    prepared = listed | "PreprocessImages" >> PreprocessImages(config)
-    routed = (prepared["ok"]
-              | "AssignSplitAndShard" >> beam.FlatMap(_route, config)
-              | "ByDestination" >> SplitByTag("shard", "meta"))
-    unique = routed["meta"] | "Deduplicate" >> Deduplicate()
-    shards = (routed["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
+def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[InputItem], directory: str,
+                   input_report: Optional[str] = None) -> None:
+    """The whole graph; reads like the module docstring. Image bytes cross no shuffle (spill files); the shard
+    shuffle carries batches of references, dedup shuffles batches of small metadata and tells the writer which copies
+    to drop."""
+    listed = pipeline | "ListInputs" >> beam.Create(input_batches(items))
+    prepared = listed | "PreprocessImages" >> PreprocessImages(config, FileSystems.join(directory, SPILL_DIR),
+                                                               dedup_buckets(len(items)))
+    unique = prepared["meta"] | "Deduplicate" >> Deduplicate()
+    shards = (prepared["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
     rejected = prepared["rejected"] | "RejectedItems" >> beam.Map(lambda item: ("rejected", item))
-    ((rejected, unique["report"], shards) | "WriteReports" >> WriteReports(config, directory, len(items)))
+    ((rejected, unique["report"], shards)
+     | "WriteReports" >> WriteReports(config, directory, len(items), input_report))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # publishing: a temp folder beside the output, moved into place when everything is written
 OUTPUT_PATTERNS = ("train-*.tfrecord.gz", "val-*.tfrecord.gz", "test-*.tfrecord.gz", keys.SCHEMA_FILE,
                    keys.STATS_FILE, keys.REJECTED_FILE, DUPLICATES_FILE)
+MARKER_FILE = ".medpipe-ingest"  # what tells a folder ingest wrote (and which files in it are ours)
+INPUT_REPORT_SUFFIX = ".input-report.jsonl"
+CLOUD_EXTRAS = {"gs": ("gcp", "google.cloud.storage"), "s3": ("aws", "boto3")}  # scheme -> (medpipe extra, probe)
 
 
 def is_local(path: str) -> bool:
     return "://" not in path
 
 
+def _exists(path: str) -> bool:
+    return os.path.exists(path) if is_local(path) else FileSystems.exists(path)
+
+
+def _names(folder: str) -> list[str]:
+    """Entries directly in a folder (local: files and folders; remote: objects under the prefix)."""
+    if is_local(folder):
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = FileSystems.match([FileSystems.join(folder, "**")])[0].metadata_list
+    return sorted({posixpath.relpath(m.path, folder.rstrip("/")).split("/")[0] for m in found})
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            body = json.loads(handle.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - missing or unreadable (Beam raises its own IO errors): not ours
+        return None
+    return body if isinstance(body, dict) and body.get("written_by") == "medpipe ingest" else None
+
+
+def require_filesystem(path: str, flag: str) -> None:
+    """A clear error naming the extra to install when a cloud path's Beam filesystem is missing."""
+    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if not scheme:
+        return
+    import importlib.util
+
+    extra, probe = CLOUD_EXTRAS.get(scheme, (None, None))
+    try:
+        available = probe is None or importlib.util.find_spec(probe) is not None
+    except ModuleNotFoundError:
+        available = False
+    if available:
+        try:
+            FileSystems.get_filesystem(path)
+            return
+        except ValueError:
+            available = False
+    hint = (f"install the extra: pip install 'medpipe[{extra}]' (apache-beam[{extra}])" if extra else
+            "no Beam filesystem is installed for it; local paths, gs:// (medpipe[gcp]) and s3:// (medpipe[aws]) "
+            "are supported")
+    raise ConfigError(f"{flag} {path}: {scheme}:// paths need Beam's {scheme} filesystem, which is not installed; "
+                      f"{hint}")
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = child.rstrip("/") or "/", parent.rstrip("/") or "/"
+    return child == parent or child.startswith(parent if parent.endswith("/") else parent + "/")
+
+
+def _canonical(path: str) -> str:
+    return os.path.realpath(path) if is_local(path) else path.rstrip("/")
+
+
+def check_placement(source: str, output: str, input_report: str, items: Sequence[InputItem],
+                    pacs: bool = False) -> None:
+    """Refuse (DataError, exit 2) an --output that overlaps --input (equal, inside or containing, or holding a
+    manifest's file) and an input report inside the de-identified output or the input folder. A PACS source
+    (pacs=True) has no local files to overlap; only the report's place is checked."""
+    out, report = _canonical(output), _canonical(input_report)
+    if pacs:
+        if _inside(report, out):
+            raise DataError(f"--input-report {input_report} is inside --output {output}: it lists input paths (PHI) "
+                            f"and must stay out of the de-identified output; put it beside the output folder")
+        return
+    src = _canonical(source)
+    is_folder = not source.lower().endswith(".csv")
+    fix = "choose an --output outside the input, e.g. a sibling folder"
+    if is_folder and (_inside(out, src) or _inside(src, out)):
+        where = "is" if out == src else "is inside" if _inside(out, src) else "contains"
+        raise DataError(f"--output {output} {where} --input {source}: ingest would write into (and replace) its own "
+                        f"input; {fix}")
+    if not is_folder:
+        if _inside(src, out):
+            raise DataError(f"--output {output} contains the manifest {source}; {fix}")
+        inside = sum(_inside(_canonical(item.path), out) for item in items)
+        if inside:
+            raise DataError(f"--output {output} contains {inside} of the manifest's input files; {fix}")
+    if _inside(report, out):
+        raise DataError(f"--input-report {input_report} is inside --output {output}: it lists input paths (PHI) "
+                        f"and must stay out of the de-identified output; put it beside the output folder")
+    if is_folder and _inside(report, src):
+        raise DataError(f"--input-report {input_report} is inside --input {source}; put it outside the input")
+
+
+def check_output(output: str, force: bool) -> Optional[dict]:
+    """The previous ingest's marker when --output is one of ours; None when it does not exist or is empty.
+    A folder holding anything else is refused (exit 2) unless --force; a file is always refused."""
+    if is_local(output) and os.path.lexists(output) and not os.path.isdir(output):
+        raise DataError(f"--output {output} is a file, not a folder; choose a folder path")
+    names = _names(output)
+    if not names:
+        return None
+    marker = _read_json(FileSystems.join(output, MARKER_FILE)) if MARKER_FILE in names else None
+    if marker is not None:
+        return marker
+    if not force:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DataError(f"--output {output} exists and holds {len(names)} entries ({shown}) but is not a medpipe "
+                        f"ingest output (no {MARKER_FILE}); ingest never deletes files it did not write. Choose a "
+                        f"new or empty folder, or pass --force to write into it (files named like ingest's outputs "
+                        f"are replaced, everything else is kept)")
+    LOG.warning("ingest: --force: writing into %s, which is not a medpipe ingest output; its other files are kept",
+                output)
+    return None
+
+
+def check_input_report(path: str, force: bool) -> None:
+    """The input report replaces only an earlier input report (its first line has an input_id), or an empty file."""
+    if not _exists(path):
+        return
+    if is_local(path) and os.path.isdir(path):
+        raise DataError(f"--input-report {path} is a folder; give a file path, e.g. OUTPUT{INPUT_REPORT_SUFFIX}")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        first = handle.read(4096).decode("utf-8", errors="replace").split("\n", 1)[0]
+    try:
+        ours = not first.strip() or "input_id" in json.loads(first)
+    except ValueError:
+        ours = False
+    if not ours and not force:
+        raise DataError(f"--input-report {path} exists and is not a medpipe input report; choose another path, or "
+                        f"pass --force to replace it")
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_record() -> dict:
+    import socket
+
+    return {"written_by": "medpipe ingest", "state": "writing", "pid": os.getpid(), "host": socket.gethostname(),
+            "started": _process_start(os.getpid())}
+
+
+def _running(owner: dict) -> bool:
+    """True when the run that wrote this owner record may still be running (another host: assume it is)."""
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = int(owner.get("pid") or 0)
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return owner.get("started") is None or _process_start(pid) == owner.get("started")
+
+
+def _remove(path: str) -> None:
+    if is_local(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    found = [m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list]
+    found += [m.path for m in FileSystems.match([path])[0].metadata_list]
+    if found:
+        FileSystems.delete(sorted(set(found)))
+
+
+def _looks_like_ours(folder: str) -> bool:
+    """A temp folder without an owner record (an older medpipe, or killed right after mkdir): ours when it holds
+    nothing but what ingest writes there."""
+    import fnmatch
+
+    return all(name in (MARKER_FILE, SPILL_DIR) or any(fnmatch.fnmatch(name, p) for p in OUTPUT_PATTERNS)
+               for name in _names(folder))
+
+
+def remove_stale_temporaries(output: str, input_report: str) -> list[str]:
+    """Remove OUTPUT.tmp-* folders (and their INPUT_REPORT.tmp-* files) left by killed runs of the same output;
+    a run still going (same host, its pid alive) is left alone. Returns what was removed."""
+    import glob as globbing
+
+    base = output.rstrip("/")
+    if is_local(base):
+        temps = sorted(globbing.glob(globbing.escape(base) + ".tmp-*"))
+    else:
+        found = FileSystems.match([base + ".tmp-*/**"])[0].metadata_list
+        prefix = base + ".tmp-"
+        temps = sorted({prefix + m.path[len(prefix):].split("/")[0] for m in found if m.path.startswith(prefix)})
+    removed = []
+    for temp in temps:
+        token = temp[len(base) + len(".tmp-"):]
+        owner = _read_json(FileSystems.join(temp, MARKER_FILE))
+        if owner is not None and owner.get("state") == "writing" and _running(owner):
+            continue
+        if owner is None and not _looks_like_ours(temp):
+            LOG.warning("ingest: leaving %s: it holds files ingest does not write", temp)
+            continue
+        _remove(temp)
+        report_temp = f"{input_report}.tmp-{token}"
+        if _exists(report_temp):
+            _remove(report_temp)
+        removed.append(temp)
+    if is_local(base):  # a run killed between the two renames of publish(): its previous output is restored
+        for old in sorted(globbing.glob(globbing.escape(base) + ".old-*")):
+            if not os.path.exists(base) and _read_json(os.path.join(old, MARKER_FILE)) is not None:
+                os.replace(old, base)
+            elif _read_json(os.path.join(old, MARKER_FILE)) is not None or _looks_like_ours(old):
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old)
+    for path in removed:
+        LOG.info("ingest: removed %s, left by an interrupted run", path)
+    return removed
+
+
 def temp_directory(output: str) -> str:
     return f"{output.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def publish(temp: str, output: str) -> None:
-    """Replace the output with the temp folder: a re-run replaces, never adds to, an earlier output."""
+def write_marker(directory: str, body: dict) -> None:
+    _write_text(FileSystems.join(directory, MARKER_FILE), json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def publish(temp: str, output: str, previous: Optional[dict], force: bool = False) -> None:
+    """Move the finished temp folder into place. Only our own files are replaced or removed: those the previous
+    run's marker lists (with --force, also files named like ingest's outputs); anything else in the folder stays.
+    A folder holding only our files is swapped in one rename, so readers never see a mix of two runs."""
+    import fnmatch
+
+    produced = [name for name in _names(temp) if name != MARKER_FILE]
+    present = _names(output)
+    ours = set(previous.get("files", [])) | {MARKER_FILE} if previous else set()
+    if force:
+        ours |= {name for name in present if any(fnmatch.fnmatch(name, p) for p in OUTPUT_PATTERNS)}
     if is_local(output):
-        old = None
-        if os.path.exists(output):
-            old = f"{output.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, old)
-        os.replace(temp, output)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        if not present or set(present) <= ours:
+            old = None
+            if os.path.exists(output):
+                old = f"{output.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(output, old)
+            os.replace(temp, output)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        for name in produced + [MARKER_FILE]:  # the marker last: it vouches for the files before it
+            os.replace(os.path.join(temp, name), os.path.join(output, name))
+        for name in sorted((ours & set(present)) - set(produced) - {MARKER_FILE}):
+            os.remove(os.path.join(output, name))
+        os.rmdir(temp)
         return
-    stale = [m.path for pattern in OUTPUT_PATTERNS
-             for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
+    stale = [FileSystems.join(output, name) for name in sorted((ours & set(present)) - set(produced))]
     if stale:
         FileSystems.delete(stale)
-    produced = [m.path for m in FileSystems.match([FileSystems.join(temp, "*")])[0].metadata_list]
-    FileSystems.rename(produced, [FileSystems.join(output, posixpath.basename(p)) for p in produced])
-    FileSystems.delete([temp])
+    names = produced + [MARKER_FILE]
+    FileSystems.rename([FileSystems.join(temp, n) for n in names], [FileSystems.join(output, n) for n in names])
+    _remove(temp)
+
+
+def place_input_report(temp_report: str, input_report: str) -> None:
+    if is_local(input_report):
+        os.replace(temp_report, input_report)
+    else:
+        FileSystems.rename([temp_report], [input_report])
 
 
 def write_schema_file(config: TaskConfig, directory: str) -> None:
@@ -550,12 +935,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "Unknown options are passed to Beam (e.g. --runner DaskRunner --dask_client_address HOST:PORT); "
                     "default: the direct runner (FnApiRunner), multi_processing, 2 workers. Set MEDPIPE_DEID_KEY "
                     "for DICOM with patient IDs.",
+        epilog="exit status: 0 written; 2 refused (bad options, --output overlapping --input or holding other "
+               "files, a missing cloud extra); 3 no record written (the reasons are summarised). Framework output "
+               "goes to a log file named at the end (--verbose: to the terminal).",
     )
     parser.add_argument("--config", required=True, help="task config YAML (or a name in config/, e.g. brain_mri)")
     parser.add_argument("--input", required=True,
                         help="folder of class folders, or a CSV manifest (path,label[,patient_id,study_id]); "
-                             "any Beam FileSystems path")
-    parser.add_argument("--output", required=True, help="output folder (replaced when the run succeeds)")
+                             "local, gs:// (medpipe[gcp]) or s3:// (medpipe[aws]); or a PACS: "
+                             "'dicomweb+http://HOST:PORT/ROOT?StudyDate=20261101-20261130&ModalitiesInStudy=MR' "
+                             "(QIDO-RS + WADO-RS) with --labels")
+    parser.add_argument("--labels", default=None, metavar="CSV",
+                        help="DICOMweb input: labels keyed by study (columns StudyInstanceUID,label or "
+                             "AccessionNumber,label[,patient_id])")
+    parser.add_argument("--output", required=True,
+                        help="output folder: new, empty, or an earlier ingest output (whose own files are replaced; "
+                             "other files are kept). Must not overlap --input")
+    parser.add_argument("--input-report", metavar="FILE",
+                        help="where the paths of rejected and duplicate inputs go (PHI: file names can hold patient "
+                             f"names; mode 0600, outside the output). Default: OUTPUT{INPUT_REPORT_SUFFIX}")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing non-empty --output that is not an ingest output (its files "
+                             "named like ingest's outputs are replaced, the others kept)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set image.size=64 (repeatable)")
     parser.add_argument("--pushgateway", default=None, metavar="URL",
@@ -601,6 +1002,38 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return PipelineOptions([f"--runner={runner}", *rest])
 
 
+def make_runner(options: PipelineOptions):
+    """A runner instance for the local multi-processing FnApiRunner (workers bound to this process); None for any
+    other runner (Beam builds it from --runner)."""
+    import shlex
+    import sys
+
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    if options.view_as(StandardOptions).runner != "FnApiRunner":
+        return None
+    if options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+        return None
+    command = f"exec {shlex.quote(sys.executable)} -m beam_pipelines.worker {os.getpid()}"
+
+    class Runner(FnApiRunner):
+        # FnApiRunner.run_pipeline sets _default_environment to its own worker command for multi_processing;
+        # this property swaps in ours (exec: no shell in between, so the runner is the workers' parent).
+        @property
+        def _default_environment(self):
+            return self._medpipe_environment
+
+        @_default_environment.setter
+        def _default_environment(self, environment):
+            if isinstance(environment, SubprocessSDKEnvironment):
+                environment = SubprocessSDKEnvironment.from_command_string(command)
+            self._medpipe_environment = environment
+
+    return Runner()
+
+
 def log_counters(result) -> dict[str, int]:
     counters = {}
     try:
@@ -609,52 +1042,87 @@ def log_counters(result) -> dict[str, int]:
             counters[name] = counters.get(name, 0) + int(counter.committed or counter.attempted or 0)
     except Exception as exc:  # noqa: BLE001 - some runners do not report metrics; the stats file still does
         LOG.info("ingest: the runner reports no Beam metrics (%s)", type(exc).__name__)
-    for name in sorted(counters):
-        LOG.info("ingest counter %s = %d", name, counters[name])
+    if counters:
+        LOG.info("ingest counters: %s", ", ".join(f"{name} {counters[name]}" for name in sorted(counters)))
     return counters
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the pipeline; returns the stats written to OUTPUT/stats.json."""
+    """Run the pipeline; returns the stats written to OUTPUT/stats.json. Raises DataError/ConfigError (exit 2)
+    before anything is written when the paths are unsafe, NoResult (exit 3) when no record was written."""
     args, beam_args = build_parser().parse_known_args(argv)
     config = load_config(args.config, args.overrides)
-    items = list_inputs(args.input)
+    output = args.output.rstrip("/")
+    input_report = args.input_report or output + INPUT_REPORT_SUFFIX
+    from beam_pipelines import dicomweb_source
+
+    pacs = dicomweb_source.is_dicomweb(args.input)
+    for flag, path in (("--input", args.input), ("--output", output), ("--input-report", input_report)):
+        if not (pacs and flag == "--input"):  # a PACS is reached over DICOMweb, not a Beam filesystem
+            require_filesystem(path, flag)
+    items = list_inputs(args.input, args.labels)
+    check_placement(args.input, output, input_report, items, pacs=pacs)
+    previous = check_output(output, args.force)
+    check_input_report(input_report, args.force)
     from medpipe.deid import deid_key_from_env
 
     # A set but unusable key (e.g. too short) is a clear error here, before any worker starts, not a worker traceback.
     if deid_key_from_env(required=False) is None:
         LOG.warning("MEDPIPE_DEID_KEY is not set: inputs with patient IDs will be rejected (deid_key_missing)")
-    output = args.output.rstrip("/")
+    remove_stale_temporaries(output, input_report)
     temp = temp_directory(output)
+    temp_report = f"{input_report}.tmp-{temp.rsplit('.tmp-', 1)[1]}"
     if is_local(temp):
-        os.makedirs(temp, exist_ok=True)
+        os.makedirs(temp)
+    write_marker(temp, owner_record())  # a killed run's temp folder is recognised (and removed) by the next run
     LOG.info("ingest: %d inputs from %s -> %s (image %dx%d, %d channel(s))", len(items), args.input, output,
              config.image.size, config.image.size, config.image.channels)
     try:
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-        build_pipeline(pipeline, config, items, temp)
+        options = pipeline_options(beam_args)
+        pipeline = beam.Pipeline(runner=make_runner(options), options=options)
+        build_pipeline(pipeline, config, items, temp, temp_report)
         result = pipeline.run()
         result.wait_until_finish()
         log_counters(result)
         remove_spill(temp)
-        write_schema_file(config, temp)
         with FileSystems.open(FileSystems.join(temp, keys.STATS_FILE)) as handle:
             stats = json.loads(handle.read().decode("utf-8"))
-        publish(temp, output)
-    except BaseException:
-        if is_local(temp):
-            shutil.rmtree(temp, ignore_errors=True)
+        place_input_report(temp_report, input_report)
+        if stats["written"] == 0:
+            raise NoResult(nothing_written(stats, args.input, input_report, config))
+        write_schema_file(config, temp)
+        write_marker(temp, {"written_by": "medpipe ingest", "state": "complete", "files": _names(temp),
+                            "input_report": input_report})
+        publish(temp, output, previous, args.force)
+    except BaseException as exc:
+        _remove(temp)
+        if _exists(temp_report):
+            _remove(temp_report)
+        if isinstance(exc, NoResult):
+            from medpipe.metrics_push import push_ingest_stats
+
+            push_ingest_stats(stats, config.name, url=args.pushgateway)  # the failed run is counted too
         raise
-    if stats["written"] == 0:
-        LOG.warning("ingest: no image was written (see %s/rejected.jsonl); --input must be a folder of class folders "
-                    "named like the config's labels %s, or a manifest", output, list(config.labels))
     LOG.info("ingest: %d written (%s), %d rejected, %d duplicates dropped -> %s", stats["written"],
              ", ".join(f"{s} {stats['splits'][s]['total']}" for s in SPLITS), stats["rejected"],
              stats["duplicates_dropped"], output)
+    if stats["rejected"] or stats["duplicates_dropped"]:
+        LOG.info("ingest: paths of the rejected and duplicate inputs (PHI, mode 0600): %s", input_report)
     from medpipe.metrics_push import push_ingest_stats
 
     push_ingest_stats(stats, config.name, url=args.pushgateway)  # a batch job ends before a scrape; no-op without URL
     return stats
+
+
+def nothing_written(stats: dict, source: str, input_report: str, config: TaskConfig) -> str:
+    reasons = ", ".join(f"{reason} {n}" for reason, n in stats["rejected_by_reason"].items()) or "none"
+    hint = ""
+    if "missing_label" in stats["rejected_by_reason"] or "unknown_label" in stats["rejected_by_reason"]:
+        hint = (f"; --input must be a folder of class folders named like the config's labels {list(config.labels)}, "
+                f"or a CSV manifest (path,label)")
+    return (f"ingest wrote no record: {stats['input_files']} inputs from {source}, {stats['rejected']} rejected "
+            f"({reasons}), {stats['duplicates_dropped']} duplicates{hint}. No output was written; the rejected "
+            f"files are listed in {input_report} (PHI)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

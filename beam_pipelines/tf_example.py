@@ -14,12 +14,15 @@ tests/test_ingest.py parses the output with tf.train.Example and tf.io.parse_sin
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from typing import Iterable, Union
 
 Value = Union[bytes, str, int, float]
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _SMALL[value]  # tags, short lengths, small ints: one byte
     if value < 0:
         value += 1 << 64  # int64 two's complement, as protobuf encodes negative int64
     out = bytearray()
@@ -31,6 +34,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL = [bytes((value,)) for value in range(0x80)]
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -60,10 +66,16 @@ _ENCODERS = {"bytes": bytes_feature, "float": float_feature, "int64": int64_feat
 def encode_example(features: dict[str, tuple[str, list]]) -> bytes:
     """{key: (kind, [values])} with kind in bytes|float|int64 -> a serialised tf.train.Example."""
     entries = b"".join(
-        _field(1, _field(1, key.encode("utf-8")) + _field(2, _ENCODERS[kind](values)))
+        _field(1, _key_field(key) + _field(2, _ENCODERS[kind](values)))
         for key, (kind, values) in sorted(features.items())
     )
     return _field(1, entries)
+
+
+@lru_cache(maxsize=256)
+def _key_field(key: str) -> bytes:
+    """A feature map key, encoded once per key: the same few keys appear in every example."""
+    return _field(1, key.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,6 +87,12 @@ def _crc32c_function():
 
 
 _CRC32C = None
+
+# The shards' GZIP level. The payload is PNG, already deflated: level 1 made the brain MRI shards 1.5% smaller than
+# level 0 (stored blocks) at 160 px (8% at 64 px, where headers weigh more) at 13x the CPU (about a tenth of the
+# whole per-image cost), so the files stay GZIP (`.tfrecord.gz`, read with compression_type="GZIP") without paying
+# for a second deflate.
+SHARD_GZIP_LEVEL = 0
 
 
 def masked_crc32c(data: bytes) -> int:

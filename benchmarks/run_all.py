@@ -16,9 +16,13 @@ from common import RESULTS, ROOT
 
 BENCHMARKS = {
     "ingest": "benchmarks/bench_ingest.py",
+    "ingest_128": "benchmarks/bench_ingest.py --size 128",
     "input_pipeline": "benchmarks/bench_input_pipeline.py",
     "serving": "benchmarks/bench_serving.py",
+    "gateway": "benchmarks/bench_gateway.py",
+    "pacs": "benchmarks/bench_pacs.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
+    "scaling": "benchmarks/bench_scaling.py",
 }
 
 
@@ -84,7 +88,7 @@ def main() -> int:
     if not args.render_only:
         for name in args.only or BENCHMARKS:
             print(f"== {name}", flush=True)
-            if subprocess.run([sys.executable, BENCHMARKS[name]], cwd=ROOT).returncode != 0:
+            if subprocess.run([sys.executable, *BENCHMARKS[name].split()], cwd=ROOT).returncode != 0:
                 failed.append(name)
     (ROOT / "BENCHMARKS.md").write_text(render())
     print(f"wrote {ROOT / 'BENCHMARKS.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""))

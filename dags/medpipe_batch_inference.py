@@ -24,6 +24,10 @@ model_version, request_id, or `rejected` with a `reason`), `predictions.csv` and
 * **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). The files are listed by `score`
   itself when it starts, so clearing `score` alone scores the folder as it is now; the output partition is
   swapped in as a whole: re-running a day replaces that day's predictions.
+* **PACS source**: a `drop_uri` such as `dicomweb+http://pacs:8042/dicom-web?StudyDate={ds_nodash}&ModalitiesInStudy=MR`
+  makes `score` pull the day's instances by QIDO-RS/WADO-RS (`serving.batch --pacs`) into the partition's
+  `instances/` (with `instances.csv` naming each file's study/series/instance UIDs) and score them; credentials from
+  the connection `medpipe_pacs`.
 * A day with no drop folder is **skipped** (nothing arrived); the server not answering fails `check_server`, which
   retries with backoff before anything is written.
 * **Serving address**: param `serving_grpc`, connection `medpipe_serving` (host + port), Variable
@@ -66,20 +70,24 @@ def medpipe_batch_inference():
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from medpipe_dag_common import check_conf, load_task_config, resolve_config, resolve_path, run_partition
+        from medpipe_dag_common import (check_conf, is_dicomweb, load_task_config, partition_fields, resolve_config,
+                                        resolve_path, run_partition)
 
         check_conf(context, params)
         config_path = resolve_config(params["config"])
         config = load_task_config(config_path)
         dataset = config["name"]
         partition = run_partition(context, params.get("partition"))
-        fields = {"dataset": dataset, "partition": partition, "ds": partition}
-        drop = Path(resolve_path(params["drop_uri"], **fields))
+        fields = partition_fields(dataset, partition)
+        drop_uri = resolve_path(params["drop_uri"], **fields)
         output = Path(resolve_path(params["output_uri"], **fields))
-        if not drop.is_dir():
+        pacs = drop_uri if is_dicomweb(drop_uri) else None  # listed and fetched by `score`
+        drop = Path(drop_uri)
+        if pacs is None and not drop.is_dir():
             raise AirflowSkipException(f"no drop folder {drop}: nothing arrived for partition {partition}")
-        return {"config": config_path, "dataset": dataset, "partition": partition, "drop": str(drop),
-                "output": str(output), "model_name": (config.get("serving") or {}).get("model_name") or dataset}
+        return {"config": config_path, "dataset": dataset, "partition": partition, "pacs": pacs,
+                "drop": None if pacs else str(drop), "output": str(output),
+                "model_name": (config.get("serving") or {}).get("model_name") or dataset}
 
     @task(retries=4)
     def check_server(job: dict, params=None) -> dict:
@@ -99,12 +107,15 @@ def medpipe_batch_inference():
         import json
         from pathlib import Path
 
-        from medpipe_dag_common import run_stage, safe_name
+        from medpipe_dag_common import dicomweb_env, run_stage, safe_name
 
-        run_stage("serving.batch", ["--drop", job["drop"], "--output", job["output"], "--server", job["server"],
+        # the PACS is queried here, not in plan, for the same reason the folder is listed here: after a clear of
+        # `score` alone, what is scored is what is there now
+        source, env = (["--pacs", job["pacs"]], dicomweb_env()) if job.get("pacs") else (["--drop", job["drop"]], None)
+        run_stage("serving.batch", [*source, "--output", job["output"], "--server", job["server"],
                                     "--model", job["model_name"], "--label", params["label"],
                                     "--max-rejected-fraction", params["max_rejected_fraction"],
-                                    "--request-id", f"batch-{safe_name(context['run_id'])}"])
+                                    "--request-id", f"batch-{safe_name(context['run_id'])}"], env=env)
         summary = json.loads((Path(job["output"]) / "summary.json").read_text())
         return {**summary, "output": job["output"], "partition": job["partition"]}
 

@@ -24,6 +24,8 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
   serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
   assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
                    ASSET_EVENTS_POOL
+  PACS sources:    is_dicomweb(uri), dicomweb_env() (the `medpipe_pacs` connection), partition_fields(dataset,
+                   partition) ({dataset}, {partition}, {ds}, {ds_nodash})
 
 The name is deliberately specific: `dags/` sits on Airflow's sys.path, so a generic name (`common`, `utils`)
 could shadow or be shadowed by another package.
@@ -618,3 +620,38 @@ def set_args(overrides: Iterable[str]) -> list[str]:
             raise ValueError(f"override {item!r} is not section.key=value")
         out += ["--set", item]
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PACS (DICOMweb) sources
+# --------------------------------------------------------------------------------------------------------------
+PACS_CONN_ID = "medpipe_pacs"  # login/password (basic) or password alone as a bearer token, for DICOMweb sources
+DICOMWEB_ENV = ("MEDPIPE_DICOMWEB_USER", "MEDPIPE_DICOMWEB_PASSWORD", "MEDPIPE_DICOMWEB_TOKEN")
+
+
+def is_dicomweb(uri: str) -> bool:
+    return uri.startswith(("dicomweb+http://", "dicomweb+https://"))
+
+
+def dicomweb_env() -> dict[str, str]:
+    """DICOMweb credentials for a stage subprocess, at run time: the worker's environment, else the Airflow connection
+    `medpipe_pacs` (login + password = basic auth; password alone = bearer token); none = no authentication."""
+    env = {name: os.environ[name] for name in DICOMWEB_ENV if os.environ.get(name)}
+    if env:
+        return env
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(PACS_CONN_ID)
+    except Exception as exc:  # not defined: a PACS without authentication (loopback test setups)
+        log.debug("no Airflow connection %s (%s)", PACS_CONN_ID, exc)
+        return {}
+    if conn.login:
+        return {"MEDPIPE_DICOMWEB_USER": conn.login, "MEDPIPE_DICOMWEB_PASSWORD": conn.password or ""}
+    return {"MEDPIPE_DICOMWEB_TOKEN": conn.password} if conn.password else {}
+
+
+def partition_fields(dataset: str, partition: str) -> dict[str, str]:
+    """Placeholders of the DAGs' URI params: {dataset}, {partition}, {ds} and {ds_nodash} (for a PACS query's
+    StudyDate, e.g. `dicomweb+http://pacs/dicom-web?StudyDate={ds_nodash}&ModalitiesInStudy=MR`)."""
+    return {"dataset": dataset, "partition": partition, "ds": partition, "ds_nodash": partition.replace("-", "")}

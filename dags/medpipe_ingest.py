@@ -33,6 +33,10 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
 * **Output** (default): `$MEDPIPE_DATA_ROOT/ingested/<dataset>/<partition>/` (`MEDPIPE_DATA_ROOT` defaults to
   `<repo>/runs`). Placeholders `{home}`, `{data_root}`, `{dataset}`, `{partition}` work in `source_uri` and
   `output_uri`.
+* **PACS source**: `source_uri` = `dicomweb+http://HOST:PORT/ROOT?StudyDate={ds_nodash}&ModalitiesInStudy=MR` pulls
+  the run's day from the PACS (QIDO-RS + WADO-RS inside the pipeline) with labels from `labels_uri` (CSV keyed by
+  StudyInstanceUID or AccessionNumber); `airflow backfill create` over a date range fills one partition per day.
+  Credentials: the connection `medpipe_pacs` (or MEDPIPE_DICOMWEB_* in the worker's environment).
 * **Runner**: `runner` + `pipeline_options` (e.g. `["--direct_num_workers=2", "--direct_running_mode=multi_processing"]`).
   On the compose `flink` profile use `runner=PortableRunner` with `["--job_endpoint=beam-job-server:8099",
   "--artifact_endpoint=beam-job-server:8098", "--environment_type=EXTERNAL",
@@ -64,7 +68,10 @@ Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `
         "config": Param("brain_mri", type="string", minLength=1,
                         description="task config: a name from config/ (brain_mri, chest_xray) or a YAML path"),
         "source_uri": Param("{home}/sample_data/{dataset}", type="string", minLength=1,
-                            description="folder/URI of class folders or DICOM files to ingest"),
+                            description="folder/URI of class folders or DICOM files to ingest, or a PACS: "
+                                        "dicomweb+http://HOST:PORT/ROOT?StudyDate={ds_nodash}&ModalitiesInStudy=MR"),
+        "labels_uri": Param(None, type=["null", "string"],
+                            description="PACS source: labels CSV keyed by StudyInstanceUID or AccessionNumber"),
         "output_uri": Param("{data_root}/ingested/{dataset}/{partition}", type="string", minLength=1,
                             description="where the partition is written (replaced when it exists)"),
         "partition": Param(None, type=["null", "string"], pattern=PARTITION_PATTERN,
@@ -82,14 +89,14 @@ def medpipe_ingest():
         """Resolve every path of this run once; later tasks (and their retries) use exactly these."""
         from pathlib import Path
 
-        from medpipe_dag_common import (check_conf, load_task_config, resolve_config, resolve_path, run_partition,
-                                        safe_name)
+        from medpipe_dag_common import (check_conf, load_task_config, partition_fields, resolve_config, resolve_path,
+                                        run_partition, safe_name)
 
         check_conf(context, params)
         config_path = resolve_config(params["config"])
         dataset = load_task_config(config_path)["name"]
         partition = run_partition(context, params.get("partition"))
-        fields = {"dataset": dataset, "partition": partition, "ds": partition}
+        fields = partition_fields(dataset, partition)
         output = resolve_path(params["output_uri"], **fields)
         source = resolve_path(params["source_uri"], **fields)
         if "://" not in source and not Path(source).exists():
@@ -98,8 +105,9 @@ def medpipe_ingest():
         if "://" not in output:
             run_tag = safe_name(context["run_id"])
             staging = str(Path(output).with_name(f".{Path(output).name}.staging-{run_tag}"))
+        labels = resolve_path(params["labels_uri"], **fields) if params.get("labels_uri") else None
         return {"config": config_path, "dataset": dataset, "partition": partition, "source": source,
-                "output": output, "staging": staging}
+                "output": output, "staging": staging, "labels": labels}
 
     @task
     def run_ingest(job: dict, params=None) -> dict:
@@ -110,14 +118,19 @@ def medpipe_ingest():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from medpipe_dag_common import StageVerdict, deid_env, replace_dir, run_stage, set_args
+        from medpipe_dag_common import (StageVerdict, deid_env, dicomweb_env, is_dicomweb, replace_dir, run_stage,
+                                        set_args)
 
         if job["staging"] != job["output"]:
             shutil.rmtree(job["staging"], ignore_errors=True)  # a half-written attempt from a previous try
         args = ["--config", job["config"], "--input", job["source"], "--output", job["staging"],
+                "--input-report", f"{job['output']}.input-report.jsonl",  # PHI, beside the partition (not staging)
                 *set_args(params["overrides"]), "--runner", params["runner"], *params["pipeline_options"]]
+        if job.get("labels"):
+            args += ["--labels", job["labels"]]
+        env = {**deid_env(), **(dicomweb_env() if is_dicomweb(job["source"]) else {})}
         try:
-            run_stage("beam_pipelines.ingest", args, env=deid_env())
+            run_stage("beam_pipelines.ingest", args, env=env)
         except StageVerdict as exc:  # exit 3: the pipeline ran and wrote 0 records; retrying cannot change that
             shutil.rmtree(job["staging"], ignore_errors=True)
             raise AirflowFailException(f"ingest of {job['source']} wrote 0 records: partition {job['partition']} "

@@ -13,7 +13,7 @@ DOC_MD = """
 ### medpipe_monitoring
 
 Each run compares one day of **served traffic** with the **training data** and writes a drift report:
-`python -m medpipe.monitoring` reads the server's request log (`medpipe serve --request-log DIR` writes
+`python -m medpipe.monitoring` reads the gateway's request log (`medpipe gateway --request-log DIR` writes
 `DIR/requests-YYYY-MM-DD.jsonl`: pixel-histogram summaries and predictions, never images or identities) and the
 ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 `$MEDPIPE_DATA_ROOT/monitoring/<dataset>/<date>/`.
@@ -23,7 +23,8 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 * **Alert**: any figure over its threshold (params; defaults PSI 0.25, class shift 0.3, low-confidence rate 0.5)
   **fails** `drift_report` without retrying, which runs `on_failure_callback` (the alert `MedpipeTaskFailed` to
   Alertmanager). A crash of the stage itself is retried.
-* **No traffic**: fewer than `min_requests` requests in the day (status `insufficient_data`) raises the alert
+* **No traffic**: no request at all in the day (status `no_traffic`) is an alert like the drift figures (the task
+  fails, `MedpipeTaskFailed`). Fewer than `min_requests` requests (status `insufficient_data`) raises the alert
   `MedpipeNoTraffic` (the server, the gateway or its request log may be down); the run itself succeeds.
 * **Date**: the `date` param, else the day before the run's logical date (a daily run at midnight reports the day
   that just ended). Re-running a day rewrites that day's report.
@@ -45,7 +46,7 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
     params={
         "config": Param("brain_mri", type="string", minLength=1, description="task config name or YAML path"),
         "request_log_uri": Param("{data_root}/request_logs", type="string", minLength=1,
-                                 description="the server's --request-log folder"),
+                                 description="the gateway's --request-log folder"),
         "baseline_uri": Param(None, type=["null", "string"],
                               description="ingest folder or stats.json; empty = newest ingest of the dataset"),
         "output_uri": Param("{data_root}/monitoring/{dataset}/{partition}", type="string", minLength=1,
@@ -108,7 +109,7 @@ def medpipe_monitoring():
             run_stage("medpipe.monitoring", args)
         except StageFailed as exc:
             report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-            if report.get("status") == "alert":  # a verdict, not a crash: retrying cannot change it
+            if report.get("status") in ("alert", "no_traffic"):  # a verdict, not a crash: retrying cannot change it
                 messages = "; ".join(alert["message"] for alert in report["alerts"])
                 raise AirflowFailException(f"drift alert for {model} on {day}: {messages} "
                                            f"(report {output / 'drift_report.html'})") from exc

@@ -46,9 +46,10 @@ stable`, then asks the serving endpoint to reload when it answers).
 * **Failures**: exit 2 of a stage (bad config or data) fails the task at once, without retries; other failures are
   retried. The stage processes die with their task (mark failed, clear, timeout, worker shutdown).
 * **Where training runs**: `training_mode` param, else env `MEDPIPE_TRAINING_MODE`, else `local` (a subprocess with
-  `--cpu-replicas`). `kubernetes` (needs `apache-airflow-providers-cncf-kubernetes`) starts a pod from
-  `$MEDPIPE_IMAGE` requesting `$MEDPIPE_TRAIN_GPUS` (default 1) `nvidia.com/gpu`; `docker` (needs
-  `apache-airflow-providers-docker`) runs the same image with GPU device requests.
+  `--cpu-replicas`; the `workers` param starts that many local worker processes, `--workers`). `kubernetes` (needs
+  `apache-airflow-providers-cncf-kubernetes`) starts a pod from `$MEDPIPE_IMAGE` (default `medpipe:gpu`) requesting
+  `$MEDPIPE_TRAIN_GPUS` (default 1) `nvidia.com/gpu`; `docker` (needs `apache-airflow-providers-docker`) runs the
+  same image with GPU device requests.
 * **Concurrency**: `max_active_runs=1`, and `train` runs in the pool `medpipe_training`. **Deadline**: the alert
   `MedpipeDeadlineMissed` when a run is not done 10 h after it was queued.
 """
@@ -77,6 +78,8 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
                            description="training config overrides section.key=value (saved in the run's config)"),
         "cpu_replicas": Param(None, type=["null", "integer"], minimum=1, maximum=64,
                               description="MirroredStrategy CPU replicas for local training (empty = stage default)"),
+        "workers": Param(None, type=["null", "integer"], minimum=1, maximum=16,
+                         description="local training: N worker processes (MultiWorkerMirroredStrategy); empty = 1"),
         "training_mode": Param(None, type=["null", "string"], enum=[None, "local", "kubernetes", "docker"],
                                description="local subprocess | kubernetes pod | docker container"),
         "serving_grpc": Param(None, type=["null", "string"], description="host:port of the serving endpoint"),
@@ -141,6 +144,8 @@ def medpipe_train():
         if mode == "local":
             if params.get("cpu_replicas"):
                 args += ["--cpu-replicas", str(params["cpu_replicas"])]
+            if (params.get("workers") or 1) > 1:
+                args += ["--workers", str(params["workers"])]
             run_stage("models.train", args)
         elif mode in ("kubernetes", "docker"):
             _train_in_container(mode, args, context)
@@ -249,7 +254,7 @@ def _train_in_container(mode: str, args: list[str], context: dict) -> None:
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    image = os.environ.get("MEDPIPE_IMAGE", "medpipe:latest")
+    image = os.environ.get("MEDPIPE_IMAGE", "medpipe:gpu")  # the Dockerfile's `gpu` target
     gpus = int(os.environ.get("MEDPIPE_TRAIN_GPUS", "1"))
     command = ["python", "-m", "models.train", *args]
     try:

@@ -77,9 +77,21 @@ class AugmentationConfig:
 
 
 @dataclass(frozen=True)
+class FineTuneConfig:
+    """Two-stage transfer learning: `warmup_epochs` with the `freeze` part of the backbone frozen, then the whole
+    model at `unfreeze_learning_rate` for the remaining epochs."""
+
+    freeze: float | str = 1.0  # fraction of the backbone's layers from the input (0..1], or the last frozen layer's name
+    warmup_epochs: int = 1
+    unfreeze_learning_rate: float = 0.00001
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
-    model: Literal["compact_cnn", "efficientnet_b0", "resnet50", "densenet121"] = "compact_cnn"
-    weights: str = "none"
+    model: Literal["compact_cnn", "efficientnet_b0", "resnet50", "densenet121", "mobilenet"] = "compact_cnn"
+    weights: Literal["none", "imagenet"] = "none"
+    backbone_weights: Optional[str] = None  # a local .weights.h5 / .keras / keras.applications *_notop.h5 file
+    fine_tune: Optional[FineTuneConfig] = None
     width: int = 32
     dropout: float = 0.2
     epochs: int = 30
@@ -217,7 +229,9 @@ def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
     keys = dotted.strip().split(".")
     node = raw
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or an optional section left null (e.g. training.fine_tune)
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {key} in {file} is not a section")
     try:
@@ -256,7 +270,12 @@ def _coerce(tp: Any, value: Any, file: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, file, key)
+        for candidate in inner[:-1]:  # e.g. float | str: the first type that accepts the value wins
+            try:
+                return _coerce(candidate, value, file, key)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, file, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{file}: {key} is {value!r}; expected one of {', '.join(map(repr, args))}")
@@ -313,6 +332,32 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
     from medpipe.window import parse_window
 
     parse_window(config.training.partitions, f"{file}: training.partitions")
+    _check_transfer_learning(config.training, file)
+
+
+def _check_transfer_learning(training: TrainingConfig, file: str) -> None:
+    pretrained = training.backbone_weights is not None or training.weights == "imagenet"
+    if training.model == "compact_cnn" and (pretrained or training.fine_tune is not None):
+        raise ConfigError(f"{file}: training.weights, training.backbone_weights and training.fine_tune apply to "
+                          f"keras.applications backbones; training.model is compact_cnn (choose efficientnet_b0, "
+                          f"resnet50, densenet121 or mobilenet)")
+    if training.backbone_weights is not None and training.weights == "imagenet":
+        raise ConfigError(f"{file}: training.weights is imagenet and training.backbone_weights is set; keep one "
+                          f"(weights: none with a local backbone_weights file)")
+    tune = training.fine_tune
+    if tune is None:
+        return
+    if not pretrained:
+        raise ConfigError(f"{file}: training.fine_tune needs pretrained weights: set training.backbone_weights to a "
+                          f"local weights file (or weights: imagenet where the network allows it)")
+    if isinstance(tune.freeze, float) and not 0 < tune.freeze <= 1:
+        raise ConfigError(f"{file}: training.fine_tune.freeze must be a fraction in (0, 1] or a layer name, "
+                          f"got {tune.freeze}")
+    if not 1 <= tune.warmup_epochs < training.epochs:
+        raise ConfigError(f"{file}: training.fine_tune.warmup_epochs must be >= 1 and < training.epochs "
+                          f"({training.epochs}) so that both stages run, got {tune.warmup_epochs}")
+    if tune.unfreeze_learning_rate <= 0:
+        raise ConfigError(f"{file}: training.fine_tune.unfreeze_learning_rate must be > 0")
 
 
 def _to_plain(value: Any) -> Any:

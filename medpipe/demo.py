@@ -1,7 +1,8 @@
 """`medpipe demo`: the whole chain, for real, on the sample shipped in sample_data/.
 
 ingest (Beam) -> train (Keras, MirroredStrategy) -> evaluate (report + gate) -> publish (versioned SavedModel)
--> serve (TF Serving-compatible server on 127.0.0.1) -> predict one image over gRPC -> stop the server.
+-> serve (TF Serving-compatible server on 127.0.0.1) -> the clinical gateway in front of it (anonymous, loopback
+only) -> predict one image over gRPC through the gateway -> print the prediction's audit line -> stop both.
 
 Each stage runs as the same command a user or an Airflow task would run (`python -m <stage> ...`), printed before
 it runs, so the demo doubles as a walkthrough. Nothing here is simulated: a stage that fails stops the demo with
@@ -70,14 +71,17 @@ class Step:
         self.number = 0
         self.timings: list[tuple[str, float]] = []
 
-    def run(self, title: str, module: str, args: Sequence[str], capture: bool = False) -> subprocess.CompletedProcess:
+    def run(self, title: str, module: str, args: Sequence[str], capture: bool = False,
+            ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
         self.number += 1
         command = [sys.executable, "-m", module, *args]
         print(f"\n[{self.number}] {title}\n    $ {_shown(command)}", flush=True)
         start = time.monotonic()
-        result = subprocess.run(command, env=self.env, cwd=ROOT, text=True, capture_output=capture)
+        # stderr: the terminal (the quiet console's sys.stderr), so each stage shows its own progress lines
+        result = subprocess.run(command, env=self.env, cwd=ROOT, text=True, stdout=subprocess.PIPE if capture else None,
+                                stderr=subprocess.PIPE if capture else sys.stderr)
         self.timings.append((title, time.monotonic() - start))
-        if result.returncode != 0:
+        if result.returncode not in ok:
             if capture:
                 print(result.stdout[-4000:], result.stderr[-4000:], sep="\n", file=sys.stderr)
             raise SystemExit(f"demo: step {self.number} ({title}) failed with exit status {result.returncode}")
@@ -113,6 +117,21 @@ def wait_for_model(rest_port: int, model_name: str, process: subprocess.Popen, t
             pass
         time.sleep(0.5)
     raise SystemExit(f"demo: model {model_name} was not AVAILABLE at {url} within {timeout:.0f} s")
+
+
+def wait_for_gateway(log_path: Path, process: subprocess.Popen, timeout: float = 120.0) -> str:
+    """The gateway prints one line naming its bound ports; -> its gRPC HOST:PORT."""
+    import re
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"medpipe gateway: gRPC (\S+) REST", log_path.read_text())
+        if match:
+            return match.group(1)
+        if process.poll() is not None:
+            raise SystemExit(f"demo: the gateway exited with status {process.returncode}; see {log_path}")
+        time.sleep(0.3)
+    raise SystemExit(f"demo: the gateway did not start within {timeout:.0f} s; see {log_path}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -156,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--cpu-replicas", str(args.cpu_replicas)])
     step.run("Evaluate on the test split and gate", "models.evaluate",
              ["--model", str(run_dir), "--data", str(data_dir), "--split", "test", "--output", str(eval_dir),
-              "--repository", str(repo), "--model-name", model_name, *set_flags(DEMO_GATE)])
+              "--repository", str(repo), "--model-name", model_name, *set_flags(DEMO_GATE)],
+             ok=(0, 3))  # 3 = not blessed: said below
     blessing = json.loads((eval_dir / "blessing.json").read_text())
     publish_args = ["--run", str(run_dir), "--repository", str(repo), "--model-name", model_name, "--label", "stable"]
     if not blessing.get("blessed"):
@@ -174,21 +194,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_log = open(out / "server.log", "w")
     server = subprocess.Popen(serve_command, env=env, cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
                               start_new_session=True)
+    gateway = None
+    audit_log = out / "gateway" / "audit.jsonl"
+    gateway_log = open(out / "gateway.log", "w")
     try:
         wait_for_model(rest_port, model_name, server)
         print(f"    serving {model_name} version {version}: gRPC 127.0.0.1:{grpc_port}, REST 127.0.0.1:{rest_port}")
+        gateway_command = [sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
+                           "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "0", "--allow-anonymous",
+                           "--audit-log", str(audit_log), "--request-log", str(out / "gateway" / "requests"),
+                           "--model-repository", str(repo)]
+        step.number += 1
+        print(f"\n[{step.number}] The clinical gateway in front of it (anonymous: loopback demo only)\n"
+              f"    $ {_shown(gateway_command)}", flush=True)
+        gateway = subprocess.Popen(gateway_command, env=env, cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        gateway_address = wait_for_gateway(out / "gateway.log", gateway)
+        print(f"    gateway: gRPC {gateway_address} -> upstream 127.0.0.1:{grpc_port}")
         image = sorted((Path(args.input) / config.labels[0]).iterdir())[0]
-        result = step.run("Predict one image over gRPC (tensorflow_serving.apis stubs)", "serving.client",
-                          ["--server", f"127.0.0.1:{grpc_port}", "--model", model_name, "--label", "stable",
-                           "--config", str(run_dir / "config.yaml"), str(image)], capture=True)
+        result = step.run("Predict one image over gRPC through the gateway (tensorflow_serving.apis stubs)",
+                          "serving.client",
+                          ["--server", gateway_address, "--model", model_name, "--label", "stable",
+                           "--config", str(run_dir / "config.yaml"), "--request-id", "demo-prediction", str(image)],
+                          capture=True)
         prediction = json.loads(result.stdout.strip().splitlines()[-1])
+        audit_line = next(line for line in audit_log.read_text().splitlines()
+                          if json.loads(line).get("request_id") == "demo-prediction")
     finally:
         if args.keep_server:
-            print(f"demo: server left running (pid {server.pid}); stop it with: kill -TERM -- -{server.pid}")
+            print(f"demo: server and gateway left running (pids {server.pid}"
+                  f"{f', {gateway.pid}' if gateway else ''}); stop them with kill -TERM")
         else:
+            if gateway is not None:
+                stop(gateway)
+                print("demo: gateway stopped")
             stop(server)
             print("demo: server stopped")
         server_log.close()
+        gateway_log.close()
 
     metrics_file = eval_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -198,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  class: {prediction.get('class')}   confidence: {prediction.get('confidence', 0):.3f}   "
           f"model version: {prediction.get('model_version')}")
     print(f"  probabilities: {json.dumps(prediction.get('probabilities'))}")
+    print(f"Audit line of this prediction ({audit_log}; check the chain: medpipe audit verify {audit_log}):")
+    print(f"  {audit_line}")
     if metrics:
         print(f"Test-split accuracy of this demo model: {metrics.get('accuracy', float('nan')):.3f} "
               f"(macro-F1 {metrics.get('macro_f1', float('nan')):.3f}); gate: "
@@ -211,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("published SavedModel", repo / model_name / str(version)),
         ("TF Serving model config", repo / "models.config"),
         ("server log", out / "server.log"),
+        ("gateway audit log (hash-chained)", audit_log),
+        ("gateway request summaries (medpipe monitor)", out / "gateway" / "requests"),
     ]:
         print(f"  {label:<52} {path}")
     print("Timings: " + ", ".join(f"{title.split()[0].lower()} {seconds:.0f} s" for title, seconds in step.timings)

@@ -7,8 +7,23 @@
 from __future__ import annotations
 
 
+# Exit statuses of every command (README "Exit statuses"): 0 done; 1 done, with a finding (monitor: an alert;
+# predict: a file could not be classified); 2 refused or failed (bad usage, input, config: nothing changed);
+# 3 ran, but the result is a no-go (evaluate: not blessed; ingest: no record written); 130 interrupted.
+EXIT_REFUSED = 2
+EXIT_NO_GO = 3
+
+
 class MedpipeError(Exception):
-    """Base class of medpipe's user-facing errors; the CLI prints the message and exits with status 2."""
+    """Base class of medpipe's user-facing errors; the CLI prints the message and exits with `exit_code` (2)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class NoResult(MedpipeError):
+    """The command ran to the end but produced nothing usable (e.g. ingest wrote no record): exit status 3."""
+
+    exit_code = EXIT_NO_GO
 
 
 class ConfigError(MedpipeError):

@@ -4,7 +4,7 @@
                      [--pushgateway URL]
 
 `confirmed.csv` has a header `request_id,label[,image_path]` (image_path relative to the CSV's folder). Each row is
-joined by request id with the server's request log (LOG_DIR/requests-*.jsonl, `medpipe serve --request-log`):
+joined by request id with the gateway's request log (LOG_DIR/requests-*.jsonl, `medpipe gateway --request-log`):
 
 - the rows with an image become PARTITION_DIR/<label>/<request_id><ext> plus PARTITION_DIR/manifest.csv
   (`path,label`, paths relative to the manifest): `medpipe ingest --input PARTITION_DIR/manifest.csv` reads them
@@ -56,7 +56,7 @@ def read_request_logs(requests_dir: str | Path) -> dict[str, dict]:
     """request_id -> its log record, over every requests-*.jsonl in the folder (malformed lines are skipped)."""
     folder = Path(requests_dir)
     if not folder.is_dir():
-        raise DataError(f"--requests {folder} is not a directory: pass the server's --request-log folder")
+        raise DataError(f"--requests {folder} is not a directory: pass the gateway's --request-log folder")
     records: dict[str, dict] = {}
     for path in sorted(folder.glob("requests-*.jsonl")):
         with path.open() as handle:
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Confirmed labels for served requests -> a labelled partition for ingest, plus live accuracy.",
     )
     parser.add_argument("--labels", required=True, help="CSV with header request_id,label[,image_path]")
-    parser.add_argument("--requests", required=True, help="the server's --request-log directory")
+    parser.add_argument("--requests", required=True, help="the gateway's --request-log directory")
     parser.add_argument("--output", required=True, help="partition directory to write (class folders + manifest.csv)")
     parser.add_argument("--config", help="task config (name or path): labels are checked against its label list")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

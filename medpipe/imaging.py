@@ -67,18 +67,26 @@ class PreparedImage:
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry points
-def preprocess_bytes(data: bytes, config: Any) -> PreparedImage:
-    """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail)."""
+def preprocess_bytes(data: bytes, config: Any, encode: bool = True) -> PreparedImage:
+    """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail). encode=False leaves .png empty
+    for a caller that may not need it (the gateway forwards an input that is already the exact PNG as it is).
+
+    Rasters stay Pillow images from decode to PNG (no numpy round trip at source resolution; the same pixel
+    operations as the numpy helpers below, so the same bytes); DICOM leaves its numpy grey pipeline once, as uint8."""
     kind = sniff(data)
+    channels = config.image.channels
     if kind == "dicom":
-        image, decoded = decode_dicom(data, config)
+        array, decoded = decode_dicom(data, config)
+        image = array_to_image(to_channels(array, channels))
     else:
-        image, decoded = decode_raster(data, config, kind)
+        image, decoded = decode_raster_image(data, config, kind)
+        image = image_to_channels(image, channels)
     check_min_size(decoded.width, decoded.height, config.ingest.min_size)
-    image = to_channels(image, config.image.channels)
-    digest = pixel_hash(image)
-    pixels = resize_square(pad_to_square(image), config.image.size)
-    return PreparedImage(png=encode_png(pixels), pixels=pixels, decoded=decoded, pixel_hash=digest)
+    digest = image_hash(image)
+    square = resize_square_image(pad_image_to_square(image), config.image.size)
+    pixels = np.asarray(square)
+    return PreparedImage(png=encode_png_image(square) if encode else b"",
+                         pixels=pixels[..., None] if pixels.ndim == 2 else pixels, decoded=decoded, pixel_hash=digest)
 
 
 def preprocess_file(path: str | os.PathLike, config: Any) -> PreparedImage:
@@ -133,6 +141,13 @@ def check_min_size(width: int, height: int, min_size: int) -> None:
 # PNG / JPEG / TIFF
 def decode_raster(data: bytes, config: Any, kind: Optional[str] = None) -> tuple[np.ndarray, DecodedImage]:
     """Pillow decode (first page of a multi-page TIFF) -> uint8 grey [H, W] or RGB [H, W, 3]."""
+    image, decoded = decode_raster_image(data, config, kind)
+    return np.asarray(image), decoded
+
+
+def decode_raster_image(data: bytes, config: Any, kind: Optional[str] = None) -> tuple[Image.Image, DecodedImage]:
+    """Pillow decode (first page of a multi-page TIFF) -> a Pillow image in mode L, or RGB when channels=3 and the
+    source is colour (pil_to_image)."""
     kind = kind or sniff(data)
     with warnings.catch_warnings():
         # We apply our own, configured budget below from the header; Pillow's warning would only be noise.
@@ -152,7 +167,7 @@ def decode_raster(data: bytes, config: Any, kind: Optional[str] = None) -> tuple
         try:
             im.seek(0)  # multi-page TIFF: the first page, by rule
             im.load()
-            image = pil_to_uint8(im, config.dicom.voi_percentiles, config.image.channels)
+            image = pil_to_image(im, config.dicom.voi_percentiles, config.image.channels)
         except RejectedInput:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -186,21 +201,28 @@ def _short(exc: Exception) -> str:
 
 def pil_to_uint8(im: Image.Image, percentiles: tuple[float, float], channels: int) -> np.ndarray:
     """Any Pillow mode -> uint8 grey [H, W] (channels=1) or RGB [H, W, 3] (channels=3), explicitly per mode."""
+    return np.asarray(pil_to_image(im, percentiles, channels))
+
+
+def pil_to_image(im: Image.Image, percentiles: tuple[float, float], channels: int) -> Image.Image:
+    """Any Pillow mode -> a Pillow image in mode L (channels=1) or, for colour sources, RGB (channels=3).
+
+    Explicit per mode; 8-bit grey and RGB stay in Pillow (RGB -> L is Pillow's BT.601 luma, as rgb_to_grey)."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16/32-bit grey: a robust min-max to 8 bits (no header window exists for these formats)
-        return robust_window(np.asarray(im).astype(np.float64), *percentiles)
+        return array_to_image(robust_window(np.asarray(im).astype(np.float64), *percentiles))
     if mode == "1":
-        return np.asarray(im.convert("L"))
+        return im.convert("L")
     if mode == "L":
-        return np.asarray(im)
+        return im
     has_alpha = mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = np.asarray(im.convert("RGBA"))
         colour = rgba[..., :3] if channels == 3 else rgb_to_grey(rgba[..., :3])
-        return composite_on_black(colour, rgba[..., 3])
-    rgb = np.asarray(im.convert("RGB"))  # P, RGB, CMYK, YCbCr, LAB, HSV
-    return rgb if channels == 3 else rgb_to_grey(rgb)
+        return array_to_image(composite_on_black(colour, rgba[..., 3]))
+    rgb = im if mode == "RGB" else im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV: through RGB, explicitly
+    return rgb if channels == 3 else rgb.convert("L")
 
 
 def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
@@ -225,6 +247,19 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3:
         return np.repeat(image, 3, axis=2)
     return rgb_to_grey(image)[..., None]
+
+
+def image_to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """to_channels for a Pillow image in mode L or RGB: L <-> RGB as numpy repeat / rgb_to_grey do."""
+    mode = "L" if channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def array_to_image(image: np.ndarray) -> Image.Image:
+    """uint8 [H, W], [H, W, 1] or [H, W, 3] -> a Pillow image in mode L or RGB (no copy when contiguous)."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "L" if image.ndim == 2 else "RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,6 +523,39 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     pil.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+def pad_image_to_square(image: Image.Image) -> Image.Image:
+    """pad_to_square for a Pillow image: centred on a black square (the same offsets)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), 0)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def resize_square_image(image: Image.Image, size: int) -> Image.Image:
+    """resize_square for a square Pillow image (BILINEAR with reducing_gap)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.BILINEAR, reducing_gap=REDUCING_GAP)
+
+
+def encode_png_image(image: Image.Image) -> bytes:
+    """encode_png for a Pillow image in mode L or RGB."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def image_hash(image: Image.Image) -> str:
+    """pixel_hash of a Pillow image in mode L or RGB, without a numpy copy: the same shape key and row-major bytes."""
+    channels = 1 if image.mode == "L" else 3
+    digest = hashlib.sha256(repr((image.height, image.width, channels)).encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def pixel_hash(pixels: np.ndarray) -> str:

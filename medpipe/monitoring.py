@@ -1,14 +1,16 @@
-"""`medpipe monitor`: the daily drift report of a served model, from the server's request log.
+"""`medpipe monitor`: the daily drift report of a served model, from the gateway's request log.
 
     medpipe monitor --requests LOG_DIR --baseline INGEST_DIR_OR_STATS --date 2026-11-27 --output REPORT_DIR
                     [--model NAME] [--psi-threshold 0.25] [--class-shift-threshold 0.3]
                     [--low-confidence-rate-threshold 0.5] [--feedback FEEDBACK_DIR] [--pushgateway URL]
 
-Reads LOG_DIR/requests-<date>.jsonl (one JSON line per served image, written by `medpipe serve --request-log`),
+Reads LOG_DIR/requests-<date>.jsonl (one JSON line per served image, written by `medpipe gateway --request-log`),
 compares the day's traffic with the training data's statistics (`medpipe.drift`) and writes REPORT_DIR/
 drift_report.{json,md,html,png}. Exit status 1 means an alert: a figure is over its threshold, and stderr names the
 metric, its value and the threshold (the `medpipe_monitoring` DAG turns this into a failed task and its failure
-callback). Exit status 0: no alert (including days with too few requests to judge, reported as such).
+callback). A day with no request at all is an alert too (status `no_traffic`): drift monitoring that sees nothing
+must not pass silently (the gateway down, traffic routed around it, or its request log not configured). Exit status
+0: no alert (including days with too few requests to judge, reported as such).
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ def build_report(records: list[dict], baseline: dict, date: str, model: str | No
     snapshot = tracker.snapshot()
     alerts = evaluate(snapshot, thresholds, live_accuracy, min_requests)
     status = "alert" if alerts else ("insufficient_data" if snapshot["n"] < min_requests else "ok")
+    if snapshot["n"] == 0:
+        status = "no_traffic"
+        alerts = [{"metric": "medpipe_monitoring_requests", "value": 0, "threshold": 1,
+                   "message": f"no request was logged on {date}: is the gateway running with --request-log, and does "
+                              "traffic go through it?"}]
     base_hist = baseline["pixel_histogram"]
     base_total = float(sum(base_hist)) or 1.0
     served_total = float(sum(snapshot["histogram"])) or 1.0
@@ -275,9 +282,9 @@ def _day(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe monitor",
-        description="Daily drift report of a served model from the server's request log; exit 1 = alert.",
+        description="Daily drift report of a served model from the gateway's request log; exit 1 = alert.",
     )
-    parser.add_argument("--requests", required=True, help="the server's --request-log directory")
+    parser.add_argument("--requests", required=True, help="the gateway's --request-log directory")
     parser.add_argument("--baseline", required=True, help="the training data's ingest directory or its stats.json")
     parser.add_argument("--date", required=True, type=_day, help="day to report, YYYY-MM-DD (reads requests-<date>.jsonl)")
     parser.add_argument("--output", required=True, help="directory for drift_report.{json,md,html,png}")
@@ -307,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(models) > 1:
         raise DataError(f"{log_path} holds requests for several models ({', '.join(models)}): pass --model NAME")
     if not log_path.is_file():
-        log.warning("no request log %s: reporting an empty day", log_path)
+        log.warning("no request log %s: reporting a day without traffic", log_path)
     thresholds = Thresholds(args.psi_threshold, args.class_shift_threshold, args.low_confidence_rate_threshold,
                             args.min_live_accuracy)
     report = build_report(records, baseline, args.date, args.model, thresholds, args.confidence_cutoff,

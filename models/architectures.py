@@ -8,6 +8,7 @@ multilabel (one unit per label); see `output_units`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +32,8 @@ def bn_momentum_for(steps_per_epoch: int) -> float:
     """
     return min(BN_MOMENTUM, 0.01 ** (1.0 / max(1, steps_per_epoch)))
 
-BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121"}
+BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "densenet121": "DenseNet121",
+                             "mobilenet": "MobileNet"}
 
 # The input scaling each backbone's ImageNet weights expect, from 0..255 RGB, as (mean, std) per channel; written as
 # a Normalization layer (not a Lambda) so model.keras loads in safe mode. EfficientNet scales inside itself.
@@ -40,6 +42,7 @@ BACKBONES: dict[str, str] = {"efficientnet_b0": "EfficientNetB0", "resnet50": "R
 BACKBONE_SCALING: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "resnet50": ((123.68, 116.779, 103.939), (1.0, 1.0, 1.0)),
     "densenet121": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "mobilenet": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),  # "tf" mode: -1..1
 }
 
 
@@ -82,40 +85,89 @@ def compact_cnn(inputs: Any, width: int, blocks: int = 4, bn_momentum: float = B
     return layers.Activation("linear", name=LAST_CONV_NAME)(x)
 
 
-def _backbone_weights(weights: str) -> str | None:
-    """'none' -> random init; 'imagenet' -> keras download (network needed); else a local weights file."""
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        return "imagenet"
-    path = Path(weights).expanduser()
+BACKBONE_LAYER = "backbone"  # the nested keras.applications model inside a classifier (what fine_tune freezes)
+WEIGHT_FILE_SUFFIXES = (".weights.h5", ".keras", ".h5")
+
+
+def build_backbone(name: str, size: int, weights: str = "none") -> keras.Model:
+    """The keras.applications model `name` without its top, for size x size RGB input; weights 'none' or 'imagenet'
+    (a download: network needed)."""
+    constructor = getattr(keras.applications, BACKBONES[name])
+    try:
+        return constructor(include_top=False, weights=None if weights == "none" else weights,
+                           input_shape=(size, size, 3), name=BACKBONE_LAYER)
+    except Exception as exc:  # keras raises a bare Exception("URL fetch failure ...") without network
+        if weights == "imagenet":
+            raise ConfigError(
+                f"could not download ImageNet weights for {BACKBONES[name]} ({exc}); this machine has no network: "
+                f"download the *_notop.h5 file elsewhere (docs/operations.md, Transfer learning) and pass "
+                f"--set training.weights=none --set training.backbone_weights=/path/to/file.h5"
+            ) from exc
+        raise
+
+
+def load_backbone_weights(model: keras.Model, file: str, name: str) -> None:
+    """Load a local weights file into a backbone built by build_backbone; ConfigError when it is missing or does not
+    fit. Accepted: model.save_weights' *.weights.h5, a saved *.keras model of the same backbone, and the standard
+    ImageNet *_notop.h5 files that keras.applications downloads."""
+    path = Path(file).expanduser()
     if not path.is_file():
-        raise ConfigError(
-            f"training.weights is {weights!r}: no such file. Use none, imagenet (needs network) or the path to a "
-            f"local Keras weights file (e.g. an *_notop.h5 from keras.applications)"
-        )
-    return str(path)
+        raise ConfigError(f"training.backbone_weights: {path} does not exist; give the path to a local "
+                          f"{BACKBONES[name]} weights file (docs/operations.md says where to get ImageNet weights)")
+    if not path.name.endswith(WEIGHT_FILE_SUFFIXES):
+        raise ConfigError(f"training.backbone_weights: {path} is not a Keras weights file; expected a name ending in "
+                          f"{', '.join(WEIGHT_FILE_SUFFIXES)}")
+    try:
+        with warnings.catch_warnings():  # a mismatch also warns once per layer before it raises: the error says it
+            warnings.simplefilter("ignore")
+            model.load_weights(str(path))
+    except Exception as exc:  # ValueError/KeyError/OSError from h5py or keras' loaders, depending on the mismatch
+        raise ConfigError(f"training.backbone_weights: {path} does not fit training.model {name} "
+                          f"({BACKBONES[name]} without its top): {type(exc).__name__}: {str(exc)[:300]}. "
+                          f"Use weights saved from the same keras.applications model (include_top=False)") from exc
 
 
-def backbone(inputs: Any, name: str, weights: str, channels: int) -> Any:
-    """A keras.applications model wired into the same graph (its layers stay visible to Grad-CAM)."""
+def backbone(inputs: Any, name: str, weights: str, channels: int, backbone_weights: str | None = None) -> Any:
+    """A keras.applications model nested as one layer named `backbone` (Grad-CAM looks inside nested models).
+
+    With pretrained weights (imagenet or a local file) the backbone's BatchNorm layers are frozen: they run in
+    inference mode on the ImageNet statistics, while the rest is frozen and after unfreezing (Keras' transfer-learning
+    recipe: statistics updated from a few small medical batches would wreck the pretrained features). It is done
+    with `trainable = False` on each BatchNorm layer, because Keras 3 overrides a `training=False` given when the
+    nested model is called inside a functional graph. Trained from scratch, BatchNorm learns as usual.
+    """
     x = inputs
     if channels == 1:
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])  # backbones expect 3 channels
     if name in BACKBONE_SCALING:
         mean, std = BACKBONE_SCALING[name]
         x = layers.Normalization(mean=list(mean), variance=[s**2 for s in std], name="backbone_scaling")(x)
-    resolved = _backbone_weights(weights)
-    try:
-        model = getattr(keras.applications, BACKBONES[name])(include_top=False, weights=resolved, input_tensor=x)
-    except Exception as exc:  # keras raises a bare Exception("URL fetch failure ...") without network
-        if resolved == "imagenet":
-            raise ConfigError(
-                f"could not download ImageNet weights for {BACKBONES[name]} ({exc}); this machine has no network: "
-                f"download the *_notop.h5 file elsewhere and pass --set training.weights=/path/to/file.h5"
-            ) from exc
-        raise
-    return model.output
+    model = build_backbone(name, inputs.shape[1], weights)
+    if backbone_weights is not None:
+        load_backbone_weights(model, backbone_weights, name)
+    if weights == "imagenet" or backbone_weights is not None:
+        set_frozen(model, 0)
+    return model(x)
+
+
+def frozen_count(layer_names: list[str], freeze: float | str) -> int:
+    """How many of the backbone's layers (from the input) fine_tune.freeze names: a fraction of them (at least one),
+    or every layer up to and including the named one."""
+    if isinstance(freeze, str):
+        if freeze not in layer_names:
+            close = [name for name in layer_names if name.split("_")[0] == freeze.split("_")[0]][:5]
+            raise ConfigError(f"training.fine_tune.freeze: the backbone has no layer {freeze!r} (e.g. "
+                              f"{', '.join(close or layer_names[-5:])}); give a layer name or a fraction such as 0.7")
+        return layer_names.index(freeze) + 1
+    return max(1, min(len(layer_names), round(freeze * len(layer_names))))
+
+
+def set_frozen(backbone_model: keras.Model, count: int) -> None:
+    """Freeze the first `count` layers of a pretrained backbone and make the others trainable, except BatchNorm
+    layers, which stay frozen (inference mode) throughout. Recompile afterwards."""
+    backbone_model.trainable = True
+    for index, layer in enumerate(backbone_model.layers):
+        layer.trainable = index >= count and not isinstance(layer, layers.BatchNormalization)
 
 
 def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = None) -> keras.Model:
@@ -128,7 +180,7 @@ def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = Non
         features = compact_cnn(layers.Rescaling(1.0 / 255, name="rescale")(inputs), training.width,
                                bn_momentum=momentum)
     elif training.model in BACKBONES:
-        features = backbone(inputs, training.model, training.weights, channels)
+        features = backbone(inputs, training.model, training.weights, channels, training.backbone_weights)
         features = layers.Activation("linear", name=LAST_CONV_NAME)(features)
     else:  # load_config already restricts the names; this guards direct callers
         raise ConfigError(f"training.model {training.model!r} is not one of compact_cnn, {', '.join(BACKBONES)}")

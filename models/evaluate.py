@@ -11,9 +11,10 @@ both paths feed the model the same pixels.
 
 Outputs in DIR (default for a run: RUN_DIR/evaluation for the test split, RUN_DIR/evaluation-<split|images>
 otherwise): metrics.json, predictions.csv, plots/*.png, report.html, blessing.json, rejected.jsonl (--images only).
-For a run evaluated on the test split or on external images, blessing.json is also copied to RUN_DIR/blessing.json
-(what `medpipe publish` checks); for binary tasks evaluated on records the operating threshold is chosen on the val
-split and stored in RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
+For a run evaluated on the test split, blessing.json is also copied to RUN_DIR/blessing.json (what `medpipe
+publish` checks; a verdict on val, train or external images never unlocks publishing). Exit status 0 when blessed,
+3 when not. For binary tasks evaluated on records the operating threshold is chosen on the val split and stored in
+RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
 models/gate.py (the `stable` version's assets.extra/medpipe_metrics.json).
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from medpipe.errors import ConfigError, DataError, RejectedInput
+from medpipe.errors import EXIT_NO_GO, ConfigError, DataError, RejectedInput
 
 log = logging.getLogger("medpipe.evaluate")
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medpipe evaluate",
         description="Evaluate a trained run or a published SavedModel: metrics.json, predictions.csv, plots, "
         "Grad-CAM, a self-contained report.html and the quality gate's blessing.json.",
+        epilog="exit status: 0 blessed; 3 evaluated but NOT blessed (the reasons are printed and in blessing.json); "
+        "2 refused (bad options or data).",
     )
     parser.add_argument("--model", required=True, help="training run directory or published SavedModel version dir")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     verdict = "BLESSED" if blessing["blessed"] else "NOT BLESSED: " + "; ".join(blessing["reasons"])
     print(f"{verdict}\nreport: {output / 'report.html'}")
-    return 0
+    return 0 if blessing["blessed"] else EXIT_NO_GO  # 3: the evaluation ran, and its verdict is "do not publish"
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -333,11 +336,11 @@ def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optio
     blessing["data"] = metrics["data"]
 
     write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam)
-    if predictor.kind == "run" and (data_dir is None or split == "test"):
+    if predictor.kind == "run" and data_dir is not None and split == "test":
         shutil.copyfile(output / "blessing.json", predictor.path / "blessing.json")
-    elif predictor.kind == "run":  # a verdict on data the model was tuned on must not unlock publishing
-        log.info("blessing from the %s split not copied to %s (only test or external images gate a run)",
-                 split, predictor.path)
+    elif predictor.kind == "run":  # a verdict on data the model was tuned on (or not the gate's data) never publishes
+        log.info("blessing from %s not copied to %s (only the test split gates a run)",
+                 f"the {split} split" if data_dir is not None else "external images", predictor.path)
     return blessing
 
 

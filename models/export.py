@@ -38,8 +38,11 @@ def read_threshold(run_dir: Path) -> float | None:
 
 
 def preprocessing_params(config, threshold: float | None) -> dict:
+    # dicom and ingest: what the gateway needs to run preprocess_bytes exactly as ingest did for this model
+    plain = config.to_dict()
     return {"image_size": config.image.size, "channels": config.image.channels, "task": config.task,
-            "labels": list(config.labels), "threshold": threshold}
+            "labels": list(config.labels), "threshold": threshold, "dicom": plain["dicom"],
+            "ingest": {key: plain["ingest"][key] for key in ("min_size", "max_pixels", "max_file_mb")}}
 
 
 def _head(scores, task: str, num_classes: int, threshold: float | None):
@@ -135,10 +138,9 @@ def run_metrics(run_dir: Path) -> dict | None:
 
 
 def read_blessing(run_dir: Path) -> dict | None:
-    for path in (run_dir / "blessing.json", run_dir / "evaluation" / "blessing.json"):
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
+    """RUN_DIR/blessing.json, which `medpipe evaluate` writes for a test-split verdict only; no other file counts."""
+    path = run_dir / "blessing.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def export_saved_model(run_dir: str | Path, out_dir: str | Path, model_name: str | None = None,

@@ -75,7 +75,19 @@ def combine(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "baseline": baselines[0] if baselines else None,
         "evaluations": blessings,
         "model": next(iter(blessings.values())).get("model"),
+        "data": combined_data(blessings),
     }
+
+
+def combined_data(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `data` of a combined verdict, which `medpipe publish` checks: split `test` only when one evaluation is on
+    a test split and none on data the model was tuned on (train, val); external images (a golden set) may join."""
+    datas = {name: blessing.get("data") or {} for name, blessing in blessings.items()}
+    tuned = [data.get("split") for data in datas.values() if data.get("split") not in ("test", "images")]
+    tests = [data for data in datas.values() if data.get("split") == "test"]
+    base = tests[0] if tests else next(iter(datas.values()))
+    split = (tuned[0] or "unrecorded data") if tuned else ("test" if tests else "images")
+    return {**base, "split": split, "evaluations": datas}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,9 +3,11 @@
     python -m models.train --config config/brain_mri.yaml --data INGEST_DIR --output RUN_DIR [--set k=v ...]
 
 Every run uses tf.distribute.MirroredStrategy (all GPUs when present; `--cpu-replicas N` splits the CPU into N
-logical devices). RUN_DIR receives config.yaml, schema.json, model.keras (best checkpoint), history.csv,
-tensorboard/, backup/ (BackupAndRestore: re-running the same command after a crash resumes at the last finished
-epoch) and train_metadata.json.
+logical devices), or MultiWorkerMirroredStrategy when TensorFlow's TF_CONFIG names several workers (`--workers N`
+starts N local ones; see models/distributed.py). RUN_DIR receives config.yaml, schema.json, model.keras (best
+checkpoint), history.csv, tensorboard/, backup/ (BackupAndRestore: re-running the same command after a crash resumes
+at the last finished epoch) and train_metadata.json; with several workers only the chief writes it.
+With `training.fine_tune` the fit runs in two stages (see fit_two_stages).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-replicas", type=int, default=None, metavar="N",
                         help="split the CPU into N logical devices and mirror over them (no GPU needed); "
                         "default: all GPUs, else the one CPU")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="start N worker processes on localhost (MultiWorkerMirroredStrategy, TF_CONFIG set for "
+                        "each); to join a cluster instead, set TF_CONFIG and omit --workers")
     parser.add_argument("--cache", action="store_true",
                         help="keep decoded images in memory after the first epoch (data that fits in RAM)")
     parser.add_argument("--pushgateway", default=None, metavar="URL",
@@ -64,13 +69,16 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
-def learning_rate_schedule(training: Any, steps_per_epoch: int) -> Any:
+def learning_rate_schedule(training: Any, steps_per_epoch: int, rate: float | None = None,
+                           epochs: int | None = None) -> Any:
+    """training.learning_rate over training.epochs, or `rate` over `epochs` (a fine-tuning stage)."""
     import keras
 
+    rate = training.learning_rate if rate is None else rate
     if training.lr_schedule == "constant":
-        return training.learning_rate
-    total = max(1, training.epochs * steps_per_epoch)
-    return keras.optimizers.schedules.CosineDecay(training.learning_rate, decay_steps=total, alpha=0.01)
+        return rate
+    total = max(1, (training.epochs if epochs is None else epochs) * steps_per_epoch)
+    return keras.optimizers.schedules.CosineDecay(rate, decay_steps=total, alpha=0.01)
 
 
 def loss_and_metrics(task: str, label_smoothing: float, num_classes: int) -> tuple[Any, list]:
@@ -142,10 +150,20 @@ def data_fingerprint(data_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------- TF
-def make_strategy(cpu_replicas: int | None) -> Any:
-    """MirroredStrategy over all GPUs, or over N logical CPU devices (must run before TensorFlow initialises)."""
+def make_strategy(cpu_replicas: int | None, cluster: Any = None) -> Any:
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several workers; else MirroredStrategy over all GPUs, or over
+    N logical CPU devices (must run before TensorFlow initialises)."""
     import tensorflow as tf
 
+    if cluster is not None and cluster.multi_worker:
+        if cpu_replicas is not None:
+            raise ConfigError("--cpu-replicas splits one process's CPU; with a multi-worker TF_CONFIG each worker is "
+                              "one replica (or mirrors over its GPUs): drop --cpu-replicas")
+        from models.distributed import patch_keras_for_multi_worker
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG; ring all-reduce on CPU, NCCL on GPU
+        patch_keras_for_multi_worker()
+        return strategy
     gpus = tf.config.list_physical_devices("GPU")
     if cpu_replicas is not None:
         if cpu_replicas < 1:
@@ -168,8 +186,21 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def callbacks_for(run_dir: Path, training: Any) -> list:
+def gpu_names() -> list[str]:
+    """The physical GPUs' names (e.g. 'NVIDIA A100-SXM4-40GB'), for the run metadata."""
+    import tensorflow as tf
+
+    return [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def callbacks_for(run_dir: Path, training: Any, restore_dir: Path | None = None, backup: str = "backup",
+                  delete_backup: bool = True) -> list:
+    """Keras callbacks writing into run_dir; BackupAndRestore backs up into run_dir/`backup` and restores from
+    restore_dir (default: the same; on a non-chief worker: the chief's)."""
     import keras
+
+    from models.distributed import worker_backup
 
     monitor = training.monitor
     mode = monitor_mode(monitor)
@@ -178,7 +209,7 @@ def callbacks_for(run_dir: Path, training: Any) -> list:
         initial_value_threshold=best_so_far(run_dir / "history.csv", monitor),
     )
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
+        worker_backup(run_dir / backup, restore_dir or run_dir / backup, delete_checkpoint=delete_backup),
         checkpoint,
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=training.early_stopping_patience,
                                       restore_best_weights=True),
@@ -236,6 +267,54 @@ def epoch_log_callback() -> Any:
     )
 
 
+def strip_option(argv: Sequence[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE` (what the launcher passes on to its workers)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def fit_two_stages(model: Any, training: Any, compile_model: Any, fit: Any, run_dir: Path,
+                   write_dir: Path) -> dict[str, list]:
+    """training.fine_tune: stage 1 ("warmup", epochs [0, warmup_epochs)) trains with the `freeze` part of the backbone
+    frozen at training.learning_rate; stage 2 ("finetune", up to training.epochs) trains every layer at
+    unfreeze_learning_rate. The backbone's BatchNorm stays in inference mode throughout (architectures.backbone).
+
+    Each stage backs up into its own folder (their optimizers hold different variables), and the warmup backup is
+    kept until the run ends, so a re-run after a crash resumes in the right stage (the chief's run_dir says which;
+    this process writes into write_dir).
+    """
+    from models.architectures import BACKBONE_LAYER, frozen_count, set_frozen
+
+    tune = training.fine_tune
+    backbone = model.get_layer(BACKBONE_LAYER)
+    frozen = frozen_count([layer.name for layer in backbone.layers], tune.freeze)
+    history: dict[str, list] = {}
+    if not (run_dir / "backup" / "finetune").exists():  # stage 2 never checkpointed: (re)run or restore stage 1
+        set_frozen(backbone, frozen)
+        log.info("fine-tune stage 1: %d of %d backbone layers frozen (up to %s) for %d epochs", frozen,
+                 len(backbone.layers), backbone.layers[frozen - 1].name, tune.warmup_epochs)
+        compile_model(training.learning_rate, tune.warmup_epochs)
+        history = fit(tune.warmup_epochs, 0, "backup/warmup", delete_backup=False)
+    set_frozen(backbone, 0)
+    log.info("fine-tune stage 2: every layer trainable, learning rate %g, epochs %d-%d", tune.unfreeze_learning_rate,
+             tune.warmup_epochs + 1, training.epochs)
+    compile_model(tune.unfreeze_learning_rate, training.epochs - tune.warmup_epochs)
+    model._initial_epoch = None  # Keras keeps a restored start epoch across fit() calls; stage 2 starts at warmup
+    for name, values in fit(training.epochs, tune.warmup_epochs, "backup/finetune").items():
+        history[name] = history.get(name, []) + values
+    shutil.rmtree(write_dir / "backup" / "warmup", ignore_errors=True)  # ours; the run is complete
+    if (write_dir / "backup").is_dir() and not any((write_dir / "backup").iterdir()):
+        (write_dir / "backup").rmdir()
+    return history
+
+
 # ---------------------------------------------------------------------------------------------------------------- run
 def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False,
           pushgateway: str | None = None) -> dict:
@@ -250,8 +329,12 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
 
     from medpipe.config import dump_config
     from models.architectures import build_model
+    from models.distributed import artefact_dir, cluster_from_env
 
-    strategy = make_strategy(cpu_replicas)  # first TensorFlow use: logical devices must be set before any op
+    cluster = cluster_from_env()
+    strategy = make_strategy(cpu_replicas, cluster)  # first TensorFlow use: must come before any op
+    write_dir = artefact_dir(run_dir, cluster)  # the run folder on the chief, a private temp folder elsewhere
+    log.info("workers: %d (this process: %s)", cluster.workers, cluster.describe())
     train_counts = data_lib.label_counts(data_dir, "train", schema)
     val_counts = data_lib.label_counts(data_dir, "val", schema)
     replicas = strategy.num_replicas_in_sync
@@ -261,9 +344,9 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     if training.mixed_precision and tf.config.list_physical_devices("GPU"):
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    shutil.copyfile(data_dir / "schema.json", run_dir / "schema.json")
+    write_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, write_dir / "config.yaml")
+    shutil.copyfile(data_dir / "schema.json", write_dir / "schema.json")
 
     batch = global_batch_size(training.batch_size, replicas)
     class_weights = None
@@ -282,29 +365,41 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
              train_counts.tolist(), val_counts.tolist(), list(schema.labels), batch, steps_per_epoch,
              None if class_weights is None else [round(w, 3) for w in class_weights])
 
-    with strategy.scope():
-        model = build_model(config, data_lib.num_outputs(schema), steps_per_epoch=steps_per_epoch)
-        loss, metrics = loss_and_metrics(schema.task, training.label_smoothing, schema.num_classes)
-        optimizer = keras.optimizers.AdamW(learning_rate_schedule(training, steps_per_epoch),
-                                           weight_decay=training.weight_decay)
-        # weighted_metrics: the zero-weight rows that pad multi-replica validation batches do not count (train
-        # metrics are then class-weighted, i.e. balanced, like the loss).
-        model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+    def compile_model(rate: float | None = None, epochs: int | None = None) -> None:
+        with strategy.scope():
+            loss, metrics = loss_and_metrics(schema.task, training.label_smoothing, schema.num_classes)
+            optimizer = keras.optimizers.AdamW(learning_rate_schedule(training, steps_per_epoch, rate, epochs),
+                                               weight_decay=training.weight_decay)
+            # weighted_metrics: the zero-weight rows that pad multi-replica validation batches do not count (train
+            # metrics are then class-weighted, i.e. balanced, like the loss).
+            model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
 
     interactive = sys.stdout.isatty()
-    callbacks = callbacks_for(run_dir, training)
-    if not interactive:
-        callbacks.append(epoch_log_callback())
+
+    def fit(epochs: int, initial_epoch: int = 0, backup: str = "backup", delete_backup: bool = True) -> dict:
+        callbacks = callbacks_for(write_dir, training, restore_dir=run_dir / backup, backup=backup,
+                                  delete_backup=delete_backup)
+        if not interactive:
+            callbacks.append(epoch_log_callback())
+        return model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+                         callbacks=callbacks, shuffle=False,  # tf.data already shuffles
+                         verbose=1 if interactive else 0).history
+
+    with strategy.scope():
+        model = build_model(config, data_lib.num_outputs(schema), steps_per_epoch=steps_per_epoch)
     resumed_from = epochs_logged(run_dir / "history.csv") if (run_dir / "backup").exists() else 0
     if resumed_from:
         log.info("resuming from %s after %d logged epochs", run_dir / "backup", resumed_from)
     fit_started = time.monotonic()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
-                        shuffle=False, verbose=1 if interactive else 0)  # tf.data already shuffles
+    if training.fine_tune is None:
+        compile_model()
+        history = fit(training.epochs)
+    else:
+        history = fit_two_stages(model, training, compile_model, fit, run_dir, write_dir)
     fit_seconds = time.monotonic() - fit_started
 
-    if not (run_dir / "model.keras").is_file():  # e.g. a metric that never improved from a NaN start
-        model.save(run_dir / "model.keras")
+    if not (write_dir / "model.keras").is_file():  # e.g. a metric that never improved from a NaN start
+        model.save(write_dir / "model.keras")
     monitor = training.monitor
     metadata = {
         "config": config.name,
@@ -315,26 +410,34 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
         "code_version": git_commit(),
         "packages": package_versions(),
         "replicas": replicas,
+        "workers": cluster.workers,
+        "strategy": "MultiWorkerMirroredStrategy" if cluster.multi_worker else "MirroredStrategy",
         "devices": list(strategy.extended.worker_devices),
+        "gpus": len(gpu_names()),
+        "gpu_names": gpu_names(),
+        "mixed_precision": keras.mixed_precision.global_policy().name,
         "global_batch_size": batch,
         "model": training.model,
         "parameters": int(model.count_params()),
         "epochs_requested": training.epochs,
-        "epochs_run": epochs_logged(run_dir / "history.csv"),
-        "epochs_this_invocation": len(history.epoch),
+        "backbone_weights": training.backbone_weights,
+        "epochs_run": epochs_logged(write_dir / "history.csv"),
+        "epochs_this_invocation": len(next(iter(history.values()), [])),
         "resumed_from_epoch": resumed_from,
         "monitor": monitor,
-        "best_metric": best_so_far(run_dir / "history.csv", monitor),
+        "best_metric": best_so_far(write_dir / "history.csv", monitor),
         "fit_seconds": round(fit_seconds, 1),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
-    (run_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    (write_dir / "train_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     log.info("done: %d epochs, best %s=%s, %.0fs wall; model in %s", metadata["epochs_run"], monitor,
-             metadata["best_metric"], metadata["wall_seconds"], run_dir / "model.keras")
+             metadata["best_metric"], metadata["wall_seconds"], write_dir / "model.keras")
+    if not cluster.is_chief:
+        return metadata  # the chief pushes the figures; this worker's copies vanish with its temp folder
     # Batch jobs end before Prometheus could scrape them: push the final figures (a no-op without a Pushgateway).
     from medpipe.metrics_push import push_training_metrics
 
-    final = {name: values[-1] for name, values in history.history.items() if values}
+    final = {name: values[-1] for name, values in history.items() if values}
     if metadata["best_metric"] is not None:
         final[f"best_{monitor}"] = metadata["best_metric"]
     push_training_metrics(final, config.name, epoch=metadata["epochs_run"], duration_seconds=metadata["wall_seconds"],
@@ -367,6 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"training.epochs={args.epochs}"] if args.epochs is not None else [])
     config = load_config(args.config, overrides)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.workers is not None and args.workers != 1:
+        from models.distributed import launch_local_workers
+
+        return launch_local_workers(strip_option(list(sys.argv[1:] if argv is None else argv), "--workers"),
+                                    args.workers)
     train(config, Path(args.data), Path(args.output), cpu_replicas=args.cpu_replicas, cache=args.cache,
           pushgateway=args.pushgateway)
     return 0

@@ -2,8 +2,18 @@
 # Create .venv/ and install the locked dependency tree plus medpipe itself (editable).
 # Called by `make setup` (and so by `make demo` / `make test`) only when requirements.lock or pyproject.toml
 # changed since the last successful run; the stamp file records that.
+# GPU=1 (`make setup GPU=1`): .venv-gpu/ from requirements-gpu.lock (TensorFlow with CUDA; NVIDIA driver needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# pip check lines that are expected: tensorflow-serving-api's declared `tensorflow` (skipped with --no-deps), and in
+# the GPU venv medpipe's declared tensorflow-cpu (replaced by tensorflow[and-cuda], the same import package).
+EXPECTED="tensorflow-serving-api .* requires tensorflow"
+if [ "${GPU:-0}" = "1" ]; then
+  VENV=.venv-gpu LOCK=requirements-gpu.lock EXPECTED="$EXPECTED|medpipe .* requires tensorflow-cpu"
+else
+  VENV=.venv LOCK=requirements.lock
+fi
 
 PYTHON="${PYTHON:-}"
 if [ -z "$PYTHON" ]; then
@@ -19,20 +29,20 @@ if [ -z "$PYTHON" ]; then
   exit 1
 fi
 
-STAMP=.venv/.medpipe-installed
-want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+STAMP=$VENV/.medpipe-installed
+want="$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  echo "setup: .venv is up to date"
+  echo "setup: $VENV is up to date"
   exit 0
 fi
 
 start=$(date +%s)
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # This machine's pip config names local find-links folders that may not exist; their warnings are noise.
 pip_install() {
   local log; log=$(mktemp)
-  if ! .venv/bin/python -m pip install --quiet "$@" >"$log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install --quiet "$@" >"$log" 2>&1; then
     grep -v "is ignored: it is neither" "$log" >&2; rm -f "$log"
     echo "setup: pip install $* failed (see above)" >&2; return 1
   fi
@@ -40,13 +50,15 @@ pip_install() {
   rm -f "$log"
 }
 pip_install --upgrade "pip>=24"
-echo "setup: installing the locked dependency tree into .venv (a few minutes on a fresh machine)..."
-pip_install -r requirements.lock
+echo "setup: installing the locked dependency tree ($LOCK) into $VENV (a few minutes on a fresh machine)..."
+pip_install -r "$LOCK"
 pip_install --no-deps tensorflow-serving-api==2.21.0
 pip_install --no-deps -e .
-# Everything except tensorflow-serving-api's declared (and deliberately skipped) `tensorflow` must be consistent.
-if .venv/bin/python -m pip check | grep -v "tensorflow-serving-api .* requires tensorflow" | grep -q .; then
-  .venv/bin/python -m pip check || true
+# Everything except the expected lines above must be consistent (captured first: `grep -q` in a pipefail pipeline
+# can end the check early and hide a problem).
+problems="$("$VENV/bin/python" -m pip check | grep -v -E "$EXPECTED" || true)"
+if [ -n "$problems" ]; then
+  echo "$problems" >&2
   echo "setup: dependency check failed (see above)" >&2
   exit 1
 fi

@@ -1,12 +1,18 @@
 """Batch inference over a drop folder: one outcome per file, a partition replaced as a whole.
 
-    python -m serving.batch --drop DIR --output DIR --server HOST:8500 --model NAME [--label stable]
-                            [--config CONFIG] [--max-rejected-fraction 0.2] [--request-id ID]
+    python -m serving.batch (--drop DIR | --pacs dicomweb+http://HOST:PORT/ROOT?StudyDate=...) --output DIR
+                            --server HOST:8500 --model NAME [--label stable] [--config CONFIG]
+                            [--max-rejected-fraction 0.2] [--request-id ID]
 
 Every file under DIR (recursively, hidden files skipped, sorted) gets exactly one line in `predictions.jsonl`:
 `{"file", "outcome": "predicted", "class", "confidence", "probabilities", "model_version", "request_id"}` or
 `{"file", "outcome": "rejected", "reason", "error"}` (not an image, corrupt, unreadable...). `predictions.csv` and
 `summary.json` (counts per outcome, reason and class) sit next to it. Paths are relative to DIR.
+
+With --pacs instead of --drop, the instances the DICOMweb query matches (QIDO-RS + WADO-RS,
+beam_pipelines.dicomweb_source) are fetched into the partition's `instances/` (`NNNNNN.dcm`, and `instances.csv`
+naming each file's study/series/instance UIDs) and scored from there: the scored files stay beside their
+predictions, whose paths are then relative to `instances/`. Credentials: MEDPIPE_DICOMWEB_* in the environment.
 
 The files are listed here, when scoring starts, so the outputs always describe the folder as it was scored (a
 re-run after more files arrived scores them all). The outputs are written to a staging folder and swapped in:
@@ -70,11 +76,25 @@ def summarize(rows: Sequence[dict], max_rejected_fraction: float) -> dict:
     }
 
 
-def write_partition(output: Path, rows: Sequence[dict], summary: dict) -> None:
-    """Write into a staging folder next to output, then swap it in (readers never see half a partition)."""
+def staging_folder(output: Path) -> Path:
+    """A fresh staging folder next to output (the partition is built there and swapped in whole)."""
     staging = output.with_name(f".{output.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    return staging
+
+
+def fetch_pacs(source: str, folder: Path) -> list[Path]:
+    """The DICOMweb query's instances, downloaded into folder (NNNNNN.dcm + instances.csv)."""
+    from beam_pipelines.dicomweb_source import fetch
+
+    return sorted(Path(path) for path in fetch(source, str(folder)))
+
+
+def write_partition(output: Path, rows: Sequence[dict], summary: dict, staging: Path | None = None) -> None:
+    """Write the outputs into staging (default: a fresh one), then swap it in for output (readers never see half a
+    partition)."""
+    staging = staging or staging_folder(output)
     with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     with (staging / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -91,7 +111,10 @@ def write_partition(output: Path, rows: Sequence[dict], summary: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--drop", required=True, help="folder of files to score (recursive)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--drop", help="folder of files to score (recursive)")
+    source.add_argument("--pacs", metavar="URL", help="dicomweb+http(s)://HOST:PORT/ROOT?StudyDate=YYYYMMDD&...: "
+                        "fetch the matching instances into OUTPUT/instances/ and score them")
     parser.add_argument("--output", required=True, help="output partition folder (replaced)")
     parser.add_argument("--server", required=True, help="gRPC HOST:PORT of TF Serving / the gateway")
     parser.add_argument("--model", required=True, help="model name")
@@ -105,24 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from serving.client import config_from_metadata, predict_files
+    from serving.client import config_for_model, model_shape, predict_files
 
     args = build_parser().parse_args(argv)
     if not 0 <= args.max_rejected_fraction <= 1:
         raise DataError(f"--max-rejected-fraction must be between 0 and 1, got {args.max_rejected_fraction}")
-    drop, output = Path(args.drop), Path(args.output)
-    files = list_files(drop)
-    if args.config:
-        from medpipe.config import load_config
-
-        config = load_config(args.config)
-    else:
-        config = config_from_metadata(args.server, args.model, None, args.label, args.deadline)
-    lines = predict_files([str(path) for path in files], config, args.model, args.server, label=args.label,
-                          deadline=args.deadline, request_id=args.request_id)
-    rows = outcome_rows(lines, drop)
-    summary = summarize(rows, args.max_rejected_fraction)
-    write_partition(output, rows, summary)
+    output = Path(args.output)
+    # the model's own image size; a --config that disagrees with it is refused (serving.client)
+    config = config_for_model(args.model, model_shape(args.model, None, args.label, args.deadline,
+                                                      server=args.server), args.config)
+    staging = staging_folder(output)
+    try:
+        if args.pacs:
+            drop = staging / "instances"
+            files = fetch_pacs(args.pacs, drop)
+        else:
+            drop = Path(args.drop)
+            files = list_files(drop)
+        lines = predict_files([str(path) for path in files], config, args.model, args.server, label=args.label,
+                              deadline=args.deadline, request_id=args.request_id)
+        rows = outcome_rows(lines, drop)
+        summary = summarize(rows, args.max_rejected_fraction)
+        write_partition(output, rows, summary, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # ours; a retry starts a new one
+        raise
     print(json.dumps({"output": str(output), **summary}))
     if not summary["passed"]:
         print(f"{summary['rejected']} of {summary['files']} files were rejected ({summary['rejected_reasons']}), "

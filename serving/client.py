@@ -3,6 +3,10 @@
     medpipe predict --server HOST:8500 --model NAME [--label stable | --version V] [--config CONFIG] FILE...
     medpipe predict --rest http://HOST:8501 --model NAME FILE...
 
+The image size and channels come from the served model's metadata (its predict_preprocessed signature), over gRPC
+or REST alike; a --config whose image size or channels differ from the model's is refused (preprocessing it would
+change the answer), and one is needed only for a model that does not declare them.
+
 Every file (DICOM, PNG, JPEG) goes through medpipe.imaging.preprocess_bytes, the host-side pipeline ingest uses, so
 the server receives exactly the PNG ingest would have produced; the SavedModel decodes it in its graph. One JSON line
 per file: {"file", "class", "confidence", "probabilities", "model_version", "request_id"}; a file that cannot be
@@ -17,6 +21,7 @@ import base64
 import json
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -43,13 +48,72 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--label", help="version label, e.g. stable or canary")
     group.add_argument("--version", type=int, help="a specific model version")
-    parser.add_argument("--config", help="task config of the model (default: image size from the model's metadata)")
+    parser.add_argument("--config", help="task config for the host-side preprocessing (default: image size and "
+                        "channels from the model's metadata; a config that disagrees with them is refused)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--signature", default=SIGNATURE, help="signature name (default serving_default)")
     parser.add_argument("--deadline", type=float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--request-id", help="base x-request-id (default: a random one per request)")
+    add_connection_options(parser)
     return parser
+
+
+# ---- TLS, mTLS and bearer tokens (the gateway; TF Serving behind TLS) ---------------------------------------------
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: plain, TLS (tls_ca), mTLS (+ tls_cert, tls_key), and/or a bearer token."""
+
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    def channel(self, target: str):
+        import grpc
+
+        if not self.tls_ca:
+            return grpc.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            Path(self.tls_ca).read_bytes(), Path(self.tls_key).read_bytes() if self.tls_key else None,
+            Path(self.tls_cert).read_bytes() if self.tls_cert else None)
+        return grpc.secure_channel(target, credentials)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def ssl_context(self):
+        import ssl
+
+        if not self.tls_ca:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect with TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS, with --tls-key and --tls-ca)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--token-file", help="file holding a bearer token (JWT) sent as Authorization: Bearer")
+
+
+def connection_from_args(args) -> Connection:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MedpipeError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise MedpipeError("--tls-cert needs --tls-ca (the CA of the server's certificate)")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise MedpipeError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
+        if not token:
+            raise MedpipeError(f"--token-file {args.token_file} is empty")
+    return Connection(args.tls_ca, args.tls_cert, args.tls_key, token)
 
 
 def _spec(request_spec, model: str, version: int | None, label: str | None, signature: str) -> None:
@@ -78,7 +142,7 @@ def _grpc_error(exc, host: str, model: str) -> ServerError:
 
 def predict_images(host: str, model: str, images: Sequence[bytes], version: int | None = None,
                    label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
-                   request_id: str | None = None, channel=None) -> list[dict]:
+                   request_id: str | None = None, channel=None, connection: Connection | None = None) -> list[dict]:
     """Encoded PNG/JPEG images -> one dict per image (class, confidence, probabilities, model_version,
     request_id) from one gRPC Predict call with the official stubs. Raises ServerError with a clear message."""
     import grpc
@@ -89,11 +153,12 @@ def predict_images(host: str, model: str, images: Sequence[bytes], version: int 
     _spec(request.model_spec, model, version, label, signature)
     request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
     request_id = request_id or uuid.uuid4().hex
+    connection = connection or Connection()
     own = channel is None
-    channel = channel or grpc.insecure_channel(host)
+    channel = channel or connection.channel(host)
     try:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            request, timeout=deadline, metadata=[("x-request-id", request_id)])
+            request, timeout=deadline, metadata=[("x-request-id", request_id), *connection.metadata()])
     except grpc.RpcError as exc:
         raise _grpc_error(exc, host, model) from exc
     finally:
@@ -105,7 +170,7 @@ def predict_images(host: str, model: str, images: Sequence[bytes], version: int 
 
 def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: int | None = None,
                         label: str | None = None, signature: str = SIGNATURE, deadline: float = 10.0,
-                        request_id: str | None = None) -> list[dict]:
+                        request_id: str | None = None, connection: Connection | None = None) -> list[dict]:
     """The same over TF Serving's REST API (row format, b64 values)."""
     import urllib.error
     import urllib.request
@@ -117,12 +182,16 @@ def predict_images_rest(url: str, model: str, images: Sequence[bytes], version: 
     body = json.dumps({"signature_name": signature,
                        "instances": [{"b64": base64.b64encode(i).decode()} for i in images]}).encode()
     request_id = request_id or uuid.uuid4().hex
+    connection = connection or Connection()
+    auth = {"Authorization": f"Bearer {connection.token}"} if connection.token else {}
+    context = connection.ssl_context()
     request = urllib.request.Request(url.rstrip("/") + path + ":predict", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id, **auth})
     try:
-        with urllib.request.urlopen(request, timeout=deadline) as response:
+        with urllib.request.urlopen(request, timeout=deadline, context=context) as response:
             predictions = json.load(response)["predictions"]
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=deadline) as response:
+        status_request = urllib.request.Request(url.rstrip("/") + path, headers=auth)
+        with urllib.request.urlopen(status_request, timeout=deadline, context=context) as response:
             status = json.load(response)["model_version_status"]
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
@@ -151,31 +220,94 @@ def rows(outputs: dict, model_version: int | None, request_id: str) -> list[dict
     return result
 
 
-def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float):
-    """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
-    import grpc
-    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+def _shape_of(signature_map, model: str) -> tuple[int, int, int] | None:
+    """(image size, channels, classes) from the predict_preprocessed signature, or None when the model has none."""
+    signature = signature_map.signature_def.get("predict_preprocessed")
+    if signature is None or "images" not in signature.inputs:
+        return None
+    dims = [d.size for d in signature.inputs["images"].tensor_shape.dim]
+    classes = signature.outputs["probabilities"].tensor_shape.dim[-1].size
+    if len(dims) != 4 or dims[1] <= 0 or dims[3] <= 0:
+        return None
+    return dims[1], dims[3], classes
 
-    from medpipe.config import config_from_dict
+
+def model_shape(model: str, version: int | None, label: str | None, deadline: float, server: str | None = None,
+                rest: str | None = None, connection: Connection | None = None) -> tuple[int, int, int] | None:
+    """(image size, channels, classes) the served model declares, over REST (GET .../metadata) or gRPC
+    (GetModelMetadata); None when it declares none. Raises ServerError when the server cannot answer."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    if rest:
+        import urllib.error
+        import urllib.request
+
+        from google.protobuf import json_format
+
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
+                                         f"/labels/{label}" if label else "") + "/metadata"
+        connection = connection or Connection()
+        auth = {"Authorization": f"Bearer {connection.token}"} if connection.token else {}
+        try:
+            request = urllib.request.Request(rest.rstrip("/") + path, headers=auth)
+            with urllib.request.urlopen(request, timeout=deadline, context=connection.ssl_context()) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise ServerError(f"the server at {rest} answered HTTP {exc.code} for {model!r}: {detail}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerError(f"cannot reach the model server at {rest} ({exc}); is it running?") from exc
+        signature_def = (body.get("metadata") or {}).get("signature_def") or {}
+        signature_def = {k: v for k, v in signature_def.items() if not k.startswith("@")}  # an Any's type URL
+        json_format.ParseDict(signature_def, signature_map, ignore_unknown_fields=True)
+        return _shape_of(signature_map, model)
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     _spec(request.model_spec, model, version, label, "")
-    with grpc.insecure_channel(host) as channel:
+    connection = connection or Connection()
+    with connection.channel(server) as channel:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
-                request, timeout=deadline)
+                request, timeout=deadline, metadata=connection.metadata())
         except grpc.RpcError as exc:
-            raise _grpc_error(exc, host, model) from exc
-    signature_map = get_model_metadata_pb2.SignatureDefMap()
+            raise _grpc_error(exc, server, model) from exc
     response.metadata["signature_def"].Unpack(signature_map)
-    signature = signature_map.signature_def.get("predict_preprocessed")
-    if signature is None:
+    return _shape_of(signature_map, model)
+
+
+def config_for_model(model: str, shape: tuple[int, int, int] | None, config_path: str | None = None,
+                     overrides: Sequence[str] = ()):
+    """The preprocessing config: the model's own size and channels; a --config must agree with them."""
+    from medpipe.config import config_from_dict, load_config
+
+    if config_path:
+        config = load_config(config_path, overrides)
+        if shape is None:
+            print(f"medpipe predict: model {model} does not declare its image size; using {config_path} unchecked",
+                  file=sys.stderr)
+        elif (config.image.size, config.image.channels) != shape[:2]:
+            raise MedpipeError(
+                f"--config {config_path} preprocesses to {config.image.size}x{config.image.size} with "
+                f"{config.image.channels} channel(s), but model {model} expects {shape[0]}x{shape[0]} with "
+                f"{shape[1]}; its answers would differ from the model's own. Drop --config (the model's metadata "
+                f"is used) or pass the config the model was trained with")
+        return config
+    if shape is None:
         raise MedpipeError(f"model {model} has no predict_preprocessed signature to read the image size from; "
                            "pass --config with the model's task config")
-    dims = [d.size for d in signature.inputs["images"].tensor_shape.dim]
-    classes = signature.outputs["probabilities"].tensor_shape.dim[-1].size
+    size, channels, classes = shape
     return config_from_dict({"name": model, "task": "multiclass", "labels": [str(i) for i in range(classes)],
-                             "image": {"size": dims[1], "channels": dims[3]}}, origin=f"metadata of {model}")
+                             "image": {"size": size, "channels": channels}}, origin=f"metadata of {model}")
+
+
+def config_from_metadata(host: str, model: str, version: int | None, label: str | None, deadline: float,
+                         connection: Connection | None = None, rest: str | None = None):
+    """No --config: the image size and channels from the served predict_preprocessed signature's input shape."""
+    return config_for_model(model, model_shape(model, version, label, deadline, server=host, rest=rest,
+                                               connection=connection))
 
 
 def prepare(paths: Sequence[str], config) -> Iterator[tuple[str, bytes | None, dict | None]]:
@@ -196,12 +328,14 @@ def prepare(paths: Sequence[str], config) -> Iterator[tuple[str, bytes | None, d
 
 def predict_files(paths: Sequence[str], config, model: str, server: str | None = None, rest: str | None = None,
                   version: int | None = None, label: str | None = None, signature: str = SIGNATURE,
-                  deadline: float = 10.0, request_id: str | None = None) -> Iterator[dict]:
+                  deadline: float = 10.0, request_id: str | None = None,
+                  connection: Connection | None = None) -> Iterator[dict]:
     """One dict per file, in order: a prediction, or an error line for a file that cannot be used."""
     import grpc
 
     pending: list[tuple[str, bytes]] = []
-    channel = None if rest else grpc.insecure_channel(server)
+    connection = connection or Connection()
+    channel = None if rest else connection.channel(server)
     chunks = [0]
 
     def flush():
@@ -210,10 +344,11 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
         rid = request_id and (request_id if chunks[0] == 0 else f"{request_id}-r{chunks[0]}")
         chunks[0] += 1
         if rest:
-            results = predict_images_rest(rest, model, images, version, label, signature, deadline, rid)
+            results = predict_images_rest(rest, model, images, version, label, signature, deadline, rid,
+                                          connection=connection)
         else:
             results = predict_images(server, model, images, version, label, signature, deadline, rid,
-                                     channel=channel)
+                                     channel=channel, connection=connection)
         lines = [{"file": path, **result} for (path, _), result in zip(pending, results)]
         pending.clear()
         return lines
@@ -236,17 +371,13 @@ def predict_files(paths: Sequence[str], config, model: str, server: str | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.config:
-        from medpipe.config import load_config
-
-        config = load_config(args.config, args.overrides)
-    elif args.rest:
-        raise MedpipeError("--rest needs --config (the model's task config) to preprocess files like ingest")
-    else:
-        config = config_from_metadata(args.server, args.model, args.version, args.label, args.deadline)
+    connection = connection_from_args(args)
+    shape = model_shape(args.model, args.version, args.label, args.deadline, server=args.server, rest=args.rest,
+                        connection=connection)
+    config = config_for_model(args.model, shape, args.config, args.overrides)
     failed = 0
     for line in predict_files(args.files, config, args.model, args.server, args.rest, args.version, args.label,
-                              args.signature, args.deadline, args.request_id):
+                              args.signature, args.deadline, args.request_id, connection):
         failed += "error" in line
         print(json.dumps(line), flush=True)
     if failed:

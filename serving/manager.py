@@ -2,14 +2,16 @@
 load new versions before unloading old ones, and run signatures (through the batcher) for the API layers.
 
 Status codes follow TF Serving: unknown model/version/label -> NOT_FOUND, malformed input -> INVALID_ARGUMENT,
-a label pointing at an unavailable version in a reload -> FAILED_PRECONDITION.
+a label pointing at an unavailable version in a reload -> FAILED_PRECONDITION (and the previous configuration stays in
+effect). What only the files can tell: a version whose folder is gone is unloaded; a version that failed to load is
+retried when its folder changes (a copy still in progress).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,11 @@ class Version:
     signatures: dict[str, Signature] = field(default_factory=dict)
     signature_def_map: Any = None  # tensorflow.serving SignatureDefMap
     preprocessing: dict = field(default_factory=dict)
+    fingerprint: tuple = ()  # the folder when its load began: a failed version is retried once this changes
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "END" and bool(self.error)
 
 
 @dataclass
@@ -77,6 +84,21 @@ def policy_of(config_entry) -> tuple:
     return ("latest", max(1, n))
 
 
+# what must not reach a client: file paths, TensorFlow graph nodes and function names ({{function_node ...}}, [[...]],
+# [Op:__inference_...]), and the Python traceback TensorFlow puts before the actual error
+_PATHS = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"(){}\[\],;:]+){2,}")
+_GRAPH_NAMES = re.compile(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]|\b__\w+")
+_TRACEBACK = re.compile(r"^(Graph execution error|Detected at node|File \"|Traceback)")
+
+
+def public_message(text: str, limit: int = 300) -> str:
+    """TEXT as a client may see it: its first line that is not traceback, without paths or graph/function names."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = next((line for line in lines if not _TRACEBACK.match(line)), lines[0] if lines else "")
+    line = _PATHS.sub("<path>", _GRAPH_NAMES.sub("", line))
+    return re.sub(r"\s+", " ", line).strip(" :")[:limit]
+
+
 def wanted_versions(policy: tuple, on_disk: list[int], failed: set[int]) -> list[int]:
     """Versions the policy asks for; a broken version never displaces a working one under `latest`."""
     if policy[0] == "all":
@@ -93,8 +115,11 @@ class ModelManager:
         self.batching, self.metrics, self.poll_seconds = batching, metrics, poll_seconds
         self.allow_unavailable_labels = allow_unavailable_labels
         self.models: dict[str, ModelEntry] = {}
+        self.on_state = None                 # callback({model: has an AVAILABLE version}) after each change: health
+        self._exported: set[tuple[str, str]] = set()  # (model, version) series of medpipe_loaded_versions
         self._lock = threading.RLock()       # guards self.models
         self._poll_lock = threading.Lock()   # one load cycle at a time
+        self._report_lock = threading.Lock()
         self._config_mtime: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,39 +152,69 @@ class ModelManager:
         return config, self.repository
 
     def _apply(self, config, relative_to: Path) -> None:
+        """Load what CONFIG asks for, check its labels, and only then switch to it (models left out are unloaded,
+        a reload replaces the whole config). A refused config changes nothing that serves: no label moves and no
+        working version is unloaded."""
         with self._lock:
-            names = set()
-            for entry in config.model_config_list.config:
-                names.add(entry.name)
-                base = Path(entry.base_path)
-                if not base.is_absolute():
-                    base = (relative_to / base).resolve()
-                model = self.models.get(entry.name)
-                if model is None or model.base_path != base:
-                    model = self.models[entry.name] = ModelEntry(entry.name, base, policy_of(entry))
-                model.policy = policy_of(entry)
-                model.labels = {k: int(v) for k, v in entry.version_labels.items()}
-            for name in list(self.models):
-                if name not in names:  # a reload replaces the whole config: models left out are unloaded
-                    self._unload_all(self.models.pop(name))
+            current = dict(self.models)
+        plan = []
+        for entry in config.model_config_list.config:
+            base = Path(entry.base_path)
+            if not base.is_absolute():
+                base = (relative_to / base).resolve()
+            model = current.get(entry.name)
+            if model is None or model.base_path != base:
+                model = ModelEntry(entry.name, base, policy_of(entry))  # staged until the switch
+            plan.append((model, policy_of(entry), {k: int(v) for k, v in entry.version_labels.items()}))
+        for model, policy, _ in plan:
+            self._load_wanted(model, policy)
+        problems = [] if self.allow_unavailable_labels else [
+            f"label {label} of {model.name} points at version {number}, which is not available "
+            f"({self._describe(model, number)})"
+            for model, _, labels in plan for label, number in sorted(labels.items())
+            if not self._available(model, number)]
+        if problems:
+            for model, _, _ in plan:
+                if current.get(model.name) is not model:
+                    self._unload_all(model)
+            for model in current.values():
+                self._sync_model(model)  # unload what only the refused config wanted
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "; ".join(problems) + "; the previous configuration stays in effect")
+        with self._lock:
+            for model, policy, labels in plan:
+                model.policy, model.labels = policy, labels
+            self.models = {model.name: model for model, _, _ in plan}
+        for model in current.values():
+            if self.models.get(model.name) is not model:
+                self._unload_all(model)
+        for model in list(self.models.values()):
+            self._sync_model(model)
+
+    @staticmethod
+    def _available(model: ModelEntry, number: int) -> bool:
+        version = model.versions.get(number)
+        return version is not None and version.state == "AVAILABLE"
+
+    @staticmethod
+    def _describe(model: ModelEntry, number: int) -> str:
+        version = model.versions.get(number)
+        if version is None:
+            return "no such version folder" if number not in repo_lib.versions_on_disk(model.base_path) \
+                else "not loaded"
+        return f"{version.state}: {version.error}" if version.error else version.state
 
     def reload(self, config) -> None:
-        """HandleReloadConfigRequest: apply, load synchronously, then check labels point at AVAILABLE versions."""
-        path = self._config_path()
-        if path is not None and path.is_file():  # the file is re-applied only when edited after this reload
-            self._config_mtime = path.stat().st_mtime
-        self._apply(config, self.repository or Path.cwd())
-        self.poll_once()
-        if self.allow_unavailable_labels:
-            return
-        for entry in config.model_config_list.config:
-            model = self.models.get(entry.name)
-            for label, version in entry.version_labels.items():
-                loaded = model.versions.get(int(version)) if model else None
-                if loaded is None or loaded.state != "AVAILABLE":
-                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"label {label} of {entry.name} points at version {version}, which is not "
-                                       f"available (state {loaded.state if loaded else 'absent'})")
+        """HandleReloadConfigRequest: load synchronously, then switch if every label points at an AVAILABLE
+        version; otherwise FAILED_PRECONDITION and the previous configuration stays in effect."""
+        with self._poll_lock:
+            path = self._config_path()
+            if path is not None and path.is_file():  # the file is re-applied only when edited after this reload
+                self._config_mtime = path.stat().st_mtime
+            try:
+                self._apply(config, self.repository or Path.cwd())
+            finally:
+                self.report()
 
     # ---- polling / loading ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,6 +229,7 @@ class ModelManager:
         with self._lock:
             for model in self.models.values():
                 self._unload_all(model)
+        self.report()
 
     def _poll_forever(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -184,45 +240,80 @@ class ModelManager:
 
     def poll_once(self) -> None:
         with self._poll_lock:
-            fresh = self._read_file_config()
-            if fresh is not None:
-                self._apply(*fresh)
-            with self._lock:
-                models = list(self.models.values())
-            for model in models:
-                self._sync_model(model)
+            try:
+                fresh = self._read_file_config()
+                if fresh is None:
+                    with self._lock:
+                        models = list(self.models.values())
+                    for model in models:
+                        self._sync_model(model)
+                    return
+                try:
+                    self._apply(*fresh)
+                except ServingError as exc:  # TF Serving keeps its previous config when a file edit is refused
+                    log.error("%s not applied: %s", self._config_path() or "repository", exc.message)
+            finally:
+                self.report()
 
     def _sync_model(self, model: ModelEntry) -> None:
+        """Bring one model in line with its policy and the folders on disk: load before unload."""
         on_disk = repo_lib.versions_on_disk(model.base_path)
-        failed = {n for n, v in model.versions.items() if v.state == "END" and v.error}
-        wanted = wanted_versions(model.policy, on_disk, failed)
-        for number in wanted:
-            current = model.versions.get(number)
-            if current is None or current.state == "END" and not current.error:
-                self._load(model, number)
-        # a failed newest version under `latest`: the next wanted set now excludes it, keep the working ones
-        failed = {n for n, v in model.versions.items() if v.state == "END" and v.error}
+        self._drop_removed(model, on_disk)
+        self._load_wanted(model, model.policy, on_disk)
+        failed = {n for n, v in model.versions.items() if v.failed}
         wanted = set(wanted_versions(model.policy, on_disk, failed))
         available = [n for n, v in model.versions.items() if v.state == "AVAILABLE"]
-        if not any(n in wanted for n in available) and available:
-            return  # nothing new is up: never unload the last working versions
+        if available and not wanted.intersection(available):
+            return  # nothing wanted is up (e.g. the new version failed): never unload the last working versions
         for number in available:
             if number not in wanted:
                 self._unload(model, number)
-        if self.metrics is not None:
-            for n, v in model.versions.items():
-                self.metrics.loaded_versions.labels(model.name, str(n)).set(1 if v.state == "AVAILABLE" else 0)
+
+    def _load_wanted(self, model: ModelEntry, policy: tuple, on_disk: list[int] | None = None) -> None:
+        """Load every version POLICY wants that is not loaded; unload nothing."""
+        on_disk = repo_lib.versions_on_disk(model.base_path) if on_disk is None else on_disk
+        self._retry_changed(model, on_disk)
+        failed = {n for n, v in model.versions.items() if v.failed}
+        for number in wanted_versions(policy, on_disk, failed):
+            current = model.versions.get(number)
+            if current is None or current.state == "END":
+                self._load(model, number)
+
+    def _retry_changed(self, model: ModelEntry, on_disk: list[int]) -> None:
+        """A version refused while its folder was incomplete (a non-atomic copy: saved_model.pb first, variables
+        later) is forgotten once the folder changes, so the policy loads it again."""
+        for number, version in list(model.versions.items()):
+            if version.failed and number in on_disk and \
+                    repo_lib.folder_fingerprint(version.path) != version.fingerprint:
+                log.info("model %s version %d changed on disk since it failed to load: retrying", model.name, number)
+                with self._lock:
+                    del model.versions[number]
+
+    def _drop_removed(self, model: ModelEntry, on_disk: list[int]) -> None:
+        """A version whose folder is gone is unloaded (and a failed one forgotten): serve only what is on disk."""
+        for number, version in list(model.versions.items()):
+            if number in on_disk:
+                continue
+            if version.state == "AVAILABLE":
+                log.warning("model %s version %d: its folder was removed; unloading it", model.name, number)
+                self._unload(model, number)
+            elif version.failed:
+                with self._lock:
+                    del model.versions[number]
 
     def _load(self, model: ModelEntry, number: int) -> None:
         path = model.base_path / str(number)
-        version = Version(number, path, state="LOADING")
+        version = Version(number, path, state="LOADING", fingerprint=repo_lib.folder_fingerprint(path))
         with self._lock:
             model.versions[number] = version
         try:
             loaded = load_version(path, self.batching, self._batch_observer(model.name))
         except Exception as exc:  # noqa: BLE001 - reported in the version's status, never replaces a working one
-            version.state, version.error = "END", f"could not load {path}: {type(exc).__name__}: {exc}"[:2000]
-            log.error("model %s version %d refused: %s", model.name, number, version.error)
+            # the status goes to clients: no path, no graph names (the server log has the full error)
+            version.state = "END"
+            version.error = f"could not load version {number}: {type(exc).__name__}: {public_message(exc)}"
+            log.error("model %s version %d (%s) refused: %s: %s", model.name, number, path, type(exc).__name__,
+                      str(exc)[:2000])
             if self.metrics is not None:
                 self.metrics.tf.load(model.name, ok=False)
             return
@@ -255,6 +346,24 @@ class ModelManager:
         for number, version in list(model.versions.items()):
             if version.state == "AVAILABLE":
                 self._unload(model, number)
+
+    def report(self) -> None:
+        """Publish the loaded set: medpipe_loaded_versions has a series exactly for each AVAILABLE version, and
+        on_state learns which models can answer (gRPC health)."""
+        with self._report_lock:
+            with self._lock:
+                models = dict(self.models)
+                loaded = {(name, str(n)) for name, m in models.items() for n, v in m.versions.items()
+                          if v.state == "AVAILABLE"}
+            if self.metrics is not None:
+                gauge = self.metrics.loaded_versions
+                for labels in self._exported - loaded:
+                    gauge.remove(*labels)
+                for labels in loaded:
+                    gauge.labels(*labels).set(1)
+                self._exported = loaded
+            if self.on_state is not None:
+                self.on_state({name: any(name == m for m, _ in loaded) for name in models})
 
     # ---- lookups -------------------------------------------------------------------------------------------
     @staticmethod
@@ -399,4 +508,4 @@ def run_signature(version: Version, signature_name: str, inputs: dict[str, np.nd
     except QueueFull as exc:
         raise ServingError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
     except tf.errors.InvalidArgumentError as exc:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, exc.message.splitlines()[0][:500]) from exc
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, public_message(exc.message)) from exc

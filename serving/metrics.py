@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server, and the request log read by the drift monitor and feedback.
+"""Prometheus metrics of the server. (The request log, class mix and drift gauges live in the gateway:
+serving/gateway/metrics.py.)
 
 TF Serving's own metric names (`:tensorflow:serving:request_count`, `:tensorflow:serving:request_latency`, ...)
 are rendered by hand in TF Serving's exposition format (prometheus_client would rename a counter to `*_total`), so
@@ -7,17 +8,9 @@ dashboards and alerts written for the real binary work unchanged. medpipe's own 
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import threading
 import uuid
 from collections import defaultdict
-from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-
-from medpipe.drift import HISTOGRAM_BINS, histogram  # one binning for the ingest baseline and served traffic
 
 # TF Serving's request_latency buckets are in microseconds.
 LATENCY_BUCKETS_US = (500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000, 1000000, 5000000)
@@ -74,27 +67,16 @@ class TfServingMetrics:
 
 
 class MedpipeMetrics:
-    """medpipe's own series: predicted classes, confidence, batch sizes, loaded versions, drift."""
+    """medpipe's own series of the server: batch sizes and loaded versions."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.predictions = Counter("medpipe_predictions", "images classified, by predicted class",
-                                   ["model", "version", "class_name"], registry=self.registry)
-        self.confidence = Histogram("medpipe_prediction_confidence", "probability of the predicted class",
-                                    ["model"], buckets=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
-                                    registry=self.registry)
         self.batch_size = Histogram("medpipe_batch_size", "images per model call after server-side batching",
                                     ["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128], registry=self.registry)
         self.loaded_versions = Gauge("medpipe_loaded_versions", "1 for each version currently AVAILABLE",
                                      ["model", "version"], registry=self.registry)
-        self.drift_psi = Gauge("medpipe_drift_psi", "population stability index of input pixel histograms",
-                               ["model"], registry=self.registry)
-        self.drift_class_shift = Gauge("medpipe_drift_class_shift", "shift of the predicted class distribution",
-                                       ["model"], registry=self.registry)
-        self.low_confidence = Gauge("medpipe_low_confidence_rate", "share of recent predictions with low confidence",
-                                    ["model"], registry=self.registry)
 
     def render(self) -> str:
         from prometheus_client import generate_latest
@@ -102,44 +84,7 @@ class MedpipeMetrics:
         return generate_latest(self.registry).decode()
 
 
-def pixel_histogram(pixels: np.ndarray) -> list[int]:
-    """32 equal bins over 0..255 of one preprocessed image: the same binning as the ingest baseline."""
-    return histogram(pixels, HISTOGRAM_BINS)
-
-
 def request_ids(base: str | None, count: int) -> list[str]:
     """One id per image: the caller's id (or a fresh uuid4), suffixed -<index> when a request has several."""
     base = base or uuid.uuid4().hex
     return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
-
-
-class RequestLog:
-    """DIR/requests-YYYY-MM-DD.jsonl (UTC), one line per image; never the image or any identity."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def write(self, records: Sequence[dict]) -> None:
-        now = dt.datetime.now(dt.timezone.utc)
-        path = self.directory / f"requests-{now:%Y-%m-%d}.jsonl"
-        text = "".join(json.dumps({"ts": now.isoformat(), **r}) + "\n" for r in records)
-        with self._lock, open(path, "a", encoding="utf-8") as handle:
-            handle.write(text)
-
-
-def log_records(model: str, version: int, ids: Sequence[str], class_ids: Sequence[int], class_names: Sequence,
-                probabilities: np.ndarray, pixels: np.ndarray | None) -> list[dict]:
-    records = []
-    for i, request_id in enumerate(ids):
-        probs = [float(p) for p in probabilities[i]]
-        name = class_names[i]
-        record = {"request_id": request_id, "model": model, "version": int(version),
-                  "class": name.decode() if isinstance(name, bytes) else str(name),
-                  "confidence": probs[int(class_ids[i])], "probabilities": probs}
-        if pixels is not None:
-            record["pixel_histogram"] = pixel_histogram(pixels[i])
-            record["pixel_mean"] = float(np.mean(pixels[i]))
-        records.append(record)
-    return records

@@ -32,6 +32,19 @@ def versions_on_disk(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def folder_fingerprint(folder: Path) -> tuple:
+    """(relative path, size, mtime) of everything under FOLDER: it changes while a copy into the folder progresses."""
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                stat = os.stat(os.path.join(root, name))
+            except FileNotFoundError:  # removed while we walked: the next poll sees the new state
+                continue
+            entries.append((os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
 def next_version(model_dir: Path, now: float | None = None) -> int:
     """UNIX seconds, strictly greater than every existing version (two publishes in one second stay ordered)."""
     existing = versions_on_disk(model_dir)
@@ -115,9 +128,15 @@ def model_dir(repository: Path, name: str) -> Path:
 
 
 def require_version(repository: Path, name: str, version: int) -> None:
+    """VERSION of NAME exists and has the files of a SavedModel (what can be checked without a server)."""
+    folder = model_dir(repository, name) / str(version)
     if version not in versions_on_disk(model_dir(repository, name)):
-        raise DataError(f"{repository / name / str(version)} does not exist; versions on disk: "
+        raise DataError(f"{folder} does not exist; versions on disk: "
                         f"{versions_on_disk(model_dir(repository, name)) or 'none'}")
+    missing = [part for part in ("saved_model.pb", "variables") if not (folder / part).exists()]
+    if missing:
+        raise DataError(f"{folder} is not a complete SavedModel (missing {', '.join(missing)}); publish it again "
+                        "with `medpipe publish --run`, or pick another --version")
 
 
 def label_version(repository: Path, name: str, label: str = "stable") -> int | None:

@@ -1,32 +1,48 @@
-"""TF Serving's REST API (api_rest.md) on a ThreadingHTTPServer, plus the Prometheus scrape path.
+"""TF Serving's REST API (api_rest.md) on Starlette + uvicorn, plus the Prometheus scrape path.
 
 GET  /v1/models/M[/versions/V | /labels/L]            status
 GET  /v1/models/M[...]/metadata                        signature defs
 POST /v1/models/M[...]:predict                         {"instances": [...]} (row) or {"inputs": ...} (column)
 GET  /monitoring/prometheus/metrics
 Binary values travel as {"b64": "..."}; errors are {"error": "..."} with TF Serving's HTTP mapping.
+
+HTTP parsing is h11's (through uvicorn): a malformed request line, header or Content-Length gets a 400. TLS
+handshakes run on the event loop (asyncio, 60 s handshake timeout), so an idle TLS client blocks nobody. A request
+must arrive whole within `read_timeout`: headers (ReadTimeoutProtocol) and body (read_body) each get a 408, and an
+idle keep-alive connection is closed after KEEP_ALIVE_SECONDS. Handlers run in a thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import re
-import ssl
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import grpc
 import numpy as np
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from medpipe.errors import ConfigError
+from medpipe.ids import sanitize_request_id
 from serving.manager import DEFAULT_SIGNATURE, ServingError
 
-ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+log = logging.getLogger("medpipe.serve")
+
+READ_TIMEOUT_SECONDS = 10.0
+KEEP_ALIVE_SECONDS = 5
+ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,18})|/labels/(?P<label>[^/:]+))?"
                    r"(?P<tail>/metadata|:predict|:classify)?$")
 HTTP_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 408,
 }
+NO_ROUTE = "no such route; TF Serving's REST API is /v1/models/NAME[/versions/V | /labels/L][/metadata | :predict]"
 
 
 def _bad(message: str) -> ServingError:
@@ -72,6 +88,8 @@ def parse_predict_body(body: dict, signature) -> tuple[dict[str, np.ndarray], bo
         if not isinstance(instances, list):
             raise _bad('"instances" must be a list')
         if instances and isinstance(instances[0], dict):
+            if not all(isinstance(row, dict) for row in instances):
+                raise _bad('"instances" mixes objects and values: send one object per instance')
             inputs = {}
             for key in instances[0]:
                 if key not in signature.inputs:
@@ -90,6 +108,33 @@ def parse_predict_body(body: dict, signature) -> tuple[dict[str, np.ndarray], bo
     if len(names) != 1:
         raise _bad(f"the signature has several inputs {names}: send an object in inputs")
     return {names[0]: to_array(columns, signature.inputs[names[0]])}, False
+
+
+def read_predict_request(raw: bytes, signatures: dict) -> tuple[str, dict[str, np.ndarray], bool]:
+    """Request body -> (signature name, inputs, row format); anything unreadable is INVALID_ARGUMENT (400),
+    including JSON nested too deeply for the parser and ragged or oddly typed values."""
+    try:
+        body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise _bad("the body is nested too deeply to be a TF Serving request") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    signature_name = body.get("signature_name", DEFAULT_SIGNATURE)
+    if not isinstance(signature_name, str):
+        raise _bad('"signature_name" must be a string')
+    signature_name = signature_name or DEFAULT_SIGNATURE
+    signature = signatures.get(signature_name)
+    if signature is None:
+        raise _bad(f"Serving signature name: \"{signature_name}\" not found in signature def")
+    try:
+        inputs, row = parse_predict_body(body, signature)
+    except RecursionError:
+        raise _bad("the inputs are nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # numpy on ragged or mixed values
+        raise _bad(f"the inputs cannot be read as tensors: {str(exc).splitlines()[0][:200]}") from None
+    return signature_name, inputs, row
 
 
 def jsonable(name: str, array: np.ndarray):
@@ -118,86 +163,160 @@ def status_json(versions) -> dict:
          "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error}} for v in versions]}
 
 
-def make_handler(service, max_bytes: int, metrics_path: str):
+class RequestTooLarge(Exception):
+    pass
+
+
+async def read_body(receive_stream, declared: int | None, max_bytes: int, timeout: float) -> bytes:
+    """The whole body within TIMEOUT (asyncio.TimeoutError otherwise) and MAX_BYTES (RequestTooLarge). A body a
+    little over the limit is drained first so the client, still sending, can read the 413."""
+    async with asyncio.timeout(timeout):
+        if declared is not None and declared > 8 * max_bytes:
+            raise RequestTooLarge(declared)
+        chunks, size = [], 0
+        async for chunk in receive_stream:
+            size += len(chunk)
+            if size <= max_bytes:
+                chunks.append(chunk)
+            elif size > 8 * max_bytes:
+                break
+        if size > max_bytes:
+            raise RequestTooLarge(size)
+        return b"".join(chunks)
+
+
+def build_app(service, max_bytes: int, metrics_path: str, read_timeout: float = READ_TIMEOUT_SECONDS):
     from google.protobuf import json_format
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "medpipe-serving"
+    def error(code: int, message: str, close: bool = False) -> Response:
+        return JSONResponse({"error": message}, status_code=code, headers={"Connection": "close"} if close else None)
 
-        def log_message(self, format, *args):  # noqa: A002 - access log off: requests are measured in metrics
-            pass
+    def status_or_metadata(name: str, version: int | None, label: str | None, tail: str | None) -> dict:
+        if tail == "/metadata":
+            _, found = service.manager.resolve(name, version, label)
+            signature_def = json.loads(json_format.MessageToJson(found.signature_def_map))
+            return {"model_spec": {"name": name, "signature_name": "", "version": str(found.number)},
+                    "metadata": {"signature_def": signature_def}}
+        return status_json(service.manager.status(name, version, label))
 
-        def _send(self, code: int, body, content_type: str = "application/json") -> None:
-            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def predict(name: str, version: int | None, label: str | None, raw: bytes, request_id: str) -> dict:
+        _, found = service.manager.resolve(name, version, label)
+        signature_name, inputs, row = read_predict_request(raw, found.signatures)
+        _, outputs = service.predict(name, found.number, None, signature_name, inputs, request_id)
+        return format_predictions(outputs, row)
 
-        def _error(self, exc: ServingError) -> None:
-            self._send(HTTP_CODES.get(exc.code, 500), {"error": exc.message})
-
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path.split("?")[0] == metrics_path:
-                return self._send(200, service.metrics.render(), "text/plain; version=0.0.4")
-            match = ROUTE.match(self.path.split("?")[0])
-            if not match or match["tail"] not in (None, "/metadata"):
-                return self._send(404, {"error": f"no route {self.path}; see TF Serving's REST API"})
-            version = int(match["version"]) if match["version"] else None
+    async def models(request) -> Response:
+        match = ROUTE.match(request.scope["path"])
+        if match is None:
+            return error(404, NO_ROUTE)
+        version = int(match["version"]) if match["version"] else None
+        try:
+            if request.method == "GET":
+                if match["tail"] not in (None, "/metadata"):
+                    return error(405, f"{match['tail']} takes POST")
+                return JSONResponse(await run_in_threadpool(status_or_metadata, match["name"], version,
+                                                            match["label"], match["tail"]))
+            if match["tail"] != ":predict":
+                return error(404 if match["tail"] != "/metadata" else 405, "POST goes to /v1/models/NAME[...]:predict")
+            declared = request.headers.get("content-length")
             try:
-                if match["tail"] == "/metadata":
-                    _, found = service.manager.resolve(match["name"], version, match["label"])
-                    signature_def = json.loads(json_format.MessageToJson(found.signature_def_map))
-                    return self._send(200, {"model_spec": {"name": match["name"], "signature_name": "",
-                                                           "version": str(found.number)},
-                                            "metadata": {"signature_def": signature_def}})
-                return self._send(200, status_json(service.manager.status(match["name"], version, match["label"])))
-            except ServingError as exc:
-                return self._error(exc)
+                raw = await read_body(request.stream(), int(declared) if declared else None, max_bytes, read_timeout)
+            except RequestTooLarge as exc:
+                return error(413, f"request of {exc.args[0]} bytes exceeds the {max_bytes}-byte limit", close=True)
+            except TimeoutError:
+                return error(408, f"the request body did not arrive within {read_timeout:g} s", close=True)
+            except ClientDisconnect:
+                return Response(status_code=400)
+            request_id = sanitize_request_id(request.headers.get("x-request-id"))
+            return JSONResponse(await run_in_threadpool(predict, match["name"], version, match["label"], raw,
+                                                        request_id))
+        except ServingError as exc:
+            return error(HTTP_CODES.get(exc.code, 500), exc.message)
+        except Exception:  # noqa: BLE001 - details to the log, never to the client
+            log.exception("REST %s %s failed", request.method, match["name"])
+            return error(500, "internal error of the server; its log has the details")
 
-        def do_POST(self):  # noqa: N802
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > max_bytes:
-                self.close_connection = True
-                remaining = length if length <= 8 * max_bytes else 0  # drain so the client reads our answer
-                while remaining > 0:
-                    remaining -= len(self.rfile.read(min(remaining, 1 << 20)) or b"x" * remaining)
-                return self._send(413, {"error": f"request of {length} bytes exceeds the {max_bytes}-byte limit"})
-            raw = self.rfile.read(length)
-            match = ROUTE.match(self.path)
-            if not match or match["tail"] != ":predict":
-                return self._send(404, {"error": f"no route POST {self.path}; use /v1/models/NAME:predict"})
-            version = int(match["version"]) if match["version"] else None
-            try:
-                try:
-                    body = json.loads(raw or b"{}")
-                except json.JSONDecodeError as exc:
-                    raise _bad(f"the body is not JSON: {exc}") from exc
-                if not isinstance(body, dict):
-                    raise _bad("the body must be a JSON object")
-                signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
-                _, found = service.manager.resolve(match["name"], version, match["label"])
-                signature = found.signatures.get(signature_name)
-                if signature is None:
-                    raise _bad(f"Serving signature name: \"{signature_name}\" not found in signature def")
-                inputs, row = parse_predict_body(body, signature)
-                found, outputs = service.predict(match["name"], found.number, None, signature_name, inputs,
-                                                 self.headers.get("X-Request-Id"))
-                return self._send(200, format_predictions(outputs, row))
-            except ServingError as exc:
-                return self._error(exc)
+    async def metrics(request) -> Response:
+        return PlainTextResponse(await run_in_threadpool(service.metrics.render),
+                                 media_type="text/plain; version=0.0.4")
 
-    return Handler
+    async def http_error(request, exc: HTTPException) -> Response:
+        return error(exc.status_code, NO_ROUTE if exc.status_code == 404 else str(exc.detail))
+
+    async def internal_error(request, exc: Exception) -> Response:  # details to the log, never to the client
+        log.error("REST %s failed", request.scope.get("path"), exc_info=exc)
+        return error(500, "internal error of the server; its log has the details")
+
+    return Starlette(routes=[Route(metrics_path, metrics, methods=["GET"]),
+                             Route("/v1/models/{rest:path}", models, methods=["GET", "POST"])],
+                     exception_handlers={HTTPException: http_error, Exception: internal_error})
 
 
-def start_rest(service, host: str, port: int, max_bytes: int, metrics_path: str, tls: tuple | None = None):
-    server = ThreadingHTTPServer((host, port), make_handler(service, max_bytes, metrics_path))
-    server.daemon_threads = True
-    if tls:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls[0], tls[1])
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True, name="rest").start()
-    return server
+class ReadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for the request headers: uvicorn times out only idle keep-alive
+    connections, so a client that connects and then sends nothing, or its headers one byte at a time (slow-loris),
+    would hold a connection forever. After `read_timeout` without complete headers: 408, then close."""
+
+    read_timeout = READ_TIMEOUT_SECONDS
+    TIMEOUT_BODY = b'{"error": "the request headers did not arrive in time"}'
+    TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(TIMEOUT_BODY), TIMEOUT_BODY))
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._headers_deadline = self.loop.call_later(self.read_timeout, self._headers_timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self._headers_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _headers_timed_out(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():  # no request has even started
+            self.transport.write(self.TIMEOUT_RESPONSE)
+            self.transport.close()
+
+
+class RestServer:
+    """uvicorn on its own thread and event loop, on a socket bound here (so a taken port is a ConfigError)."""
+
+    def __init__(self, app, host: str, port: int, tls: tuple | None, read_timeout: float):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise ConfigError(f"cannot listen on {host}:{port} for REST ({exc.strerror}); pick another --rest-port")
+        self.socket.listen(2048)
+        protocol = type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout": read_timeout})
+        config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", log_config=None, access_log=False,
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS, server_header=False,
+                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
+                                       name="rest")
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the REST server on {host}:{port} did not start; see the log above")
+            time.sleep(0.01)
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.socket.close()
+
+
+def start_rest(service, host: str, port: int, max_bytes: int, metrics_path: str, tls: tuple | None = None,
+               read_timeout: float = READ_TIMEOUT_SECONDS) -> RestServer:
+    return RestServer(build_app(service, max_bytes, metrics_path, read_timeout), host, port, tls, read_timeout)

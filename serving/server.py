@@ -8,7 +8,9 @@ publishers work unchanged against both. See docs/DESIGN.md and ../shared/notes/t
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import signal
 import threading
 import sys
@@ -22,9 +24,10 @@ import numpy as np
 
 from medpipe.cli import module_main
 from medpipe.errors import ConfigError
+from medpipe.ids import sanitize_request_id
 from serving.batching import BatchingParameters, read_batching_config
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, ServingError, run_signature
-from serving.metrics import MedpipeMetrics, RequestLog, TfServingMetrics, log_records, request_ids
+from serving.metrics import MedpipeMetrics, TfServingMetrics
 
 log = logging.getLogger("medpipe.serve")
 GIL_SWITCH_SECONDS = 0.0005  # Python default 0.005: see main()
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config-file", "--model_config_file",
                         help="text ModelServerConfig (default: REPO/models.config, else every model folder of REPO "
                         "with the latest version)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes an unauthenticated server)")
     parser.add_argument("--grpc-port", "--port", type=int, default=8500)
     parser.add_argument("--rest-port", "--rest_api_port", type=int, default=8501,
                         help="REST + Prometheus port; 0 disables REST")
@@ -69,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.5,
                         help="repository poll interval (default 0.5 s: a new version serves well within 2 s)")
     parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
-    parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (one line per image)")
-    parser.add_argument("--drift-baseline", help="medpipe.drift baseline: export drift gauges to Prometheus")
+    parser.add_argument("--rest-read-timeout", type=float, default=10.0,
+                        help="seconds a REST client has to send a whole request (headers, then body): 408 after")
     parser.add_argument("--allow-version-labels-for-unavailable-models",
                         "--allow_version_labels_for_unavailable_models", type=parse_flag_bool, nargs="?",
                         const=True, default=False, metavar="true|false",
@@ -96,51 +100,23 @@ def monitoring_path(config_file: str | None) -> str:
 
 
 class Metrics:
-    """Both metric families plus optional drift tracking, shared by gRPC and REST."""
+    """Both metric families, shared by gRPC and REST. The request log, class mix and drift gauges live in the
+    gateway (serving/gateway/metrics.py), which production runs in front of the real TF Serving."""
 
-    def __init__(self, drift_baseline: str | None = None):
+    def __init__(self):
         self.tf = TfServingMetrics()
         self.medpipe = MedpipeMetrics()
         self.loaded_versions = self.medpipe.loaded_versions
-        self.trackers: dict = {}
-        self.baseline = None
-        self._drift_lock = threading.Lock()
-        if drift_baseline:
-            from medpipe import drift  # lazy: only with --drift-baseline
-
-            self.drift = drift
-            self.baseline = drift.load_baseline(drift_baseline)
 
     def render(self) -> str:
-        self._refresh_drift()  # at scrape time, so the gauges never lag behind a burst of requests
         return self.tf.render() + self.medpipe.render()
-
-    def predictions(self, model: str, records: list[dict]) -> None:
-        for record in records:
-            self.medpipe.predictions.labels(model, str(record["version"]), record["class"]).inc()
-            self.medpipe.confidence.labels(model).observe(record["confidence"])
-        if self.baseline is None:
-            return
-        with self._drift_lock:
-            tracker = self.trackers.setdefault(model, self.drift.DriftTracker(self.baseline))
-            for record in records:
-                if "pixel_histogram" in record:
-                    tracker.observe(record["pixel_histogram"], record["probabilities"])
-
-    def _refresh_drift(self) -> None:
-        with self._drift_lock:  # a snapshot walks the tracker's window: no observe() may run meanwhile
-            snapshots = {model: tracker.snapshot() for model, tracker in self.trackers.items()}
-        for model, snap in snapshots.items():
-            self.medpipe.drift_psi.labels(model).set(snap.get("psi") or 0.0)
-            self.medpipe.drift_class_shift.labels(model).set(snap.get("class_shift") or 0.0)
-            self.medpipe.low_confidence.labels(model).set(snap.get("low_confidence_rate") or 0.0)
 
 
 class Service:
-    """The API-independent core used by both gRPC and REST: predict with logging and metrics."""
+    """The API-independent core used by both gRPC and REST."""
 
-    def __init__(self, manager: ModelManager, metrics: Metrics, request_log: RequestLog | None):
-        self.manager, self.metrics, self.request_log = manager, metrics, request_log
+    def __init__(self, manager: ModelManager, metrics: Metrics):
+        self.manager, self.metrics = manager, metrics
 
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
                 inputs: dict[str, np.ndarray], request_id: str | None, api: str = "predict"):
@@ -152,33 +128,7 @@ class Service:
             ok = True
         finally:
             self.metrics.tf.request(name, api, ok, time.perf_counter() - start)
-        self._observe(name, found, signature_name or DEFAULT_SIGNATURE, inputs, outputs, request_id)
         return found, outputs
-
-    def _observe(self, name, found, signature_name, inputs, outputs, request_id) -> None:
-        if "probabilities" not in outputs or "class_ids" not in outputs:
-            return
-        try:
-            pixels = None
-            if self.request_log is not None or self.metrics.baseline is not None:
-                pixels = self._pixels(found, signature_name, inputs)
-            count = len(outputs["probabilities"])
-            records = log_records(name, found.number, request_ids(request_id, count), outputs["class_ids"],
-                                  outputs["class_names"], outputs["probabilities"], pixels)
-            self.metrics.predictions(name, records)
-            if self.request_log is not None:
-                self.request_log.write(records)
-        except Exception:  # noqa: BLE001 - logging must never fail a prediction already made; it is reported
-            log.exception("could not log/measure a prediction of %s", name)
-
-    @staticmethod
-    def _pixels(found, signature_name, inputs) -> np.ndarray | None:
-        if "images" in inputs:
-            return inputs["images"]
-        preprocess = found.signatures.get("preprocess")
-        if preprocess is not None and "image_bytes" in inputs:
-            return preprocess.call({"image_bytes": inputs["image_bytes"]})["images"]
-        return None
 
 
 # ---- gRPC ------------------------------------------------------------------------------------------------------
@@ -198,15 +148,71 @@ def to_tensor_proto(array: np.ndarray):
     return proto
 
 
-def _abort(context, error: ServingError):
-    context.abort(error.code, error.message)
+# value fields of a TensorProto that hold the elements (a complex element takes two values)
+VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "int64_val", "bool_val", "uint32_val", "uint64_val",
+                "scomplex_val", "dcomplex_val", "float8_val")
 
 
-def _request_id(context) -> str | None:
+def from_tensor_proto(proto) -> np.ndarray:
+    """TensorProto -> numpy, refusing (INVALID_ARGUMENT) a declared shape its content does not fill exactly, before
+    anything is allocated: tf.make_ndarray repeats the last value to fill the shape, so a 108-byte proto declaring
+    3,000 large strings would allocate gigabytes."""
+    import tensorflow as tf
+
+    def bad(message: str) -> ServingError:
+        return ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed input tensor: {message}")
+
+    if proto.tensor_shape.unknown_rank:
+        raise bad("the shape has unknown rank")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise bad(f"negative dimension in shape {dims}")
+    count = math.prod(dims)
+    try:
+        dtype = tf.dtypes.as_dtype(proto.dtype)
+    except TypeError as exc:
+        raise bad(f"unknown dtype {proto.dtype}") from exc
+    if dtype == tf.string:
+        held = len(proto.string_val)
+        if proto.tensor_content:
+            raise bad("string tensors carry their values in string_val, not tensor_content")
+    elif dtype.is_numpy_compatible and dtype.base_dtype == dtype and dtype not in (tf.resource, tf.variant):
+        itemsize = np.dtype(dtype.as_numpy_dtype).itemsize
+        if proto.tensor_content:
+            if len(proto.tensor_content) % itemsize:
+                raise bad(f"tensor_content of {len(proto.tensor_content)} bytes is not a whole number of "
+                          f"{dtype.name} values")
+            held = len(proto.tensor_content) // itemsize
+        else:
+            held = sum(len(getattr(proto, name)) for name in VALUE_FIELDS if proto.DESCRIPTOR.fields_by_name.get(name))
+            held //= 2 if dtype.is_complex else 1
+    else:
+        raise bad(f"dtype {dtype.name} cannot be sent in a request")
+    if held != count:
+        raise bad(f"the shape {dims} declares {count} values but the tensor holds {held}")
+    return tf.make_ndarray(proto)
+
+
+def _request_id(context) -> str:
     for key, value in context.invocation_metadata():
         if key == "x-request-id":
-            return value
-    return None
+            return sanitize_request_id(value)
+    return sanitize_request_id(None)
+
+
+def guarded(method):
+    """One error path for every RPC: ServingError -> its status code; anything else -> INTERNAL with a generic
+    message (the traceback goes to the server log, never a path or function name to the client)."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ServingError as exc:
+            context.abort(exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - logged here, reported to the client without internals
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error of the server; its log has the details")
+    return wrapper
 
 
 def _spec_version(spec) -> tuple[int | None, str | None]:
@@ -237,27 +243,23 @@ def make_servicers(service: Service):
     )
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        @guarded
         def Predict(self, request, context):
             version, label = _spec_version(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            try:
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-            except Exception as exc:  # noqa: BLE001 - malformed TensorProto
-                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed input tensor: {exc}"))
-            try:
-                found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs,
-                                                 _request_id(context))
-            except ServingError as exc:
-                _abort(context, exc)
+            inputs = {k: from_tensor_proto(v) for k, v in request.inputs.items()}
+            found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs,
+                                             _request_id(context))
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, signature_name)
             wanted = set(request.output_filter) or set(outputs)
             for key in wanted:
                 if key not in outputs:
-                    _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter: no output {key}"))
+                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter: no output {key}")
                 response.outputs[key].CopyFrom(to_tensor_proto(outputs[key]))
             return response
 
+        @guarded
         def Classify(self, request, context):
             """tf.Example inputs with an `image_bytes` bytes feature -> (class name, probability) per example."""
             version, label = _spec_version(request.model_spec)
@@ -266,13 +268,10 @@ def make_servicers(service: Service):
                 images = np.array([ex.features.feature["image_bytes"].bytes_list.value[0] for ex in examples],
                                   dtype=object)
             except IndexError:
-                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                             "Classify needs tf.Examples with an image_bytes bytes feature"))
-            try:
-                found, outputs = service.predict(request.model_spec.name, version, label, DEFAULT_SIGNATURE,
-                                                 {"image_bytes": images}, _request_id(context), api="classify")
-            except ServingError as exc:
-                _abort(context, exc)
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "Classify needs tf.Examples with an image_bytes bytes feature") from None
+            found, outputs = service.predict(request.model_spec.name, version, label, DEFAULT_SIGNATURE,
+                                             {"image_bytes": images}, _request_id(context), api="classify")
             labels = found.preprocessing.get("labels") or [str(i) for i in range(outputs["probabilities"].shape[1])]
             response = classification_pb2.ClassificationResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, DEFAULT_SIGNATURE)
@@ -282,27 +281,22 @@ def make_servicers(service: Service):
                     result.classes.add(label=name, score=float(score))
             return response
 
+        @guarded
         def GetModelMetadata(self, request, context):
             version, label = _spec_version(request.model_spec)
             if list(request.metadata_field) != ["signature_def"]:
-                _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                             "metadata_field must be [\"signature_def\"]"))
-            try:
-                _, found = service.manager.resolve(request.model_spec.name, version, label)
-            except ServingError as exc:
-                _abort(context, exc)
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be [\"signature_def\"]")
+            _, found = service.manager.resolve(request.model_spec.name, version, label)
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, "")
             response.metadata["signature_def"].Pack(found.signature_def_map)
             return response
 
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        @guarded
         def GetModelStatus(self, request, context):
             version, label = _spec_version(request.model_spec)
-            try:
-                versions = service.manager.status(request.model_spec.name, version, label)
-            except ServingError as exc:
-                _abort(context, exc)
+            versions = service.manager.status(request.model_spec.name, version, label)
             response = get_model_status_pb2.GetModelStatusResponse()
             for v in versions:
                 entry = response.model_version_status.add(version=v.number, state=STATE_CODES[v.state])
@@ -311,6 +305,7 @@ def make_servicers(service: Service):
                     entry.status.error_message = v.error
             return response
 
+        @guarded
         def HandleReloadConfigRequest(self, request, context):
             response = model_management_pb2.ReloadConfigResponse()
             try:
@@ -333,8 +328,8 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
     model_grpc.add_ModelServiceServicer_to_server(model, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("tensorflow.serving.ModelService", health_pb2.HealthCheckResponse.SERVING)  # reload works
+    health_reporter(health_servicer)({})  # NOT_SERVING until the manager reports its models (main)
     address = f"{host}:{port}"
     if tls:
         credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
@@ -345,6 +340,28 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
         raise ConfigError(f"cannot listen on {address} for gRPC (port in use?)")
     server.start()
     return server, health_servicer
+
+
+def health_reporter(health_servicer):
+    """-> the manager's on_state callback. gRPC health from the loaded set: each model name is a service, SERVING
+    while it has an AVAILABLE version; "" and PredictionService are SERVING only when every configured model is (a
+    restart with nothing loadable reports NOT_SERVING)."""
+    from grpc_health.v1 import health_pb2
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    known: set[str] = set()
+
+    def report(models: dict[str, bool]) -> None:
+        for name in known - set(models):  # removed from the config
+            health_servicer.set(name, not_serving)
+        for name, up in models.items():
+            health_servicer.set(name, serving if up else not_serving)
+        known.update(models)
+        overall = serving if models and all(models.values()) else not_serving
+        for name in ("", "tensorflow.serving.PredictionService"):
+            health_servicer.set(name, overall)
+
+    return report
 
 
 def configure_tensorflow(intra_op: int, inter_op: int) -> None:
@@ -371,21 +388,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     batching = None if args.enable_batching is False else (
         read_batching_config(args.batching_config) if args.batching_config else BatchingParameters())
     configure_tensorflow(args.intra_op_threads, args.inter_op_threads)
-    metrics = Metrics(args.drift_baseline)
+    metrics = Metrics()
     manager = ModelManager(repository, Path(args.model_config_file).resolve() if args.model_config_file else None,
                            batching, metrics, args.poll_seconds, args.allow_version_labels_for_unavailable_models)
-    service = Service(manager, metrics, RequestLog(args.request_log) if args.request_log else None)
+    service = Service(manager, metrics)
     max_bytes = int(args.max_request_mb * 2**20)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
 
     manager.start()
     grpc_server, health_servicer = start_grpc(service, args.host, args.grpc_port, args.threads, max_bytes, tls)
+    manager.on_state = health_reporter(health_servicer)
+    manager.report()
     rest_server = None
     if args.rest_port:
         from serving.rest import start_rest
 
         rest_server = start_rest(service, args.host, args.rest_port, max_bytes,
-                                 monitoring_path(args.monitoring_config), tls)
+                                 monitoring_path(args.monitoring_config), tls, args.rest_read_timeout)
     log.info("serving gRPC on %s:%d, REST on %s:%s, batching %s", args.host, args.grpc_port, args.host,
              args.rest_port or "off", batching)
 

@@ -21,6 +21,7 @@ SHARED_DATA = Path(os.environ.get("MEDPIPE_SHARED_DATA", ROOT.parent / "shared" 
 # Small enough to keep the suite fast, large enough for real learning.
 SAMPLE_OVERRIDES = ("image.size=64", "ingest.shards={train: 2, val: 1, test: 1}")
 TEST_DEID_KEY = "medpipe-test-key-not-a-secret"
+CONSOLE = "console.txt"  # beside the ingested_sample output: what `medpipe ingest` printed
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,13 +36,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a stage the way Airflow does (`python -m ...`); fail the test with its output when it fails."""
+@pytest.fixture(scope="session", autouse=True)
+def log_dir(tmp_path_factory) -> Path:
+    """Commands are quiet and write framework output to a log file: in the test session's temp folder."""
+    folder = tmp_path_factory.mktemp("logs")
+    os.environ["MEDPIPE_LOG_DIR"] = str(folder)
+    return folder
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600,
+               expect: int = 0) -> subprocess.CompletedProcess:
+    """Run a stage the way Airflow does (`python -m ...`); fail the test with its output when its exit status is not
+    `expect`."""
     full_env = {**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY, **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
     )
-    if result.returncode != 0:
+    if result.returncode != expect:
         pytest.fail(f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
 
@@ -52,15 +63,17 @@ def overrides(*pairs: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def ingested_sample(tmp_path_factory) -> Path:
-    """The real ingest pipeline over sample_data/brain_mri, at 64x64."""
+    """The real ingest pipeline over sample_data/brain_mri, at 64x64, run as a user runs it (`medpipe ingest`); what
+    it printed is kept in CONSOLE beside the output (test_ingest counts its lines)."""
     out = tmp_path_factory.mktemp("ingest") / "brain_mri"
-    run_module(
-        "beam_pipelines.ingest",
+    result = run_module(
+        "medpipe.cli", "ingest",
         "--config", str(ROOT / "config" / "brain_mri.yaml"),
         "--input", str(SAMPLE / "brain_mri"),
         "--output", str(out),
         *overrides(*SAMPLE_OVERRIDES),
     )
+    (out.parent / CONSOLE).write_text(result.stdout + result.stderr)
     return out
 
 

@@ -132,3 +132,46 @@ def pil_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+def mr_dicom_from_jpeg(source: Path, target: Path, *, study_uid: str, series_uid: str, sop_uid: str,
+                       study_date: str = "20261102", instance_number: int = 1, phi: bool = True,
+                       accession: str = "", modality: str = "MR") -> list[str]:
+    """A real brain MRI slice (sample JPEG) wrapped as an MR Image Storage object, PHI planted in 26 tags plus a
+    private tag when `phi`; returns the planted strings (those a log must never show)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    pixels = np.asarray(Image.open(source).convert("L"))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality, ds.BodyPartExamined = modality, "BRAIN"
+    ds.StudyDate, ds.SeriesDate, ds.StudyTime = study_date, study_date, "101500"
+    ds.SeriesNumber, ds.InstanceNumber = 1, instance_number
+    ds.PatientSex, ds.ReferringPhysicianName = "O", ""
+    ds.AccessionNumber = accession
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    planted: list[str] = []
+    if phi:
+        for keyword, value in {**PHI_TAGS, **PHI_DATES}.items():
+            if keyword == "AccessionNumber" and accession:
+                continue
+            setattr(ds, keyword, f"{value}-{study_uid[-6:]}" if keyword == "PatientID" else value)
+            planted.append(str(getattr(ds, keyword)))
+        block = ds.private_block(0x0011, "PHIZQX PRIVATE CREATOR", create=True)
+        block.add_new(0x01, "LO", "PHIZQX private value")
+        planted += ["PHIZQX private value", "PHIZQX"]
+    else:
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "", "", ""
+    ds.save_as(target, enforce_file_format=True)
+    return planted

@@ -41,3 +41,11 @@ def test_every_stage_runs_as_a_module(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_console_flags_are_taken_before_the_stage_parses():
+    from medpipe.cli import split_console_flags
+
+    assert split_console_flags(["--config", "c", "--verbose", "--log-file", "x.log", "a.png"]) == (
+        True, "x.log", ["--config", "c", "a.png"])
+    assert split_console_flags(["--log-file=y.log", "--", "--verbose"]) == (False, "y.log", ["--", "--verbose"])

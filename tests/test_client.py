@@ -65,6 +65,34 @@ def test_library_grpc_equals_rest_and_metadata_config(server):
     assert (from_metadata.image.size, from_metadata.image.channels) == (config.image.size, config.image.channels)
 
 
+def test_rest_without_config_uses_the_model_metadata_and_a_mismatched_config_is_refused(server, tmp_path):
+    """The trial: `medpipe predict --rest URL` without --config; then a --config at another image size."""
+    from medpipe.config import dump_config, load_config
+    from serving.client import config_from_metadata
+
+    def predict(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "medpipe.cli", "predict", "--model", MODEL, "--label", "stable",
+                               *extra, str(JPEGS[0])], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+    over_rest = predict("--rest", server["rest"])
+    assert over_rest.returncode == 0, over_rest.stderr
+    over_grpc = predict("--server", server["grpc"], "--config", str(server["config"]))
+    assert over_grpc.returncode == 0, over_grpc.stderr
+    rest_line, grpc_line = json.loads(over_rest.stdout), json.loads(over_grpc.stdout)
+    assert rest_line["probabilities"] == pytest.approx(grpc_line["probabilities"], abs=1e-6)
+    from_rest = config_from_metadata(None, MODEL, None, "stable", 10, rest=server["rest"])
+    config = load_config(server["config"])
+    assert (from_rest.image.size, from_rest.image.channels) == (config.image.size, config.image.channels)
+
+    wrong = tmp_path / "wrong_size.yaml"
+    dump_config(load_config(server["config"], [f"image.size={config.image.size * 2}"]), wrong)
+    for door in (["--rest", server["rest"]], ["--server", server["grpc"]]):
+        refused = predict(*door, "--config", str(wrong))
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert f"expects {config.image.size}x{config.image.size}" in refused.stderr, refused.stderr
+
+
 def test_clear_errors_for_unreachable_server_and_unknown_model(server):
     from serving.client import ServerError, predict_images
 

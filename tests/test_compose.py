@@ -17,6 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# the gateway's certificates and keys come from files the operator names; no defaults
+GATEWAY_SECRETS = {name: f"/secrets/{name.lower()}.pem" for name in (
+    "GATEWAY_TLS_CERT", "GATEWAY_TLS_KEY", "GATEWAY_CLIENT_CA", "GATEWAY_JWT_KEY", "PROMETHEUS_CLIENT_CERT",
+    "PROMETHEUS_CLIENT_KEY")}
 
 
 def compose_binary() -> str | None:
@@ -45,6 +49,7 @@ SECRETS = {
     "AIRFLOW_API_SECRET_KEY": "compose-test-api",
     "GRAFANA_ADMIN_PASSWORD": "compose-test-grafana",
     "ALERT_SLACK_WEBHOOK_FILE": str(ROOT / "README.md"),  # any existing file: compose only checks the path
+    **GATEWAY_SECRETS,
 }
 
 
@@ -94,7 +99,7 @@ def test_a_broken_file_is_rejected(tmp_path):
 def test_services(model):
     expected = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
                 "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway",
-                "alertmanager"}
+                "alertmanager", "gateway", "orthanc"}
     assert expected <= set(model["services"])
     for name, command in (("airflow-apiserver", "api-server"), ("airflow-scheduler", "scheduler"),
                           ("airflow-dag-processor", "dag-processor"), ("airflow-triggerer", "triggerer")):
@@ -123,7 +128,7 @@ def test_airflow_runs_on_postgres_with_the_medpipe_image(model):
 def test_tf_serving_is_the_real_image_with_repo_configs(model):
     serving = model["services"]["tf-serving"]
     assert serving["image"].startswith("tensorflow/serving:")
-    assert published(serving) == {8500, 8501}
+    assert "ports" not in serving  # internal: only the gateway reaches it
     flags = serving["command"]
     assert "--model_config_file=/models/models.config" in flags
     assert "--monitoring_config_file=/etc/medpipe/serving/monitoring.config" in flags
@@ -158,7 +163,7 @@ def test_medpipe_serve_takes_the_tf_serving_command_line(model):
 def test_monitoring_wiring(model):
     services = model["services"]
     assert mounts(services["prometheus"])["/etc/prometheus"]["source"] == str(ROOT / "config" / "prometheus")
-    assert published(services["prometheus"]) == {9090} and published(services["grafana"]) == {3000}
+    assert "ports" not in services["prometheus"] and published(services["grafana"]) == {3000}
     grafana = mounts(services["grafana"])
     assert grafana["/etc/grafana/provisioning"]["source"] == str(ROOT / "config" / "grafana" / "provisioning")
     assert grafana["/var/lib/grafana/dashboards"]["source"] == str(ROOT / "config" / "grafana" / "dashboards")
@@ -261,10 +266,35 @@ def test_celery_profile(tmp_path):
         "redis://redis:6379/0"
 
 
+@pytest.fixture(scope="module")
+def gpu_model() -> dict:
+    return json.loads(compose("--profile", "gpu", "config", "--format", "json").stdout)
+
+
+def test_gpu_trainer_uses_the_gpu_target_and_reserves_gpus(model, gpu_model):
+    assert "trainer" not in model["services"]  # only with --profile gpu
+    trainer = gpu_model["services"]["trainer"]
+    assert trainer["build"]["target"] == "gpu" and trainer["image"] == "medpipe:gpu"
+    assert trainer["command"][:2] == ["medpipe", "train"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]  # -1 = all
+    assert mounts(trainer)["/data"]["source"] == "medpipe-data"
+
+
+def test_dockerfile_gpu_target_installs_the_gpu_lock_on_a_cuda_image():
+    text = (ROOT / "Dockerfile").read_text()
+    gpu = text.split("AS builder_gpu", 1)[1].split("AS runtime", 1)[0]
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:12\.\d+\.\d+-\S+", text, flags=re.MULTILINE)
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS gpu$", text, flags=re.MULTILINE)
+    assert "pip install -r requirements-gpu.lock" in gpu and "COPY --from=builder_gpu /opt/venv /opt/venv" in gpu
+    assert "USER 50000" in gpu.split("AS gpu", 1)[1]
+
+
 def test_dockerfile_is_multistage_slim_non_root_and_uses_the_lock():
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.MULTILINE)
-    assert [name for _, name in stages] == ["builder", "beam_sdk", "runtime"]
+    # runtime stays the last stage, so a plain `docker build .` makes the CPU image
+    assert [name for _, name in stages] == ["builder", "beam_sdk", "builder_gpu", "gpu", "runtime"]
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, flags=re.MULTILINE)
     assert "pip install -r requirements.lock" in text
     assert "pip install --no-deps tensorflow-serving-api==" in text
@@ -274,3 +304,62 @@ def test_dockerfile_is_multistage_slim_non_root_and_uses_the_lock():
     assert "build-essential" not in runtime  # compilers stay in the builder stage
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", ".env"} <= set(ignored)
+
+
+def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(model, flink_model):
+    services = model["services"]
+    gateway = services["gateway"]
+    assert published(gateway) == {8500, 8501}
+    for current in (model, flink_model):  # everything published binds loopback unless MEDPIPE_BIND says otherwise
+        for name, service in current["services"].items():
+            assert all(port["host_ip"] == "127.0.0.1" for port in service.get("ports", [])), name
+    for internal in ("tf-serving", "pushgateway", "prometheus", "statsd-exporter", "alertmanager"):
+        assert "ports" not in services[internal], f"{internal} must stay internal"
+    assert {name for name, service in services.items() if service.get("ports")} == {
+        "gateway", "airflow-apiserver", "grafana", "orthanc"}  # orthanc: its DICOM port only (modalities send to it)
+
+    from serving.gateway.server import build_parser, check_options
+
+    args = build_parser().parse_args(gateway["command"][3:])
+    check_options(args)  # TLS + mTLS + JWT on 0.0.0.0 inside the container: accepted; no anonymous access
+    assert args.upstream == "tf-serving:8500" and not args.allow_anonymous
+    secrets = {entry["source"]: entry["target"] for entry in gateway["secrets"]}
+    for flag, secret in (("tls_cert", "gateway_tls_cert"), ("tls_key", "gateway_tls_key"),
+                         ("client_ca", "gateway_client_ca"), ("jwt_key", "gateway_jwt_key")):
+        assert getattr(args, flag) == secrets[secret] == f"/run/secrets/{secret}"
+        assert model["secrets"][secret]["file"] == GATEWAY_SECRETS[secret.upper()]
+    assert mounts(gateway)["/models"]["read_only"] is True
+    assert Path(ROOT / "config" / "gateway.yaml").is_file() and args.config == "/opt/medpipe/config/gateway.yaml"
+    assert args.request_log == "/data/request_logs" and mounts(gateway)["/data"]["source"] == "medpipe-data"
+
+
+def test_a_missing_secret_stops_compose(tmp_path):
+    result = compose("config", "-q", check=False,
+                     secrets={key: value for key, value in SECRETS.items() if key != "GATEWAY_TLS_KEY"})
+    assert result.returncode != 0 and "GATEWAY_TLS_KEY" in result.stderr
+
+
+def test_orthanc_forwards_stable_studies_to_the_gateway_and_gets_its_srs(model):
+    """The PACS of the stack: DICOMweb on, new studies C-STOREd to the gateway's SCP, SRs come back by C-STORE."""
+    import json
+
+    orthanc, gateway = model["services"]["orthanc"], model["services"]["gateway"]
+    assert published(orthanc) == {4242}  # the DICOM port only: its HTTP API stays inside the compose network
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    settings = json.loads((ROOT / "config" / "orthanc" / "orthanc.json").read_text())
+    assert settings["AuthenticationEnabled"] is True and settings["RegisteredUsers"] == {}
+    assert settings["DicomModalities"]["medpipe"] == ["MEDPIPE", "gateway", 11112]
+    lua = (ROOT / "config" / "orthanc" / "medpipe-forward.lua").read_text()
+    assert "OnStableStudy" in lua and "/modalities/medpipe/store" in lua
+    from serving.gateway.pacs_config import load_pacs_config
+    from serving.gateway.results import parse_destination
+    from serving.gateway.server import build_parser
+
+    args = build_parser().parse_args(gateway["command"][3:])
+    assert (args.dicom_port, args.dicom_ae_title) == (11112, "MEDPIPE")
+    destination = parse_destination(args.results_to)
+    assert (destination.ae_title, destination.host, destination.port) == (settings["DicomAet"], "orthanc", 4242)
+    pacs = load_pacs_config(ROOT / "config" / args.pacs_config.rsplit("/", 1)[1])
+    assert settings["DicomAet"] in pacs.calling_aets
+    assert mounts(gateway)["/opt/medpipe/runs/pacs-spool"]["source"] == "pacs-spool"  # survives a re-create
+    assert gateway["environment"]["MEDPIPE_DEID_KEY"] == "compose-test-key"

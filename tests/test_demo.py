@@ -21,9 +21,14 @@ def test_demo_predicts_over_grpc_from_a_published_version(tmp_path):
     stdout = result.stdout
     # Every stage ran, in order, as a real command.
     for module in ("beam_pipelines.ingest", "models.train", "models.evaluate", "serving.publish", "serving.server",
-                   "serving.client"):
+                   "serving.gateway", "serving.client"):
         assert f"python -m {module}" in stdout
-    assert "server stopped" in stdout
+    assert "server stopped" in stdout and "gateway stopped" in stdout
+    # the prediction went through the gateway, which audited it
+    lines = stdout.splitlines()
+    audit = json.loads(lines[lines.index(next(line for line in lines if line.startswith("Audit line"))) + 1])
+    assert audit["event"] == "predict" and audit["identity"] == "anonymous" and audit["outcome"] == "OK"
+    assert audit["request_id"] == "demo-prediction" and audit["model"] == "brain_mri"
 
     versions = [p for p in (out / "models" / "brain_mri").iterdir() if p.name.isdigit()]
     assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file()
@@ -33,6 +38,7 @@ def test_demo_predicts_over_grpc_from_a_published_version(tmp_path):
     predicted = prediction_line.split()[1]
     assert predicted in labels
     assert f"model version: {version}" in prediction_line
+    assert audit["version"] == int(version) and audit["classes"] == [predicted]
     stats = json.loads((out / "data" / "brain_mri" / "stats.json").read_text())
     assert stats["input_files"] == 100
     assert (out / "runs" / "brain_mri" / "evaluation" / "report.html").is_file()

@@ -63,7 +63,10 @@ def evaluated(tmp_path_factory, trained_sample_run, ingested_sample):
     shutil.copytree(trained_sample_run, run)  # evaluate writes into the run: keep the shared fixture pristine
     _sharpen(run, ingested_sample)
 
-    run_module("models.evaluate", "--model", str(run), "--data", str(ingested_sample), "--split", "test", *FAST)
+    # the trial: a model the gate does not bless exits 3 ("not blessed"), not 0
+    result = run_module("models.evaluate", "--model", str(run), "--data", str(ingested_sample), "--split", "test",
+                        *FAST, expect=3)
+    assert "NOT BLESSED" in result.stdout
     repository = work / "repository"
     from models.evaluate import main as evaluate_main
     from serving.publish import main as publish_main
@@ -88,7 +91,7 @@ def evaluated(tmp_path_factory, trained_sample_run, ingested_sample):
             shutil.copyfile(path, target)
             file_keys[f"{path.parent.name}/{path.name}"] = key
     assert evaluate_main(["--model", str(version_dir), "--images", str(folder), "--config", "brain_mri",
-                          "--output", str(work / "savedmodel_eval"), *FAST]) == 0
+                          "--output", str(work / "savedmodel_eval"), *FAST]) == 3  # evaluated, not blessed
     return {"run": run, "records_eval": run / "evaluation", "images_eval": work / "savedmodel_eval",
             "record_keys": record_keys, "file_keys": file_keys, "repository": repository, "data": ingested_sample,
             "version_dir": version_dir}
@@ -183,7 +186,7 @@ def test_gate_compares_with_the_stable_version(evaluated, tmp_path):
 
     assert main(["--model", str(evaluated["run"]), "--data", str(evaluated["data"]),
                  "--output", str(tmp_path / "again"), "--baseline-repository", str(evaluated["repository"]),
-                 "--model-name", "brain_mri", "--no-gradcam", *FAST]) == 0
+                 "--model-name", "brain_mri", "--no-gradcam", *FAST]) == 3  # below the absolute thresholds
     blessing = json.loads((tmp_path / "again" / "blessing.json").read_text())
     regression = [c for c in blessing["checks"] if c["kind"] == "regression"]
     assert {c["metric"] for c in regression} == {"accuracy", "macro_f1", "macro_auc"}
@@ -199,7 +202,7 @@ def test_gate_evaluates_the_stable_savedmodel_when_it_has_no_stored_metrics(eval
     version = evaluated["version_dir"].name
     (repository / "brain_mri" / version / "assets.extra" / "medpipe_metrics.json").unlink()
     assert main(["--model", str(evaluated["run"]), "--data", str(evaluated["data"]), "--output", str(tmp_path / "out"),
-                 "--baseline-repository", str(repository), "--no-gradcam", *FAST]) == 0  # name from serving.model_name
+                 "--baseline-repository", str(repository), "--no-gradcam", *FAST]) == 3  # name from serving.model_name
     blessing = json.loads((tmp_path / "out" / "blessing.json").read_text())
     regression = {c["metric"]: c for c in blessing["checks"] if c["kind"] == "regression"}
     # the stable SavedModel, evaluated here on the same records, scores what the run scores
@@ -230,7 +233,7 @@ def test_binary_threshold_is_chosen_on_val_and_stored_with_the_run(tmp_path):
     from models.evaluate import load_records, main, open_model
     from models.metrics import choose_threshold
 
-    assert main(["--model", str(run), "--data", str(data), "--no-gradcam"]) == 0
+    assert main(["--model", str(run), "--data", str(data), "--no-gradcam"]) in (0, 3)  # untrained: any verdict
     val = load_records(data, "val", config)
     assert 0 < val.labels.sum() < len(val.labels), "the val split needs both classes for this test"
     expected = choose_threshold(val.labels, open_model(run).predict(val.images)[:, 1], "youden")

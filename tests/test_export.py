@@ -67,8 +67,11 @@ def test_signatures_assets_warmup_and_metrics(exported):
 
     assert (out / "assets" / "labels.txt").read_text().split() == ["glioma", "meningioma", "notumor", "pituitary"]
     params = json.loads((out / "assets" / "preprocessing.json").read_text())
-    assert params == {"image_size": 64, "channels": 1, "task": "multiclass",
-                      "labels": ["glioma", "meningioma", "notumor", "pituitary"], "threshold": None}
+    assert {k: params[k] for k in ("image_size", "channels", "task", "labels", "threshold")} == {
+        "image_size": 64, "channels": 1, "task": "multiclass",
+        "labels": ["glioma", "meningioma", "notumor", "pituitary"], "threshold": None}
+    # what the gateway needs to preprocess DICOM exactly as ingest did (brain_mri.yaml's settings)
+    assert params["dicom"]["multiframe"] == "middle" and params["ingest"]["max_pixels"] > 0
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(str(out / "assets.extra" / "tf_serving_warmup_requests"))]
     assert 1 <= len(records) <= 1000

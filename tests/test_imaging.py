@@ -262,3 +262,68 @@ def test_file_size_limit():
     with pytest.raises(RejectedInput) as info:
         imaging.check_file_size(3 * 2**20, max_file_mb=2)
     assert info.value.reason == "pixel_budget"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the per-image fast path (issue 21) against the pre-issue code, pinned in tests/preprocess_reference.py
+def _same_as_reference(data: bytes, cfg) -> None:
+    import preprocess_reference
+
+    png, pixels, digest = preprocess_reference.preprocess_bytes(data, cfg)
+    prepared = imaging.preprocess_bytes(data, cfg)
+    assert prepared.pixel_hash == digest  # the duplicate and split key: unchanged
+    np.testing.assert_array_equal(prepared.pixels, pixels)
+    assert prepared.pixels.shape == pixels.shape and prepared.pixels.dtype == np.uint8
+    assert prepared.png == png  # same pixels, same encoder settings: the same bytes
+
+
+def _mode_variants(tmp_path) -> list[bytes]:
+    """Every Pillow mode branch of pil_to_image, square and not (padding), small and large (draft, reduce)."""
+    base = Image.open(fa.sample_jpegs("glioma", 1)[0]).convert("RGB").resize((300, 220))
+    palette = base.convert("P", palette=Image.ADAPTIVE, colors=16)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 3
+    rgba = base.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    la = base.convert("L")
+    la.putalpha(128)
+    ramp = (np.arange(220 * 300, dtype=np.uint32).reshape(220, 300) % 60000).astype(np.uint16)
+    return [
+        fa.pil_bytes(base, "PNG"), fa.pil_bytes(base, "JPEG", quality=90), fa.pil_bytes(base.convert("L"), "PNG"),
+        fa.pil_bytes(base.resize((900, 700)), "JPEG"), fa.pil_bytes(base.convert("L").resize((700, 900)), "JPEG"),
+        fa.pil_bytes(palette, "PNG"), fa.pil_bytes(transparent, "PNG", transparency=3), fa.pil_bytes(rgba, "PNG"),
+        fa.pil_bytes(la, "PNG"), fa.pil_bytes(base.convert("1"), "PNG"), fa.pil_bytes(base.convert("CMYK"), "JPEG"),
+        fa.pil_bytes(base, "TIFF"), fa.png_16bit(tmp_path / "ramp.png", ramp).read_bytes(),
+        fa.tiff_16bit(tmp_path / "ramp.tif", [ramp, ramp[::-1]]).read_bytes(),
+    ]
+
+
+@pytest.mark.parametrize("size,channels", [(64, 1), (128, 1), (160, 1), (160, 3)])
+def test_fast_path_matches_the_reference_on_the_sample(tmp_path, size, channels):
+    cfg = config(f"image.size={size}", f"image.channels={channels}")
+    files = sorted(p for p in fa.SAMPLE.glob("*/*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm"))
+    decodable = 0
+    for path in files:
+        data = path.read_bytes()
+        try:
+            _same_as_reference(data, cfg)
+            decodable += 1
+        except RejectedInput:
+            with pytest.raises(RejectedInput):  # rejected by the new path too, for the same reason
+                imaging.preprocess_bytes(data, cfg)
+    for data in _mode_variants(tmp_path):
+        _same_as_reference(data, cfg)
+    assert decodable >= 100 + 5  # the brain MRI sample, chest X-rays and the decodable DICOMs
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("size", [128, 160])
+def test_fast_path_matches_the_reference_on_a_slice_of_the_shared_set(size):
+    from conftest import SHARED_DATA
+
+    files = sorted((SHARED_DATA / "brain-tumor-mri" / "Training").glob("*/*"))
+    if not files:
+        pytest.skip("no shared brain MRI set")
+    cfg = config(f"image.size={size}")
+    for path in files[::19]:  # ~300 files: every class, size and mode (L, RGB, RGBA, P) of the set
+        _same_as_reference(path.read_bytes(), cfg)

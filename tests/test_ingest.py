@@ -52,6 +52,18 @@ def rejected_of(directory: Path) -> list[dict]:
     return [json.loads(line) for line in (directory / "rejected.jsonl").read_text().splitlines() if line]
 
 
+def input_report_of(directory: Path) -> list[dict]:
+    """The paths of rejected and duplicate inputs, written beside (never inside) the output: PHI."""
+    path = directory.with_name(directory.name + ".input-report.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def rejected_paths(directory: Path) -> dict[str, str]:
+    """{input path: reason} of the rejected inputs, joined from the output's rejected.jsonl and the input report."""
+    paths = {e["input_id"]: e["path"] for e in input_report_of(directory)}
+    return {paths[r["input_id"]]: r["reason"] for r in rejected_of(directory)}
+
+
 def check_bookkeeping(directory: Path) -> dict:
     stats = stats_of(directory)
     assert stats["input_files"] == stats["written"] + stats["rejected"] + stats["duplicates_dropped"]
@@ -177,31 +189,60 @@ def build_adversarial_input(root: Path) -> tuple[list[str], dict[str, str]]:
     return markers, expected
 
 
+PHI_FILE_NAME = "ZZSECRET_JANE_MRN99887766.dcm"  # the trial's file name: a patient's name and MRN
+
+
+def log_file_of(result) -> Path:
+    """The log file a quiet command names on its last stderr line."""
+    return Path(result.stderr.strip().splitlines()[-1].split("log: ", 1)[1])
+
+
 def test_adversarial_inputs_and_phi(tmp_path):
     source, out = tmp_path / "in", tmp_path / "out"
     markers, expected = build_adversarial_input(source)
-    out.mkdir()
+    fa.text_named_dcm(source / "notumor" / PHI_FILE_NAME)  # rejected (not_image) under a name full of PHI
+    shutil.copy(fa.sample_jpegs("pituitary", 1)[0], source / "pituitary" / f"copy_{PHI_FILE_NAME}.jpg")  # duplicate
+    expected[PHI_FILE_NAME] = "not_image"
+    markers = [*markers, "ZZSECRET", "JANE", "MRN99887766"]
+    out.mkdir()  # an earlier ingest output (its marker lists its files) plus a file someone else put there
     (out / "train-00000-of-00009.tfrecord.gz").write_bytes(b"stale")  # a re-run must replace, never add
+    (out / ".medpipe-ingest").write_text(json.dumps({"written_by": "medpipe ingest", "state": "complete",
+                                                     "files": ["train-00000-of-00009.tfrecord.gz"]}))
+    (out / "NOTES.txt").write_text("the radiologist's notes: not ingest's to delete")
     result = run_module("beam_pipelines.ingest", "--config", CONFIG_FILE, "--input", str(source), "--output", str(out),
                         *overrides("image.size=64", "ingest.max_pixels=600000"))
     stats = check_bookkeeping(out)
     assert not (out / "train-00000-of-00009.tfrecord.gz").exists()
+    assert (out / "NOTES.txt").read_text().startswith("the radiologist's notes")
     assert not list(tmp_path.glob("out.tmp-*")) and not list(tmp_path.glob("out.old-*"))
-    reasons = {Path(r["path"]).name: r["reason"] for r in rejected_of(out)}
+    assert not list(tmp_path.glob("*.tmp-*"))
+    reasons = {Path(path).name: reason for path, reason in rejected_paths(out).items()}
     assert reasons == expected
-    assert stats["duplicates"] == {"groups": 1, "dropped": 1}
+    assert stats["duplicates"] == {"groups": 2, "dropped": 2}
     assert stats["written"] == 2 + 6 + 1 + 1  # glioma originals kept, 3 classes x 2, jpeg named .png, the DICOM
     assert stats["input_modes"].get("dicom/MONOCHROME2") == 1
-    # the DICOM was written with its pseudonym and allow-listed fields, and nothing of its PHI anywhere
+    # the duplicates name the kept record by the source id it has in the TFRecords, and inputs by input id only
     examples = [parse(r) for records in read_records(out).values() for r in records]
+    sources = {e["image/source_id"][0].decode() for e in examples}
+    groups = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    assert all(g["source_id"] in sources and set(g) == {"source_id", "label", "kept", "dropped"} for g in groups)
+    report = input_report_of(out)
+    by_id = {e["input_id"]: e for e in report}
+    assert {Path(by_id[i]["path"]).name for g in groups for i in g["dropped"]} == {
+        "copy_of_first.jpg", f"copy_{PHI_FILE_NAME}.jpg"}
+    assert all(set(r) == {"input_id", "reason", "detail"} and r["input_id"] in by_id for r in rejected_of(out))
+    report_file = tmp_path / "out.input-report.jsonl"
+    assert (report_file.stat().st_mode & 0o777) == 0o600 and PHI_FILE_NAME in report_file.read_text()
+    # the DICOM was written with its pseudonym and allow-listed fields, and nothing of its PHI anywhere
     dicom = [e for e in examples if "dicom/modality" in e]
     assert len(dicom) == 1 and dicom[0]["patient/pseudonym"][0].decode() == pseudonym(fa.PHI_PATIENT_ID, TEST_DEID_KEY)
     assert set(dicom[0]) <= set(__import__("medpipe.schema", fromlist=["FEATURES"]).FEATURES)
     haystacks = {
         "tfrecords": b"".join(gzip.decompress(p.read_bytes()) for p in out.glob("*.tfrecord.gz")),
-        "reports": b"".join((out / name).read_bytes() for name in ("stats.json", "rejected.jsonl", "duplicates.jsonl",
-                                                                   "schema.json")),
+        "output folder": b"".join(p.name.encode() + b"\n" + p.read_bytes() for p in out.iterdir()
+                                  if not p.name.endswith(".tfrecord.gz")),
         "logs": (result.stdout + result.stderr).encode(),
+        "log file": log_file_of(result).read_bytes(),
     }
     for where, haystack in haystacks.items():
         for marker in markers:
@@ -216,7 +257,7 @@ def test_dicom_with_patient_id_is_refused_without_key(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPIPE_DEID_KEY", raising=False)
     stats = ingest.run(["--config", CONFIG_FILE, "--input", str(source), "--output", str(out),
                         "--set", "image.size=32", *IN_PROCESS])
-    assert [(Path(r["path"]).name, r["reason"]) for r in rejected_of(out)] == [("ct_with_phi.dcm", "deid_key_missing")]
+    assert [(Path(p).name, r) for p, r in rejected_paths(out).items()] == [("ct_with_phi.dcm", "deid_key_missing")]
     assert stats["written"] == 1
 
 
@@ -260,8 +301,7 @@ def test_every_shared_dicom_is_written_or_rejected(tmp_path, monkeypatch):
                         "--output", str(out), "--set", "image.size=32"])
     check_bookkeeping(out)
     assert stats["input_files"] == len(files) == 106
-    duplicates = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
-    accounted = {r["path"] for r in rejected_of(out)} | {p for g in duplicates for p in g["dropped"]}
+    accounted = {e["path"] for e in input_report_of(out)}  # every rejected or dropped input, by path
     assert len(accounted) == stats["rejected"] + stats["duplicates_dropped"]
     assert stats["written"] >= 55 and set(stats["rejected_by_reason"]) <= {
         "no_pixel_data", "corrupt", "truncated", "unsupported_photometric"}
@@ -282,9 +322,13 @@ def test_brain_mri_training_set_acceptance(tmp_path):
         if row["split"] == "Training":
             by_md5.setdefault(row["md5"], set()).add(f"{row['class']}/{row['file']}")
     known = [group for group in by_md5.values() if len(group) > 1]
-    found = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
-    found_sets = [{"/".join(Path(p).parts[-2:]) for p in [g["kept"], *g["dropped"]]} for g in found]
-    conflicts = {"/".join(Path(r["path"]).parts[-2:]) for r in rejected_of(out) if r["reason"] == "label_conflict"}
+    copies: dict[str, set[str]] = {}  # kept path -> every copy's path, from the input report
+    for entry in input_report_of(out):
+        if entry["status"] == "duplicate":
+            copies.setdefault(entry["kept_path"], {entry["kept_path"]}).add(entry["path"])
+    found_sets = [{"/".join(Path(p).parts[-2:]) for p in group} for group in copies.values()]
+    conflicts = {"/".join(Path(p).parts[-2:]) for p, reason in rejected_paths(out).items()
+                 if reason == "label_conflict"}
     for group in known:
         assert group <= conflicts or any(group <= f for f in found_sets), f"duplicate group {sorted(group)} missed"
     assert stats["duplicates"]["groups"] >= len([g for g in known if not g <= conflicts])
@@ -319,3 +363,143 @@ def test_dask_runner_on_a_local_two_worker_cluster(tmp_path, ingested_sample, mo
     assert stats["written"] == 100
     ours, reference = read_records(out), read_records(ingested_sample)
     assert ours == reference  # byte-identical to the DirectRunner output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output folder is ours only when we made it; crashes leave nothing behind; exit statuses; a quiet console
+def small_input(root: Path, per_class: int = 2) -> Path:
+    for label in ("glioma", "pituitary"):
+        (root / label).mkdir(parents=True)
+        for source in fa.sample_jpegs(label, per_class):
+            shutil.copy(source, root / label / source.name)
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def medpipe_cli(*args: str, expect: int, env: dict | None = None):
+    return run_module("medpipe.cli", *args, env=env, expect=expect, timeout=300)
+
+
+def test_output_overlapping_input_is_refused_and_nothing_is_touched(tmp_path):
+    source = small_input(tmp_path / "in")
+    before = snapshot(tmp_path)
+    for output, says in ((source, "is --input"), (source / "glioma" / "out", "is inside --input"),
+                         (tmp_path, "contains --input")):
+        result = medpipe_cli("ingest", "--config", CONFIG_FILE, "--input", str(source), "--output", str(output),
+                             "--force", expect=2)
+        assert says.split(" --")[0] in result.stderr and "--output" in result.stderr, result.stderr
+        assert snapshot(tmp_path) == before  # the source images are all there, unchanged; nothing was added
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},glioma\n" for p in sorted(source.rglob("*.jpg"))))
+    with pytest.raises(ingest.DataError, match="contains 4 of the manifest's input files"):
+        ingest.run(["--config", CONFIG_FILE, "--input", str(manifest), "--output", str(source), *IN_PROCESS])
+    with pytest.raises(ingest.DataError, match="PHI"):
+        ingest.run(["--config", CONFIG_FILE, "--input", str(source), "--output", str(tmp_path / "out"),
+                    "--input-report", str(tmp_path / "out" / "paths.jsonl"), *IN_PROCESS])
+
+
+def test_non_empty_output_is_refused_force_and_reruns_keep_other_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_DEID_KEY)
+    source, out = small_input(tmp_path / "in"), tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.docx").write_bytes(b"years of work")
+    (out / "train-00000-of-00001.tfrecord.gz").write_bytes(b"an older ingest's shard")
+    argv = ["--config", CONFIG_FILE, "--input", str(source), "--output", str(out), "--set", "image.size=32",
+            "--set", "ingest.shards={train: 1, val: 1, test: 1}", *IN_PROCESS]
+    result = medpipe_cli("ingest", *argv, expect=2)
+    assert "not a medpipe ingest output" in result.stderr and "--force" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.docx", "train-00000-of-00001.tfrecord.gz"]
+    assert not list(tmp_path.glob("out.*"))  # refused before anything was written
+    stats = ingest.run([*argv, "--force"])  # --force: our names are replaced, the rest is kept
+    assert (out / "thesis.docx").read_bytes() == b"years of work" and stats["written"] == 4
+    check_bookkeeping(out)
+    (out / "my_notes.txt").write_text("added after the run")
+    ingest.run([*argv[:-4], "--set", "ingest.shards={train: 2, val: 1, test: 1}", *IN_PROCESS])  # a re-run, no --force
+    names = sorted(p.name for p in out.iterdir())
+    assert "thesis.docx" in names and "my_notes.txt" in names and ".medpipe-ingest" in names
+    assert "train-00000-of-00001.tfrecord.gz" not in names and "train-00001-of-00002.tfrecord.gz" in names
+    check_bookkeeping(out)
+
+
+def test_no_record_written_exits_3_with_reasons_and_no_shards(tmp_path):
+    source = tmp_path / "flat"  # images, but no class folders
+    source.mkdir()
+    for image in fa.sample_jpegs("glioma", 3):
+        shutil.copy(image, source / image.name)
+    out = tmp_path / "out"
+    result = medpipe_cli("ingest", "--config", CONFIG_FILE, "--input", str(source), "--output", str(out),
+                         "--set", "image.size=32", *IN_PROCESS, expect=3)
+    assert "no record" in result.stderr and "missing_label 3" in result.stderr and "class folders" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert [e["reason"] for e in input_report_of(out)] == ["missing_label"] * 3  # what the operator fixes
+
+
+def test_cloud_paths_without_their_extra_name_the_extra(tmp_path):
+    result = medpipe_cli("ingest", "--config", CONFIG_FILE, "--input", "gs://medpipe-no-bucket/images",
+                         "--output", str(tmp_path / "out"), expect=2)
+    assert "medpipe[gcp]" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    with pytest.raises(ingest.ConfigError, match=r"medpipe\[aws\]"):
+        ingest.run(["--config", CONFIG_FILE, "--input", str(tmp_path), "--output", "s3://medpipe-no-bucket/out"])
+
+
+def test_sample_ingest_prints_its_progress_and_result_only(ingested_sample):
+    from conftest import CONSOLE
+
+    lines = (ingested_sample.parent / CONSOLE).read_text().splitlines()
+    assert len(lines) <= 15, "\n".join(lines)
+    assert not [line for line in lines if "apache_beam" in line or "apitools" in line or "Worker" in line]
+    assert any("100 written" in line for line in lines)
+    log = Path(lines[-1].split("log: ", 1)[1])
+    assert "apache_beam" in log.read_text()  # the framework's output is in the log file named at the end
+
+
+def test_help_is_quiet():
+    result = medpipe_cli("ingest", "--help", expect=0)
+    assert "--input-report" in result.stdout and "apitools" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_worker_and_the_next_run_cleans_up(tmp_path):
+    """The trial: SIGKILL ingest mid-run; its Beam workers must go with it, and the next run removes its temp."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64"]
+    process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args], cwd=ROOT,
+                               env={**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                command = stat.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"beam_pipelines.worker" in command and str(process.pid).encode() in command:
+                found.append(int(stat.parent.name))
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers()) == 2, "the two multi-processing workers did not start"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers() == [], "Beam workers outlived the killed ingest"
+    stale = list(tmp_path.glob("out.tmp-*"))
+    assert stale and not out.exists()
+    run_module("beam_pipelines.ingest", *args[:-2], "--set", "image.size=32", *IN_PROCESS)
+    assert not list(tmp_path.glob("out.tmp-*")) and not list(tmp_path.glob("*.tmp-*"))
+    assert check_bookkeeping(out)["written"] == 100

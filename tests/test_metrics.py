@@ -202,3 +202,27 @@ def test_stable_version_from_models_config(tmp_path):
     assert baseline.version == 1700000000 and baseline.metrics["accuracy"] == 0.9
     assert gate.find_baseline(tmp_path, "other").version_dir is None  # labelled, but the folder is gone
     assert gate.find_baseline(tmp_path / "empty", "brain_mri") is None
+
+
+def test_only_a_test_split_verdict_in_the_run_unlocks_publish(tmp_path):
+    """publish reads RUN_DIR/blessing.json only (no fallback to evaluation/) and checks the verdict's split."""
+    from medpipe.errors import DataError
+    from serving.publish import check_blessing
+
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    blessed = {"blessed": True, "reasons": [], "data": {"split": "test"}}
+    (run / "evaluation" / "blessing.json").write_text(json.dumps(blessed))
+    with pytest.raises(DataError, match="no blessing.json"):
+        check_blessing(run, force=False)  # evaluation/blessing.json is not the run's verdict
+    for data, says in (({"split": "val"}, "made on val, not the test split"),
+                       ({"split": "images"}, "made on images, not the test split"),
+                       (None, "unrecorded data")):
+        (run / "blessing.json").write_text(json.dumps({**blessed, "data": data}))
+        with pytest.raises(DataError, match=says):
+            check_blessing(run, force=False)
+    (run / "blessing.json").write_text(json.dumps({**blessed, "blessed": False, "reasons": ["accuracy 0.5 < 0.9"]}))
+    with pytest.raises(DataError, match="not blessed: accuracy 0.5 < 0.9"):
+        check_blessing(run, force=False)
+    (run / "blessing.json").write_text(json.dumps(blessed))
+    check_blessing(run, force=False)  # the test split, blessed: publish goes ahead

@@ -108,7 +108,7 @@ def test_chest_xrays_to_the_brain_model_alert(tmp_path, baseline_dir):
     assert relaxed.returncode == 0, relaxed.stderr
 
 
-def test_too_few_requests_and_missing_day_do_not_alert(tmp_path, baseline_dir):
+def test_too_few_requests_do_not_alert_but_a_day_without_traffic_does(tmp_path, baseline_dir):
     logs = _write_log(tmp_path / "logs", _images(SAMPLE / "chest_xray", 5), _confident_mix)
     report = monitoring.build_report(monitoring.read_request_log(logs / f"requests-{DAY}.jsonl")[0],
                                      monitoring.load_baseline(baseline_dir), DAY, None, monitoring.Thresholds(),
@@ -116,8 +116,10 @@ def test_too_few_requests_and_missing_day_do_not_alert(tmp_path, baseline_dir):
     assert report["status"] == "insufficient_data" and report["alerts"] == [] and report["psi"] > 0.25
     empty = _monitor("--requests", str(logs), "--baseline", str(baseline_dir), "--date", "2026-11-28",
                      "--output", str(tmp_path / "empty"))
-    assert empty.returncode == 0, empty.stderr
-    assert json.loads((tmp_path / "empty" / "drift_report.json").read_text())["n"] == 0
+    assert empty.returncode == monitoring.EXIT_ALERT, empty.stderr
+    report = json.loads((tmp_path / "empty" / "drift_report.json").read_text())
+    assert report["n"] == 0 and report["status"] == "no_traffic"
+    assert "no request was logged on 2026-11-28" in empty.stderr
 
 
 def test_bad_lines_are_listed_and_mixed_models_need_a_choice(tmp_path, baseline_dir):

@@ -47,17 +47,23 @@ def _need(binary: str) -> str:
 
 def test_promtool_check_config_and_rules():
     promtool = _need("promtool")
-    config = subprocess.run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+    # --syntax-only: the gateway job's client certificate files are Docker secrets, present only in the container
+    config = subprocess.run([promtool, "check", "config", "--syntax-only", str(PROMETHEUS_DIR / "prometheus.yml")],
                             capture_output=True, text=True, timeout=60)
     assert config.returncode == 0, config.stdout + config.stderr
     rules = subprocess.run([promtool, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")],
                            capture_output=True, text=True, timeout=60)
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 12 rules found" in rules.stdout
+    assert "SUCCESS: 13 rules found" in rules.stdout
     jobs = {job["job_name"]: job for job in yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"]}
     assert jobs["tf-serving"]["metrics_path"] == "/monitoring/prometheus/metrics"
     assert jobs["tf-serving"]["static_configs"][0]["targets"] == ["tf-serving:8501"]
     assert jobs["pushgateway"]["honor_labels"] is True and "statsd-exporter" in jobs
+    gateway = jobs["gateway"]
+    assert gateway["scheme"] == "https" and gateway["static_configs"][0]["targets"] == ["gateway:8501"]
+    assert gateway["metrics_path"] == "/monitoring/prometheus/metrics"
+    assert set(gateway["tls_config"]) == {"ca_file", "cert_file", "key_file"}
+    assert all(path.startswith("/run/secrets/") for path in gateway["tls_config"].values())
 
 
 def test_alert_rules_fire_on_their_thresholds(tmp_path):
@@ -69,8 +75,8 @@ def test_alert_rules_fire_on_their_thresholds(tmp_path):
         "tests": [{
             "interval": "1m",
             "input_series": [
-                {"series": 'medpipe_drift_psi{model="brain_mri",job="tf-serving"}', "values": "0.9x30"},
-                {"series": 'medpipe_drift_psi{model="chest_xray",job="tf-serving"}', "values": "0.1x30"},
+                {"series": 'medpipe_drift_psi{model="brain_mri",job="gateway"}', "values": "0.9x30"},
+                {"series": 'medpipe_drift_psi{model="chest_xray",job="gateway"}', "values": "0.1x30"},
                 {"series": 'medpipe_loaded_versions{model="brain_mri",version="1"}', "values": "0x10"},
                 {"series": ':tensorflow:serving:request_count{model_name="brain_mri",status="OK"}',
                  "values": "0+90x20"},
@@ -157,15 +163,19 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, prometheus: str) -> dict:
-    """The repo's prometheus.yml with compose service names replaced by loopback ports and 1 s intervals."""
+def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, prometheus: str,
+                           gateway: str) -> dict:
+    """The repo's prometheus.yml with compose service names replaced by loopback ports and 1 s intervals; the
+    gateway runs as the loopback demo (plain HTTP, anonymous), so its job drops TLS here."""
     config = json.loads(json.dumps(repo_config))
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
-    targets = {"tf-serving": serving, "pushgateway": pushgateway, "prometheus": prometheus}
+    targets = {"tf-serving": serving, "pushgateway": pushgateway, "prometheus": prometheus, "gateway": gateway}
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+        if job["job_name"] == "gateway":
+            job.pop("tls_config"), job.pop("scheme")
     return config
 
 
@@ -177,28 +187,35 @@ def stack(tmp_path_factory, trained_sample_run, ingested_sample):
     work = tmp_path_factory.mktemp("observability")
     run_module("serving.publish", "--run", str(trained_sample_run), "--repository", str(work / "models"),
                "--model-name", MODEL, "--label", "stable", "--force")
-    grpc_port, rest_port, push_port, prom_port = (_free_port() for _ in range(4))
+    grpc_port, rest_port, push_port, prom_port, gateway_grpc, gateway_rest = (_free_port() for _ in range(6))
     processes = []
     try:
         server = _start([sys.executable, "-m", "serving.server", "--repository", str(work / "models"),
-                         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port),
-                         "--request-log", str(work / "requests"), "--drift-baseline", str(ingested_sample)],
+                         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)],
                         work / "server.log")
         processes.append(server)
+        # the request log and the drift gauges live in the gateway, in front of the server
+        front = _start([sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
+                        "--grpc-port", str(gateway_grpc), "--rest-port", str(gateway_rest), "--allow-anonymous",
+                        "--audit-log", str(work / "audit.jsonl"), "--request-log", str(work / "requests"),
+                        "--drift-baseline", str(ingested_sample), "--model-repository", str(work / "models")],
+                       work / "gateway.log")
+        processes.append(front)
         # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in the test folder
         gateway = _start([pushgateway_bin, f"--web.listen-address=127.0.0.1:{push_port}",
                           f"--persistence.file={work / 'pushgateway.data'}"], work / "pushgateway.log")
         processes.append(gateway)
         config = _prometheus_config_for(yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text()),
-                                 f"127.0.0.1:{rest_port}", f"127.0.0.1:{push_port}", f"127.0.0.1:{prom_port}")
+                                        f"127.0.0.1:{rest_port}", f"127.0.0.1:{push_port}", f"127.0.0.1:{prom_port}",
+                                        f"127.0.0.1:{gateway_rest}")
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         prometheus = _start([prometheus_bin, f"--config.file={work / 'prometheus.yml'}",
                              f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             work / "prometheus.log")
         processes.append(prometheus)
-        rest = f"http://127.0.0.1:{rest_port}"
+        rest = f"http://127.0.0.1:{gateway_rest}"  # clients talk to the gateway
         _wait(lambda: _get_json(f"{rest}/v1/models/{MODEL}")["model_version_status"][0]["state"] == "AVAILABLE",
-              "the model to be served", timeout=120, processes=[server])
+              "the model to be served through the gateway", timeout=120, processes=[server, front])
         _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=2).status == 200,
               "Prometheus to be ready", processes=[prometheus])
         yield {"work": work, "rest": rest, "prometheus": f"http://127.0.0.1:{prom_port}",
@@ -279,6 +296,10 @@ def _monitor(stack, requests_dir: Path, output: Path, *extra: str) -> subprocess
 def test_prometheus_scrapes_tf_serving_and_medpipe_metrics(stack, brain_traffic):
     prom = stack["prometheus"]
     assert _eventually(prom, 'up{job="tf-serving"}', lambda v: v == 1, "the server to be scraped") == 1
+    assert _eventually(prom, 'up{job="gateway"}', lambda v: v == 1, "the gateway to be scraped") == 1
+    ok = _eventually(prom, f'sum(medpipe_gateway_requests_total{{model="{MODEL}",outcome="OK"}})', lambda v: v == 5,
+                     "the gateway's request counter")
+    assert ok == 5
     _eventually(prom, f'sum(medpipe_predictions_total{{model="{MODEL}"}})', lambda v: v == 40, "40 predictions")
     requests = _value(prom, f'sum(:tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}})')
     assert requests == 5  # 40 images in 5 REST requests of 8
@@ -322,7 +343,7 @@ def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, brain_traffi
 
     # ... the server's live gauge, scraped by Prometheus, shows the same PSI (its window holds exactly the day's
     # requests), the InputDrift rule goes pending, and the pushed daily alert gauge is scraped too
-    _eventually(prom, f'medpipe_drift_psi{{job="tf-serving",model="{MODEL}"}}',
+    _eventually(prom, f'medpipe_drift_psi{{job="gateway",model="{MODEL}"}}',
                 lambda v: v == pytest.approx(report["psi"], rel=1e-6),
                 f"the live PSI gauge to reach the report's {report['psi']:.4f}")
     _eventually(prom, 'count(ALERTS{alertname="InputDrift",alertstate="pending"})', lambda v: v == 1,

@@ -32,7 +32,7 @@ def train_args(data: Path, run_dir: Path, *pairs: str) -> list[str]:
 
 def test_help_documents_every_option():
     result = run_module("models.train", "--help")
-    for option in ("--config", "--data", "--output", "--set", "--epochs", "--cpu-replicas", "--cache"):
+    for option in ("--config", "--data", "--output", "--set", "--epochs", "--cpu-replicas", "--workers", "--cache"):
         assert option in result.stdout
 
 

@@ -91,6 +91,14 @@ def test_combined_blessing_needs_every_evaluation():
     assert combined["reasons"] == ["golden: accuracy 0.5 is worse than the stable model (version 7)'s 0.8"]
     assert combined["evaluations"]["partition_test"]["metrics"]["stable"] == {"accuracy": 0.8}
     assert combine({"partition_test": good})["blessed"] is True
+    # `medpipe publish` accepts a verdict made on a test split only: the golden set (external images) may join it,
+    # a val split or images alone may not
+    test, images = {"split": "test", "fingerprint": "f1"}, {"split": "images", "fingerprint": "f2"}
+    data = combine({"partition_test": {**good, "data": test}, "golden": {**good, "data": images}})["data"]
+    assert (data["split"], data["fingerprint"], data["evaluations"]["golden"]) == ("test", "f1", images)
+    assert combine({"golden": {**good, "data": images}})["data"]["split"] == "images"
+    assert combine({"p": {**good, "data": test}, "v": {**good, "data": {"split": "val"}}})["data"]["split"] == "val"
+    assert combine({"partition_test": good})["data"]["split"] == "unrecorded data"
 
 
 def test_batch_outcomes_and_the_rejected_fraction(tmp_path):

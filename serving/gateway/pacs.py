@@ -1,0 +1,396 @@
+"""The PACS road through the gateway: receive (both doors) -> spool -> stable study -> Gateway.predict -> SR ->
+outbox -> deliver with backoff. Asynchronous by nature: a sender is acknowledged once its instance is on disk.
+
+    receive(data, header, door, identity, principal)   routing; not routed = acknowledged + audited, nothing spooled
+    process_ready()   every stable (model, study): one predict call, aggregation, one SR in the outbox, done markers
+    deliver_ready()   every outbox job whose backoff has passed: STOW-RS / C-STORE (+ webhook), then removed
+
+Both loops run in background threads started by `start()`; tests call them directly. Logs and audit records carry
+pseudonyms (HMAC under MEDPIPE_DEID_KEY) of study and instance UIDs, the calling AE title, the model and the outcome:
+never a header value, a UID or a file name.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from serving.gateway import results
+from serving.gateway.pacs_config import PacsConfig, models_for, route_for, routing_keys
+from serving.gateway.spool import Spool, StudyBatch, derived_uid, idempotency_key, key_of, read_job
+
+log = logging.getLogger("medpipe.gateway.pacs")
+
+DOORS = ("dimse", "dicomweb")
+
+
+def _metrics(registry=None):
+    """The PACS collectors, registered once per registry (the gateway's own, which /monitoring/prometheus/metrics
+    renders; else the process default)."""
+    from prometheus_client import REGISTRY, Counter, Gauge
+
+    registry = registry if registry is not None else REGISTRY
+    found = _METRICS.get(id(registry))
+    if found is None:
+        found = _METRICS[id(registry)] = {
+            "queue": Gauge("medpipe_pacs_queue_length", "PACS work waiting: instances not yet inferred "
+                           "(stage=incoming) and results not yet delivered (stage=outbox)", ["stage"],
+                           registry=registry),
+            "received": Counter("medpipe_pacs_instances", "Instances received by a PACS door, by outcome",
+                                ["door", "outcome"], registry=registry),
+            "results": Counter("medpipe_pacs_results", "Results produced and delivered, by outcome", ["outcome"],
+                               registry=registry),
+        }
+    return found
+
+
+_METRICS: dict = {}
+
+
+def quiet_dicom_loggers() -> None:
+    """highdicom logs the source's SOP Instance UID at INFO ("copy Patient-related attributes from dataset ...");
+    pynetdicom and dicomweb-client log requests and datasets at INFO/DEBUG. Header values never reach our logs:
+    these libraries speak at WARNING and above only (their warnings carry no values in the calls made here)."""
+    for name in ("highdicom", "pynetdicom", "dicomweb_client", "pydicom"):
+        logging.getLogger(name).setLevel(logging.WARNING if name != "pydicom" else logging.CRITICAL)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The answer to one received instance. status: DIMSE status code (0x0000 stored; 0xA700 out of resources;
+    0xC000 cannot understand; 0x0124 refused, not authorised), used by both doors."""
+
+    status: int
+    models: tuple[str, ...] = ()
+    reason: str = ""
+    sop_class: str = ""
+    sop_instance: str = ""  # for the STOW-RS response to the sender only; never logged
+
+
+@dataclass
+class _Backoff:
+    attempts: int = 0
+    next_time: float = 0.0
+
+
+class PacsService:
+    def __init__(self, gateway: Any, config: PacsConfig, destination: results.Destination, deid_key: bytes,
+                 clock=time.time):
+        quiet_dicom_loggers()
+        self.gateway, self.config, self.destination = gateway, config, destination
+        self.key = deid_key
+        self.clock = clock
+        self.spool = Spool(config.spool)
+        self.spool.clean_temporaries()
+        self._backoff: dict[str, _Backoff] = {}
+        self._upstream_wait: dict[str, _Backoff] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.metrics = _metrics(getattr(getattr(gateway, "metrics", None), "registry", None))
+        self.update_queue_metrics()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def pseudonym(self, value: str) -> str:
+        from medpipe.deid import pseudonym
+
+        return pseudonym(value, self.key)[:16]
+
+    def audit(self, record: dict) -> None:
+        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver)."""
+        self.gateway.audit.append({"door": "pacs", **record})
+
+    # ---------------------------------------------------------------------------------------------------------
+    # receiving (both doors)
+    def receive(self, data: bytes, door: str, identity: str, principal: Any = None) -> Receipt:
+        """One instance as bytes (a DICOM file, preamble optional) -> spooled for each model that takes it."""
+        from medpipe.imaging import _pydicom
+
+        pydicom = _pydicom()  # configured: no validation warnings or log lines that could quote a header value
+
+        received = self.metrics["received"]
+        if len(data) > self.config.max_instance_mb * 2**20:
+            received.labels(door, "too_large").inc()
+            self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "too_large"})
+            return Receipt(0xA700, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+            sop, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
+        except Exception:  # noqa: BLE001 - any parse failure is "cannot understand"; no message (it may quote PHI)
+            received.labels(door, "unreadable").inc()
+            self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "unreadable"})
+            return Receipt(0xC000, reason="not a DICOM instance with Study/Series/SOP Instance UIDs")
+        record = {"event": "pacs.received", "door": door, "identity": identity,
+                  "via": getattr(principal, "via", "dimse"), "study": self.pseudonym(study),
+                  "instance": self.pseudonym(sop)}
+        models = models_for(self.config.routes, routing_keys(header))
+        if principal is not None:
+            allowed = [model for model in models if _may_call(principal, model)]
+            if models and not allowed:
+                received.labels(door, "forbidden").inc()
+                self.audit({**record, "outcome": "permission_denied", "models": models})
+                return Receipt(0x0124, reason="not authorised for the models this instance is routed to",
+                               sop_class=sop_class, sop_instance=sop)
+            models = allowed
+        if not models:
+            received.labels(door, "not_routed").inc()
+            self.audit({**record, "outcome": "not routed"})
+            return Receipt(0x0000, (), "not routed", sop_class, sop)
+        try:
+            for model in models:
+                self.spool.put(model, study, series, sop, data, door, identity,
+                               via=getattr(principal, "via", "dimse"))
+        except OSError as exc:
+            received.labels(door, "spool_error").inc()
+            log.error("PACS spool write failed (%s): the sender is told to retry", type(exc).__name__)
+            self.audit({**record, "outcome": "spool_error"})
+            return Receipt(0xA700, reason="the gateway could not store the instance; retry later")
+        received.labels(door, "spooled").inc()
+        self.audit({**record, "outcome": "spooled", "models": models})
+        self.update_queue_metrics()
+        return Receipt(0x0000, tuple(models), "", sop_class, sop)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # inference
+    def process_ready(self) -> int:
+        """Process every stable study (each on its own: one failure never blocks another). Returns results made."""
+        made = 0
+        now = self.clock()
+        for batch in self.spool.stable(self.config.stable_seconds, now=now):
+            wait = self._upstream_wait.get(batch.study_key + batch.model)
+            if wait is not None and now < wait.next_time:
+                continue
+            try:
+                made += self.process(batch)
+                self._upstream_wait.pop(batch.study_key + batch.model, None)
+            except Exception as exc:  # noqa: BLE001 - the files stay spooled and are retried with backoff
+                state = self._upstream_wait.setdefault(batch.study_key + batch.model, _Backoff())
+                self._schedule(state, now)
+                log.warning("PACS study %s for model %s not processed (%s); retry in %.0f s",
+                            batch.study_key[:12], batch.model, _describe(exc), state.next_time - now)
+        self.update_queue_metrics()
+        return made
+
+    def process(self, batch: StudyBatch) -> int:
+        from medpipe.imaging import _pydicom
+
+        pydicom = _pydicom()
+        from serving.gateway.core import Principal
+
+        datas = [instance.read() for instance in batch.instances]
+        headers = [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True) for data in datas]
+        first = batch.instances[0].meta
+        door = first.get("door", "dimse")
+        principal = Principal(identity=f"pacs:{first.get('identity', 'unknown')}",
+                              scopes=frozenset({f"predict:{batch.model}"}), via=first.get("via", "dimse"))
+        request_id = f"pacs-{uuid.uuid4().hex[:16]}"
+        usable, items, version = self._predict(principal, batch, datas, request_id, door)
+        unusable = [instance for index, instance in enumerate(batch.instances) if index not in items]
+        self.spool.reject(unusable)  # kept for the operator under SPOOL/rejected/, never inferred again
+        if not usable:
+            return 0
+        keys = {index: idempotency_key(str(headers[index].SOPInstanceUID), batch.model, version) for index in usable}
+        fresh = [index for index in usable if not self.spool.is_done(keys[index])]
+        study_uid = str(headers[0].StudyInstanceUID)
+        base = {"model": batch.model, "version": version, "study": self.pseudonym(study_uid), "request_id": request_id}
+        if not fresh:
+            self.audit({"event": "pacs.replay_skipped", **base, "instances": len(usable)})
+            self.spool.finish(batch.instances)
+            return 0
+        chosen = [items[index] for index in fresh]
+        class_name, probability, probabilities, ood, decider = results.aggregate(chosen, self.config.aggregation)
+        finding = results.Finding(class_name, probability, batch.model, version, probabilities, ood, len(fresh))
+        sources = [headers[index] for index in fresh]
+        job_key = key_of(batch.model, str(version), *sorted(str(ds.SOPInstanceUID) for ds in sources))
+        route = route_for(self.config.routes, batch.model)
+        sr = results.build_sr(sources, finding, sr_uid=derived_uid(job_key, "sr"),
+                              series_uid=derived_uid(study_uid, batch.model, str(version), "sr-series"),
+                              codes=route.codes if route else {})
+        objects = {"sr.dcm": results.to_bytes(sr)}
+        heatmap = getattr(chosen[decider], "heatmap", None)
+        if self.config.secondary_capture and heatmap is not None:
+            sc = results.build_secondary_capture(sources[decider], chosen[decider].png, heatmap,
+                                                 sop_uid=derived_uid(job_key, "sc"),
+                                                 series_uid=derived_uid(study_uid, batch.model, str(version), "sc"))
+            objects["sc.dcm"] = results.to_bytes(sc)
+        uids = {"StudyInstanceUID": study_uid, "SRSOPInstanceUID": str(sr.SOPInstanceUID)}
+        job = {"model": batch.model, "version": version, "study": base["study"], "created": self.clock(),
+               "webhook": results.webhook_payload(finding, uids, job_key) if self.config.webhook else None}
+        self.spool.add_job(job_key, objects, job)  # 1. the result is durable
+        self.spool.mark_done(keys[index] for index in fresh)  # 2. its instances are answered
+        self.spool.finish(batch.instances)  # 3. the inputs go (a crash before here replays into the same job)
+        self.metrics["results"].labels("produced").inc()
+        self.audit({"event": "pacs.result", **base, "job": job_key, "instances": len(fresh),
+                    "class_name": class_name, "outside_intended_use": class_name is None,
+                    "probability": round(probability, 6), "objects": sorted(objects)})
+        return 1
+
+    def _predict(self, principal, batch: StudyBatch, datas: list[bytes], request_id: str, door: str):
+        """The study's images in calls of at most the gateway's max_images (all at one model version); if the
+        gateway refuses a call as invalid, image by image, so that one undecodable instance cannot hold back the
+        others. Returns (usable indices, items by index, version)."""
+        from serving.gateway.core import GatewayError
+
+        kwargs = dict(explain=self.config.secondary_capture, deadline_s=self.config.deadline_seconds, door=door)
+        size = max(1, int(self.gateway.config.limits.max_images))
+        items: dict[int, Any] = {}
+        version: Optional[int] = None
+        for start in range(0, len(datas), size):
+            chunk = list(range(start, min(start + size, len(datas))))
+            try:
+                prediction = self.gateway.predict(principal, batch.model, [datas[i] for i in chunk],
+                                                  version=version, request_id=f"{request_id}-{start}", **kwargs)
+                version = int(prediction.version)
+                items.update(zip(chunk, prediction.items))
+                continue
+            except GatewayError as exc:
+                if exc.code != "INVALID_ARGUMENT":
+                    raise
+            for index in chunk:
+                try:
+                    prediction = self.gateway.predict(principal, batch.model, [datas[index]], version=version,
+                                                      request_id=f"{request_id}-{index}", **kwargs)
+                except GatewayError as exc:
+                    if exc.code != "INVALID_ARGUMENT":
+                        raise
+                    self.audit({"event": "pacs.rejected", "model": batch.model, "request_id": request_id,
+                                "reason": exc.message[:200]})
+                    self.metrics["results"].labels("instance_rejected").inc()
+                    continue
+                version = int(prediction.version)
+                items[index] = prediction.items[0]
+        return sorted(items), items, (version if version is not None else 0)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # delivery
+    def deliver_ready(self) -> int:
+        sent = 0
+        now = self.clock()
+        for folder in self.spool.jobs():
+            state = self._backoff.setdefault(folder.name, _Backoff())
+            if now < state.next_time:
+                continue
+            job = read_job(folder)
+            try:
+                objects = [(folder / name).read_bytes() for name in job["objects"]]
+                results.send(self.destination, objects)
+            except results.DeliveryError as exc:
+                self._schedule(state, now)
+                self.metrics["results"].labels("delivery_retry").inc()
+                log.warning("PACS result %s not delivered (%s); attempt %d, next in %.1f s", folder.name[:12], exc,
+                            state.attempts, state.next_time - now)
+                continue
+            if job.get("webhook") and self.config.webhook:
+                try:
+                    results.post_webhook(self.config.webhook, job["webhook"])
+                except results.DeliveryError as exc:
+                    log.warning("PACS result %s: %s (the DICOM result was delivered)", folder.name[:12], exc)
+            self.spool.remove_job(folder)
+            self._backoff.pop(folder.name, None)
+            self.metrics["results"].labels("delivered").inc()
+            self.audit({"event": "pacs.delivered", "job": folder.name, "model": job["model"],
+                        "version": job["version"], "study": job["study"], "destination": self.destination.kind,
+                        "attempts": state.attempts + 1})
+            sent += 1
+        self.update_queue_metrics()
+        return sent
+
+    def _schedule(self, state: _Backoff, now: float) -> None:
+        retry = self.config.retry
+        delay = min(retry.max_seconds, retry.initial_seconds * 2 ** state.attempts)
+        state.attempts += 1
+        state.next_time = now + delay
+
+    def update_queue_metrics(self) -> None:
+        """Never raises: a gauge must not turn a stored instance into a failed C-STORE."""
+        try:
+            self.metrics["queue"].labels("incoming").set(self.spool.pending_instances())
+            self.metrics["queue"].labels("outbox").set(self.spool.outbox_length())
+        except OSError as exc:
+            log.warning("PACS queue gauges not updated (%s)", type(exc).__name__)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # background loops
+    def start(self) -> "PacsService":
+        for name, step in (("pacs-process", self.process_ready), ("pacs-deliver", self.deliver_ready)):
+            thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _loop(self, step) -> None:
+        while not self._stop.wait(self.config.scan_seconds):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - a loop that dies silently would stop the PACS road
+                log.error("PACS loop %s failed: %s", threading.current_thread().name, _describe(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+
+class PacsRoad:
+    """What start_pacs started: the service (loops) and the SCP, stopped together."""
+
+    def __init__(self, service: PacsService, scp: Any = None):
+        self.service, self.scp = service, scp
+
+    def stop(self) -> None:
+        if self.scp is not None:
+            self.scp.shutdown()
+        self.service.stop()
+
+
+def start_pacs(gateway: Any, options: Any) -> Optional[PacsRoad]:
+    """The gateway CLI's hook: with --results-to (and optionally --dicom-port) build the PacsService, attach it as
+    `gateway.pacs` (the STOW-RS router uses it), start the SCP and the loops. None when neither flag is given."""
+    from medpipe.deid import deid_key_from_env
+    from medpipe.errors import ConfigError
+    from serving.gateway.pacs_config import load_pacs_config
+
+    dicom_port = getattr(options, "dicom_port", None)
+    results_to = getattr(options, "results_to", None)
+    if dicom_port is None and not results_to:
+        return None
+    if not results_to:
+        raise ConfigError("--dicom-port needs --results-to (dicomweb+http://HOST:PORT/ROOT or dimse://AET@HOST:PORT):"
+                          " the PACS road must know where its structured reports go")
+    config = load_pacs_config(getattr(options, "pacs_config", None))
+    if not config.routes:
+        log.warning("the PACS config has no routes: every received instance is acknowledged and audited "
+                    "'not routed' (pass --pacs-config with routes)")
+    service = PacsService(gateway, config, results.parse_destination(results_to), deid_key_from_env(required=True))
+    gateway.pacs = service
+    scp = None
+    if dicom_port is not None:
+        from serving.gateway.dimse import start_scp
+
+        host = getattr(options, "host", "127.0.0.1")
+        scp = start_scp(service, dicom_port, getattr(options, "dicom_ae_title", "MEDPIPE"), host)
+        # one parseable line, like the gRPC/REST one: tests and the benchmark read the bound port from it
+        print(f"medpipe gateway: DICOM {getattr(options, 'dicom_ae_title', 'MEDPIPE')}@{host}:"
+              f"{scp.server_address[1]}", flush=True)
+    service.start()
+    return PacsRoad(service, scp)
+
+
+def _may_call(principal, model: str) -> bool:
+    from serving.gateway.core import may_call
+
+    return may_call(principal, model)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: the gateway's own errors carry safe messages; anything else only its type."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code.isupper():
+        return f"{code}: {getattr(exc, 'message', '')}"[:300]
+    return type(exc).__name__

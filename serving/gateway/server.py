@@ -1,0 +1,190 @@
+"""`medpipe gateway`: start the gRPC and REST doors in front of TF Serving (see serving/gateway/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import socket
+import ssl
+import sys
+import threading
+from typing import Sequence
+
+from medpipe.errors import ConfigError
+
+log = logging.getLogger("medpipe.gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe gateway",
+        description="The clinical gateway: one authenticated, audited front door (TF Serving's gRPC and REST APIs, "
+        "DICOM/PNG/JPEG/TIFF in) in front of TF Serving. See README.md and docs/operations.md.")
+    parser.add_argument("--upstream", required=True, help="TF Serving gRPC HOST:PORT (tensorflow/serving or "
+                        "medpipe serve)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0 = any free port)")
+    parser.add_argument("--rest-port", type=int, default=8501, help="REST + metrics port (0 = any free port)")
+    parser.add_argument("--tls-cert", help="PEM server certificate for both doors (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--client-ca", help="PEM CA that signs client certificates (mTLS; identity = the "
+                        "certificate subject; scopes from the config's identities)")
+    parser.add_argument("--jwt-key", help="PEM public key or JWKS file that verifies bearer tokens")
+    parser.add_argument("--jwt-audience", help="required `aud` of bearer tokens")
+    parser.add_argument("--jwt-issuer", help="required `iss` of bearer tokens")
+    parser.add_argument("--allow-anonymous", action="store_true",
+                        help="callers without credentials get the config's anonymous_scopes (loopback only: the demo)")
+    parser.add_argument("--audit-log", required=True, help="hash-chained JSON lines audit file (appended)")
+    parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (read by medpipe monitor and "
+                        "medpipe feedback)")
+    parser.add_argument("--config", help="gateway config YAML: limits, certificate identities (config/gateway.yaml)")
+    parser.add_argument("--drift-baseline", help="ingest stats.json (or its folder): export drift gauges")
+    parser.add_argument("--model-repository", help="the TF Serving model repository, read-only: preprocessing "
+                        "settings from each version's assets/preprocessing.json (default: from the model's "
+                        "metadata: image size and channels only)")
+    parser.add_argument("--upstream-ca", help="PEM CA of the upstream's certificate: talk TLS to TF Serving")
+    parser.add_argument("--upstream-cert", help="PEM client certificate for the upstream (mTLS)")
+    parser.add_argument("--upstream-key", help="PEM key of --upstream-cert")
+    parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
+    # the PACS road (serving/gateway/pacs.py): DIMSE C-STORE SCP, STOW-RS at /dicom-web/studies, SR results
+    parser.add_argument("--dicom-port", type=int, help="DICOM C-STORE/C-ECHO SCP port (0 = any free port)")
+    parser.add_argument("--dicom-ae-title", default="MEDPIPE", help="the SCP's AE title (default MEDPIPE)")
+    parser.add_argument("--results-to", help="where SRs go: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or "
+                        "dimse://AET@HOST:PORT (C-STORE); enables STOW-RS at /dicom-web/studies")
+    parser.add_argument("--pacs-config", help="routing, stability, calling-AE allow-list, spool (config/pacs.yaml)")
+    return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(args) -> None:
+    """Safe by default: refuse any combination that would expose models without authentication."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.client_ca and not args.tls_cert:
+        raise ConfigError("--client-ca (mTLS) needs TLS: pass --tls-cert and --tls-key")
+    if args.allow_anonymous and not is_loopback(args.host):
+        raise ConfigError(f"--allow-anonymous is for the loopback demo only; it is refused on --host {args.host}. "
+                          "Use client certificates (--client-ca) or bearer tokens (--jwt-key)")
+    if not (args.client_ca or args.jwt_key or args.allow_anonymous):
+        raise ConfigError("no way to authenticate: pass --client-ca (mTLS) and/or --jwt-key (bearer tokens), or "
+                          "--allow-anonymous for a loopback demo")
+    if not args.tls_cert and not is_loopback(args.host):
+        raise ConfigError(f"listening on {args.host} without TLS would send credentials and images in clear: "
+                          "pass --tls-cert and --tls-key")
+    if bool(args.upstream_cert) != bool(args.upstream_key):
+        raise ConfigError("--upstream-cert and --upstream-key go together")
+
+
+def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None):
+    """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known."""
+    import uvicorn
+
+    from serving.gateway.rest import make_protocol
+
+    limits = gateway.config.limits
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} for REST ({exc.strerror}); choose another --rest-port")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    tls_options = {}
+    if tls:
+        tls_options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]}
+        if client_ca:
+            tls_options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    config = uvicorn.Config(
+        app, http=make_protocol(limits.header_timeout_s, gateway.metrics), loop="asyncio", lifespan="off",
+        timeout_keep_alive=limits.idle_timeout_s, limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=32 * 1024, access_log=False, server_header=False, log_level="warning",
+        **tls_options)
+    if tls and client_ca:
+        config.load()
+        audit_tls_refusals(config.ssl, gateway)
+    server = uvicorn.Server(config)
+    return server, sock
+
+
+def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
+    """Audit a client certificate the TLS layer refused (another CA, expired): the request never reaches the app.
+
+    Python exposes no verification hook, only OpenSSL's message callback (`SSLContext._msg_callback`, present since
+    3.8): an alert we send during a handshake is the refusal. The peer address is not known at that layer."""
+    if not hasattr(context, "_msg_callback"):
+        log.warning("this Python cannot audit TLS handshake refusals (no SSLContext._msg_callback)")
+        return
+    from serving.gateway.core import GatewayError
+
+    refusals = {"UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED",
+                "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED", "DECRYPT_ERROR",
+                "ACCESS_DENIED"}
+
+    def on_message(conn, direction, version, content_type, msg_type, data):
+        if direction != "write" or content_type != ssl._TLSContentType.ALERT:
+            return
+        alert = getattr(msg_type, "name", str(msg_type))
+        if alert in refusals:
+            gateway.refused("rest", None, None, GatewayError(
+                "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
+                "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+
+    context._msg_callback = on_message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_options(args)
+    sys.setswitchinterval(0.0005)  # see serving.server: a woken thread should not wait 5 ms for the GIL
+    from serving.gateway.core import Gateway
+    from serving.gateway.grpc_door import start_grpc
+    from serving.gateway.rest import build_app
+
+    gateway = Gateway(args)
+    from serving.gateway.pacs import start_pacs
+
+    pacs = start_pacs(gateway, args)  # None unless --results-to / --dicom-port
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads)
+    app = build_app(gateway)
+    server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca)
+    rest_port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rest")
+    thread.start()
+    scheme = "https" if tls else "http"
+    # one parseable line: tests and the demo read the bound ports from it
+    print(f"medpipe gateway: gRPC {args.host}:{grpc_port} REST {scheme}://{args.host}:{rest_port} "
+          f"upstream {args.upstream}", flush=True)
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.5):
+        if not thread.is_alive():
+            log.error("the REST door stopped")
+            break
+    server.should_exit = True
+    if pacs is not None:
+        pacs.stop()
+    grpc_server.stop(grace=5).wait()
+    thread.join(timeout=10)
+    gateway.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from medpipe.cli import module_main
+
+    module_main(main)
