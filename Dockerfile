@@ -30,6 +30,10 @@ COPY requirements.lock ./
 RUN pip install -r requirements.lock \
  # depends on the full `tensorflow` wheel, which would replace tensorflow-cpu: install it alone
  && pip install --no-deps tensorflow-serving-api==2.21.0
+# Optional extras for a deployment, e.g. the compose `celery` profile:
+#   docker compose build --build-arg EXTRA_PIP_PACKAGES="apache-airflow-providers-celery==<version>"
+ARG EXTRA_PIP_PACKAGES=""
+RUN if [ -n "$EXTRA_PIP_PACKAGES" ]; then pip install $EXTRA_PIP_PACKAGES; fi
 COPY pyproject.toml README.md LICENSE ./
 COPY medpipe ./medpipe
 COPY beam_pipelines ./beam_pipelines

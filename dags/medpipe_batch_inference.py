@@ -7,32 +7,36 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from medpipe_dag_common import PARTITION_PATTERN, default_task_args, notify_failure, schedule_from_env
+from medpipe_dag_common import PARTITION_PATTERN, default_task_args, schedule_from_env, stage_deadline
 
 DOC_MD = """
 ### medpipe_batch_inference
 
-Each run scores the studies in one **drop-folder partition** (default `$MEDPIPE_DATA_ROOT/dropbox/<dataset>/<partition>/`,
-any DICOM/PNG/JPEG files, recursively) with `python -m serving.client` against the **served** model over gRPC, and
-writes `predictions.jsonl` (one line per file: file, finding, class, confidence, probabilities, ood_score,
-in_distribution, model_version, request_id; the finding is "outside intended use" when the model's OOD guard flags
-the image),
-`predictions.csv` and `summary.json` to `$MEDPIPE_DATA_ROOT/predictions/<dataset>/<partition>/`.
+Each run scores the files in one **drop-folder partition** (default `$MEDPIPE_DATA_ROOT/dropbox/<dataset>/<partition>/`,
+any DICOM/PNG/JPEG files, recursively) with `python -m serving.batch` against the **served** model over gRPC, and
+writes `predictions.jsonl` (one line per file: `outcome` = `predicted` with finding, class, confidence,
+probabilities, ood_score, in_distribution, model_version, request_id (the finding is "outside intended use" when the
+model's OOD guard flags the image), or `rejected` with a `reason`), `predictions.csv` and `summary.json` to
+`$MEDPIPE_DATA_ROOT/predictions/<dataset>/<partition>/`.
 
-* **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). The output partition is written
-  to a staging folder and swapped in: re-running a day replaces that day's predictions.
+* **Per-file outcome**: a file that is not an image (a stray `notes.txt`) or is corrupt is *rejected* with a reason;
+  the others are scored. `score` fails only when more than `max_rejected_fraction` (param, default 0.2) of the files
+  were rejected (not retried: the outputs are written so the reasons can be read).
+* **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). The files are listed by `score`
+  itself when it starts, so clearing `score` alone scores the folder as it is now; the output partition is
+  swapped in as a whole: re-running a day replaces that day's predictions.
 * **PACS source**: a `drop_uri` such as `dicomweb+http://pacs:8042/dicom-web?StudyDate={ds_nodash}&ModalitiesInStudy=MR`
-  pulls the day's instances by QIDO-RS/WADO-RS into the partition's `instances/` (with `instances.csv` naming each
-  file's study/series/instance UIDs) and scores them; credentials from the connection `medpipe_pacs`.
+  makes `score` pull the day's instances by QIDO-RS/WADO-RS (`serving.batch --pacs`) into the partition's
+  `instances/` (with `instances.csv` naming each file's study/series/instance UIDs) and score them; credentials from
+  the connection `medpipe_pacs`.
 * A day with no drop folder is **skipped** (nothing arrived); the server not answering fails `check_server`, which
   retries with backoff before anything is written.
 * **Serving address**: param `serving_grpc`, connection `medpipe_serving` (host + port), Variable
   `medpipe_serving_grpc`, env `MEDPIPE_SERVING_GRPC` / `MEDPIPE_TF_SERVING_GRPC`, default `localhost:8500`.
+* **Deadline**: an alert `MedpipeDeadlineMissed` when a run is not done 3 h after it was queued.
 
 Schedule: env `MEDPIPE_BATCH_SCHEDULE` (default `@daily`, `none` disables it).
 """
-
-CHUNK = 32  # files per client invocation: bounds the command line and the blast radius of a failed call
 
 
 @dag(
@@ -42,7 +46,7 @@ CHUNK = 32  # files per client invocation: bounds the command line and the blast
     catchup=False,
     max_active_runs=1,
     default_args=default_task_args(),
-    on_failure_callback=notify_failure,
+    deadline=stage_deadline(hours=3, what="batch inference"),
     doc_md=DOC_MD,
     tags=["medpipe", "inference", "serving"],
     params={
@@ -55,19 +59,22 @@ CHUNK = 32  # files per client invocation: bounds the command line and the blast
                            description="partition name; empty = the run's logical date (YYYY-MM-DD)"),
         "serving_grpc": Param(None, type=["null", "string"], description="host:port of the gRPC endpoint"),
         "label": Param("stable", type="string", pattern="^[a-z][a-z0-9_-]*$", description="model version label"),
+        "max_rejected_fraction": Param(0.2, type="number", minimum=0, maximum=1,
+                                       description="score fails when more files than this fraction are rejected"),
     },
 )
 def medpipe_batch_inference():
     @task
     def plan(params=None, **context) -> dict:
-        """List the partition's files (sorted: stable output order) and resolve the output folder."""
+        """Check the conf, resolve the drop and output folders (the files are listed by `score`)."""
         from pathlib import Path
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from medpipe_dag_common import (is_dicomweb, load_task_config, partition_fields, resolve_config,
-                                        resolve_path, run_partition, safe_name)
+        from medpipe_dag_common import (check_conf, is_dicomweb, load_task_config, partition_fields, resolve_config,
+                                        resolve_path, run_partition)
 
+        check_conf(context, params)
         config_path = resolve_config(params["config"])
         config = load_task_config(config_path)
         dataset = config["name"]
@@ -79,11 +86,8 @@ def medpipe_batch_inference():
         drop = Path(drop_uri)
         if pacs is None and not drop.is_dir():
             raise AirflowSkipException(f"no drop folder {drop}: nothing arrived for partition {partition}")
-        files = [] if pacs else sorted(str(path) for path in drop.rglob("*")
-                                       if path.is_file() and not path.name.startswith("."))
-        staging = output.with_name(f".{output.name}.staging-{safe_name(context['run_id'])}")
-        return {"config": config_path, "dataset": dataset, "partition": partition, "files": files, "pacs": pacs,
-                "output": str(output), "staging": str(staging),
+        return {"config": config_path, "dataset": dataset, "partition": partition, "pacs": pacs,
+                "drop": None if pacs else str(drop), "output": str(output),
                 "model_name": (config.get("serving") or {}).get("model_name") or dataset}
 
     @task(retries=4)
@@ -99,50 +103,22 @@ def medpipe_batch_inference():
         return {**job, "server": address}
 
     @task(execution_timeout=timedelta(hours=2))
-    def score(job: dict, params=None) -> dict:
-        """Score in chunks through the client, then swap the finished partition into place."""
-        import csv
+    def score(job: dict, params=None, **context) -> dict:
+        """`python -m serving.batch`: list, score, write the partition (one outcome per file)."""
         import json
-        import shutil
         from pathlib import Path
 
-        from medpipe_dag_common import dicomweb_env, replace_dir, run_stage, write_json_atomic
+        from medpipe_dag_common import dicomweb_env, run_stage, safe_name
 
-        staging = Path(job["staging"])
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        if job.get("pacs"):  # QIDO-RS + WADO-RS into the partition: the scored files stay beside their predictions
-            run_stage("beam_pipelines.dicomweb_source", ["--input", job["pacs"], "--output",
-                                                         str(staging / "instances")], env=dicomweb_env())
-            job = {**job, "files": sorted(str(p) for p in (staging / "instances").glob("*.dcm"))}
-        rows: list[dict] = []
-        for start in range(0, len(job["files"]), CHUNK):
-            # no --config: the client preprocesses at the served model's own size (a task config at another
-            # size is refused by the client)
-            lines = run_stage("serving.client", ["--server", job["server"], "--model", job["model_name"],
-                                                 "--label", params["label"], *job["files"][start:start + CHUNK]],
-                              capture_stdout=True)
-            rows += [json.loads(line) for line in lines if line.lstrip().startswith("{")]
-        with (staging / "predictions.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        columns = ["file", "finding", "class", "confidence", "in_distribution", "ood_score", "model_version",
-                   "request_id", "error"]
-        with (staging / "predictions.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        classes: dict[str, int] = {}
-        for row in rows:
-            finding = str(row.get("finding", row.get("class")))  # "outside intended use" is counted as such
-            classes[finding] = classes.get(finding, 0) + 1
-        summary = {"partition": job["partition"], "files": len(job["files"]), "predictions": len(rows),
-                   "classes": classes, "model_name": job["model_name"], "label": params["label"],
-                   "model_versions": sorted({str(row.get("model_version")) for row in rows})}
-        write_json_atomic(staging / "summary.json", summary)
-        if len(rows) != len(job["files"]):
-            raise RuntimeError(f"{len(job['files'])} files but {len(rows)} predictions came back; see the log")
-        replace_dir(staging, Path(job["output"]))
-        return {**summary, "output": job["output"]}
+        # the PACS is queried here, not in plan, for the same reason the folder is listed here: after a clear of
+        # `score` alone, what is scored is what is there now
+        source, env = (["--pacs", job["pacs"]], dicomweb_env()) if job.get("pacs") else (["--drop", job["drop"]], None)
+        run_stage("serving.batch", [*source, "--output", job["output"], "--server", job["server"],
+                                    "--model", job["model_name"], "--label", params["label"],
+                                    "--max-rejected-fraction", params["max_rejected_fraction"],
+                                    "--request-id", f"batch-{safe_name(context['run_id'])}"], env=env)
+        summary = json.loads((Path(job["output"]) / "summary.json").read_text())
+        return {**summary, "output": job["output"], "partition": job["partition"]}
 
     score(check_server(plan()))
 

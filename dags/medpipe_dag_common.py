@@ -9,16 +9,23 @@ the task, i.e. the deployment's venv), stream their output into the task log, an
 failure whose message carries the tail of the stage's stderr.
 
 Stable public helpers for every medpipe DAG file (keep their signatures):
-  task defaults:   default_task_args(**overrides), notify_failure(context)
+  task defaults:   default_task_args(**overrides), notify_failure(context), check_conf(context, params),
+                   stage_deadline(hours, what)
+  alerts:          send_alert(name, summary, severity=..., **labels) -> Alertmanager (MEDPIPE_ALERTMANAGER_URL)
   run partition:   run_partition(context, explicit=None), check_partition(name), PARTITION_PATTERN, safe_name(text),
-                   newest_event_extra(context["triggering_asset_events"])
+                   newest_event_extra(events), triggering_events(events), is_backfill(context),
+                   order_partitions(ingested_at), partition_ingest_times(root, events)
   paths:           medpipe_home(), data_root(), model_repository(), resolve_path(value, **fields),
                    resolve_config(name_or_path), load_task_config(path), latest_partition(root, marker)
-  stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines, StageFailed,
-                   set_args(overrides), deid_env()
+  stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines,
+                   StageFailed / StageRefused (exit 2: no retry) / StageVerdict (exit 3), kill_running_stages
+                   (every task's on_kill), set_args(overrides), deid_env()
   outputs:         replace_dir(staging, final), write_json_atomic(path, payload)
   serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
-  assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL
+  assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
+                   ASSET_EVENTS_POOL
+  PACS sources:    is_dicomweb(uri), dicomweb_env() (the `medpipe_pacs` connection), partition_fields(dataset,
+                   partition) ({dataset}, {partition}, {ds}, {ds_nodash})
 
 The name is deliberately specific: `dags/` sits on Airflow's sys.path, so a generic name (`common`, `utils`)
 could shadow or be shadowed by another package.
@@ -47,6 +54,10 @@ log = logging.getLogger("medpipe.dags")
 DATASETS: tuple[str, ...] = ("brain_mri", "chest_xray")
 INGESTED_ALIAS = "medpipe_ingested_dataset"
 TRAINING_POOL = "medpipe_training"  # create it: `airflow pools set medpipe_training 1 "medpipe training"`
+# One slot: two ingest runs announcing their partitions at the same moment (a backfill with --max-active-runs 2)
+# make Airflow 3.3 on PostgreSQL insert the same alias->asset link twice (UniqueViolation on asset_alias_asset,
+# the task is then failed). Serialising the 2-second publish_asset task avoids it.
+ASSET_EVENTS_POOL = "medpipe_asset_events"
 
 PARTITION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,99}$"  # a folder name: 2026-11-24, 2026-11-24T06, batch_7
 _PARTITION_RE = re.compile(PARTITION_PATTERN)
@@ -59,7 +70,8 @@ SERVING_VARIABLE = "medpipe_serving_grpc"
 SERVING_ENV = ("MEDPIPE_SERVING_GRPC", "MEDPIPE_TF_SERVING_GRPC")
 DEFAULT_SERVING_GRPC = "localhost:8500"
 
-DEID_VARIABLE = "medpipe_deid_key"
+# "secret" in the name: Airflow masks the value in the UI, the REST API and task logs (sensitive_var_conn_names).
+DEID_VARIABLE = "medpipe_deid_secret"
 
 STDERR_TAIL_LINES = 40
 
@@ -85,33 +97,103 @@ def dataset_asset_uri(dataset: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def notify_failure(context: dict) -> None:
-    """`on_failure_callback` of every task and DAG: one clear log line, plus an optional webhook.
+ALERTMANAGER_ENV = "MEDPIPE_ALERTMANAGER_URL"  # e.g. http://alertmanager:9093 (compose sets it)
 
-    Set MEDPIPE_ALERT_WEBHOOK to a URL to receive a JSON POST (Slack/Teams/Alertmanager-style receivers); the hook
-    never raises, so a broken receiver cannot mask the original failure.
+
+def alertmanager_alert(name: str, summary: str, *, severity: str = "warning", description: str = "",
+                       labels: dict[str, Any] | None = None, now: Any = None) -> dict:
+    """One alert in Alertmanager's API format (POST /api/v2/alerts takes a list of these).
+
+    Labels identify the alert (Alertmanager groups and de-duplicates on them); annotations carry the text.
+    """
+    from datetime import datetime, timezone
+
+    started = now or datetime.now(timezone.utc)
+    clean = {key: str(value) for key, value in (labels or {}).items() if value not in (None, "")}
+    return {
+        "labels": {"alertname": name, "severity": severity, "source": "medpipe-airflow", **clean},
+        "annotations": {"summary": summary[:1000], "description": description[-4000:]},
+        "startsAt": started.isoformat(),
+        # resolved by Alertmanager after resolve_timeout unless posted again; a task failure is an event, not a state
+    }
+
+
+def send_alert(name: str, summary: str, *, severity: str = "warning", description: str = "", **labels: Any) -> bool:
+    """Log the alert and post it to Alertmanager (MEDPIPE_ALERTMANAGER_URL), which routes it (Slack, e-mail...).
+
+    Never raises: a broken receiver must not mask the failure being reported. Returns True when Alertmanager
+    accepted the alert.
+    """
+    alert = alertmanager_alert(name, summary, severity=severity, description=description, labels=labels)
+    log.error("medpipe alert %s: %s", name, json.dumps(alert, default=str))
+    base = os.environ.get(ALERTMANAGER_ENV, "").strip().rstrip("/")
+    if not base:
+        return False
+    try:
+        request = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps([alert]).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        return True
+    except Exception as exc:  # the alert is best effort; the failure itself is already recorded
+        log.warning("Alertmanager at %s did not accept the alert %s: %s", base, name, exc)
+        return False
+
+
+def notify_failure(context: dict) -> None:
+    """`on_failure_callback` of every task: one log line and ONE alert `MedpipeTaskFailed` per failed task.
+
+    Only tasks carry it (not the DAGs as well), so a failure is reported once. A DAG run that fails without a
+    failed task (a dagrun_timeout) is covered by the deadline alerts and Prometheus' `AirflowTaskFailures`.
     """
     ti = context.get("task_instance") or context.get("ti")
     dag_run = context.get("dag_run")
-    payload = {
-        "source": "medpipe-airflow",
-        "dag_id": getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", None),
-        "task_id": getattr(ti, "task_id", None),
-        "run_id": getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None),
-        "try_number": getattr(ti, "try_number", None),
-        "error": str(context.get("exception") or context.get("reason") or "")[-2000:],
-    }
-    log.error("medpipe failure: %s", json.dumps(payload, default=str))
-    url = os.environ.get("MEDPIPE_ALERT_WEBHOOK", "").strip()
-    if not url:
-        return
-    try:
-        request = urllib.request.Request(
-            url, data=json.dumps(payload, default=str).encode(), headers={"Content-Type": "application/json"}
-        )
-        urllib.request.urlopen(request, timeout=10).close()
-    except Exception as exc:  # the alert is best effort; the task failure itself is already recorded
-        log.warning("medpipe failure webhook %s did not accept the alert: %s", url, exc)
+    error = str(context.get("exception") or context.get("reason") or "")
+    send_alert(
+        "MedpipeTaskFailed",
+        f"{getattr(ti, 'dag_id', None)}.{getattr(ti, 'task_id', None)} failed (try {getattr(ti, 'try_number', None)})",
+        severity="critical" if isinstance(context.get("exception"), StageRefused) else "warning",
+        description=error[-2000:],
+        dag_id=getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", None),
+        task_id=getattr(ti, "task_id", None),
+        run_id=getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None),
+    )
+
+
+async def deadline_missed(**kwargs: Any) -> None:
+    """Deadline callback (awaited in the triggerer): the run is still not done when its deadline passed."""
+    context = kwargs.get("context") or {}
+    dag_run = context.get("dag_run") or {}
+    get = dag_run.get if isinstance(dag_run, dict) else (lambda key, default=None: getattr(dag_run, key, default))
+    send_alert("MedpipeDeadlineMissed", f"{get('dag_id')} run {get('run_id')} missed its deadline "
+               f"({kwargs.get('what', 'run')})", severity="warning", dag_id=get("dag_id"), run_id=get("run_id"))
+
+
+def stage_deadline(hours: float, what: str) -> Any:
+    """An Airflow 3 DeadlineAlert: alert when a run is not finished `hours` after it was queued."""
+    from airflow.sdk.definitions.callback import AsyncCallback
+    from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+
+    return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
+                         callback=AsyncCallback(deadline_missed, kwargs={"what": what}))
+
+
+def check_conf(context: dict, params: Any = None) -> None:
+    """Refuse a run whose conf has keys the DAG does not know (a typo such as `partiton` must not be ignored).
+
+    The known keys are the DAG's declared params (`context["dag"].params`): the run's own params already hold
+    every conf key, the unknown ones included. `params` is the fallback when there is no DAG object (tests)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag_run = context.get("dag_run")
+    conf = dict(getattr(dag_run, "conf", None) or {})
+    dag = context.get("dag")
+    declared = getattr(dag, "params", None)
+    known = set((declared if declared is not None else params if params is not None
+                 else context.get("params") or {}).keys())
+    unknown = sorted(set(conf) - known)
+    if unknown:
+        raise AirflowFailException(f"unknown conf key(s) {unknown}: this DAG knows {sorted(known)}; "
+                                   "trigger it again with the right names (nothing was done)")
 
 
 def default_task_args(**overrides: Any) -> dict[str, Any]:
@@ -205,16 +287,64 @@ def run_partition(context: dict, explicit: str | None = None) -> str:
     return logical_date.strftime("%Y-%m-%d")
 
 
-def newest_event_extra(triggering_asset_events: Any) -> dict:
-    """`extra` of the newest asset event that triggered a run ({} for a manual run).
+def triggering_events(triggering_asset_events: Any) -> list[dict]:
+    """The asset events that triggered a run, oldest first, each once, as their `extra` plus `ingested_at`.
 
-    Airflow maps each event under its asset and under every alias it came through, so an event may appear twice;
-    taking the newest by timestamp makes an asset-triggered medpipe_train use the partition ingested last.
+    Airflow lists each event under its asset and under every alias it came through, and merges several events into
+    one run when they arrive together (a backfill): all of them are returned, de-duplicated.
     """
-    events = [event for group in (triggering_asset_events or {}).values() for event in group]
-    if not events:
-        return {}
-    return dict(max(events, key=lambda event: event.timestamp).extra or {})
+    seen: dict[Any, dict] = {}
+    for group in (triggering_asset_events or {}).values():
+        for event in group:
+            extra = dict(getattr(event, "extra", None) or {})
+            stamp = getattr(event, "timestamp", None)
+            extra.setdefault("ingested_at", stamp.isoformat() if hasattr(stamp, "isoformat") else stamp)
+            key = getattr(event, "id", None) or (extra.get("path"), extra.get("ingested_at"))
+            seen[key] = extra
+    return sorted(seen.values(), key=lambda extra: str(extra.get("ingested_at") or ""))
+
+
+def newest_event_extra(triggering_asset_events: Any) -> dict:
+    """`extra` of the newest asset event that triggered a run ({} for a manual run)."""
+    events = triggering_events(triggering_asset_events)
+    return events[-1] if events else {}
+
+
+def is_backfill(context: dict) -> bool:
+    """A run created by `airflow backfill create`, or triggered by an asset event that a backfill run emitted."""
+    dag_run = context.get("dag_run")
+    run_type = str(getattr(dag_run, "run_type", "") or "")
+    if run_type.lower().endswith("backfill"):
+        return True
+    return any(extra.get("backfill") for extra in triggering_events(context.get("triggering_asset_events")))
+
+
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:T\d{2}(?::?\d{2}(?::?\d{2})?)?)?$")
+
+
+def order_partitions(ingested_at: dict[str, Any]) -> list[str]:
+    """Partition names oldest first: by the date in the name when every name is a date (2026-11-24, 2026-11-24T06),
+    else by ingest time (so `sample-small` does not outrank `2026-11-30` just by sorting after it)."""
+    names = list(ingested_at)
+    if names and all(_DATE_RE.match(name) for name in names):
+        return sorted(names)
+    return sorted(names, key=lambda name: (str(ingested_at[name] or ""), name))
+
+
+def partition_ingest_times(root: Path, events: Iterable[dict] = (), marker: str = "schema.json") -> dict[str, str]:
+    """{partition name: ingest time} of the complete partitions under root. The time comes from the asset event's
+    extra (`ingested_at`) when the run has it, else from the partition's marker file (written by the ingest)."""
+    from datetime import datetime, timezone
+
+    known = {Path(str(extra.get("path"))).name: extra.get("ingested_at") for extra in events if extra.get("path")}
+    found: dict[str, str] = {}
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.is_dir() and not child.name.startswith(".") and (child / marker).is_file():
+                stamp = known.get(child.name) or datetime.fromtimestamp((child / marker).stat().st_mtime,
+                                                                        timezone.utc).isoformat()
+                found[child.name] = str(stamp)
+    return found
 
 
 def safe_name(text: str) -> str:
@@ -249,7 +379,7 @@ def serving_address(explicit: str | None = None) -> tuple[str, str]:
 
 
 def deid_env() -> dict[str, str]:
-    """MEDPIPE_DEID_KEY for the ingest subprocess, read at run time: env, else the Airflow Variable `medpipe_deid_key`.
+    """MEDPIPE_DEID_KEY for the ingest subprocess, read at run time: env, else the Airflow Variable `medpipe_deid_secret`.
 
     The key is never a DAG param or a file in the repo (params are stored in the metadata DB in clear text).
     """
@@ -270,12 +400,9 @@ def deid_env() -> dict[str, str]:
 
 
 def latest_partition(root: Path, marker: str = "schema.json") -> Path | None:
-    """The newest complete partition folder under root (names sort by date), or None."""
-    if not root.is_dir():
-        return None
-    done = [child for child in root.iterdir() if child.is_dir() and (child / marker).is_file()
-            and not child.name.startswith(".")]
-    return max(done, key=lambda child: child.name) if done else None
+    """The newest complete partition folder under root (see order_partitions), or None."""
+    ordered = order_partitions(partition_ingest_times(root, marker=marker))
+    return root / ordered[-1] if ordered else None
 
 
 def replace_dir(staging: Path, final: Path) -> None:
@@ -316,11 +443,74 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 class StageFailed(RuntimeError):
-    """A stage subprocess exited non-zero; the message carries the command, the exit code and the stderr tail."""
+    """A stage subprocess exited non-zero; the message carries the command, the exit code and the stderr tail.
+
+    Airflow retries it (a crash, a lost server, an out-of-memory kill may pass on the next try)."""
 
     def __init__(self, message: str, returncode: int | None = None):
         super().__init__(message)
         self.returncode = returncode
+
+
+try:  # airflow.sdk is importable wherever DAGs are parsed; the fallback keeps this module usable without it
+    from airflow.sdk.exceptions import AirflowFailException as _NoRetry
+except ImportError:  # pragma: no cover
+    _NoRetry = RuntimeError  # type: ignore[misc,assignment]
+
+
+class StageRefused(StageFailed, _NoRetry):
+    """Exit status 2: the stage refused its input or config (medpipe's MedpipeError). Retrying cannot help, so the
+    task fails at once (an AirflowFailException skips the remaining retries)."""
+
+
+class StageVerdict(StageFailed, _NoRetry):
+    """Exit status 3: the stage ran and its verdict is negative (not blessed, nothing written). Not a crash: the
+    caller decides what it means; left uncaught it fails the task without retries."""
+
+
+EXIT_REFUSED = 2
+EXIT_VERDICT = 3
+
+# Stage processes started by this task process: {pid: Popen}. kill_running_stages() ends their process groups.
+_RUNNING: dict[int, subprocess.Popen] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running_stages(*_args: Any, **_kwargs: Any) -> None:
+    """Kill the process group of every stage this task process started (SIGTERM, then SIGKILL after a grace).
+
+    Installed as the running task's `on_kill`: Airflow calls it when the task is marked failed or success, cleared,
+    timed out, or its worker shuts down (the task runner's SIGTERM handler). A stage runs in its own session, so
+    without this its whole tree would survive the task, re-parented to PID 1.
+    """
+    with _RUNNING_LOCK:
+        running = list(_RUNNING.values())
+    for process in running:
+        log.error("task is being stopped: killing stage process group %s", process.pid)
+        _kill_group(process)
+
+
+def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
+    """Ask the kernel to SIGKILL the stage if the task process dies without running on_kill (e.g. SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (Linux only; elsewhere a no-op)
+    except Exception:  # noqa: BLE001 - never let the child fail to start over this
+        pass
+
+
+def _kill_with_current_task() -> None:
+    """Make the running Airflow task's on_kill kill our stages (the task runner calls ti.task.on_kill on SIGTERM)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        task = get_current_context().get("task")
+    except Exception:  # not inside an Airflow task (unit tests, scripts)
+        return
+    if task is not None and getattr(task, "on_kill", None) is not kill_running_stages:
+        task.on_kill = kill_running_stages
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -341,12 +531,15 @@ def run_stage(
 ) -> list[str]:
     """Run `sys.executable -m module args...`, streaming stdout and stderr into the task log line by line.
 
-    Returns the stdout lines when capture_stdout is set. The child runs in its own process group, which is killed
-    if the task is interrupted (execution_timeout, a manual "mark failed", a SIGTERM from the worker).
+    Returns the stdout lines when capture_stdout is set. Exit 2 raises StageRefused and exit 3 StageVerdict (no
+    retries); any other non-zero exit raises StageFailed (retried). The child runs in its own process group, which
+    dies with the task: on_kill (mark failed, clear, worker shutdown), an exception in the waiting task
+    (execution_timeout) and, if the task process itself is SIGKILLed, the kernel's parent-death signal.
     """
     logger = logger or log
     command = [sys.executable, "-m", module, *map(str, args)]
     logger.info("running: %s", " ".join(command))
+    _kill_with_current_task()
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -356,7 +549,10 @@ def run_stage(
         cwd=str(medpipe_home()),
         env=stage_env(env),
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
+    with _RUNNING_LOCK:
+        _RUNNING[process.pid] = process
     stdout_lines: list[str] = []
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
@@ -382,10 +578,18 @@ def run_stage(
     finally:
         for thread in threads:
             thread.join(timeout=10)
+        with _RUNNING_LOCK:
+            _RUNNING.pop(process.pid, None)
     if returncode != 0:
         tail = "\n".join(stderr_tail) or "(no stderr)"
-        raise StageFailed(f"{module} exited with status {returncode}.\ncommand: {' '.join(command)}\n"
-                          f"last {len(stderr_tail)} lines of stderr:\n{tail}", returncode)
+        message = (f"{module} exited with status {returncode}.\ncommand: {' '.join(command)}\n"
+                   f"last {len(stderr_tail)} lines of stderr:\n{tail}")
+        if returncode == EXIT_REFUSED:
+            raise StageRefused(message + "\n(exit 2: the input or the config was refused; not retried: fix and "
+                               "trigger again)", returncode)
+        if returncode == EXIT_VERDICT:
+            raise StageVerdict(message, returncode)
+        raise StageFailed(message, returncode)
     logger.info("%s finished (exit 0)", module)
     return stdout_lines
 
@@ -397,8 +601,15 @@ def _kill_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
         process.wait(timeout=10)
+    try:  # the leader is gone; members that ignored SIGTERM (Beam workers, TF threads' children) are not
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def set_args(overrides: Iterable[str]) -> list[str]:

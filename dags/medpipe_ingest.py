@@ -8,13 +8,13 @@ import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
 
 from medpipe_dag_common import (
+    ASSET_EVENTS_POOL,
     DATASETS,
     INGESTED_ALIAS,
     PARTITION_PATTERN,
     dataset_asset_name,
     dataset_asset_uri,
     default_task_args,
-    notify_failure,
     schedule_from_env,
 )
 
@@ -37,12 +37,19 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
   the run's day from the PACS (QIDO-RS + WADO-RS inside the pipeline) with labels from `labels_uri` (CSV keyed by
   StudyInstanceUID or AccessionNumber); `airflow backfill create` over a date range fills one partition per day.
   Credentials: the connection `medpipe_pacs` (or MEDPIPE_DICOMWEB_* in the worker's environment).
-* **Runner**: `runner` + `pipeline_options` (e.g. `["--direct_num_workers=2", "--direct_running_mode=multi_processing"]`,
-  or `["--flink_master=flink-jobmanager:8081", "--environment_type=LOOPBACK"]` with the compose `flink` profile).
-* **De-identification key**: `MEDPIPE_DEID_KEY` in the worker environment, else the Variable `medpipe_deid_key`;
-  never a param.
+* **Runner**: `runner` + `pipeline_options` (e.g. `["--direct_num_workers=2", "--direct_running_mode=multi_processing"]`).
+  On the compose `flink` profile use `runner=PortableRunner` with `["--job_endpoint=beam-job-server:8099",
+  "--artifact_endpoint=beam-job-server:8098", "--environment_type=EXTERNAL",
+  "--environment_config=beam-worker-pool:50000"]`: the compose job server matches the compose Flink (1.19).
+  Not `FlinkRunner --flink_master=...`: it downloads a job-server jar for Beam's default Flink version.
+* **De-identification key**: `MEDPIPE_DEID_KEY` in the worker environment, else the Variable `medpipe_deid_secret`
+  (masked by Airflow); never a param.
+* **0 records written** (every input rejected, or an empty source) fails `run_ingest` without retries and emits no
+  asset event: `medpipe_train` never sees an empty partition.
 * **On success** an asset event for `medpipe://ingested/<dataset>` is emitted (through the alias
-  `medpipe_ingested_dataset`) with the partition path in its `extra`: `medpipe_train` is scheduled on it.
+  `medpipe_ingested_dataset`) with the partition path, its ingest time (`ingested_at`, which orders partitions
+  whose names are not dates), the counts, the config and `backfill: true` for backfill runs in its `extra`:
+  `medpipe_train` is scheduled on it.
 
 Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `@daily`, `none` disables it).
 """
@@ -55,7 +62,6 @@ Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `
     catchup=False,  # history is loaded on purpose with `airflow backfill create`, not by accident on unpause
     max_active_runs=2,
     default_args=default_task_args(execution_timeout=timedelta(hours=2)),
-    on_failure_callback=notify_failure,
     doc_md=DOC_MD,
     tags=["medpipe", "ingest", "beam"],
     params={
@@ -83,9 +89,10 @@ def medpipe_ingest():
         """Resolve every path of this run once; later tasks (and their retries) use exactly these."""
         from pathlib import Path
 
-        from medpipe_dag_common import (load_task_config, partition_fields, resolve_config, resolve_path,
+        from medpipe_dag_common import (check_conf, load_task_config, partition_fields, resolve_config, resolve_path,
                                         run_partition, safe_name)
 
+        check_conf(context, params)
         config_path = resolve_config(params["config"])
         dataset = load_task_config(config_path)["name"]
         partition = run_partition(context, params.get("partition"))
@@ -105,10 +112,14 @@ def medpipe_ingest():
     @task
     def run_ingest(job: dict, params=None) -> dict:
         """Launch the Beam pipeline on the configured runner and swap the finished partition into place."""
+        import json
         import shutil
         from pathlib import Path
 
-        from medpipe_dag_common import deid_env, dicomweb_env, is_dicomweb, replace_dir, run_stage, set_args
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from medpipe_dag_common import (StageVerdict, deid_env, dicomweb_env, is_dicomweb, replace_dir, run_stage,
+                                        set_args)
 
         if job["staging"] != job["output"]:
             shutil.rmtree(job["staging"], ignore_errors=True)  # a half-written attempt from a previous try
@@ -118,17 +129,34 @@ def medpipe_ingest():
         if job.get("labels"):
             args += ["--labels", job["labels"]]
         env = {**deid_env(), **(dicomweb_env() if is_dicomweb(job["source"]) else {})}
-        run_stage("beam_pipelines.ingest", args, env=env)
+        try:
+            run_stage("beam_pipelines.ingest", args, env=env)
+        except StageVerdict as exc:  # exit 3: the pipeline ran and wrote 0 records; retrying cannot change that
+            shutil.rmtree(job["staging"], ignore_errors=True)
+            raise AirflowFailException(f"ingest of {job['source']} wrote 0 records: partition {job['partition']} "
+                                       f"not written, no asset event (see the reasons above)\n{exc}") from exc
         if job["staging"] != job["output"]:
+            stats_file = Path(job["staging"]) / "stats.json"
+            stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+            if stats_file.is_file() and not stats.get("written"):
+                shutil.rmtree(job["staging"], ignore_errors=True)
+                counts = {key: stats.get(key) for key in ("input_files", "written", "rejected")}
+                raise AirflowFailException(f"ingest of {job['source']} wrote 0 records ({counts}): partition "
+                                           f"{job['partition']} not written, no asset event")
             replace_dir(Path(job["staging"]), Path(job["output"]))
         return job
 
-    @task(outlets=[AssetAlias(INGESTED_ALIAS)])
-    def publish_asset(job: dict, *, outlet_events=None) -> dict:
-        """Check the partition is complete, log its counts, and announce it to medpipe_train."""
+    @task(outlets=[AssetAlias(INGESTED_ALIAS)], pool=ASSET_EVENTS_POOL)
+    def publish_asset(job: dict, *, outlet_events=None, **context) -> dict:
+        """Check the partition is complete and not empty, log its counts, and announce it to medpipe_train."""
         import json
         import logging
+        from datetime import datetime, timezone
         from pathlib import Path
+
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from medpipe_dag_common import is_backfill
 
         summary: dict = {}
         if "://" not in job["output"]:
@@ -138,13 +166,17 @@ def medpipe_ingest():
                 raise FileNotFoundError(f"ingest output {out} is incomplete (missing {missing or 'TFRecords'})")
             stats = json.loads((out / "stats.json").read_text())
             summary = {key: stats.get(key) for key in ("input_files", "written", "rejected") if key in stats}
+            if not stats.get("written"):
+                raise AirflowFailException(f"partition {out} holds 0 records: no asset event")
             logging.getLogger("medpipe.dags").info("partition %s: %s", out, json.dumps(summary))
         if job["dataset"] not in DATASETS:
             logging.getLogger("medpipe.dags").warning(
                 "dataset %s has no Asset medpipe_train is scheduled on; trigger medpipe_train by hand", job["dataset"])
         asset = Asset(name=dataset_asset_name(job["dataset"]), uri=dataset_asset_uri(job["dataset"]))
         outlet_events[AssetAlias(INGESTED_ALIAS)].add(
-            asset, extra={"path": job["output"], "partition": job["partition"], "config": job["config"], **summary})
+            asset, extra={"path": job["output"], "partition": job["partition"], "config": job["config"],
+                          "ingested_at": datetime.now(timezone.utc).isoformat(), "backfill": is_backfill(context),
+                          **summary})
         return {**job, "summary": summary}
 
     publish_asset(run_ingest(plan()))

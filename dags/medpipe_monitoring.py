@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from medpipe_dag_common import PARTITION_PATTERN, default_task_args, notify_failure
+from medpipe_dag_common import PARTITION_PATTERN, default_task_args
 
 DOC_MD = """
 ### medpipe_monitoring
@@ -21,9 +21,11 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 * **Figures**: pixel-intensity PSI, predicted class shift (total variation distance to the training class mix),
   low-confidence rate; live accuracy when a `medpipe feedback` folder is given.
 * **Alert**: any figure over its threshold (params; defaults PSI 0.25, class shift 0.3, low-confidence rate 0.5)
-  **fails** `drift_report` without retrying, which runs `on_failure_callback` (log line + optional webhook
-  `MEDPIPE_ALERT_WEBHOOK`). A crash of the stage itself is retried. Fewer than `min_requests` requests: reported,
-  no alert; no request at all: an alert (`no_traffic`).
+  **fails** `drift_report` without retrying, which runs `on_failure_callback` (the alert `MedpipeTaskFailed` to
+  Alertmanager). A crash of the stage itself is retried.
+* **No traffic**: no request at all in the day (status `no_traffic`) is an alert like the drift figures (the task
+  fails, `MedpipeTaskFailed`). Fewer than `min_requests` requests (status `insufficient_data`) raises the alert
+  `MedpipeNoTraffic` (the server, the gateway or its request log may be down); the run itself succeeds.
 * **Date**: the `date` param, else the day before the run's logical date (a daily run at midnight reports the day
   that just ended). Re-running a day rewrites that day's report.
 * **Baseline**: the `baseline_uri` param (an ingest folder or its `stats.json`), else the newest complete ingest
@@ -39,7 +41,6 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
     catchup=False,
     max_active_runs=1,
     default_args=default_task_args(execution_timeout=timedelta(minutes=30)),
-    on_failure_callback=notify_failure,
     doc_md=DOC_MD,
     tags=["medpipe", "monitoring", "drift"],
     params={
@@ -69,8 +70,10 @@ def medpipe_monitoring():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from medpipe_dag_common import (StageFailed, check_partition, data_root, latest_partition,
-                                        load_task_config, resolve_config, resolve_path, run_stage)
+        from medpipe_dag_common import (StageFailed, check_conf, check_partition, data_root, latest_partition,
+                                        load_task_config, resolve_config, resolve_path, run_stage, send_alert)
+
+        check_conf(context, params)
 
         config = load_task_config(resolve_config(params["config"]))
         dataset = config["name"]
@@ -112,6 +115,10 @@ def medpipe_monitoring():
                                            f"(report {output / 'drift_report.html'})") from exc
             raise
         report = json.loads(report_path.read_text())
+        if report.get("status") == "insufficient_data":
+            send_alert("MedpipeNoTraffic", f"{model}: {report.get('n')} requests on {day} (fewer than "
+                       f"{params['min_requests']}): no drift verdict", model=model, date=day,
+                       description=f"report {output / 'drift_report.html'}; check the server and its request log")
         return {key: report[key] for key in ("date", "model", "status", "n", "psi", "class_shift",
                                              "low_confidence_rate")} | {"report": str(report_path)}
 

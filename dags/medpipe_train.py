@@ -13,33 +13,45 @@ from medpipe_dag_common import (
     dataset_asset_name,
     dataset_asset_uri,
     default_task_args,
-    notify_failure,
+    stage_deadline,
 )
 
 DOC_MD = """
 ### medpipe_train
 
-`train` (`python -m models.train`) -> `evaluate` (`python -m models.evaluate`, writes `blessing.json`) -> `gate` ->
-`publish` (`python -m serving.publish --label stable`, then asks the serving endpoint to reload when it answers).
+`plan` (`python -m medpipe.window`) -> `train` (`python -m models.train`) -> `evaluate` (`python -m models.evaluate`
+twice, then `python -m models.gate`: `blessing.json`) -> `gate` -> `publish` (`python -m serving.publish --label
+stable`, then asks the serving endpoint to reload when it answers).
 
 * **When**: on every update of a dataset Asset `medpipe://ingested/<dataset>` (emitted by `medpipe_ingest`), or on
-  trigger. An asset-triggered run trains on the partition named in the newest asset event; a triggered run uses
-  the `data_uri` param, else the newest complete partition under `$MEDPIPE_DATA_ROOT/ingested/<dataset>/`.
+  trigger. Several events that arrive together (a backfill) make one run.
+* **Training window**: `training.partitions` of the task config (`all`, `{last: N}` or a list of names; override with
+  `overrides: ["training.partitions={last: 3}"]`) over the dataset's partitions under
+  `$MEDPIPE_DATA_ROOT/ingested/<dataset>/`, ordered by date when their names are dates, else by ingest time; plus
+  every `feedback*` partition. They must share one schema. The `data_uri` param trains on that one partition.
+  The run records the exact partitions and a fingerprint of each in `<run>/window/window.json`.
+* **Data-shaping settings** (image size, channels) come from the partitions' `schema.json`, so an ingest run with
+  `image.size=64` is trained at 64 px; an explicit override that contradicts the data fails at once (exit 2).
+* **Gate against production**: the candidate and the current `stable` version are evaluated on the same data: the
+  newest partition's test split and the dataset's fixed **golden set** (`golden_uri`, default
+  `$MEDPIPE_DATA_ROOT/golden/<dataset>/`, one sub-folder of images per label; never rewritten by the pipeline).
+  It is blessed only when it passes `evaluation.thresholds` and is not worse than `stable` by more than
+  `evaluation.max_regression` on either; `<run>/blessing.json` records both models' figures on both sets.
+* **Not blessed**: `gate` skips `publish` and raises the alert `MedpipeModelNotBlessed` (or fails the run when
+  `fail_if_not_blessed` is set). **Backfill** runs (and runs triggered by a backfill's ingests) train and evaluate
+  but do not publish unless `publish_backfill` is set.
 * **Outputs**: run directory `$MEDPIPE_DATA_ROOT/training/<dataset>/<run id>/` (model, history, TensorBoard,
-  `evaluation/` report, `blessing.json`); published versions in `$MEDPIPE_MODEL_REPOSITORY/<model name>/<version>/`
-  (default `$MEDPIPE_DATA_ROOT/models`). A retry of `train` resumes from the run's `backup/` checkpoint.
-* **Gate**: a model that is not blessed is **not published**: `gate` logs the reasons and skips `publish`
-  (or fails the run when `fail_if_not_blessed` is set).
+  `evaluation/`, `evaluation-golden/`, `blessing.json`); published versions in
+  `$MEDPIPE_MODEL_REPOSITORY/<model name>/<version>/`. A retry of `train` resumes from the run's `backup/`.
+* **Failures**: exit 2 of a stage (bad config or data) fails the task at once, without retries; other failures are
+  retried. The stage processes die with their task (mark failed, clear, timeout, worker shutdown).
 * **Where training runs**: `training_mode` param, else env `MEDPIPE_TRAINING_MODE`, else `local` (a subprocess with
   `--cpu-replicas`; the `workers` param starts that many local worker processes, `--workers`). `kubernetes` (needs
   `apache-airflow-providers-cncf-kubernetes`) starts a pod from `$MEDPIPE_IMAGE` (default `medpipe:gpu`) requesting
   `$MEDPIPE_TRAIN_GPUS` (default 1) `nvidia.com/gpu`; `docker` (needs `apache-airflow-providers-docker`) runs the
-  same image with GPU device requests. Paths must then be on storage the
-  pod/container mounts at the same place.
-* **Concurrency**: `max_active_runs=1`, and `train` runs in the pool `medpipe_training`
-  (`airflow pools set medpipe_training 1 "medpipe training"`; `airflow pools import config/airflow/pools.json`).
-* **Serving address** for the reload: param `serving_grpc`, connection `medpipe_serving`, Variable
-  `medpipe_serving_grpc`, env `MEDPIPE_SERVING_GRPC` / `MEDPIPE_TF_SERVING_GRPC`, default `localhost:8500`.
+  same image with GPU device requests.
+* **Concurrency**: `max_active_runs=1`, and `train` runs in the pool `medpipe_training`. **Deadline**: the alert
+  `MedpipeDeadlineMissed` when a run is not done 10 h after it was queued.
 """
 
 DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(name)) for name in DATASETS]
@@ -52,14 +64,16 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
     catchup=False,
     max_active_runs=1,
     default_args=default_task_args(),
-    on_failure_callback=notify_failure,
+    deadline=stage_deadline(hours=10, what="training"),
     doc_md=DOC_MD,
     tags=["medpipe", "training", "serving"],
     params={
         "config": Param(None, type=["null", "string"],
                         description="task config name/path; empty = the one the triggering ingest used, else brain_mri"),
         "data_uri": Param(None, type=["null", "string"],
-                          description="ingested partition; empty = from the asset event, else the newest partition"),
+                          description="train on this one partition; empty = the training.partitions window"),
+        "golden_uri": Param("{data_root}/golden/{dataset}", type="string", minLength=1,
+                            description="the dataset's fixed golden evaluation set (a folder of label folders)"),
         "overrides": Param([], type="array", items={"type": "string", "pattern": "^[A-Za-z_.]+=.*"},
                            description="training config overrides section.key=value (saved in the run's config)"),
         "cpu_replicas": Param(None, type=["null", "integer"], minimum=1, maximum=64,
@@ -71,37 +85,51 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
         "serving_grpc": Param(None, type=["null", "string"], description="host:port of the serving endpoint"),
         "label": Param("stable", type="string", pattern="^[a-z][a-z0-9_-]*$", description="version label"),
         "fail_if_not_blessed": Param(False, type="boolean", description="fail instead of skipping publish"),
+        "publish_backfill": Param(False, type="boolean",
+                                  description="publish a blessed model even when the run comes from a backfill"),
     },
 )
 def medpipe_train():
     @task
     def plan(params=None, **context) -> dict:
-        """Pick the dataset partition and the run directory of this run."""
+        """Check the conf, choose the training window (`python -m medpipe.window`) and the run directory."""
+        import json
         from pathlib import Path
 
-        from medpipe_dag_common import (data_root, latest_partition, load_task_config, newest_event_extra,
-                                        resolve_config, resolve_path, safe_name)
+        from medpipe_dag_common import (check_conf, data_root, is_backfill, load_task_config, order_partitions,
+                                        partition_ingest_times, resolve_config, resolve_path, run_stage, safe_name,
+                                        set_args, triggering_events)
 
-        event_extra = newest_event_extra(context.get("triggering_asset_events"))
-        config_path = resolve_config(params.get("config") or event_extra.get("config") or "brain_mri")
+        check_conf(context, params)
+        events = triggering_events(context.get("triggering_asset_events"))
+        newest_event = events[-1] if events else {}
+        config_path = resolve_config(params.get("config") or newest_event.get("config") or "brain_mri")
         config = load_task_config(config_path)
         dataset = config["name"]
+        root = data_root() / "ingested" / dataset
         if params.get("data_uri"):
-            data = resolve_path(params["data_uri"], dataset=dataset)
-        elif event_extra.get("path"):
-            data = event_extra["path"]
+            partitions = [resolve_path(params["data_uri"], dataset=dataset)]
+            ingested_at: dict = {}
         else:
-            found = latest_partition(data_root() / "ingested" / dataset)
-            if found is None:
-                raise FileNotFoundError(f"no ingested partition under {data_root() / 'ingested' / dataset}: "
-                                        "run medpipe_ingest first or pass the `data_uri` param")
-            data = str(found)
-        if "://" not in data and not (Path(data) / "schema.json").is_file():
-            raise FileNotFoundError(f"{data} is not an ingested partition (no schema.json)")
+            ingested_at = partition_ingest_times(root, events)
+            partitions = [str(root / name) for name in order_partitions(ingested_at)]
+        if not partitions:
+            raise FileNotFoundError(f"no ingested partition under {root}: run medpipe_ingest first or pass the "
+                                    "`data_uri` param")
         run_dir = data_root() / "training" / dataset / safe_name(context["run_id"])
-        model_name = (config.get("serving") or {}).get("model_name") or dataset
-        return {"config": config_path, "dataset": dataset, "data": data, "run_dir": str(run_dir),
-                "model_name": model_name}
+        lines = run_stage("medpipe.window", ["--config", config_path, *set_args(params["overrides"]),
+                                             "--output", str(run_dir / "window"),
+                                             "--ingested-at", json.dumps(ingested_at), *partitions],
+                          capture_stdout=True)
+        window = json.loads(lines[-1])
+        golden = Path(resolve_path(params["golden_uri"], dataset=dataset))
+        return {"config": config_path, "dataset": dataset, "data": window["window"], "newest": window["newest"],
+                "partitions": window["partitions"], "run_dir": str(run_dir),
+                # the data decides its own shape: these go before the user's overrides
+                "data_overrides": [f"image.size={window['image_size']}", f"image.channels={window['channels']}"],
+                "golden": str(golden) if golden.is_dir() else None,
+                "backfill": is_backfill(context),
+                "model_name": (config.get("serving") or {}).get("model_name") or dataset}
 
     @task(pool=TRAINING_POOL, execution_timeout=timedelta(hours=8))
     def train(job: dict, params=None, **context) -> dict:
@@ -111,7 +139,7 @@ def medpipe_train():
         from medpipe_dag_common import run_stage, set_args
 
         args = ["--config", job["config"], "--data", job["data"], "--output", job["run_dir"],
-                *set_args(params["overrides"])]
+                *set_args(job["data_overrides"] + list(params["overrides"]))]
         mode = params.get("training_mode") or os.environ.get("MEDPIPE_TRAINING_MODE", "local")
         if mode == "local":
             if params.get("cpu_replicas"):
@@ -127,41 +155,65 @@ def medpipe_train():
 
     @task(execution_timeout=timedelta(hours=2))
     def evaluate(job: dict) -> dict:
-        """Evaluate on the test split; the stage writes RUN_DIR/blessing.json."""
+        """Candidate and `stable` on the newest partition's test split and on the golden set; one blessing."""
         import json
+        import logging
         from pathlib import Path
 
-        from medpipe_dag_common import StageFailed, run_stage
+        from medpipe_dag_common import StageVerdict, model_repository, run_stage
 
-        out = Path(job["run_dir"]) / "evaluation"
+        run = Path(job["run_dir"])
+        baseline = ["--baseline-repository", str(model_repository()), "--model-name", job["model_name"]]
+        sets = {"partition_test": ["--data", job["newest"], "--split", "test"]}
+        if job["golden"]:
+            sets["golden"] = ["--images", job["golden"]]
+        else:
+            logging.getLogger("medpipe.dags").warning(
+                "no golden set for %s (param golden_uri): gating on the newest partition's test split only",
+                job["dataset"])
+        outputs = {}
+        for name, source in sets.items():
+            outputs[name] = run / ("evaluation" if name == "partition_test" else f"evaluation-{name}")
+            try:
+                run_stage("models.evaluate", ["--model", str(run), *source, "--output", str(outputs[name]),
+                                              *baseline])
+            except StageVerdict:  # exit 3 = not blessed: a verdict, read from blessing.json below
+                pass
         try:
-            run_stage("models.evaluate", ["--model", job["run_dir"], "--data", job["data"], "--split", "test",
-                                          "--output", str(out)])
-        except StageFailed as exc:
-            if exc.returncode != 3:  # 3 = evaluated, not blessed: the gate task says so; anything else failed
-                raise
-        blessing_file = Path(job["run_dir"]) / "blessing.json"
-        return {**job, "blessing": json.loads(blessing_file.read_text()), "evaluation": str(out)}
+            run_stage("models.gate", ["--run", str(run),
+                                      *[arg for name, out in outputs.items() for arg in ("--evaluation", f"{name}={out}")]])
+        except StageVerdict:
+            pass
+        blessing = json.loads((run / "blessing.json").read_text())
+        return {**job, "blessing": blessing, "evaluation": str(outputs["partition_test"])}
 
     @task.short_circuit
     def gate(job: dict, params=None) -> bool:
-        """Publish only a blessed model; say why when it is not."""
+        """Publish only a blessed model, and from a backfill only when asked; alert when it is not blessed."""
         import logging
 
         from airflow.sdk.exceptions import AirflowFailException
 
+        from medpipe_dag_common import send_alert
+
         blessing = job["blessing"]
         logger = logging.getLogger("medpipe.dags")
-        if blessing.get("blessed") is True:
-            logger.info("model in %s is blessed: publishing", job["run_dir"])
-            return True
-        reasons = "; ".join(map(str, blessing.get("reasons") or ["(no reason given)"]))
-        message = f"model in {job['run_dir']} is NOT blessed, it will not be published: {reasons} " \
-                  f"(report: {job['evaluation']})"
-        if params.get("fail_if_not_blessed"):
-            raise AirflowFailException(message)
-        logger.warning(message)
-        return False
+        if blessing.get("blessed") is not True:
+            reasons = "; ".join(map(str, blessing.get("reasons") or ["(no reason given)"]))
+            message = (f"model in {job['run_dir']} is NOT blessed, it will not be published: {reasons} "
+                       f"(report: {job['evaluation']}/report.html)")
+            send_alert("MedpipeModelNotBlessed", f"{job['model_name']}: candidate not blessed, stable unchanged",
+                       description=message, model=job["model_name"], run_dir=job["run_dir"])
+            if params.get("fail_if_not_blessed"):
+                raise AirflowFailException(message)
+            logger.warning(message)
+            return False
+        if job["backfill"] and not params.get("publish_backfill"):
+            logger.warning("model in %s is blessed but this is a backfill run: not published (trigger with "
+                           "publish_backfill=true, or `medpipe publish --run %s`)", job["run_dir"], job["run_dir"])
+            return False
+        logger.info("model in %s is blessed: publishing", job["run_dir"])
+        return True
 
     @task
     def publish(job: dict, params=None) -> dict:

@@ -107,6 +107,9 @@ class TrainingConfig:
     mixed_precision: bool = True
     shuffle_buffer: int = 2048
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    # the training window over the dataset's ingested partitions (medpipe/window.py): all | {last: N} | [names]
+    partitions: Any = "all"
+    include_feedback: bool = True  # always add the `feedback*` partitions (confirmed labels) to the window
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, file: str, key: str) -> Any:
+    if tp is Any:  # a free-form value validated by _check_consistency (e.g. training.partitions)
+        return tuple(value) if isinstance(value, list) else value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -329,6 +334,9 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
         raise ConfigError(f"{file}: evaluation.ood_retention must be in (0, 1], got {config.evaluation.ood_retention}")
     if config.dicom.window is not None and config.dicom.window.width <= 0:
         raise ConfigError(f"{file}: dicom.window.width must be > 0")
+    from medpipe.window import parse_window
+
+    parse_window(config.training.partitions, f"{file}: training.partitions")
     _check_transfer_learning(config.training, file)
 
 

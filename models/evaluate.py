@@ -531,7 +531,19 @@ def load_baseline(repository: Path, model_name: str, examples: Examples, config:
     if stored is not None and stored.get("data", {}).get("fingerprint") == examples.fingerprint:
         return stored, baseline.version
     stable = open_saved_model(baseline.version_dir)
-    probs = stable.predict(examples.images, batch_size)
+    images = examples.images
+    if (stable.image_size, stable.channels) != (images.shape[1], images.shape[3]):
+        # the stable model was trained at another size (e.g. after an image.size change): feed it the same
+        # examples resized to its input, so both models still judge the same cases
+        import tensorflow as tf
+
+        log.info("resizing the evaluation images to %d px for the stable model (version %s)", stable.image_size,
+                 baseline.version)
+        resized = tf.image.resize(images, (stable.image_size, stable.image_size), antialias=True).numpy()
+        if stable.channels != resized.shape[-1]:
+            resized = np.repeat(resized.mean(axis=-1, keepdims=True), stable.channels, axis=-1)
+        images = resized.astype(np.float32)
+    probs = stable.predict(images, batch_size)
     metrics = classification_metrics(examples.labels, probs, config.labels,
                                      threshold=stable.threshold if config.task == "binary" else None,
                                      bootstrap_samples=0, calibration_bins=config.evaluation.calibration_bins,

@@ -58,6 +58,10 @@ def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[d
         "reasons": reasons,
         "checks": checks,
         "baseline": None if baseline_metrics is None else {"label": STABLE_LABEL, "version": baseline_version},
+        # both sides of the comparison, on the same examples
+        "metrics": {"candidate": {name: metrics.get(name) for name in GATED_METRICS},
+                    STABLE_LABEL: None if baseline_metrics is None
+                    else {name: baseline_metrics.get(name) for name in GATED_METRICS}},
     }
 
 
@@ -86,6 +90,62 @@ def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reason
                            "ood_auroc is undefined (the model has no ood_score output)")
         elif not passed:
             reasons.append(f"ood_auroc {value:.4f} is below the threshold {min_auroc:.4f}")
+
+
+def combine(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One blessing from several evaluations (e.g. the new partition's test split and the golden set): blessed only
+    when every one is; reasons prefixed with the evaluation's name; each evaluation kept whole."""
+    if not blessings:
+        raise ValueError("no evaluation to combine")
+    reasons = [f"{name}: {reason}" for name, blessing in blessings.items() for reason in blessing.get("reasons", [])]
+    baselines = [blessing.get("baseline") for blessing in blessings.values() if blessing.get("baseline")]
+    return {
+        "blessed": all(blessing.get("blessed") is True for blessing in blessings.values()),
+        "reasons": reasons,
+        "baseline": baselines[0] if baselines else None,
+        "evaluations": blessings,
+        "model": next(iter(blessings.values())).get("model"),
+        "data": combined_data(blessings),
+    }
+
+
+def combined_data(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `data` of a combined verdict, which `medpipe publish` checks: split `test` only when one evaluation is on
+    a test split and none on data the model was tuned on (train, val); external images (a golden set) may join."""
+    datas = {name: blessing.get("data") or {} for name, blessing in blessings.items()}
+    tuned = [data.get("split") for data in datas.values() if data.get("split") not in ("test", "images")]
+    tests = [data for data in datas.values() if data.get("split") == "test"]
+    base = tests[0] if tests else next(iter(datas.values()))
+    split = (tuned[0] or "unrecorded data") if tuned else ("test" if tests else "images")
+    return {**base, "split": split, "evaluations": datas}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m models.gate --run RUN_DIR --evaluation NAME=DIR ...`: combine the evaluations' blessing.json into
+    RUN_DIR/blessing.json (what `medpipe publish` checks). Exit 0 blessed, 3 not blessed (a verdict, not a crash)."""
+    import argparse
+
+    from medpipe.errors import DataError
+
+    parser = argparse.ArgumentParser(prog="python -m models.gate", description=main.__doc__)
+    parser.add_argument("--run", required=True, help="training run directory")
+    parser.add_argument("--evaluation", action="append", required=True, metavar="NAME=DIR",
+                        help="an evaluation output folder holding blessing.json (repeatable)")
+    args = parser.parse_args(argv)
+    blessings = {}
+    for item in args.evaluation:
+        name, _, folder = item.partition("=")
+        path = Path(folder) / "blessing.json"
+        if not name or not path.is_file():
+            raise DataError(f"--evaluation {item!r}: expected NAME=DIR with DIR/blessing.json (run medpipe evaluate)")
+        blessings[name] = json.loads(path.read_text(encoding="utf-8"))
+    blessing = combine(blessings)
+    target = Path(args.run) / "blessing.json"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(blessing, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target)
+    print(json.dumps({"blessed": blessing["blessed"], "reasons": blessing["reasons"], "blessing": str(target)}))
+    return 0 if blessing["blessed"] else 3
 
 
 # ------------------------------------------------------------------------------------------------ the baseline
@@ -140,3 +200,9 @@ def find_baseline(repository: str | Path, model_name: str, label: str = STABLE_L
     metrics_file = version_dir / "assets.extra" / BASELINE_METRICS_FILE
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
     return Baseline(version, version_dir, metrics)
+
+
+if __name__ == "__main__":
+    from medpipe.cli import module_main
+
+    module_main(main)

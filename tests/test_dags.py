@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DAGS = ROOT / "dags"
+STUBS = Path(__file__).resolve().parent / "stubs"
 HEAVY = ("tensorflow", "keras", "apache_beam", "pydicom", "tensorflow_serving", "grpc", "medpipe", "models",
          "serving", "beam_pipelines", "PIL", "numpy")
 EXPECTED = {"medpipe_ingest", "medpipe_train", "medpipe_batch_inference"}
@@ -57,6 +58,7 @@ for dag_id, dag in bag.dags.items():
         "tags": sorted(dag.tags), "doc_md": bool(dag.doc_md and dag.doc_md.strip()),
         "max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
         "params": sorted(dag.params.keys()),
+        "deadline": bool(getattr(dag, "deadline", None)),
         "fileloc": dag.fileloc,
         "tasks": {task.task_id: {
             "retries": task.retries, "backoff": bool(task.retry_exponential_backoff),
@@ -139,6 +141,7 @@ def test_ingest_params_and_no_accidental_catchup(parsed):
 def test_pool_file_declares_training_pool():
     pools = json.loads((ROOT / "config" / "airflow" / "pools.json").read_text())
     assert pools["medpipe_training"]["slots"] >= 1
+    assert pools["medpipe_asset_events"]["slots"] == 1
 
 
 @pytest.fixture()
@@ -205,14 +208,132 @@ def test_replace_dir_is_a_swap(common, tmp_path):
     assert [p.name for p in final.iterdir()] == ["new.txt"]
 
 
-def test_asset_triggered_training_uses_the_newest_event(common):
+def test_asset_events_of_a_run_are_all_kept_once_oldest_first(common):
     from types import SimpleNamespace
 
     import pendulum
 
-    older = SimpleNamespace(timestamp=pendulum.datetime(2026, 11, 1, tz="UTC"), extra={"path": "/d/2026-11-01"})
-    newer = SimpleNamespace(timestamp=pendulum.datetime(2026, 11, 2, tz="UTC"), extra={"path": "/d/2026-11-02"})
-    # the same event is listed under the asset and under the alias it came through
-    events = {"asset": [older, newer], "alias": [newer]}
-    assert common.newest_event_extra(events) == {"path": "/d/2026-11-02"}
+    older = SimpleNamespace(id=1, timestamp=pendulum.datetime(2026, 11, 1, tz="UTC"),
+                            extra={"path": "/d/2026-11-01", "backfill": True})
+    newer = SimpleNamespace(id=2, timestamp=pendulum.datetime(2026, 11, 2, tz="UTC"), extra={"path": "/d/2026-11-02"})
+    # the same event is listed under the asset and under the alias it came through; a backfill merges two events
+    events = {"asset": [newer, older], "alias": [newer]}
+    assert [extra["path"] for extra in common.triggering_events(events)] == ["/d/2026-11-01", "/d/2026-11-02"]
+    assert common.newest_event_extra(events)["path"] == "/d/2026-11-02"
+    assert common.newest_event_extra(events)["ingested_at"] == "2026-11-02T00:00:00+00:00"
     assert common.newest_event_extra({}) == {} and common.newest_event_extra(None) == {}
+    assert common.is_backfill({"triggering_asset_events": events}) is True
+    assert common.is_backfill({"dag_run": SimpleNamespace(run_type="backfill")}) is True
+    assert common.is_backfill({"dag_run": SimpleNamespace(run_type="manual")}) is False
+
+
+def test_partitions_order_by_date_when_dates_else_by_ingest_time(common, tmp_path):
+    assert common.order_partitions({"2026-11-30": "b", "2026-11-02": "c", "2026-11-24T06": "a"}) == \
+        ["2026-11-02", "2026-11-24T06", "2026-11-30"]
+    # `sample-small` sorts after `2026-11-30` by name, but it was ingested first
+    times = {"2026-11-30": "2026-11-30T08:00:00+00:00", "sample-small": "2026-11-29T08:00:00+00:00"}
+    assert common.order_partitions(times) == ["sample-small", "2026-11-30"]
+    for name in ("sample-small", "2026-11-30", "half_written"):
+        (tmp_path / name).mkdir()
+    for name in ("sample-small", "2026-11-30"):
+        (tmp_path / name / "schema.json").write_text("{}")
+    os.utime(tmp_path / "sample-small" / "schema.json", (1_700_000_000, 1_700_000_000))
+    assert common.latest_partition(tmp_path) == tmp_path / "2026-11-30"
+    # the asset event's ingest time wins over the file time
+    events = [{"path": str(tmp_path / "sample-small"), "ingested_at": "2099-01-01T00:00:00+00:00"}]
+    found = common.partition_ingest_times(tmp_path, events)
+    assert set(found) == {"sample-small", "2026-11-30"} and common.order_partitions(found)[-1] == "sample-small"
+
+
+def test_unknown_conf_keys_are_refused_with_the_known_ones(common):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = SimpleNamespace(params={"partition": None, "config": "brain_mri"})
+    common.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"partition": "x"})})
+    # the run's params hold the conf's keys too (Airflow merges them): only the DAG's declared params count
+    merged = {"partition": None, "config": "brain_mri", "partiton": "x"}
+    with pytest.raises(AirflowFailException, match=r"unknown conf key\(s\) \['partiton'\]: this DAG knows "
+                                                   r"\['config', 'partition'\]"):
+        common.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"partiton": "x"})}, merged)
+
+
+def test_exit_2_is_not_retried_and_exit_3_is_a_verdict(common):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for code, kind in ((2, common.StageRefused), (3, common.StageVerdict)):
+        with pytest.raises(kind) as raised:
+            common.run_stage("medpipe_exit_stub", [str(code)], env={"PYTHONPATH": str(STUBS)})
+        assert isinstance(raised.value, AirflowFailException) and raised.value.returncode == code
+    with pytest.raises(common.StageFailed) as crashed:
+        common.run_stage("medpipe_exit_stub", ["1"], env={"PYTHONPATH": str(STUBS)})
+    assert not isinstance(crashed.value, AirflowFailException)  # retried
+
+
+def test_on_kill_kills_the_whole_stage_process_group(common, tmp_path):
+    """What Airflow does on "mark failed": call the task's on_kill from its SIGTERM handler in the task process."""
+    import signal
+    import threading
+    import time
+
+    pid_file = tmp_path / "pids"
+    errors = []
+
+    def run():
+        try:
+            common.run_stage("medpipe_exit_stub", ["sleep", str(pid_file)], env={"PYTHONPATH": str(STUBS)})
+        except common.StageFailed as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and len(pid_file.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(pid) for pid in pid_file.read_text().split()]  # the stage and a grandchild it started
+    common.kill_running_stages()
+    thread.join(timeout=30)
+    assert errors and errors[0].returncode == -signal.SIGTERM
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        assert state == "Z", f"process {pid} survived on_kill"
+
+
+def test_alerts_use_alertmanagers_format_and_reach_it(common, monkeypatch):
+    import http.server
+    import threading
+
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MEDPIPE_ALERTMANAGER_URL", f"http://127.0.0.1:{server.server_port}/")
+        assert common.send_alert("MedpipeModelNotBlessed", "not blessed", model="brain_mri", run_id=None) is True
+    finally:
+        server.shutdown()
+    (path, body), = received
+    assert path == "/api/v2/alerts" and isinstance(body, list) and len(body) == 1
+    alert = body[0]
+    assert alert["labels"] == {"alertname": "MedpipeModelNotBlessed", "severity": "warning",
+                               "source": "medpipe-airflow", "model": "brain_mri"}
+    assert alert["annotations"]["summary"] == "not blessed" and alert["startsAt"].endswith("+00:00")
+    monkeypatch.setenv("MEDPIPE_ALERTMANAGER_URL", "http://127.0.0.1:9/")  # nothing listens: never raises
+    assert common.send_alert("X", "y") is False
+
+
+def test_train_and_batch_dags_have_deadline_alerts(parsed):
+    assert parsed["dags"]["medpipe_train"]["deadline"] and parsed["dags"]["medpipe_batch_inference"]["deadline"]

@@ -150,3 +150,32 @@ def test_dicomweb_credentials_from_the_environment_or_the_airflow_connection(mon
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert dicomweb_source.session().auth == ("radiology", "pw")
+
+
+@pytest.mark.slow
+def test_batch_inference_scores_a_pacs_day(pacs_with_studies, trained_sample_run, tmp_path):
+    """medpipe_batch_inference with a DICOMweb drop_uri: `serving.batch --pacs` fetches the day's instances into the
+    partition's instances/ and scores them against a real server; one outcome per instance."""
+    import json
+
+    from conftest import run_module
+    from test_serving import MODEL, start_server, stop_server
+
+    repo = tmp_path / "models"
+    run_module("serving.publish", "--run", str(trained_sample_run), "--repository", str(repo), "--model-name", MODEL,
+               "--label", "stable", "--force")
+    process, grpc, _ = start_server(repo, tmp_path)
+    try:
+        output = tmp_path / "predictions" / "2026-11-02"
+        source = f"dicomweb+{pacs_with_studies['pacs'].dicomweb}?StudyDate=20261102&ModalitiesInStudy=MR"
+        run_module("serving.batch", "--pacs", source, "--output", str(output), "--server", grpc, "--model", MODEL,
+                   "--label", "stable")
+    finally:
+        stop_server(process)
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    index = list(csv.DictReader((output / "instances" / "instances.csv").open()))
+    assert len(rows) == len(index) == pacs_with_studies["per_day"]["20261102"] == 4
+    assert [row["file"] for row in rows] == [row["file"] for row in index]  # paths relative to instances/
+    assert {row["outcome"] for row in rows} == {"predicted"} and all(row["class"] in LABELS for row in rows)
+    assert json.loads((output / "summary.json").read_text())["predicted"] == 4
+    assert not list(output.parent.glob(".*staging*"))

@@ -372,7 +372,7 @@ def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode != 0, output[-5000:]  # the DAG run failed
     assert "drift alert for brain_mri on" in output and "medpipe_drift_psi=" in output, output[-5000:]
-    assert "medpipe failure:" in output  # notify_failure, the on_failure_callback
+    assert "medpipe alert MedpipeTaskFailed:" in output  # notify_failure, the on_failure_callback
     report = json.loads((tmp_path / "data" / "monitoring" / "brain_mri" / stack["day"] / "drift_report.json").read_text())
     assert report["status"] == "alert"
 
