@@ -97,7 +97,9 @@ def test_launcher_stops_on_a_failing_worker_and_returns_its_status(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"})
     assert result.returncode == 2, result.stderr
-    assert f"data directory {tmp_path / 'missing'} does not exist" in result.stderr
+    # the workers' own error lines go to the command's log file (quiet console), named on its last line
+    log_file = Path(re.search(r"log: (\S+)", result.stderr).group(1))
+    assert f"data directory {tmp_path / 'missing'} does not exist" in result.stderr + log_file.read_text()
     assert "started worker 1 of 2" in result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -140,8 +142,8 @@ def test_two_workers_on_localhost_train_one_run_written_by_the_chief(tmp_path, i
     assert epoch_lines[0] == epoch_lines[1]
 
     written = sorted(path.name for path in run_dir.iterdir())
-    assert written == ["config.yaml", "history.csv", "model.keras", "schema.json", "tensorboard",
-                       "train_metadata.json"]
+    assert written == ["calibration.json", "config.yaml", "history.csv", "model.keras", "ood.json", "ood_stats.npz",
+                       "schema.json", "tensorboard", "train_metadata.json"]
     metadata = json.loads((run_dir / "train_metadata.json").read_text())
     assert metadata["workers"] == 2 and metadata["replicas"] == 2
     assert metadata["strategy"] == "MultiWorkerMirroredStrategy" and metadata["global_batch_size"] == 64
