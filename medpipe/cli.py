@@ -56,7 +56,8 @@ def _help_text() -> str:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-OWN_LOGGERS = ("medpipe", "models", "serving", "beam_pipelines")  # progress and results: the terminal's share
+# Progress and results: the terminal's share. A stage run as `python -m ...` logs under __main__.
+OWN_LOGGERS = ("medpipe", "models", "serving", "beam_pipelines", "__main__")
 
 
 def configure_logging(level: int = logging.INFO) -> None:
