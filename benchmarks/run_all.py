@@ -50,8 +50,10 @@ def render() -> str:
     ]
     for name in BENCHMARKS:
         path = RESULTS / f"{name}.json"
+        note = ROOT / "benchmarks" / "notes" / f"{name}.md"  # hand-written context that a re-run must not erase
         if not path.exists():
             lines += [f"## {name}", "", f"Not measured yet: `.venv/bin/python {BENCHMARKS[name]}`.", ""]
+            lines += [note.read_text().strip(), ""] if note.exists() else []
             continue
         result = json.loads(path.read_text())
         m = result["machine"]
@@ -74,7 +76,6 @@ def render() -> str:
         lines.append("")
         if (RESULTS / f"{name}.png").exists():
             lines += [f"![{name}](benchmarks/results/{name}.png)", ""]
-        note = ROOT / "benchmarks" / "notes" / f"{name}.md"  # hand-written context that a re-run must not erase
         if note.exists():
             lines += [note.read_text().strip(), ""]
     return "\n".join(lines)
