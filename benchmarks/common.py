@@ -67,11 +67,14 @@ def write_result(name: str, command: str, figures: dict, targets: dict[str, str]
     return path
 
 
-def run_stage(module: str, args: list[str], log_path: Path) -> float:
-    """Run a medpipe stage as Airflow would (`python -m MODULE ARGS`), output to LOG_PATH; -> wall seconds."""
+def run_stage(module: str, args: list[str], log_path: Path, ok: tuple[int, ...] = (0,)) -> float:
+    """Run a medpipe stage as Airflow would (`python -m MODULE ARGS`), output to LOG_PATH; -> wall seconds. An exit
+    status outside OK (e.g. (0, 3) for evaluate, whose 3 is a verdict) raises CalledProcessError."""
     env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", "benchmark-key-not-a-secret-0000")}
     start = time.monotonic()
     with log_path.open("w") as log:
-        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, env=env, stdout=log,
-                       stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", module, *args]
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code not in ok:
+        raise subprocess.CalledProcessError(code, command)
     return time.monotonic() - start

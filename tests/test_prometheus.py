@@ -301,9 +301,11 @@ def test_prometheus_scrapes_tf_serving_and_medpipe_metrics(stack, brain_traffic)
                      "the gateway's request counter")
     assert ok == 5
     _eventually(prom, f'sum(medpipe_predictions_total{{model="{MODEL}"}})', lambda v: v == 40, "40 predictions")
-    requests = _value(prom, f'sum(:tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}})')
+    requests = _eventually(prom, f'sum(:tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}})',
+                           lambda v: v == 5, "TF Serving's request counter")
     assert requests == 5  # 40 images in 5 REST requests of 8
-    assert _value(prom, f'sum(:tensorflow:serving:request_latency_count{{model_name="{MODEL}"}})') == 5
+    assert _eventually(prom, f'sum(:tensorflow:serving:request_latency_count{{model_name="{MODEL}"}})',
+                       lambda v: v == 5, "TF Serving's latency histogram") == 5
     p99 = _value(prom, f'histogram_quantile(0.99, sum by (le) (:tensorflow:serving:request_latency_bucket'
                        f'{{model_name="{MODEL}"}}))')
     assert p99 is not None and 0 < p99 <= 5_000_000  # microseconds, TF Serving's unit
