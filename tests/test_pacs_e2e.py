@@ -161,7 +161,11 @@ def test_routed_studies_get_one_sr_equal_to_medpipe_predict_and_unrouted_get_non
             assert said["meaning"] == name and said["probability"] == pytest.approx(probability, abs=1e-5)
         assert said["algorithm"] == MODEL and int(said["algorithm_version"]) > 0
         hooks = [h for h in road["webhook"] if h["StudyInstanceUID"] == uid]  # the apps' JSON, once per result
-        assert len(hooks) == 1 and hooks[0]["class_name"] == said["meaning"]
+        assert len(hooks) == 1
+        if hooks[0]["outside_intended_use"]:  # the apps' JSON says so in its own field, with no class
+            assert hooks[0]["class_name"] is None and said["meaning"] == "Outside intended use"
+        else:
+            assert hooks[0]["class_name"] == said["meaning"]
         assert hooks[0]["SRSOPInstanceUID"] == srs[0]["00080018"]["Value"][0]
         assert said["references"] == sorted(str(__import__("pydicom").dcmread(f).SOPInstanceUID) for f in files)
     for path in [*unrouted, truncated]:
