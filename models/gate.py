@@ -15,14 +15,14 @@ the data being evaluated.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from medpipe.models_config import CONFIG_FILE, read_config, version_labels
+
 GATED_METRICS = ("accuracy", "macro_f1", "macro_auc")
 STABLE_LABEL = "stable"
-MODELS_CONFIG_FILE = "models.config"
 BASELINE_METRICS_FILE = "medpipe_metrics.json"  # in REPO/NAME/<version>/assets.extra/
 
 
@@ -126,6 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     from medpipe.errors import DataError
+    from medpipe.files import write_json_atomic
 
     parser = argparse.ArgumentParser(prog="python -m models.gate", description=main.__doc__)
     parser.add_argument("--run", required=True, help="training run directory")
@@ -141,9 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         blessings[name] = json.loads(path.read_text(encoding="utf-8"))
     blessing = combine(blessings)
     target = Path(args.run) / "blessing.json"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(blessing, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    write_json_atomic(target, blessing)
     print(json.dumps({"blessed": blessing["blessed"], "reasons": blessing["reasons"], "blessing": str(target)}))
     return 0 if blessing["blessed"] else 3
 
@@ -156,42 +155,9 @@ class Baseline:
     metrics: Optional[dict[str, Any]]  # None when the version has no stored metrics
 
 
-def _blocks(text: str, keyword: str) -> list[str]:
-    """Bodies of `keyword { ... }` blocks (brace-matched) in protobuf text format."""
-    bodies = []
-    for match in re.finditer(rf"\b{keyword}\s*:?\s*{{", text):
-        depth, start = 1, match.end()
-        position = start
-        while depth and position < len(text):
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            position += 1
-        bodies.append(text[start:position - 1])
-    return bodies
-
-
-def version_labels(models_config_text: str, model_name: str) -> dict[str, int]:
-    """{label: version} for one model in a text-format ModelServerConfig (the REPO/models.config file)."""
-    text = re.sub(r"#[^\n]*", "", models_config_text)
-    for body in _blocks(text, "config"):
-        name = re.search(r'\bname\s*:\s*"([^"]*)"', body)
-        if name is None or name.group(1) != model_name:
-            continue
-        labels = {}
-        for label in _blocks(body, "version_labels"):
-            key = re.search(r'\bkey\s*:\s*"([^"]*)"', label)
-            value = re.search(r"\bvalue\s*:\s*(\d+)", label)
-            if key and value:
-                labels[key.group(1)] = int(value.group(1))
-        return labels
-    return {}
-
-
 def find_baseline(repository: str | Path, model_name: str, label: str = STABLE_LABEL) -> Optional[Baseline]:
     """The model published under `label`, or None when the repository has none (the first model)."""
-    config_file = Path(repository) / MODELS_CONFIG_FILE
-    if not config_file.is_file():
-        return None
-    version = version_labels(config_file.read_text(encoding="utf-8"), model_name).get(label)
+    version = version_labels(read_config(Path(repository) / CONFIG_FILE), model_name).get(label)
     if version is None:
         return None
     version_dir = Path(repository) / model_name / str(version)

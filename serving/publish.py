@@ -15,6 +15,7 @@ previous config.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -96,10 +97,7 @@ def publish_run(run_dir: Path, repository: Path, model_name: str) -> int:
 def plan_config(previous, repository: Path, model_name: str, labels: dict[str, int], base_path: str | None,
                 policy: str = "latest", num_versions: int = 1):
     """PREVIOUS (a ModelServerConfig, left untouched) with NAME's entry updated: base path, policy, LABELS."""
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    config.CopyFrom(previous)
+    config = copy.deepcopy(previous)
     existing = repo_lib.find_model(config, model_name)
     if existing is not None and existing.model_version_policy.WhichOneof("policy_choice") == "all":
         policy = "all"
@@ -113,10 +111,7 @@ def plan_config(previous, repository: Path, model_name: str, labels: dict[str, i
 def loading_config(previous, final, model_name: str):
     """FINAL's versions of NAME loaded under PREVIOUS's labels: the first step of a label move, which loads the
     target version without pointing anything at it."""
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    config.CopyFrom(final)
+    config = copy.deepcopy(final)
     entry, before = repo_lib.find_model(config, model_name), repo_lib.find_model(previous, model_name)
     old_labels = dict(before.version_labels) if before is not None else {}
     entry.ClearField("version_labels")

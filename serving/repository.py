@@ -1,8 +1,7 @@
 """The TF Serving model repository on disk: REPO/NAME/<int version>/ folders and REPO/models.config.
 
-models.config is a text-format `tensorflow.serving.ModelServerConfig`, read identically by medpipe's server and by
-the real tensorflow/serving binary (`--model_config_file=/models/models.config`). Note for real TF Serving: a
-version label can only point at a version that is already loaded, unless the server runs with
+models.config is read and written by medpipe.models_config (the real proto, shared with the gate). Note for real
+TF Serving: a version label can only point at a version that is already loaded, unless the server runs with
 `--allow_version_labels_for_unavailable_models`; medpipe publish therefore lists every labelled version in a
 `specific` policy, and with real TF Serving the safe order is: publish (version loads), then move the label.
 """
@@ -15,14 +14,10 @@ import time
 from pathlib import Path
 
 from medpipe.errors import ConfigError, DataError
+# re-exported for repo_lib.* callers (publish, manager, demo) and tests
+from medpipe.models_config import CONFIG_FILE, find_model, parse_config_text, read_config, write_config  # noqa: F401
 
-CONFIG_FILE = "models.config"
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
-HEADER = (
-    "# TF Serving ModelServerConfig (text format), maintained by `medpipe publish`.\n"
-    "# Real tensorflow/serving: --model_config_file=<this file>. Labels may point only at loaded versions unless\n"
-    "# the server runs with --allow_version_labels_for_unavailable_models (publish first, then move the label).\n"
-)
 
 
 def versions_on_disk(model_dir: Path) -> list[int]:
@@ -50,41 +45,6 @@ def next_version(model_dir: Path, now: float | None = None) -> int:
     existing = versions_on_disk(model_dir)
     candidate = int(now if now is not None else time.time())
     return max([candidate] + [v + 1 for v in existing])
-
-
-def parse_config_text(text: str, origin: str = "<text>"):
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{origin}: not a valid text ModelServerConfig: {exc}") from exc
-    return config
-
-
-def read_config(path: Path):
-    """The ModelServerConfig in PATH, or an empty one when the file does not exist yet."""
-    if not path.is_file():
-        return parse_config_text("", str(path))
-    return parse_config_text(path.read_text(encoding="utf-8"), str(path))
-
-
-def write_config(path: Path, config) -> None:
-    """Atomic replace so a polling server never reads half a file."""
-    from google.protobuf import text_format
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(HEADER + text_format.MessageToString(config), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def find_model(config, name: str):
-    for entry in config.model_config_list.config:
-        if entry.name == name:
-            return entry
-    return None
 
 
 def upsert_model(config, name: str, base_path: str, policy: str = "latest", num_versions: int = 1,
@@ -137,12 +97,3 @@ def require_version(repository: Path, name: str, version: int) -> None:
     if missing:
         raise DataError(f"{folder} is not a complete SavedModel (missing {', '.join(missing)}); publish it again "
                         "with `medpipe publish --run`, or pick another --version")
-
-
-def label_version(repository: Path, name: str, label: str = "stable") -> int | None:
-    """The version LABEL points at in REPO/models.config (None when absent): e.g. the gate's `stable` baseline,
-    whose metrics are in REPO/NAME/<version>/assets.extra/medpipe_metrics.json."""
-    entry = find_model(read_config(Path(repository) / CONFIG_FILE), name)
-    if entry is None or label not in entry.version_labels:
-        return None
-    return int(entry.version_labels[label])

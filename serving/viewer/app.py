@@ -29,6 +29,7 @@ from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from medpipe.feedback import UNUSABLE as FEEDBACK_UNUSABLE
+from medpipe.files import write_atomic
 from serving.gateway.core import GatewayError, Principal, may_call
 from serving.viewer import render, users as local_users
 
@@ -163,9 +164,7 @@ class Viewer:
         images.mkdir(parents=True, exist_ok=True)
         image_path = images / f"{request_id}.png"
         if label != UNUSABLE:
-            temporary = image_path.with_suffix(".png.tmp")
-            temporary.write_bytes(png)
-            os.replace(temporary, image_path)
+            write_atomic(image_path, png)
         labels_csv = folder / "confirmed.csv"
         row = [request_id, label, f"images/{request_id}.png" if label != UNUSABLE else ""]
         with open(labels_csv, "a+", newline="", encoding="utf-8") as handle:

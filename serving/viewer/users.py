@@ -14,7 +14,6 @@ import base64
 import getpass
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medpipe.errors import ConfigError
+from medpipe.files import write_atomic
 
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # ~30 ms and 16 MB per check: slow for guessing, quick for a sign-in
@@ -77,11 +77,7 @@ def read_users(path: str | Path) -> dict[str, LocalUser]:
 def write_users(path: str | Path, users: dict[str, LocalUser]) -> None:
     path = Path(path)
     text = "".join(f"{u.name}:{u.password_hash}:{','.join(sorted(u.scopes))}\n" for u in users.values())
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    write_atomic(path, text, mode=0o600)
 
 
 def authenticate(users: dict[str, LocalUser], name: str, password: str) -> LocalUser | None:
