@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks.common import ROOT, require_shared, run_stage, write_result  # noqa: E402
+from medpipe.config import set_flags  # noqa: E402
 
 
 def macro_f1(y_true, y_pred, num_classes: int) -> float:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_brain_mri_"))
     work.mkdir(parents=True, exist_ok=True)
     data_dir, run_dir = work / "ingest", work / "run"
-    sets = [a for pair in args.overrides for a in ("--set", pair)]
+    sets = set_flags(args.overrides)
 
     ingest_seconds = run_stage("beam_pipelines.ingest", ["--config", args.config, "--input", str(source),
                                                          "--output", str(data_dir), *sets], work / "ingest.log")

@@ -225,10 +225,19 @@ def replace(config: TaskConfig, **sections: Any) -> TaskConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
+def set_flags(overrides: Sequence[str]) -> list[str]:
+    """["a.b=1", ...] -> ["--set", "a.b=1", ...]: overrides passed on to a stage's command line, checked first."""
+    return [arg for override in overrides for arg in ("--set", _checked(override))]
+
+
+def _checked(override: str) -> str:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. training.epochs=3)")
-    dotted, _, text = override.partition("=")
+    return override
+
+
+def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
+    dotted, _, text = _checked(override).partition("=")
     keys = dotted.strip().split(".")
     node = raw
     for key in keys[:-1]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medpipe.cli import module_main
+from medpipe.config import set_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "brain_mri.yaml"
@@ -132,10 +133,6 @@ class Step:
 def _shown(command: Sequence[str]) -> str:
     shown = ["medpipe" if part == sys.executable else part for part in command]
     return shlex.join(shown).replace("medpipe -m ", "python -m ")
-
-
-def set_flags(pairs: Sequence[str]) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", pair)]
 
 
 def wait_for_model(rest_port: int, model_name: str, process: subprocess.Popen, timeout: float = 120.0) -> dict:

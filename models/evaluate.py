@@ -203,13 +203,12 @@ def files_sha256(paths: Sequence[Path], root: Path) -> str:
 
 def open_model(path: Path) -> Predictor:
     if is_run_dir(path):
+        from models.export import read_threshold
+        from models.safety import SafeClassifier, load_params
         from models.train import load_run
 
-        from models.safety import SafeClassifier, load_params
-
         model, config, _schema = load_run(path)
-        point = path / "operating_point.json"
-        threshold = float(json.loads(point.read_text())["threshold"]) if point.is_file() else None
+        threshold = read_threshold(path)
         params = load_params(path)
         if params is None:
             log.warning("%s has no calibration/OOD statistics (trained before they existed): evaluating the raw "

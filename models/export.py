@@ -38,11 +38,10 @@ MAX_WARMUP_RECORDS = 1000  # TF Serving refuses more
 
 
 def read_threshold(run_dir: Path) -> float | None:
-    """Binary operating point chosen on validation by evaluate (absent for other tasks, or before evaluate)."""
-    for path in (run_dir / "operating_point.json", run_dir / "evaluation" / "operating_point.json"):
-        if path.is_file():
-            return float(json.loads(path.read_text())["threshold"])
-    return None
+    """RUN_DIR/operating_point.json: the binary operating point evaluate chose on the val split (None for other
+    tasks, or before evaluate); no other file counts."""
+    path = run_dir / "operating_point.json"
+    return float(json.loads(path.read_text())["threshold"]) if path.is_file() else None
 
 
 def preprocessing_params(config, threshold: float | None) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from medpipe.config import set_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
 SHARED_DATA = Path(os.environ.get("MEDPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -58,7 +60,7 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
 
 
 def overrides(*pairs: str) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", pair)]
+    return set_flags(pairs)
 
 
 @pytest.fixture(scope="session")
