@@ -17,7 +17,7 @@ from keras import layers
 
 from medpipe.errors import ConfigError
 
-LAST_CONV_NAME = "last_conv"  # the feature map Grad-CAM explains (compact_cnn); backbones: see last_conv_layer_name
+LAST_CONV_NAME = "last_conv"  # the top-level feature map Grad-CAM explains, in every model build_model makes
 
 # Batch-norm statistics must settle within the first epoch of a ~150-step epoch (Keras' 0.99 needs ~500 steps, so
 # validation looked like chance for several epochs).
@@ -189,16 +189,3 @@ def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = Non
     # float32 output even under mixed precision, so probabilities and losses stay exact.
     outputs = layers.Dense(num_outputs, activation=output_activation(config.task), dtype="float32", name="probs")(x)
     return keras.Model(inputs, outputs, name=f"{config.name}_{training.model}")
-
-
-def last_conv_layer_name(model: keras.Model) -> str:
-    """The name of the last layer with a 4-D (feature map) output: what Grad-CAM differentiates against."""
-    try:
-        return model.get_layer(LAST_CONV_NAME).name
-    except ValueError:
-        pass
-    for layer in reversed(model.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4:
-            return layer.name
-    raise ValueError(f"model {model.name} has no convolutional feature map (no layer with a 4-D output)")

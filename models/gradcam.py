@@ -1,81 +1,17 @@
 """Grad-CAM (Selvaraju et al. 2017): where in the image the model looked for a class.
 
-The layer is found automatically: the last layer, in topological order and looking inside nested models (the
-keras.applications backbones are nested as one layer), whose output is a 4-D feature map with more than one pixel,
-pooling layers excluded. That is `top_activation` for EfficientNetB0, `conv5_block3_out` for ResNet50, `relu` for
-DenseNet121 and the last conv block of the compact CNN.
-
-One computation serves everywhere: `gradcam_from_forward` takes a forward function returning (feature map, model
-outputs) and runs in TensorFlow ops only, so the SavedModel's `explain` signature traces it into the graph
-(models.safety.SafeClassifier) and the report calls the very same function eagerly. For a layer of the top-level
-model (every model of models.architectures.build_model has a top-level `last_conv`), the forward function is
-keras.Model(inputs, [layer.output, outputs]); only a layer inside a nested model (where that model cannot be built)
-is captured by wrapping its `call` for one forward pass.
+Every model of models.architectures.build_model has a top-level `last_conv` layer (the compact CNN's last conv
+block, or a backbone's output), so the feature map and the outputs come from one keras.Model(inputs,
+[last_conv.output, ...]) forward pass (models.safety.SafeClassifier.forward). `gradcam_from_forward` takes that
+forward function and runs in TensorFlow ops only, so the SavedModel's `explain` signature traces it into the graph
+and the report (models.evaluate) gets its heat maps from that same signature or the same SafeClassifier.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable
 
 import numpy as np
-
-_SKIPPED_KINDS = ("Pooling", "Dropout", "InputLayer")
-
-
-def _flatten_layers(model: Any) -> Iterator[Any]:
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers:  # a nested Model / Sequential
-            yield from _flatten_layers(layer)
-        yield layer
-
-
-def _feature_map_rank_ok(layer: Any) -> bool:
-    try:
-        shape = layer.output.shape
-    except (AttributeError, ValueError):  # a layer never called, or called several times
-        return False
-    if len(shape) != 4:
-        return False
-    height, width = shape[1], shape[2]
-    return height is None or width is None or height * width > 1
-
-
-def find_last_conv_layer(model: Any) -> Any:
-    """The layer Grad-CAM reads (see the module docstring); ValueError when the model has no feature map."""
-    candidates = [
-        layer for layer in _flatten_layers(model)
-        if not any(kind in type(layer).__name__ for kind in _SKIPPED_KINDS)
-        and not (hasattr(layer, "layers") and layer.layers)
-        and _feature_map_rank_ok(layer)
-    ]
-    if not candidates:
-        raise ValueError(f"model {model.name!r} has no 4-D feature map layer; Grad-CAM needs a convolutional model")
-    return candidates[-1]
-
-
-def find_layer(model: Any, name: str) -> Any:
-    for layer in _flatten_layers(model):
-        if layer.name == name:
-            return layer
-    raise ValueError(f"no layer named {name!r} in model {model.name!r} (nested models searched too)")
-
-
-@contextlib.contextmanager
-def _capture_output(layer: Any, tape: Any, store: dict) -> Iterator[None]:
-    original = layer.call
-
-    def call(*args, **kwargs):
-        output = original(*args, **kwargs)
-        tape.watch(output)
-        store["activations"] = output
-        return output
-
-    layer.call = call  # an instance attribute shadows the class method for this forward pass only
-    try:
-        yield
-    finally:
-        del layer.call
 
 
 def class_scores(outputs: Any, class_ids: Any) -> Any:
@@ -133,44 +69,6 @@ def gradcam_from_forward(forward: Callable, images: Any, class_ids: Any = None) 
         scores = class_scores(outputs, class_ids)
     gradients = tape.gradient(scores, feature_map)
     return cam_maps(feature_map, gradients, tf.shape(images)[1:3]), results
-
-
-def feature_forward(model: Any, layer: Any) -> Callable:
-    """forward(images) -> (layer's output, model outputs) for gradcam_from_forward."""
-    import keras
-
-    if any(layer is top for top in model.layers):
-        two_outputs = keras.Model(model.input, [layer.output, model.output])
-        return lambda images: tuple(two_outputs(images, training=False))
-
-    def captured(images):  # a layer inside a nested model: see the module docstring
-        import tensorflow as tf
-
-        store: dict = {}
-        with tf.GradientTape() as inner, _capture_output(layer, inner, store):
-            outputs = model(images, training=False)
-        if "activations" not in store:
-            raise ValueError(f"layer {layer.name!r} was not used in the forward pass of {model.name!r}")
-        return store["activations"], outputs
-
-    return captured
-
-
-def gradcam(
-    model: Any, images: np.ndarray, class_ids: Optional[Sequence[int]] = None, layer: Any = None
-) -> np.ndarray:
-    """Heat maps [N, H, W] in 0..1 at the input resolution, for `class_ids` (default: the predicted class).
-
-    `images` are what the model takes (float32 0..255, [N, H, W, C]); `layer` a layer or its name (default: found
-    automatically).
-    """
-    if layer is None:
-        layer = find_last_conv_layer(model)
-    elif isinstance(layer, str):
-        layer = find_layer(model, layer)
-    ids = None if class_ids is None else np.asarray(class_ids, dtype=np.int32)
-    maps, _ = gradcam_from_forward(feature_forward(model, layer), np.asarray(images, dtype=np.float32), ids)
-    return np.asarray(maps)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

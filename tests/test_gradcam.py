@@ -7,7 +7,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from models.gradcam import find_last_conv_layer, gradcam, overlay  # noqa: E402
+from models.gradcam import gradcam_from_forward, overlay  # noqa: E402
+from models.safety import SafeClassifier  # noqa: E402
 
 SIZE = 32
 RADIUS = 4
@@ -26,34 +27,33 @@ def _blob_images(count: int, seed: int):
     return images, labels, centres
 
 
-def _nested_blob_model() -> keras.Model:
-    """Input -> rescale -> a nested backbone model (as keras.applications are nested) -> pooling -> softmax."""
-    inner_input = keras.Input((SIZE, SIZE, 1))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inner_input)
+def _blob_model() -> keras.Model:
+    """Input -> rescale -> conv blocks -> `last_conv` -> gap -> probs: the layer names build_model gives."""
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
-    backbone = keras.Model(inner_input, x, name="backbone")
-    inputs = keras.Input((SIZE, SIZE, 1))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = backbone(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(2, activation="softmax")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
     return keras.Model(inputs, outputs, name="blob_detector")
+
+
+def gradcam(model: keras.Model, images: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Heat maps of CLASS_IDS through the forward pass the `explain` signature uses (no calibration)."""
+    maps, _ = gradcam_from_forward(SafeClassifier(model, "multiclass", 2, None).forward, images, class_ids)
+    return np.asarray(maps)
 
 
 @pytest.fixture(scope="module")
 def blob_model():
     keras.utils.set_random_seed(0)
     images, labels, _ = _blob_images(400, seed=1)
-    model = _nested_blob_model()
+    model = _blob_model()
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(images, labels, epochs=6, batch_size=32, verbose=0)
     return model
-
-
-def test_last_conv_layer_is_found_inside_the_nested_backbone(blob_model):
-    assert find_last_conv_layer(blob_model).name == "last_conv"
 
 
 def test_heatmap_peak_is_inside_the_blob_on_held_aside_images(blob_model):
@@ -61,7 +61,7 @@ def test_heatmap_peak_is_inside_the_blob_on_held_aside_images(blob_model):
     predicted = blob_model.predict(images, verbose=0).argmax(axis=1)
     assert np.mean(predicted == labels) >= 0.9, "the blob detector did not learn; Grad-CAM would mean nothing"
     positives = np.flatnonzero(labels == 1)
-    maps = gradcam(blob_model, images[positives], class_ids=np.ones(len(positives), dtype=int))
+    maps = gradcam(blob_model, images[positives], class_ids=np.ones(len(positives), dtype=np.int32))
     assert maps.shape == (len(positives), SIZE, SIZE)
     assert maps.min() >= 0 and np.allclose(maps.reshape(len(positives), -1).max(axis=1), 1.0)
     hits = 0
@@ -75,12 +75,14 @@ def test_heatmap_peak_is_inside_the_blob_on_held_aside_images(blob_model):
     assert picture.shape == (SIZE, SIZE, 3) and picture.dtype == np.uint8
 
 
-def test_backbone_layer_names():
-    """The automatic choice for a keras.applications backbone nested in a classifier, as architectures builds."""
-    inputs = keras.Input((64, 64, 3))
-    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
-    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
-    assert find_last_conv_layer(model).name == "conv5_block3_out"
-    maps = gradcam(model, np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)))
+def test_backbone_models_are_explained_on_their_top_level_last_conv():
+    """A keras.applications backbone nested in the classifier, as build_model makes it: no layer search needed."""
+    from medpipe.config import load_config
+    from models.architectures import build_model
+
+    config = load_config("brain_mri", ["image.size=64", "training.model=resnet50"])
+    model = build_model(config, len(config.labels))
+    assert model.get_layer("last_conv").output.shape[1:3] == (2, 2)
+    maps = np.asarray(SafeClassifier(model, "multiclass", len(config.labels), None)(
+        np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)), explain=True)["heatmap"])
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all()
