@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from medpipe.config import DicomConfig, TaskConfig
 from medpipe.errors import RejectedInput
 
 # Pillow's reducing_gap: an integer box reduction first, then BILINEAR over at most 2x the target size. Faster than
@@ -67,7 +68,7 @@ class PreparedImage:
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry points
-def preprocess_bytes(data: bytes, config: Any, encode: bool = True) -> PreparedImage:
+def preprocess_bytes(data: bytes, config: TaskConfig, encode: bool = True) -> PreparedImage:
     """Bytes of one file -> a model-ready image, or RejectedInput(reason, detail). encode=False leaves .png empty
     for a caller that may not need it (the gateway forwards an input that is already the exact PNG as it is).
 
@@ -89,7 +90,7 @@ def preprocess_bytes(data: bytes, config: Any, encode: bool = True) -> PreparedI
                          pixels=pixels[..., None] if pixels.ndim == 2 else pixels, decoded=decoded, pixel_hash=digest)
 
 
-def preprocess_file(path: str | os.PathLike, config: Any) -> PreparedImage:
+def preprocess_file(path: str | os.PathLike, config: TaskConfig) -> PreparedImage:
     """Convenience for local files (the CLI client, evaluate --images); ingest reads through Beam FileSystems."""
     size = os.path.getsize(path)
     check_file_size(size, config.ingest.max_file_mb)
@@ -139,13 +140,13 @@ def check_min_size(width: int, height: int, min_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # PNG / JPEG / TIFF
-def decode_raster(data: bytes, config: Any, kind: Optional[str] = None) -> tuple[np.ndarray, DecodedImage]:
+def decode_raster(data: bytes, config: TaskConfig, kind: Optional[str] = None) -> tuple[np.ndarray, DecodedImage]:
     """Pillow decode (first page of a multi-page TIFF) -> uint8 grey [H, W] or RGB [H, W, 3]."""
     image, decoded = decode_raster_image(data, config, kind)
     return np.asarray(image), decoded
 
 
-def decode_raster_image(data: bytes, config: Any, kind: Optional[str] = None) -> tuple[Image.Image, DecodedImage]:
+def decode_raster_image(data: bytes, config: TaskConfig, kind: Optional[str] = None) -> tuple[Image.Image, DecodedImage]:
     """Pillow decode (first page of a multi-page TIFF) -> a Pillow image in mode L, or RGB when channels=3 and the
     source is colour (pil_to_image)."""
     kind = kind or sniff(data)
@@ -368,7 +369,7 @@ def _int(ds, keyword: str, default: int) -> int:
         return default
 
 
-def decode_dicom(data: bytes, config: Any) -> tuple[np.ndarray, DecodedImage]:
+def decode_dicom(data: bytes, config: TaskConfig) -> tuple[np.ndarray, DecodedImage]:
     """DICOM -> uint8 grey (or RGB when channels=3 and the object is colour), following PS3.3 C.11 order."""
     from medpipe.deid import dicom_allowed_fields
 
@@ -416,7 +417,7 @@ def select_frames(stack: np.ndarray, frames: int, rule: str, grey: bool) -> np.n
     return stack[stack.shape[0] // 2]
 
 
-def dicom_grey(pixels: np.ndarray, ds, frames: int, dicom_config: Any) -> np.ndarray:
+def dicom_grey(pixels: np.ndarray, ds, frames: int, dicom_config: DicomConfig) -> np.ndarray:
     """Modality LUT -> (multi-frame rule) -> VOI -> uint8 -> MONOCHROME1 inversion."""
     from pydicom.pixels import apply_modality_lut
 
@@ -449,7 +450,7 @@ def _first(value: Any) -> Any:
     return value[0] if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else value
 
 
-def apply_voi(values: np.ndarray, ds, dicom_config: Any) -> np.ndarray:
+def apply_voi(values: np.ndarray, ds, dicom_config: DicomConfig) -> np.ndarray:
     """VOI in priority order: configured window > header VOI LUT Sequence > header window > robust percentiles."""
     from pydicom.pixels import apply_voi_lut
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medpipe.config import TaskConfig
 from medpipe.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -88,7 +89,7 @@ class DatasetSchema:
         return body
 
     @classmethod
-    def from_config(cls, config: Any) -> "DatasetSchema":
+    def from_config(cls, config: TaskConfig) -> "DatasetSchema":
         return cls(config.name, config.task, tuple(config.labels), config.image.size, config.image.channels)
 
 
@@ -119,7 +120,7 @@ def read_schema(directory: str | Path) -> DatasetSchema:
     )
 
 
-def check_schema_matches_config(schema: DatasetSchema, config: Any, where: str) -> None:
+def check_schema_matches_config(schema: DatasetSchema, config: TaskConfig, where: str) -> None:
     """Fail before any training/evaluation when the data was ingested for another label set or image shape."""
     problems = []
     if tuple(schema.labels) != tuple(config.labels):

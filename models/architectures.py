@@ -15,6 +15,7 @@ from typing import Any, Callable
 import keras
 from keras import layers
 
+from medpipe.config import TaskConfig
 from medpipe.errors import ConfigError
 
 LAST_CONV_NAME = "last_conv"  # the top-level feature map Grad-CAM explains, in every model build_model makes
@@ -170,7 +171,7 @@ def set_frozen(backbone_model: keras.Model, count: int) -> None:
         layer.trainable = index >= count and not isinstance(layer, layers.BatchNormalization)
 
 
-def build_model(config: Any, num_outputs: int, steps_per_epoch: int | None = None) -> keras.Model:
+def build_model(config: TaskConfig, num_outputs: int, steps_per_epoch: int | None = None) -> keras.Model:
     """The classifier for a TaskConfig: raw 0..255 images in, probabilities out (steps_per_epoch sizes BN momentum)."""
     training = config.training
     size, channels = config.image.size, config.image.channels

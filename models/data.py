@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from medpipe import schema as record_keys
+from medpipe.config import TaskConfig
 from medpipe.errors import DataError
 from medpipe.schema import DatasetSchema, check_schema_matches_config, read_schema
 from models.architectures import output_units
@@ -43,7 +44,7 @@ def shard_files(data_dir: str | Path, split: str) -> list[str]:
     return files
 
 
-def check_data(data_dir: str | Path, config: Any, splits: Sequence[str] = ("train", "val")) -> DatasetSchema:
+def check_data(data_dir: str | Path, config: TaskConfig, splits: Sequence[str] = ("train", "val")) -> DatasetSchema:
     """Everything that can be checked before a model is built: schema present, matching the config, shards there."""
     schema = load_schema(data_dir)
     check_schema_matches_config(schema, config, where=str(data_dir))
@@ -130,7 +131,7 @@ def make_dataset(
     batch_size: int,
     *,
     training: bool = False,
-    config: Any = None,
+    config: TaskConfig | None = None,
     class_weights: Sequence[float] | None = None,
     seed: int = 0,
     cache: bool = False,

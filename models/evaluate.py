@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medpipe.config import TaskConfig, load_config
 from medpipe.errors import EXIT_NO_GO, ConfigError, DataError, RejectedInput
 
 log = logging.getLogger("medpipe.evaluate")
@@ -110,7 +111,7 @@ class Predictor:
     fingerprint: str
     threshold: Optional[float] = None  # stored binary operating point, if any
     keras_model: Any = None  # run directories only
-    run_config: Any = None
+    run_config: Optional[TaskConfig] = None
     temperature: Optional[float] = None  # None: the model has no calibration (trained before it existed)
     ood_threshold: Optional[float] = None  # None: the model has no OOD outputs
     model_card: Optional[dict] = None  # a SavedModel's assets.extra/model_card.json
@@ -254,10 +255,8 @@ def open_saved_model(path: Path) -> Predictor:
                      _signature=loaded.signatures["predict_preprocessed"], _loaded=loaded)
 
 
-def resolve_config(predictor: Predictor, config_arg: Optional[str], overrides: Sequence[str]) -> Any:
+def resolve_config(predictor: Predictor, config_arg: Optional[str], overrides: Sequence[str]) -> TaskConfig:
     """The task config: --config if given, else the run's own config.yaml; checked against the model."""
-    from medpipe.config import load_config
-
     if config_arg:
         config = load_config(config_arg, overrides)
     elif predictor.kind == "run":
@@ -297,7 +296,7 @@ class Examples:
     rejected: list[dict] = field(default_factory=list)
 
 
-def load_records(data_dir: Path, split: str, config: Any) -> Examples:
+def load_records(data_dir: Path, split: str, config: TaskConfig) -> Examples:
     """Every example of one split, decoded in the graph exactly as training decoded it."""
     import tensorflow as tf
 
@@ -333,7 +332,7 @@ def load_records(data_dir: Path, split: str, config: Any) -> Examples:
                     f"the {split} split of {data_dir}", fingerprint)
 
 
-def preprocess_files(files: Sequence[Path], root: Path, config: Any) -> tuple[list, list, list, list]:
+def preprocess_files(files: Sequence[Path], root: Path, config: TaskConfig) -> tuple[list, list, list, list]:
     """Each file through medpipe.imaging (the ingest preprocessing) -> (float32 images, ids relative to ROOT,
     rejected rows with their reasons, indices of the files kept)."""
     from medpipe.imaging import preprocess_file
@@ -352,7 +351,7 @@ def preprocess_files(files: Sequence[Path], root: Path, config: Any) -> tuple[li
     return images, ids, rejected, kept
 
 
-def load_image_folder(folder: Path, config: Any) -> Examples:
+def load_image_folder(folder: Path, config: TaskConfig) -> Examples:
     """FOLDER/<label>/<files>, each through medpipe.imaging (the ingest preprocessing); rejects are listed."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -376,7 +375,7 @@ def load_image_folder(folder: Path, config: Any) -> Examples:
                     files_sha256(files, folder), rejected)
 
 
-def load_ood_set(directory: Path, config: Any) -> Examples:
+def load_ood_set(directory: Path, config: TaskConfig) -> Examples:
     """An OOD probe set: every split of an ingest output (schema.json present; its own image size must match), or
     every file under a folder through medpipe.imaging (the ingest preprocessing); unusable files are listed."""
     directory = Path(directory)
@@ -442,7 +441,7 @@ def ood_metrics(predictor: Predictor, in_scores: Optional[np.ndarray], in_flags:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optional[Path] = None,
+def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir: Optional[Path] = None,
              split: str = "test", images_dir: Optional[Path] = None, baseline_repository: Optional[Path] = None,
              model_name: Optional[str] = None, batch_size: int = 64, seed: int = 0, gradcam: bool = True,
              ood_dirs: Sequence[Path] = ()) -> dict:
@@ -511,7 +510,7 @@ def evaluate(predictor: Predictor, config: Any, output: Path, *, data_dir: Optio
     return blessing
 
 
-def load_baseline(repository: Path, model_name: str, examples: Examples, config: Any, batch_size: int,
+def load_baseline(repository: Path, model_name: str, examples: Examples, config: TaskConfig, batch_size: int,
                   seed: int) -> tuple[Optional[dict], Optional[int]]:
     """Metrics of the `stable` version: its stored metrics when they were computed on the same data, otherwise
     that SavedModel evaluated here on the same examples. (None, None) when nothing is published as stable."""
@@ -551,7 +550,7 @@ def load_baseline(repository: Path, model_name: str, examples: Examples, config:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def write_outputs(output: Path, predictor: Predictor, config: Any, examples: Examples, probs: np.ndarray,
+def write_outputs(output: Path, predictor: Predictor, config: TaskConfig, examples: Examples, probs: np.ndarray,
                   metrics: dict, blessing: dict, gradcam: bool = True,
                   probe_sets: Sequence[tuple[Path, Examples]] = ()) -> None:
     """metrics.json, predictions.csv, plots/*.png, report.html, blessing.json (+ rejected.jsonl)."""

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from medpipe.config import TaskConfig
+
 log = logging.getLogger(__name__)
 
 SERVING_DEFAULT = "serving_default"
@@ -44,7 +46,7 @@ def read_threshold(run_dir: Path) -> float | None:
     return float(json.loads(path.read_text())["threshold"]) if path.is_file() else None
 
 
-def preprocessing_params(config, threshold: float | None) -> dict:
+def preprocessing_params(config: TaskConfig, threshold: float | None) -> dict:
     # dicom and ingest: what the gateway needs to run preprocess_bytes exactly as ingest did for this model
     plain = config.to_dict()
     return {"image_size": config.image.size, "channels": config.image.channels, "task": config.task,
@@ -71,7 +73,7 @@ def _head(scores, task: str, num_classes: int, threshold: float | None):
     return probabilities, class_ids
 
 
-def build_archive(model, config, threshold: float | None, safety_params=None):
+def build_archive(model, config: TaskConfig, threshold: float | None, safety_params=None):
     """A keras.export.ExportArchive with the four endpoints (tracked variables, explicit dict outputs)."""
     import keras
     import tensorflow as tf

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from medpipe.config import TaskConfig
+
 CARD_VERSION = 1
 
 KNOWN_LIMITS = (
@@ -33,7 +35,7 @@ def _with_ci(metrics: dict, name: str) -> dict:
     return {"value": metrics.get(name), "ci95": interval}
 
 
-def intended_use(config: Any) -> dict:
+def intended_use(config: TaskConfig) -> dict:
     labels = ", ".join(config.labels)
     kind = "one class out of" if config.task == "multiclass" else "a label among" if config.task == "multilabel" \
         else "one of two classes:"
@@ -50,7 +52,7 @@ def intended_use(config: Any) -> dict:
     }
 
 
-def build_model_card(run_dir: str | Path, config: Any, metrics: Optional[dict] = None) -> dict:
+def build_model_card(run_dir: str | Path, config: TaskConfig, metrics: Optional[dict] = None) -> dict:
     """The card of a training run; `metrics` defaults to RUN_DIR/evaluation/metrics.json (None before evaluate)."""
     run = Path(run_dir)
     metadata = _read(run / "train_metadata.json") or {}

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medpipe.config import TaskConfig
 from medpipe.errors import DataError
 
 log = logging.getLogger("medpipe.safety")
@@ -331,7 +332,7 @@ def fit(train: tuple, val: tuple, task: str, num_classes: int, retention: float,
     return SafetyParams(temperature, means, whitening, threshold), calibration, ood
 
 
-def fit_run(model: Any, config: Any, data_dir: Path, run_dir: Path, schema: Any) -> dict:
+def fit_run(model: Any, config: TaskConfig, data_dir: Path, run_dir: Path, schema: Any) -> dict:
     """Fit on train/val of DATA with the run's (best) model, write the files; returns a summary for train_metadata."""
     if schema.task == "multilabel":  # no single predicted class to calibrate or to centre features on
         log.warning("multilabel task: no calibration or OOD statistics fitted; such a run cannot be exported yet")

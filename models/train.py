@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from medpipe.config import TaskConfig, config_from_dict, dump_config, load_config
 from medpipe.errors import ConfigError, DataError
 
 log = logging.getLogger("medpipe.train")
@@ -318,7 +319,7 @@ def fit_two_stages(model: Any, training: Any, compile_model: Any, fit: Any, run_
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
-def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False,
+def train(config: TaskConfig, data_dir: Path, run_dir: Path, cpu_replicas: int | None = None, cache: bool = False,
           pushgateway: str | None = None) -> dict:
     """Train and write RUN_DIR; returns train_metadata. Data/config problems raise before any model is built."""
     from models import data as data_lib
@@ -329,7 +330,6 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     import keras
     import tensorflow as tf
 
-    from medpipe.config import dump_config
     from models import safety
     from models.architectures import build_model
     from models.distributed import artefact_dir, cluster_from_env
@@ -454,11 +454,10 @@ def train(config: Any, data_dir: Path, run_dir: Path, cpu_replicas: int | None =
     return metadata
 
 
-def load_run(run_dir: str | Path) -> tuple[Any, Any, Any]:
+def load_run(run_dir: str | Path) -> tuple[Any, TaskConfig, Any]:
     """(keras model, TaskConfig, DatasetSchema) of a finished run directory (for evaluation and export)."""
     import yaml
 
-    from medpipe.config import config_from_dict
     from medpipe.schema import read_schema
 
     run = Path(run_dir)
@@ -473,8 +472,6 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from medpipe.config import load_config
-
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"training.epochs={args.epochs}"] if args.epochs is not None else [])
     config = load_config(args.config, overrides)
