@@ -146,7 +146,8 @@ def decode_raster(data: bytes, config: TaskConfig, kind: Optional[str] = None) -
     return np.asarray(image), decoded
 
 
-def decode_raster_image(data: bytes, config: TaskConfig, kind: Optional[str] = None) -> tuple[Image.Image, DecodedImage]:
+def decode_raster_image(data: bytes, config: TaskConfig,
+                        kind: Optional[str] = None) -> tuple[Image.Image, DecodedImage]:
     """Pillow decode (first page of a multi-page TIFF) -> a Pillow image in mode L, or RGB when channels=3 and the
     source is colour (pil_to_image)."""
     kind = kind or sniff(data)

@@ -142,19 +142,21 @@ def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> tuple[list[Optional[flo
 def bootstrap_intervals(
     y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, samples: int, seed: int
 ) -> dict[str, Any]:
-    """Percentile 95% intervals over `samples` resamples (with replacement) of the examples."""
+    """Percentile 95% intervals over `samples` resamples (with replacement) of the examples; the macro AUC interval
+    is null when a resample holds a single class (AUC undefined there), e.g. on a single-class split."""
     names = ("accuracy", "macro_f1", "macro_auc")
     if samples <= 0 or y_true.size == 0:
         return {"level": CI_LEVEL, "samples": 0, **dict.fromkeys(names)}
+
     def statistic(index: np.ndarray) -> list[float]:
         truth, predicted = y_true[index], y_pred[index]
         auc = _macro_auc(truth, probs[index])[1]
-        return [np.mean(truth == predicted), _macro_f1(truth, predicted, probs.shape[1]), np.nan if auc is None else auc]
+        return [np.mean(truth == predicted), _macro_f1(truth, predicted, probs.shape[1]),
+                np.nan if auc is None else auc]
 
     low, high = stats.bootstrap((np.arange(y_true.size),), statistic, n_resamples=samples, vectorized=False,
                                 confidence_level=CI_LEVEL, method="percentile",
                                 rng=np.random.default_rng(seed)).confidence_interval
-    # an interval is null when a resample has a single class everywhere (AUC undefined), e.g. a single-class split
     return {"level": CI_LEVEL, "samples": samples,
             **{name: None if np.isnan(low[i]) else [float(low[i]), float(high[i])] for i, name in enumerate(names)}}
 
