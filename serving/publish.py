@@ -26,6 +26,7 @@ from typing import Sequence
 
 from medpipe.cli import module_main
 from medpipe.errors import DataError, MedpipeError
+from medpipe.models_config import version_labels
 from serving import repository as repo_lib
 
 log = logging.getLogger("medpipe.publish")
@@ -112,11 +113,9 @@ def loading_config(previous, final, model_name: str):
     """FINAL's versions of NAME loaded under PREVIOUS's labels: the first step of a label move, which loads the
     target version without pointing anything at it."""
     config = copy.deepcopy(final)
-    entry, before = repo_lib.find_model(config, model_name), repo_lib.find_model(previous, model_name)
-    old_labels = dict(before.version_labels) if before is not None else {}
+    entry, old_labels = repo_lib.find_model(config, model_name), version_labels(previous, model_name)
     entry.ClearField("version_labels")
-    for label, version in old_labels.items():
-        entry.version_labels[label] = version
+    entry.version_labels.update(old_labels)
     if entry.model_version_policy.WhichOneof("policy_choice") == "specific":
         keep = set(entry.model_version_policy.specific.versions) | set(old_labels.values())
         entry.model_version_policy.specific.ClearField("versions")
