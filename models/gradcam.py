@@ -26,16 +26,6 @@ def class_scores(outputs: Any, class_ids: Any) -> Any:
     return tf.gather(outputs, class_ids, axis=1, batch_dims=1)
 
 
-def predicted_class_ids(outputs: Any) -> Any:
-    """argmax of softmax rows; p >= 0.5 for one sigmoid unit (tf ops)."""
-    import tensorflow as tf
-
-    outputs = tf.cast(outputs, tf.float32)
-    if outputs.shape[-1] == 1:
-        return tf.cast(outputs[:, 0] >= 0.5, tf.int32)
-    return tf.argmax(outputs, axis=-1, output_type=tf.int32)
-
-
 def cam_maps(feature_map: Any, gradients: Any, size: Any) -> Any:
     """Grad-CAM maps [N, H, W] in 0..1 (tf ops): channel weights = mean gradient, ReLU of the weighted sum, bilinear
     resize to the input's H x W, divided by each map's peak (an all-zero map stays zero)."""
@@ -49,11 +39,11 @@ def cam_maps(feature_map: Any, gradients: Any, size: Any) -> Any:
     return tf.where(peak > 0, cams / tf.where(peak > 0, peak, 1.0), 0.0)
 
 
-def gradcam_from_forward(forward: Callable, images: Any, class_ids: Any = None) -> tuple[Any, tuple]:
+def gradcam_from_forward(forward: Callable, images: Any, class_ids: Any) -> tuple[Any, tuple]:
     """(heat maps [N, H, W] float32 0..1, everything `forward` returned), in TensorFlow ops (graph or eager).
 
     `forward(images)` returns (feature map [N, h, w, k], model outputs [N, C], ...); `class_ids` is the class to
-    explain per image: a tensor, or a function of the outputs (default: the predicted class, argmax / p >= 0.5).
+    explain per image: a tensor, or a function of the outputs (the served predicted class, in SafeClassifier).
     """
     import tensorflow as tf
 
@@ -62,9 +52,7 @@ def gradcam_from_forward(forward: Callable, images: Any, class_ids: Any = None) 
         tape.watch(images)  # every op from the pixels on is recorded, the feature map included
         results = forward(images)
         feature_map, outputs = results[0], results[1]
-        if class_ids is None:
-            class_ids = predicted_class_ids(outputs)
-        elif callable(class_ids):
+        if callable(class_ids):
             class_ids = class_ids(outputs)
         scores = class_scores(outputs, class_ids)
     gradients = tape.gradient(scores, feature_map)
