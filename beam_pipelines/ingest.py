@@ -58,7 +58,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from medpipe import schema as keys
-from medpipe.config import SPLITS, TaskConfig, load_config
+from medpipe.config import TaskConfig, load_config
 from medpipe.errors import ConfigError, DataError, NoResult, RejectedInput
 
 # The per-record functions live in a Beam-free module (the benchmark's plain loop uses them); re-exported here.
@@ -382,9 +382,10 @@ def remove_spill(directory: str) -> None:
         FileSystems.delete(spilled)
 
 
-def shard_paths(directory: str, shards: Any) -> list[str]:
+def shard_paths(directory: str, config: TaskConfig) -> list[str]:
+    shards = config.ingest.shards
     return [FileSystems.join(directory, shard_name(split, shard, getattr(shards, split)))
-            for split in SPLITS for shard in range(getattr(shards, split))]
+            for split in config.splits for shard in range(getattr(shards, split))]
 
 
 class WriteShardFn(beam.DoFn):
@@ -496,7 +497,7 @@ def build_stats(config: TaskConfig, input_files: int, written: dict, rejected: l
 
     splits = {split: {"total": sum(written["splits"].get(split, {}).values()),
                       "classes": {label: written["splits"].get(split, {}).get(label, 0) for label in config.labels}}
-              for split in SPLITS}
+              for split in config.splits}
     total = sum(s["total"] for s in splits.values())
     by_class = {label: sum(s["classes"][label] for s in splits.values()) for label in config.labels}
     by_reason: dict[str, int] = {}
@@ -540,7 +541,7 @@ def write_reports(report: dict, config: TaskConfig, directory: str, input_files:
     if report["shard_records"] != stats["written"]:
         raise DataError(f"ingest bookkeeping error: {stats['written']} records kept but {report['shard_records']} "
                         f"written to the shards (please report this bug)")
-    expected = shard_paths(directory, config.ingest.shards)
+    expected = shard_paths(directory, config)
     for path in sorted(set(expected) - set(report["shards"])):
         write_shard(path, [])  # a shard no record fell into: still written, so every split has its N files
     stats["files"] = sorted(posixpath.basename(path.replace(os.sep, "/")) for path in expected)
@@ -1104,7 +1105,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             push_ingest_stats(stats, config.name, url=args.pushgateway)  # the failed run is counted too
         raise
     LOG.info("ingest: %d written (%s), %d rejected, %d duplicates dropped -> %s", stats["written"],
-             ", ".join(f"{s} {stats['splits'][s]['total']}" for s in SPLITS), stats["rejected"],
+             ", ".join(f"{s} {stats['splits'][s]['total']}" for s in config.splits), stats["rejected"],
              stats["duplicates_dropped"], output)
     if stats["rejected"] or stats["duplicates_dropped"]:
         LOG.info("ingest: paths of the rejected and duplicate inputs (PHI, mode 0600): %s", input_report)

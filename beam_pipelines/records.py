@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from medpipe import schema as keys
-from medpipe.config import TaskConfig
+from medpipe.config import SHIFT_SPLITS, TaskConfig
 from medpipe.drift import HISTOGRAM_BINS as HIST_BINS
 from medpipe.drift import histogram
 from medpipe.errors import RejectedInput
@@ -65,6 +65,7 @@ def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Option
         "label": item.label,
         "pixel_hash": digest,
         "split_key": pseudo or digest,
+        "holdout": in_shift_holdout(patient, config.ingest.shift_holdout),
         "pseudonym": pseudo,
         "source_id": source_id,
         "png": prepared.png,
@@ -96,11 +97,25 @@ def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Option
     return kept, [], info
 
 
-def assign_split(split_key: str, salt: str, ratios: Any) -> str:
-    """Deterministic split from a salted sha256 of the key: adding files never moves an existing key."""
+def in_shift_holdout(patient: Optional[str], rule: Any) -> bool:
+    """Whether a raw patient ID is one of the earliest acquisitions of its series under ingest.shift_holdout."""
+    import re
+
+    match = re.match(rule.pattern, patient) if rule is not None and patient else None
+    if match is None:
+        return False
+    cut = dict(rule.before).get(match.group(1))
+    return cut is not None and int(match.group(2)) < cut
+
+
+def assign_split(split_key: str, salt: str, ratios: Any, holdout: bool = False) -> str:
+    """Deterministic split from a salted sha256 of the key: adding files never moves an existing key. A held-out
+    key goes to val_shift or test_shift (half each), never to train."""
     import hashlib
 
     unit = int(hashlib.sha256(f"{salt}:{split_key}".encode()).hexdigest()[:15], 16) / float(16**15)
+    if holdout:
+        return SHIFT_SPLITS[unit >= 0.5]
     if unit < ratios.train:
         return "train"
     if unit < ratios.train + ratios.val:
@@ -142,7 +157,7 @@ def route_record(record: dict, index: int, config: TaskConfig) -> Iterable[tuple
     """A decoded record (the index-th input) -> ("shard", ((split, shard), (index, source_id, example))) carrying the
     example, and ("meta", (pixel_hash, meta)) carrying only what dedup and the stats need (no image bytes). The index
     tells copies apart even when a manifest lists one path twice."""
-    split = assign_split(record["split_key"], config.ingest.split_salt, config.ingest.split)
+    split = assign_split(record["split_key"], config.ingest.split_salt, config.ingest.split, record["holdout"])
     shard = (split, shard_of(record["source_id"], getattr(config.ingest.shards, split)))
     yield ("shard", (shard, (index, record["source_id"], to_example(record, config))))
     meta = {name: record[name] for name in ("path", "label", "hist", "sum", "sumsq", "count", "input_size",

@@ -155,7 +155,8 @@ def medpipe_train():
 
     @task(execution_timeout=timedelta(hours=2))
     def evaluate(job: dict) -> dict:
-        """Candidate and `stable` on the newest partition's test split and on the golden set; one blessing."""
+        """Candidate and `stable` on the newest partition's gate split (the config's evaluation.gate_split: test, or
+        the shift-aware test_shift) and on the golden set; one blessing."""
         import json
         import logging
         from pathlib import Path
@@ -164,7 +165,7 @@ def medpipe_train():
 
         run = Path(job["run_dir"])
         baseline = ["--baseline-repository", str(model_repository()), "--model-name", job["model_name"]]
-        sets = {"partition_test": ["--data", job["newest"], "--split", "test"]}
+        sets = {"partition_test": ["--data", job["newest"]]}
         if job["golden"]:
             sets["golden"] = ["--images", job["golden"]]
         else:

@@ -19,6 +19,10 @@ from medpipe.errors import ConfigError
 
 TaskType = Literal["multiclass", "binary", "multilabel"]
 SPLITS = ("train", "val", "test")
+# Shift-aware splits: patients held out by acquisition order (ingest.shift_holdout), never carved at random.
+SHIFT_SPLITS = ("val_shift", "test_shift")
+TUNING_SPLITS = ("val", "val_shift")  # where thresholds are chosen and training is monitored
+GATE_SPLITS = ("test", "test_shift")  # held out from every choice: the only splits whose verdict publishes
 
 # The repository's config folder; entry points use it to resolve a bare name such as "brain_mri".
 CONFIG_DIR = Path(os.environ.get("MEDPIPE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
@@ -55,6 +59,19 @@ class ShardConfig:
     train: int = 4
     val: int = 1
     test: int = 1
+    val_shift: int = 1
+    test_shift: int = 1
+
+
+@dataclass(frozen=True)
+class ShiftHoldoutConfig:
+    """Shift-aware validation: a patient whose ID matches `pattern` (group 1 = acquisition series, group 2 = its
+    running number) and whose number is below the series' cut in `before` is held out of training, in val_shift or
+    test_shift (half each, by the salted patient hash). Running numbers follow acquisition order, so these are the
+    earliest acquisitions of each series: data the model meets the way it meets new patients, not a random carve."""
+
+    pattern: str
+    before: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class IngestConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     split_salt: str = "medpipe-split-v1"
     shards: ShardConfig = field(default_factory=ShardConfig)
+    shift_holdout: Optional[ShiftHoldoutConfig] = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,7 @@ class TrainingConfig:
     # the training window over the dataset's ingested partitions (medpipe/window.py): all | {last: N} | [names]
     partitions: Any = "all"
     include_feedback: bool = True  # always add the `feedback*` partitions (confirmed labels) to the window
+    validation_split: Literal["val", "val_shift"] = "val"  # what `monitor` (early stopping, best epoch) reads
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,8 @@ class EvaluationConfig:
     calibration_bins: int = 10
     gradcam_per_class: int = 2
     ood_retention: float = 0.99  # share of the val split the OOD threshold keeps in distribution
+    threshold_split: Literal["val", "val_shift"] = "val"  # where the binary operating threshold is chosen
+    gate_split: Literal["test", "test_shift"] = "test"  # the split whose verdict blesses a run for publishing
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,11 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits ingest writes: train/val/test, plus the shift-aware pair when a holdout rule is set."""
+        return SPLITS + SHIFT_SPLITS if self.ingest.shift_holdout is not None else SPLITS
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
@@ -336,6 +362,23 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
     total = split.train + split.val + split.test
     if abs(total - 1.0) > 1e-6 or min(split.train, split.val, split.test) < 0:
         raise ConfigError(f"{file}: ingest.split ratios must be >= 0 and sum to 1, got {total:g}")
+    holdout = config.ingest.shift_holdout
+    if holdout is not None:
+        import re
+
+        try:
+            groups = re.compile(holdout.pattern).groups
+        except re.error as exc:
+            raise ConfigError(f"{file}: ingest.shift_holdout.pattern is not a regular expression: {exc}") from exc
+        if groups < 2:
+            raise ConfigError(f"{file}: ingest.shift_holdout.pattern needs two groups (series, running number)")
+    uses = {"evaluation.threshold_split": config.evaluation.threshold_split,
+            "evaluation.gate_split": config.evaluation.gate_split,
+            "training.validation_split": config.training.validation_split}
+    for key, split in uses.items():
+        if split in SHIFT_SPLITS and holdout is None:
+            raise ConfigError(f"{file}: {key} is {split} but ingest.shift_holdout is not set, so no such split "
+                              f"exists; set ingest.shift_holdout or use {key.split('.')[0]}'s carved split")
     low, high = config.dicom.voi_percentiles
     if not 0 <= low < high <= 100:
         raise ConfigError(f"{file}: dicom.voi_percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")

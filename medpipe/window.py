@@ -29,11 +29,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from medpipe.config import SHIFT_SPLITS, SPLITS
 from medpipe.errors import ConfigError, DataError
 
 FEEDBACK_PREFIX = "feedback"
 WINDOW_FILE = "window.json"
-SPLITS = ("train", "val", "test")
 
 
 def parse_window(spec: Any, where: str = "training.partitions") -> tuple[str, Any]:
@@ -118,7 +118,7 @@ def build_window(directories: Sequence[Path], output: Path, ingested_at: dict[st
     staging.mkdir(parents=True)
     (staging / "schema.json").write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
     for index, directory in enumerate(directories):
-        for split in SPLITS:
+        for split in SPLITS + SHIFT_SPLITS:
             for shard in sorted(directory.glob(f"{split}-*.tfrecord.gz")):
                 rest = shard.name[len(split) + 1:]
                 os.symlink(shard.resolve(), staging / f"{split}-{index:03d}-{directory.name}-{rest}")

@@ -78,7 +78,9 @@ def label_counts(data_dir: str | Path, split: str, schema: DatasetSchema) -> np.
             raise DataError(f"{data_dir}: {split} has label ids outside 0..{schema.num_classes - 1}; re-run ingest")
         counts += np.bincount(values, minlength=schema.num_classes)
     if not multilabel and counts.sum() == 0:
-        raise DataError(f"{data_dir}: the {split} split has no records; check ingest.split and stats.json")
+        hint = ("it holds the patients ingest.shift_holdout selects: give ingest the patients through a manifest "
+                "(scripts/make_manifest.py --patient-regex)" if split.endswith("_shift") else "check ingest.split")
+        raise DataError(f"{data_dir}: the {split} split has no records; {hint} and stats.json")
     return counts
 
 

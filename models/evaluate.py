@@ -38,13 +38,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from medpipe.config import TaskConfig, load_config
+from medpipe.config import SHIFT_SPLITS, TaskConfig, load_config
 from medpipe.errors import EXIT_NO_GO, ConfigError, DataError, RejectedInput
 
 log = logging.getLogger("medpipe.evaluate")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""}
-SPLITS = ("test", "val", "train")
+SPLITS = ("test", "val", "train", *SHIFT_SPLITS)
+# The figures reported beside the evaluated split's: carved at random (val, test) and shift-aware (val_shift,
+# test_shift), so a reader sees how much a random carve overstates performance on new acquisitions.
+REPORTED_SPLITS = ("val", "test", *SHIFT_SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -60,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="ingest output directory (schema.json + *.tfrecord.gz)")
     source.add_argument("--images", help="folder with one sub-folder of raw images (DICOM/PNG/JPEG/TIFF) per label")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split of --data to evaluate (default test)")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="split of --data to evaluate (default: the config's evaluation.gate_split, test unless "
+                        "the task holds out a shift-aware split)")
     parser.add_argument("--output", help="output directory (default: RUN_DIR/evaluation for a training run)")
     parser.add_argument("--config", help="task config (name or YAML); required for a SavedModel, default for a run: "
                         "its config.yaml")
@@ -83,10 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_path = Path(args.model)
     predictor = open_model(model_path)
     config = resolve_config(predictor, args.config, args.overrides)
-    output = Path(args.output) if args.output else default_output(predictor, "images" if args.images else args.split)
+    split = args.split or config.evaluation.gate_split
+    output = Path(args.output) if args.output else default_output(predictor, "images" if args.images else split,
+                                                                  config.evaluation.gate_split)
     blessing = evaluate(
         predictor, config, output,
-        data_dir=Path(args.data) if args.data else None, split=args.split,
+        data_dir=Path(args.data) if args.data else None, split=split,
         images_dir=Path(args.images) if args.images else None,
         baseline_repository=Path(args.baseline_repository) if args.baseline_repository else None,
         model_name=args.model_name, batch_size=args.batch_size, seed=args.seed, gradcam=not args.no_gradcam,
@@ -277,12 +284,12 @@ def resolve_config(predictor: Predictor, config_arg: Optional[str], overrides: S
     return config
 
 
-def default_output(predictor: Predictor, source: str) -> Path:
-    """RUN_DIR/evaluation for the test split (what publish ships as the version's metrics), else
-    RUN_DIR/evaluation-<split|images>, so evaluating another split never replaces the test figures."""
+def default_output(predictor: Predictor, source: str, gate_split: str = "test") -> Path:
+    """RUN_DIR/evaluation for the gate's split (what publish ships as the version's metrics), else
+    RUN_DIR/evaluation-<split|images>, so evaluating another split never replaces the gate's figures."""
     if predictor.kind != "run":
         raise ConfigError("pass --output DIR when evaluating a SavedModel")
-    return predictor.path / ("evaluation" if source == "test" else f"evaluation-{source}")
+    return predictor.path / ("evaluation" if source == gate_split else f"evaluation-{source}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -457,8 +464,9 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
     probs = served["probabilities"]
 
     threshold, threshold_source = predictor.threshold, "stored with the model"
+    tuning = evaluation.threshold_split
     if config.task == "binary" and predictor.kind == "run" and data_dir is not None:
-        val = examples if split == "val" else load_records(data_dir, "val", config)
+        val = examples if split == tuning else load_records(data_dir, tuning, config)
         try:
             chosen = choose_threshold(val.labels, predictor.predict(val.images, batch_size)[:, 1],
                                       evaluation.binary_threshold, evaluation.target_sensitivity)
@@ -466,9 +474,9 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
             log.warning("no operating threshold chosen: %s", exc)
             threshold_source = f"NOT chosen ({exc})"
         else:
-            threshold, threshold_source = chosen["threshold"], f"chosen on the val split ({chosen['method']})"
+            threshold, threshold_source = chosen["threshold"], f"chosen on the {tuning} split ({chosen['method']})"
             (predictor.path / "operating_point.json").write_text(
-                json.dumps({**chosen, "split": "val"}, indent=2) + "\n")
+                json.dumps({**chosen, "split": tuning}, indent=2) + "\n")
     if threshold is None:
         threshold_source = "default 0.5" if threshold_source.startswith("stored") else threshold_source + "; 0.5 used"
 
@@ -491,6 +499,8 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
                         "fingerprint": predictor.fingerprint}
     metrics["data"] = {"description": examples.description, "split": split if data_dir else "images",
                        "fingerprint": examples.fingerprint, "rejected": len(examples.rejected)}
+    if data_dir is not None:
+        metrics["splits"] = split_figures(predictor, config, data_dir, split, metrics, threshold, batch_size, seed)
 
     baseline_metrics, baseline_version = None, None
     if baseline_repository is not None:
@@ -502,12 +512,47 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
 
     write_outputs(output, predictor, config, examples, probs, metrics, blessing, gradcam=gradcam,
                   probe_sets=probe_sets)
-    if predictor.kind == "run" and data_dir is not None and split == "test":
+    if predictor.kind == "run" and data_dir is not None and split == evaluation.gate_split:
         shutil.copyfile(output / "blessing.json", predictor.path / "blessing.json")
     elif predictor.kind == "run":  # a verdict on data the model was tuned on (or not the gate's data) never publishes
-        log.info("blessing from %s not copied to %s (only the test split gates a run)",
-                 f"the {split} split" if data_dir is not None else "external images", predictor.path)
+        log.info("blessing from %s not copied to %s (only the %s split gates a run)",
+                 f"the {split} split" if data_dir is not None else "external images", predictor.path,
+                 evaluation.gate_split)
     return blessing
+
+
+def split_summary(metrics: dict) -> dict:
+    """Accuracy, macro-F1 and ROC AUC with their 95% bootstrap intervals: one row of the by-split table."""
+    intervals = metrics.get("confidence_intervals") or {}
+    return {"examples": metrics["num_examples"],
+            **{name: {"value": metrics[name], "ci95": intervals.get(name)} for name in ("accuracy", "macro_f1",
+                                                                                        "macro_auc")},
+            "per_class_f1": {label: row["f1"] for label, row in metrics["per_class"].items()}}
+
+
+def split_figures(predictor: Predictor, config: TaskConfig, data_dir: Path, evaluated: str, metrics: dict,
+                  threshold: Optional[float], batch_size: int, seed: int) -> dict:
+    """The evaluated split's summary and, at the same operating threshold, every other held-out split present:
+    carved at random (val, test) and shift-aware (val_shift, test_shift)."""
+    from models.metrics import classification_metrics
+
+    rows = {}
+    for name in REPORTED_SPLITS:
+        if name == evaluated:
+            figures = metrics
+        elif any(Path(data_dir).glob(f"{name}-*.tfrecord.gz")):
+            try:
+                examples = load_records(data_dir, name, config)
+            except DataError:  # an empty split: nothing to report
+                continue
+            figures = classification_metrics(examples.labels, predictor.outputs(examples.images, batch_size)
+                                             ["probabilities"], config.labels,
+                                             threshold=threshold if config.task == "binary" else None,
+                                             bootstrap_samples=config.evaluation.bootstrap_samples, seed=seed)
+        else:
+            continue
+        rows[name] = {**split_summary(figures), "kind": "shift-aware" if name in SHIFT_SPLITS else "carved"}
+    return rows
 
 
 def load_baseline(repository: Path, model_name: str, examples: Examples, config: TaskConfig, batch_size: int,

@@ -110,13 +110,16 @@ def combine(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def combined_data(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The `data` of a combined verdict, which `medpipe publish` checks: split `test` only when one evaluation is on
-    a test split and none on data the model was tuned on (train, val); external images (a golden set) may join."""
+    """The `data` of a combined verdict, which `medpipe publish` checks: a test split (test, test_shift) only when
+    one evaluation is on one and none on data the model was tuned on (train, val, val_shift); external images (a
+    golden set) may join."""
+    from medpipe.config import GATE_SPLITS
+
     datas = {name: blessing.get("data") or {} for name, blessing in blessings.items()}
-    tuned = [data.get("split") for data in datas.values() if data.get("split") not in ("test", "images")]
-    tests = [data for data in datas.values() if data.get("split") == "test"]
+    tuned = [data.get("split") for data in datas.values() if data.get("split") not in (*GATE_SPLITS, "images")]
+    tests = [data for data in datas.values() if data.get("split") in GATE_SPLITS]
     base = tests[0] if tests else next(iter(datas.values()))
-    split = (tuned[0] or "unrecorded data") if tuned else ("test" if tests else "images")
+    split = (tuned[0] or "unrecorded data") if tuned else (base["split"] if tests else "images")
     return {**base, "split": split, "evaluations": datas}
 
 

@@ -93,6 +93,7 @@ def build_model_card(run_dir: str | Path, config: TaskConfig, metrics: Optional[
             "macro_auc": _with_ci(metrics, "macro_auc"),
             "per_class": {label: {k: row.get(k) for k in ("sensitivity", "specificity", "precision", "support")}
                           for label, row in (metrics.get("per_class") or {}).items()},
+            "by_split": metrics.get("splits"),  # carved and shift-aware figures side by side
         }
     if calibration is not None:
         card["calibration"] = {

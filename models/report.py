@@ -115,6 +115,15 @@ def _safety_section(metrics: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+def splits_table(splits: Mapping[str, Any]) -> str:
+    """Carved (random) against shift-aware (earliest acquisitions held out) figures, one row a split."""
+    rows = [[html.escape(name), html.escape(row["kind"]), str(row["examples"])]
+            + [f"{_number(row[key]['value'])} {_interval(row[key]['ci95'])}" for key in ("accuracy", "macro_f1",
+                                                                                      "macro_auc")]
+            for name, row in splits.items()]
+    return _table(["split", "kind", "cases", "accuracy (95% CI)", "macro F1 (95% CI)", "ROC AUC (95% CI)"], rows)
+
+
 def render_model_card(card: Mapping[str, Any]) -> list[str]:
     """The model card section (the same dict as the SavedModel's assets.extra/model_card.json)."""
     use = card.get("intended_use", {})
@@ -135,6 +144,10 @@ def render_model_card(card: Mapping[str, Any]) -> list[str]:
                          [[name, _number(metrics[key]["value"]), _interval(metrics[key]["ci95"])]
                           for name, key in (("Accuracy", "accuracy"), ("Macro F1", "macro_f1"),
                                             ("Macro ROC AUC", "macro_auc"))])]
+        if metrics.get("by_split"):
+            parts += ["<p>By split, at the same operating threshold (carved = random by patient; shift-aware = the "
+                      "earliest acquisitions of each series, held out of training):</p>",
+                      splits_table(metrics["by_split"])]
     calibration = card.get("calibration")
     if calibration:
         parts += ["<h3>Calibration</h3>", _table(["figure", "value"], [
@@ -194,6 +207,12 @@ def render_report(
             ],
         ),
     ]
+    if metrics.get("splits") and len(metrics["splits"]) > 1:
+        parts += ["<h2>Carved and shift-aware splits</h2>",
+                  "<p>The same model at the same operating threshold on every held-out split. Carved splits are drawn "
+                  "at random by patient, so they share acquisition batches with training; shift-aware splits hold out "
+                  "the earliest acquisitions of each series and predict performance on new patients better.</p>",
+                  splits_table(metrics["splits"])]
     point = metrics.get("operating_point")
     if point:
         parts.append(

@@ -339,7 +339,7 @@ def train(config: TaskConfig, data_dir: Path, run_dir: Path, cpu_replicas: int |
     write_dir = artefact_dir(run_dir, cluster)  # the run folder on the chief, a private temp folder elsewhere
     log.info("workers: %d (this process: %s)", cluster.workers, cluster.describe())
     train_counts = data_lib.label_counts(data_dir, "train", schema)
-    val_counts = data_lib.label_counts(data_dir, "val", schema)
+    val_counts = data_lib.label_counts(data_dir, config.training.validation_split, schema)
     replicas = strategy.num_replicas_in_sync
     log.info("replicas: %d (%s)", replicas, ", ".join(strategy.extended.worker_devices))
     training = config.training
@@ -358,7 +358,7 @@ def train(config: TaskConfig, data_dir: Path, run_dir: Path, cpu_replicas: int |
     train_ds = data_lib.make_dataset(data_dir, "train", schema, batch, training=True, config=config,
                                      class_weights=class_weights, seed=training.seed, cache=cache,
                                      num_examples=int(train_counts.sum()), replicas=replicas)
-    val_ds = data_lib.make_dataset(data_dir, "val", schema, batch, cache=cache, num_examples=int(val_counts.sum()),
+    val_ds = data_lib.make_dataset(data_dir, training.validation_split, schema, batch, cache=cache, num_examples=int(val_counts.sum()),
                                    replicas=replicas)
     steps_per_epoch = (int(train_counts.sum()) // batch if replicas > 1 else math.ceil(int(train_counts.sum()) / batch))
     if steps_per_epoch < 1:

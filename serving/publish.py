@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medpipe.cli import module_main
+from medpipe.config import GATE_SPLITS
 from medpipe.errors import DataError, MedpipeError
 from medpipe.models_config import version_labels
 from serving import repository as repo_lib
@@ -58,13 +59,13 @@ def check_blessing(run_dir: Path, force: bool) -> None:
 
     blessing = read_blessing(run_dir)
     split = ((blessing or {}).get("data") or {}).get("split")
-    if blessing is not None and blessing.get("blessed") is True and split == "test":
+    if blessing is not None and blessing.get("blessed") is True and split in GATE_SPLITS:
         return
     if blessing is None:
-        why = "no blessing.json (run `medpipe evaluate --split test` first)"
-    elif split != "test":
-        why = (f"its verdict was made on {split or 'unrecorded data'}, not the test split "
-               f"(run `medpipe evaluate --split test`)")
+        why = "no blessing.json (run `medpipe evaluate` first)"
+    elif split not in GATE_SPLITS:
+        why = (f"its verdict was made on {split or 'unrecorded data'}, not the test split (test, or test_shift for "
+               f"a task with a shift-aware holdout: run `medpipe evaluate`, which takes evaluation.gate_split)")
     else:
         why = "not blessed: " + ("; ".join(blessing.get("reasons", [])) or "blessed=false")
     if not force:

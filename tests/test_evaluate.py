@@ -218,7 +218,10 @@ def test_binary_threshold_is_chosen_on_val_and_stored_with_the_run(tmp_path):
     from models.architectures import build_model
 
     settings = ("image.size=32", "ingest.split={train: 0.2, val: 0.4, test: 0.4}",
-                "ingest.shards={train: 1, val: 1, test: 1}", "training.width=4", "evaluation.bootstrap_samples=50")
+                "ingest.shards={train: 1, val: 1, test: 1}", "training.width=4", "evaluation.bootstrap_samples=50",
+                # a folder has no patients, so no shift-aware holdout (tests/test_shift_split.py covers it)
+                "ingest.shift_holdout=null", "evaluation.threshold_split=val", "evaluation.gate_split=test",
+                "training.validation_split=val")
     data = tmp_path / "chest"
     run_module("beam_pipelines.ingest", "--config", str(ROOT / "config" / "chest_xray.yaml"),
                "--input", str(SAMPLE / "chest_xray"), "--output", str(data), *overrides(*settings))

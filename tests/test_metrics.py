@@ -226,3 +226,8 @@ def test_only_a_test_split_verdict_in_the_run_unlocks_publish(tmp_path):
         check_blessing(run, force=False)
     (run / "blessing.json").write_text(json.dumps(blessed))
     check_blessing(run, force=False)  # the test split, blessed: publish goes ahead
+    (run / "blessing.json").write_text(json.dumps({**blessed, "data": {"split": "test_shift"}}))
+    check_blessing(run, force=False)  # the shift-aware test split gates too; its val half (tuned on) does not
+    (run / "blessing.json").write_text(json.dumps({**blessed, "data": {"split": "val_shift"}}))
+    with pytest.raises(DataError, match="made on val_shift, not the test split"):
+        check_blessing(run, force=False)

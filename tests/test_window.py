@@ -99,6 +99,10 @@ def test_combined_blessing_needs_every_evaluation():
     assert combine({"golden": {**good, "data": images}})["data"]["split"] == "images"
     assert combine({"p": {**good, "data": test}, "v": {**good, "data": {"split": "val"}}})["data"]["split"] == "val"
     assert combine({"partition_test": good})["data"]["split"] == "unrecorded data"
+    shift = {"split": "test_shift", "fingerprint": "f3"}  # the shift-aware test split gates like test
+    assert combine({"p": {**good, "data": shift}, "golden": {**good, "data": images}})["data"]["split"] == "test_shift"
+    assert combine({"p": {**good, "data": shift}, "v": {**good, "data": {"split": "val_shift"}}})["data"]["split"] \
+        == "val_shift"
 
 
 def test_batch_outcomes_and_the_rejected_fraction(tmp_path):
