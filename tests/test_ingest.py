@@ -122,6 +122,13 @@ def test_parser_help_and_runner_defaults():
     assert explicit["runner"] == "FnApiRunner" and explicit["direct_num_workers"] == 1
     dask = ingest.pipeline_options(["--runner", "DaskRunner"]).get_all_options()
     assert dask["runner"].endswith("dask_runner.DaskRunner")
+    # by input count: a small local run stays in one process; a large one, or any explicit choice, gets the workers
+    small = ingest.pipeline_options([], ingest.IN_PROCESS_BELOW - 1).get_all_options()
+    assert small["direct_running_mode"] == "in_memory" and small["direct_num_workers"] == 1
+    large = ingest.pipeline_options([], ingest.IN_PROCESS_BELOW).get_all_options()
+    assert large["direct_running_mode"] == "multi_processing" and large["direct_num_workers"] == 2
+    asked = ingest.pipeline_options(["--direct_num_workers=3"], 10).get_all_options()
+    assert asked["direct_running_mode"] == "multi_processing" and asked["direct_num_workers"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +479,8 @@ def test_sigkill_leaves_no_worker_and_the_next_run_cleans_up(tmp_path):
     import time
 
     out = tmp_path / "out"
-    args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64"]
+    args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64",
+            "--direct_running_mode=multi_processing"]  # the sample is small enough to run in one process by default
     process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args], cwd=ROOT,
                                env={**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
