@@ -34,6 +34,12 @@ def histogram32(pixels) -> list[int]:
     return histogram(pixels, HIST_BINS)  # the binning the drift monitor compares served images against
 
 
+def histogram32_from_counts(counts) -> list[int]:
+    """histogram32 of uint8 pixels from their 256-bin count (equal bins of 256 // HIST_BINS levels, as
+    medpipe.drift.histogram bins uint8; tests/test_ingest.py holds the two equal)."""
+    return counts.reshape(HIST_BINS, 256 // HIST_BINS).sum(axis=1).astype(int).tolist()
+
+
 def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:
     """One file -> the record the rest of the pipeline carries. Raises RejectedInput."""
     from medpipe.deid import pseudonym
@@ -57,7 +63,8 @@ def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Option
     source_id = pseudonym(digest, key) if key else digest  # without a key: the pixel hash itself (not an identifier)
     pixels = prepared.pixels
     decoded = prepared.decoded
-    # moments from a 256-bin count: exact integer sums (the same floats as summing the pixels), no float64 copy
+    # one 256-bin count gives the drift histogram and the moments: exact integer sums (the same floats as summing
+    # the pixels), no float64 copy
     counts = np.bincount(pixels.reshape(-1), minlength=256)
     levels = np.arange(256, dtype=np.int64)
     return {
@@ -69,7 +76,7 @@ def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Option
         "source_id": source_id,
         "png": prepared.png,
         "dicom": dict(decoded.dicom),
-        "hist": histogram32(pixels),
+        "hist": histogram32_from_counts(counts),
         "sum": float(counts @ levels),
         "sumsq": float(counts @ (levels * levels)),
         "count": int(pixels.size),

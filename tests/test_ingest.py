@@ -97,6 +97,17 @@ def test_duplicates_are_kept_once_and_conflicts_rejected():
     assert kept is None and group is None and {r["reason"] for r in rejected} == {"label_conflict"}
 
 
+def test_stats_histogram_from_counts_is_the_drift_binning():
+    from beam_pipelines.records import histogram32, histogram32_from_counts
+
+    rng = np.random.default_rng(7)
+    for pixels in (rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), np.zeros((9, 9, 1), np.uint8),
+                   np.full((5, 7, 1), 255, np.uint8), np.arange(256, dtype=np.uint8).reshape(16, 16, 1)):
+        counts = np.bincount(pixels.reshape(-1), minlength=256)
+        assert histogram32_from_counts(counts) == histogram32(pixels)
+    assert histogram32_from_counts(np.bincount(np.array([0, 7, 8, 255], np.uint8), minlength=256))[:2] == [2, 1]
+
+
 def test_example_and_tfrecord_encoding_parse_with_tensorflow(tmp_path):
     import tensorflow as tf
 
