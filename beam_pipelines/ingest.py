@@ -57,6 +57,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines.tf_example import tfrecord_frame
 from medpipe import schema as keys
 from medpipe.config import SPLITS, TaskConfig, load_config
 from medpipe.errors import ConfigError, DataError, NoResult, RejectedInput
@@ -214,8 +215,6 @@ class PreprocessFn(beam.DoFn):
             yield ("meta", (bucket, bucket_metas))
 
     def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
-        from beam_pipelines.tf_example import tfrecord_frame
-
         self.read.inc()
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:

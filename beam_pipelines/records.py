@@ -6,14 +6,20 @@ beam_pipelines.ingest re-exports every name here.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
+from beam_pipelines.tf_example import encode_example
 from medpipe import schema as keys
 from medpipe.config import TaskConfig
+from medpipe.deid import pseudonym
 from medpipe.drift import HISTOGRAM_BINS as HIST_BINS
 from medpipe.drift import histogram
 from medpipe.errors import RejectedInput
+from medpipe.imaging import check_file_size, preprocess_bytes  # imported once per worker, not once per record
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,6 @@ def histogram32_from_counts(counts) -> list[int]:
 
 def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:
     """One file -> the record the rest of the pipeline carries. Raises RejectedInput."""
-    from medpipe.deid import pseudonym
-    from medpipe.imaging import check_file_size, preprocess_bytes
-    import numpy as np
-
     if item.label is None:
         raise RejectedInput("missing_label", "no label: the file is not inside a class folder or the manifest row "
                                              "has no label")
@@ -105,8 +107,6 @@ def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Option
 
 def assign_split(split_key: str, salt: str, ratios: Any) -> str:
     """Deterministic split from a salted sha256 of the key: adding files never moves an existing key."""
-    import hashlib
-
     unit = int(hashlib.sha256(f"{salt}:{split_key}".encode()).hexdigest()[:15], 16) / float(16**15)
     if unit < ratios.train:
         return "train"
@@ -116,8 +116,6 @@ def assign_split(split_key: str, salt: str, ratios: Any) -> str:
 
 
 def to_example(record: dict, config: TaskConfig) -> bytes:
-    from beam_pipelines.tf_example import encode_example
-
     size, channels = config.image.size, config.image.channels
     features: dict[str, tuple[str, list]] = {
         keys.IMAGE_ENCODED: ("bytes", [record["png"]]),
