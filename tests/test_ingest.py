@@ -490,9 +490,10 @@ def test_sigkill_leaves_no_worker_and_the_next_run_cleans_up(tmp_path):
     import time
 
     out = tmp_path / "out"
-    args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64",
-            "--direct_running_mode=multi_processing"]  # the sample is small enough to run in one process by default
-    process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args], cwd=ROOT,
+    args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64"]
+    # the sample is small enough to run in one process by default: the workers are asked for
+    process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args,
+                                "--direct_running_mode=multi_processing"], cwd=ROOT,
                                env={**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
