@@ -6,14 +6,21 @@ beam_pipelines.ingest re-exports every name here.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
+from beam_pipelines.tf_example import encode_example
 from medpipe import schema as keys
 from medpipe.config import SHIFT_SPLITS, TaskConfig
+from medpipe.deid import pseudonym
 from medpipe.drift import HISTOGRAM_BINS as HIST_BINS
 from medpipe.drift import histogram
 from medpipe.errors import RejectedInput
+from medpipe.imaging import check_file_size, preprocess_bytes  # imported once per worker, not once per record
 
 
 @dataclass(frozen=True)
@@ -34,12 +41,14 @@ def histogram32(pixels) -> list[int]:
     return histogram(pixels, HIST_BINS)  # the binning the drift monitor compares served images against
 
 
+def histogram32_from_counts(counts) -> list[int]:
+    """histogram32 of uint8 pixels from their 256-bin count (equal bins of 256 // HIST_BINS levels, as
+    medpipe.drift.histogram bins uint8; tests/test_ingest.py holds the two equal)."""
+    return counts.reshape(HIST_BINS, 256 // HIST_BINS).sum(axis=1).astype(int).tolist()
+
+
 def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Optional[bytes]) -> dict:
     """One file -> the record the rest of the pipeline carries. Raises RejectedInput."""
-    from medpipe.deid import pseudonym
-    from medpipe.imaging import check_file_size, preprocess_bytes
-    import numpy as np
-
     if item.label is None:
         raise RejectedInput("missing_label", "no label: the file is not inside a class folder or the manifest row "
                                              "has no label")
@@ -57,7 +66,8 @@ def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Option
     source_id = pseudonym(digest, key) if key else digest  # without a key: the pixel hash itself (not an identifier)
     pixels = prepared.pixels
     decoded = prepared.decoded
-    # moments from a 256-bin count: exact integer sums (the same floats as summing the pixels), no float64 copy
+    # one 256-bin count gives the drift histogram and the moments: exact integer sums (the same floats as summing
+    # the pixels), no float64 copy
     counts = np.bincount(pixels.reshape(-1), minlength=256)
     levels = np.arange(256, dtype=np.int64)
     return {
@@ -70,7 +80,7 @@ def prepare_record(item: InputItem, data: bytes, config: TaskConfig, key: Option
         "source_id": source_id,
         "png": prepared.png,
         "dicom": dict(decoded.dicom),
-        "hist": histogram32(pixels),
+        "hist": histogram32_from_counts(counts),
         "sum": float(counts @ levels),
         "sumsq": float(counts @ (levels * levels)),
         "count": int(pixels.size),
@@ -99,8 +109,6 @@ def resolve_duplicates(pixel_hash: str, records: Iterable[dict]) -> tuple[Option
 
 def in_shift_holdout(patient: Optional[str], rule: Any) -> bool:
     """Whether a raw patient ID is one of the earliest acquisitions of its series under ingest.shift_holdout."""
-    import re
-
     match = re.match(rule.pattern, patient) if rule is not None and patient else None
     if match is None:
         return False
@@ -111,8 +119,6 @@ def in_shift_holdout(patient: Optional[str], rule: Any) -> bool:
 def assign_split(split_key: str, salt: str, ratios: Any, holdout: bool = False) -> str:
     """Deterministic split from a salted sha256 of the key: adding files never moves an existing key. A held-out
     key goes to val_shift or test_shift (half each), never to train."""
-    import hashlib
-
     unit = int(hashlib.sha256(f"{salt}:{split_key}".encode()).hexdigest()[:15], 16) / float(16**15)
     if holdout:
         return SHIFT_SPLITS[unit >= 0.5]
@@ -124,8 +130,6 @@ def assign_split(split_key: str, salt: str, ratios: Any, holdout: bool = False) 
 
 
 def to_example(record: dict, config: TaskConfig) -> bytes:
-    from beam_pipelines.tf_example import encode_example
-
     size, channels = config.image.size, config.image.channels
     features: dict[str, tuple[str, list]] = {
         keys.IMAGE_ENCODED: ("bytes", [record["png"]]),

@@ -66,10 +66,25 @@ _ENCODERS = {"bytes": bytes_feature, "float": float_feature, "int64": int64_feat
 def encode_example(features: dict[str, tuple[str, list]]) -> bytes:
     """{key: (kind, [values])} with kind in bytes|float|int64 -> a serialised tf.train.Example."""
     entries = b"".join(
-        _field(1, _key_field(key) + _field(2, _ENCODERS[kind](values)))
+        _entry(key, kind, tuple(values)) if kind == "int64" or _short(values) else _encode_entry(key, kind, values)
         for key, (kind, values) in sorted(features.items())
     )
     return _field(1, entries)
+
+
+def _short(values: list) -> bool:
+    return len(values) == 1 and isinstance(values[0], (str, bytes)) and len(values[0]) <= 32
+
+
+def _encode_entry(key: str, kind: str, values) -> bytes:
+    """One map entry of Features.feature: key and Feature."""
+    return _field(1, _key_field(key) + _field(2, _ENCODERS[kind](values)))
+
+
+@lru_cache(maxsize=1024)
+def _entry(key: str, kind: str, values: tuple) -> bytes:
+    """_encode_entry for the entries that repeat from example to example (size, channels, format, label)."""
+    return _encode_entry(key, kind, values)
 
 
 @lru_cache(maxsize=256)

@@ -6,16 +6,20 @@ Input: the 5,712 images of ../shared/data/brain-tumor-mri/Training, and a 200-im
 so every class and input mode is in it). Arms, run interleaved `--repeat` times (best of N counts: the machine is
 shared and its load drifts), each as a fresh process tree whose summed RSS is sampled every 50 ms:
 
-- pipeline: `python -m beam_pipelines.ingest` as users run it (FnApiRunner, multi-processing, 2 workers), full set
-  and 200-image slice. Start-up = the 200-image run's wall time; marginal cost per image = (T_full - T_200) /
-  (N_full - 200), so the fixed costs cancel.
+- pipeline: `python -m beam_pipelines.ingest` as users run it, full set and 200-image slice: the full set on the
+  FnApiRunner's 2 multi-processing workers, the slice in one process (ingest runs fewer than IN_PROCESS_BELOW inputs
+  in_memory). Start-up = the 200-image run's wall time; marginal cost per image = (T_full - T_200) / (N_full - 200),
+  so the fixed costs cancel (the workers' own start-up is then part of the marginal figure). A third run, the slice
+  forced onto the 2 workers, gives the multi-processing fixed cost and a same-mode marginal figure beside it.
 - lean loop: ../shared/bench/lean_loop.py (2 processes: draft-mode decode, grey, fit, pad, PNG level 1) at the
   same image size, full set and 200-image slice: the floor, with the same marginal formula (process wall times).
 - same-work loop (the second line, as before): 2 spawned processes calling the pipeline's own per-record functions
   (prepare_record, route_record) and writing one GZIP TFRecord each: every per-image guarantee, minus Beam.
 
 Then a breakdown, in this process, per image over the slice (best of 3, CPU time), of each part Beam adds and of the
-per-image path: preprocess (prepare_record + route_record) vs the lean loop's work; serialisation (Beam's coders
+per-image path: preprocess (prepare_record + route_record) vs the lean loop's work, and vs the lean loop made to keep
+medpipe's two rules that cost pixels (JPEG decoded at >= 2x the target, never below: request_draft; the sha256 pixel
+hash over that decoded image); serialisation (Beam's coders
 on every element that crosses a stage boundary, encode + decode); spill (write the examples to a spill file and
 read them back); shard writer (TFRecord framing + GZIP + write); start-up parts (import of the worker modules, pipeline
 construction over the full listing).
@@ -100,9 +104,9 @@ def run_process(command: list[str], env: dict | None = None) -> tuple[float, int
 
 # ---------------------------------------------------------------------------------------------------------------
 # arms
-def run_pipeline(source: Path, size: int, output: Path) -> tuple[float, int, float]:
+def run_pipeline(source: Path, size: int, output: Path, *beam_args: str) -> tuple[float, int, float]:
     command = [sys.executable, "-m", "beam_pipelines.ingest", "--config", str(ROOT / "config" / "brain_mri.yaml"),
-               "--input", str(source), "--output", str(output), "--set", f"image.size={size}"]
+               "--input", str(source), "--output", str(output), "--set", f"image.size={size}", *beam_args]
     env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", BENCH_KEY)}
     wall, peak, cpu, _ = run_process(command, env)
     return wall, peak, cpu
@@ -253,6 +257,27 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
         sys.argv = saved_argv
     lean_work = lean["work"]
     lean_s = _best(lambda: [lean_work(str(p)) for p in slice_paths])
+    from PIL import Image
+
+    from medpipe.imaging import request_draft
+
+    def lean_with_rules(path):
+        """The lean loop's work, but decoding at medpipe's scale and hashing the decoded pixels as medpipe does."""
+        import hashlib
+        import io
+
+        im = Image.open(path)
+        if im.format == "JPEG":
+            request_draft(im, size, 1)
+        im = im.convert("L")
+        hashlib.sha256(im.tobytes()).hexdigest()
+        im.thumbnail((size, size), Image.BILINEAR)
+        canvas = Image.new("L", (size, size))
+        canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+        buffer = io.BytesIO()
+        canvas.save(buffer, format="PNG", compress_level=1)
+
+    lean_rules_s = _best(lambda: [lean_with_rules(str(p)) for p in slice_paths])
     ours_s = _best(per_image)
     routed = per_image()
 
@@ -282,7 +307,7 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
     def construct():
         import apache_beam as beam
 
-        pipeline = beam.Pipeline(options=ingest.pipeline_options([]))
+        pipeline = beam.Pipeline(options=ingest.pipeline_options([], len(listing)))
         ingest.build_pipeline(pipeline, config, listing, str(workdir / "construct"))
         pipeline.to_runner_api()  # what the runner does first: the graph as protos (pickled DoFns, the listing)
 
@@ -292,6 +317,8 @@ def breakdown(slice_paths: list[Path], all_paths: list[Path], size: int, workdir
         "per_image_ms_ours_one_process": round(ours_s * ms, 3),
         "per_image_ms_lean_one_process": round(lean_s * ms, 3),
         "per_image_ratio_one_process": round(ours_s / lean_s, 2),
+        "per_image_ms_lean_with_decode_scale_and_hash": round(lean_rules_s * ms, 3),
+        "per_image_ratio_lean_with_rules_over_lean": round(lean_rules_s / lean_s, 2),
         "serialisation_ms_per_image": round(serial_s * ms, 3),
         "serialised_bytes_per_image": round(sum(len((c or coder).encode(v)) for c, vs in crossings.values()
                                                 for v in vs) / n),
@@ -334,7 +361,8 @@ def main(argv=None) -> int:
             print(json.dumps(breakdown(paths[::step][:SLICE], paths, args.size, Path(tmp))))
         return 0
     load_before = os.getloadavg()[0]
-    arms: dict[str, list] = {k: [] for k in ("pipe_full", "pipe_slice", "lean_full", "lean_slice", "same_full")}
+    arms: dict[str, list] = {k: [] for k in ("pipe_full", "pipe_slice", "pipe_slice_mp", "lean_full", "lean_slice",
+                                             "same_full")}
     loads = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         tmp = Path(tmp)
@@ -346,6 +374,8 @@ def main(argv=None) -> int:
             arms["lean_full"].append(run_lean(source, args.size))
             arms["pipe_slice"].append(run_pipeline(slice_dir, args.size, tmp / f"out-slice-{round_}"))
             arms["lean_slice"].append(run_lean(slice_dir, args.size))
+            arms["pipe_slice_mp"].append(run_pipeline(slice_dir, args.size, tmp / f"out-slice-mp-{round_}",
+                                                      "--direct_running_mode=multi_processing"))
             work = tmp / f"same-{round_}"
             work.mkdir()
             arms["same_full"].append(run_same_work_loop(paths, args.size, work))
@@ -369,6 +399,11 @@ def main(argv=None) -> int:
         "marginal_ratio_pipeline_over_lean": round(pipe_marginal / lean_marginal, 2),
         "pipeline_startup_s": round(startup, 2),
         "pipeline_fixed_s": round(startup - SLICE * pipe_marginal, 2),  # intercept of the two-point line
+        # the slice on the 2 workers as well: their fixed cost, and the marginal cost within one mode
+        "pipeline_startup_s_multiprocessing": round(best["pipe_slice_mp"][0], 2),
+        "pipeline_marginal_ms_per_image_multiprocessing": round(
+            (best["pipe_full"][0] - best["pipe_slice_mp"][0]) / span * 1000, 3),
+        "pipeline_peak_rss_mb_slice": round(peak["pipe_slice"] / 2**20),
         "lean_slice_wall_s": round(best["lean_slice"][0], 2),
         "pipeline_peak_rss_mb": round(peak["pipe_full"] / 2**20),
         "lean_peak_rss_mb": round(peak["lean_full"] / 2**20),
@@ -388,12 +423,15 @@ def main(argv=None) -> int:
         # CPU seconds of each process tree (best run each): less sensitive to a loaded machine than wall time
         "pipeline_cpu_s_full": round(cpu["pipe_full"], 2),
         "pipeline_cpu_s_slice": round(cpu["pipe_slice"], 2),
+        "pipeline_cpu_s_slice_multiprocessing": round(cpu["pipe_slice_mp"], 2),
         "lean_cpu_s_full": round(cpu["lean_full"], 2),
         "lean_cpu_s_slice": round(cpu["lean_slice"], 2),
         "pipeline_marginal_cpu_ms_per_image": round((cpu["pipe_full"] - cpu["pipe_slice"]) / span * 1000, 3),
         "lean_marginal_cpu_ms_per_image": round((cpu["lean_full"] - cpu["lean_slice"]) / span * 1000, 3),
         "marginal_cpu_ratio_pipeline_over_lean": round((cpu["pipe_full"] - cpu["pipe_slice"])
                                                        / (cpu["lean_full"] - cpu["lean_slice"]), 2),
+        "marginal_cpu_ratio_pipeline_over_lean_multiprocessing": round(
+            (cpu["pipe_full"] - cpu["pipe_slice_mp"]) / (cpu["lean_full"] - cpu["lean_slice"]), 2),
     }
     targets = {"marginal": "pipeline marginal cost per image <= 1.3x the lean loop's",
                "startup": "200-image run <= 1.5 s", "memory": "peak RSS of all processes <= 1 GB"}

@@ -97,6 +97,17 @@ def test_duplicates_are_kept_once_and_conflicts_rejected():
     assert kept is None and group is None and {r["reason"] for r in rejected} == {"label_conflict"}
 
 
+def test_stats_histogram_from_counts_is_the_drift_binning():
+    from beam_pipelines.records import histogram32, histogram32_from_counts
+
+    rng = np.random.default_rng(7)
+    for pixels in (rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), np.zeros((9, 9, 1), np.uint8),
+                   np.full((5, 7, 1), 255, np.uint8), np.arange(256, dtype=np.uint8).reshape(16, 16, 1)):
+        counts = np.bincount(pixels.reshape(-1), minlength=256)
+        assert histogram32_from_counts(counts) == histogram32(pixels)
+    assert histogram32_from_counts(np.bincount(np.array([0, 7, 8, 255], np.uint8), minlength=256))[:2] == [2, 1]
+
+
 def test_example_and_tfrecord_encoding_parse_with_tensorflow(tmp_path):
     import tensorflow as tf
 
@@ -122,6 +133,13 @@ def test_parser_help_and_runner_defaults():
     assert explicit["runner"] == "FnApiRunner" and explicit["direct_num_workers"] == 1
     dask = ingest.pipeline_options(["--runner", "DaskRunner"]).get_all_options()
     assert dask["runner"].endswith("dask_runner.DaskRunner")
+    # by input count: a small local run stays in one process; a large one, or any explicit choice, gets the workers
+    small = ingest.pipeline_options([], ingest.IN_PROCESS_BELOW - 1).get_all_options()
+    assert small["direct_running_mode"] == "in_memory" and small["direct_num_workers"] == 1
+    large = ingest.pipeline_options([], ingest.IN_PROCESS_BELOW).get_all_options()
+    assert large["direct_running_mode"] == "multi_processing" and large["direct_num_workers"] == 2
+    asked = ingest.pipeline_options(["--direct_num_workers=3"], 10).get_all_options()
+    assert asked["direct_running_mode"] == "multi_processing" and asked["direct_num_workers"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +491,9 @@ def test_sigkill_leaves_no_worker_and_the_next_run_cleans_up(tmp_path):
 
     out = tmp_path / "out"
     args = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), "--output", str(out), "--set", "image.size=64"]
-    process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args], cwd=ROOT,
+    # the sample is small enough to run in one process by default: the workers are asked for
+    process = subprocess.Popen([sys.executable, "-m", "beam_pipelines.ingest", *args,
+                                "--direct_running_mode=multi_processing"], cwd=ROOT,
                                env={**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
