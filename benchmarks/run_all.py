@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 
@@ -22,6 +23,9 @@ BENCHMARKS = {
     "gateway": "benchmarks/bench_gateway.py",
     "pacs": "benchmarks/bench_pacs.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
+    "train_chest_xray": "benchmarks/bench_train_chest_xray.py",
+    "train_chest_xray_adjacent": "benchmarks/bench_train_chest_xray.py --name train_chest_xray_adjacent "
+                                 "--set 'ingest.shift_holdout.before=[[person, 435], [NORMAL2-IM, 572], [IM, 277]]'",
     "scaling": "benchmarks/bench_scaling.py",
     "safety": "benchmarks/bench_safety.py",
 }
@@ -90,7 +94,7 @@ def main() -> int:
     if not args.render_only:
         for name in args.only or BENCHMARKS:
             print(f"== {name}", flush=True)
-            if subprocess.run([sys.executable, *BENCHMARKS[name].split()], cwd=ROOT).returncode != 0:
+            if subprocess.run([sys.executable, *shlex.split(BENCHMARKS[name])], cwd=ROOT).returncode != 0:
                 failed.append(name)
     (ROOT / "BENCHMARKS.md").write_text(render())
     print(f"wrote {ROOT / 'BENCHMARKS.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
