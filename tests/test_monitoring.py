@@ -140,12 +140,6 @@ def test_bad_lines_are_listed_and_mixed_models_need_a_choice(tmp_path, baseline_
     assert len(json.loads((tmp_path / "out" / "drift_report.json").read_text())["skipped"]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -161,12 +155,15 @@ def _wait_http(url: str, timeout: float = 20) -> None:
 @pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
                     reason="prometheus-pushgateway is not installed: run scripts/install_system_deps.sh (as root)")
 def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
-    port = _free_port()
+    from conftest import GO_LISTENING
+    from serving.listen import wait_listening
+
     # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in tmp_path
-    gateway = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
+    gateway = subprocess.Popen(["prometheus-pushgateway", "--web.listen-address=127.0.0.1:0",
                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=(tmp_path / "pushgateway.log").open("w"), stderr=subprocess.STDOUT)
     try:
+        port = wait_listening(tmp_path / "pushgateway.log", gateway, GO_LISTENING, 20)["address"].rsplit(":", 1)[1]
         _wait_http(f"http://127.0.0.1:{port}/-/ready")
         images = _images(SAMPLE / "chest_xray", 30)
         logs = _write_log(tmp_path / "logs", images, _confident_mix)
@@ -214,9 +211,9 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
 def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(caplog):
     from medpipe.metrics_push import push_gauges
 
-    with socket.socket() as sock:  # a port nobody listens on
+    with socket.socket() as sock:  # held, never listening: connections are refused and no one else can take it
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url=f"127.0.0.1:{port}", timeout=2) is False
+        url = f"127.0.0.1:{sock.getsockname()[1]}"
+        assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url=url, timeout=2) is False
     assert "did not accept" in caplog.text
     assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url="") is False  # not configured

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_module
+from conftest import GO_LISTENING, ROOT, run_module
+from serving.listen import wait_listening
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 SAMPLE = ROOT / "sample_data"
@@ -120,12 +120,6 @@ def test_alert_rules_fire_on_their_thresholds(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 5) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -163,14 +157,14 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, prometheus: str,
-                           gateway: str) -> dict:
+def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, gateway: str) -> dict:
     """The repo's prometheus.yml with compose service names replaced by loopback ports and 1 s intervals; the
-    gateway runs as the loopback demo (plain HTTP, anonymous), so its job drops TLS here."""
+    gateway runs as the loopback demo (plain HTTP, anonymous), so its job drops TLS here. Prometheus listens on a
+    port the OS picks, known only once it runs, so its job of scraping itself is left out."""
     config = json.loads(json.dumps(repo_config))
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
-    targets = {"tf-serving": serving, "pushgateway": pushgateway, "prometheus": prometheus, "gateway": gateway}
+    targets = {"tf-serving": serving, "pushgateway": pushgateway, "gateway": gateway}
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
@@ -187,39 +181,39 @@ def stack(tmp_path_factory, trained_sample_run, ingested_sample):
     work = tmp_path_factory.mktemp("observability")
     run_module("serving.publish", "--run", str(trained_sample_run), "--repository", str(work / "models"),
                "--model-name", MODEL, "--label", "stable", "--force")
-    grpc_port, rest_port, push_port, prom_port, gateway_grpc, gateway_rest = (_free_port() for _ in range(6))
     processes = []
     try:
         server = _start([sys.executable, "-m", "serving.server", "--repository", str(work / "models"),
-                         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)],
-                        work / "server.log")
+                         "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "auto"], work / "server.log")
         processes.append(server)
+        served = wait_listening(work / "server.log", server)
         # the request log and the drift gauges live in the gateway, in front of the server
-        front = _start([sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
-                        "--grpc-port", str(gateway_grpc), "--rest-port", str(gateway_rest), "--allow-anonymous",
+        front = _start([sys.executable, "-m", "serving.gateway", "--upstream", served["grpc"],
+                        "--grpc-port", "0", "--rest-port", "0", "--allow-anonymous",
                         "--audit-log", str(work / "audit.jsonl"), "--request-log", str(work / "requests"),
                         "--drift-baseline", str(ingested_sample), "--model-repository", str(work / "models")],
                        work / "gateway.log")
         processes.append(front)
+        rest = wait_listening(work / "gateway.log", front)["rest"]  # clients talk to the gateway
         # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in the test folder
-        gateway = _start([pushgateway_bin, f"--web.listen-address=127.0.0.1:{push_port}",
+        gateway = _start([pushgateway_bin, "--web.listen-address=127.0.0.1:0",
                           f"--persistence.file={work / 'pushgateway.data'}"], work / "pushgateway.log")
         processes.append(gateway)
+        push = wait_listening(work / "pushgateway.log", gateway, GO_LISTENING, 30)["address"]
         config = _prometheus_config_for(yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text()),
-                                        f"127.0.0.1:{rest_port}", f"127.0.0.1:{push_port}", f"127.0.0.1:{prom_port}",
-                                        f"127.0.0.1:{gateway_rest}")
+                                        served["rest"].split("//")[1], push, rest.split("//")[1])
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         prometheus = _start([prometheus_bin, f"--config.file={work / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                             f"--storage.tsdb.path={work / 'tsdb'}", "--web.listen-address=127.0.0.1:0"],
                             work / "prometheus.log")
         processes.append(prometheus)
-        rest = f"http://127.0.0.1:{gateway_rest}"  # clients talk to the gateway
+        prom = f"http://{wait_listening(work / 'prometheus.log', prometheus, GO_LISTENING, 60)['address']}"
         _wait(lambda: _get_json(f"{rest}/v1/models/{MODEL}")["model_version_status"][0]["state"] == "AVAILABLE",
               "the model to be served through the gateway", timeout=120, processes=[server, front])
-        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=2).status == 200,
+        _wait(lambda: urllib.request.urlopen(f"{prom}/-/ready", timeout=2).status == 200,
               "Prometheus to be ready", processes=[prometheus])
-        yield {"work": work, "rest": rest, "prometheus": f"http://127.0.0.1:{prom_port}",
-               "pushgateway": f"127.0.0.1:{push_port}", "requests": work / "requests", "baseline": ingested_sample}
+        yield {"work": work, "rest": rest, "prometheus": prom, "pushgateway": push, "requests": work / "requests",
+               "baseline": ingested_sample}
     finally:
         for process in reversed(processes):
             _stop(process)

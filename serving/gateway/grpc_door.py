@@ -12,11 +12,11 @@ propagated upstream.
 from __future__ import annotations
 
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
 from serving.gateway.core import GatewayError, check_model_spec
+from serving.listen import bind_grpc
 
 STATE_NAMES = {0: "UNKNOWN", 10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 
@@ -212,18 +212,6 @@ def start_grpc(gateway, host: str, port: int, tls: tuple | None, client_ca: str 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{port}"
-    if tls:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())],
-            root_certificates=Path(client_ca).read_bytes() if client_ca else None,
-            require_client_auth=bool(client_ca))
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        from medpipe.errors import ConfigError
-
-        raise ConfigError(f"cannot listen on {address} for gRPC (port in use?)")
+    bound = bind_grpc(server, host, port, tls, client_ca)
     server.start()
     return server, bound
