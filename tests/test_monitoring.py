@@ -217,3 +217,21 @@ def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(caplog):
         assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url=url, timeout=2) is False
     assert "did not accept" in caplog.text
     assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url="") is False  # not configured
+
+
+def test_the_alert_rules_use_the_monitoring_thresholds():
+    """config/prometheus/alerts.yml cannot import Python: each live drift gauge's rule must alert above the same
+    default threshold as the daily report (medpipe.monitoring)."""
+    import re
+
+    import yaml
+
+    groups = yaml.safe_load((ROOT / "config" / "prometheus" / "alerts.yml").read_text())["groups"]
+    rules = [rule for group in groups if group["name"] == "medpipe-drift" for rule in group["rules"]]
+    limits = {}
+    for rule in rules:
+        match = re.fullmatch(r"max by \(model\) \((?P<gauge>\w+)\) > (?P<limit>[\d.]+)", rule["expr"].strip())
+        if match and match["gauge"] in monitoring.GAUGES:
+            limits[match["gauge"]] = float(match["limit"])
+    defaults = monitoring.Thresholds()
+    assert limits == {gauge: getattr(defaults, key) for gauge, key in monitoring.GAUGES.items()}
