@@ -13,14 +13,14 @@ DOC_MD = """
 ### medpipe_monitoring
 
 Each run compares one day of **served traffic** with the **training data** and writes a drift report:
-`python -m medpipe.monitoring` reads the gateway's request log (`medpipe gateway --request-log DIR` writes
+`python -m serving.monitoring` reads the gateway's request log (`medpipe gateway --request-log DIR` writes
 `DIR/requests-YYYY-MM-DD.jsonl`: pixel-histogram summaries and predictions, never images or identities) and the
 ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 `$MEDPIPE_DATA_ROOT/monitoring/<dataset>/<date>/`.
 
 * **Figures**: pixel-intensity PSI, predicted class shift (total variation distance to the training class mix),
   low-confidence rate; live accuracy when a `medpipe feedback` folder is given.
-* **Alert**: any figure over its threshold (params; empty = `medpipe.monitoring`'s defaults, as the alert rules)
+* **Alert**: any figure over its threshold (params; empty = `serving.monitoring`'s defaults, as the alert rules)
   **fails** `drift_report` without retrying, which runs `on_failure_callback` (the alert `MedpipeTaskFailed` to
   Alertmanager). A crash of the stage itself is retried.
 * **No traffic**: no request at all in the day (status `no_traffic`) is an alert like the drift figures (the task
@@ -55,7 +55,7 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
         "date": Param(None, type=["null", "string"], pattern=PARTITION_PATTERN,
                       description="day to report (YYYY-MM-DD); empty = the day before the logical date"),
         "model": Param(None, type=["null", "string"], description="model name in the log; empty = serving.model_name"),
-        # empty = the stage's defaults (medpipe.monitoring: the one source, which the alert rules follow)
+        # empty = the stage's defaults (serving.monitoring: the one source, which the alert rules follow)
         "psi_threshold": Param(None, type=["null", "number"], minimum=0),
         "class_shift_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1),
         "low_confidence_rate_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1),
@@ -106,7 +106,7 @@ def medpipe_monitoring():
         if params.get("feedback_uri"):
             args += ["--feedback", resolve_path(params["feedback_uri"], **fields)]
         try:
-            run_stage("medpipe.monitoring", args)
+            run_stage("serving.monitoring", args)
         except StageFailed as exc:
             report = json.loads(report_path.read_text()) if report_path.is_file() else {}
             if report.get("status") in ("alert", "no_traffic"):  # a verdict, not a crash: retrying cannot change it

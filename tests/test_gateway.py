@@ -456,13 +456,13 @@ def test_request_log_and_metrics_feed_monitoring(gw, tmp_path):
     served = {r["request_id"]: r["class"] for r in first}
     labels = tmp_path / "labels.csv"
     labels.write_text("request_id,label\n" + "".join(f"{rid},{cls}\n" for rid, cls in served.items()))
-    joined = subprocess.run([sys.executable, "-m", "medpipe.feedback", "--labels", str(labels), "--requests",
+    joined = subprocess.run([sys.executable, "-m", "serving.feedback", "--labels", str(labels), "--requests",
                              str(gw["requests"]), "--output", str(tmp_path / "feedback")], capture_output=True,
                             text=True, timeout=120, cwd=ROOT)
     assert joined.returncode == 0, joined.stderr[-2000:]
     assert json.loads(joined.stdout)["accepted"] == 3 and json.loads(joined.stdout)["live_accuracy"] == 1.0
     day = logs[-1].name[len("requests-"):-len(".jsonl")]
-    monitor = subprocess.run([sys.executable, "-m", "medpipe.monitoring", "--requests", str(gw["requests"]),
+    monitor = subprocess.run([sys.executable, "-m", "serving.monitoring", "--requests", str(gw["requests"]),
                               "--baseline", str(gw["ingested"]), "--date", day, "--output", str(tmp_path / "drift"),
                               "--min-requests", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     report = json.loads((tmp_path / "drift" / "drift_report.json").read_text())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medpipe import monitoring
+from serving import monitoring
 from medpipe.drift import histogram
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +41,10 @@ def baseline_dir(tmp_path_factory) -> Path:
     counts = np.zeros(32, dtype=np.int64)
     for path in _images(SAMPLE / "brain_mri", 100):
         counts += np.asarray(histogram(_pixels(path)))
-    (folder / "stats.json").write_text(json.dumps({"pixel_histogram": counts.tolist(),
-                                                   "class_distribution": {label: 0.25 for label in LABELS}}))
+    (folder / "stats.json").write_text(json.dumps({
+        "name": "brain_mri", "input_files": 100, "written": 100, "rejected": 0, "duplicates_dropped": 0,
+        "rejected_by_reason": {}, "pixel_histogram": counts.tolist(),
+        "class_distribution": {label: 0.25 for label in LABELS}}))
     (folder / "schema.json").write_text(json.dumps({"labels": LABELS}))
     return folder
 
@@ -68,7 +70,7 @@ def _confident_mix(index: int) -> list[float]:
 
 
 def _monitor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.monitoring", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serving.monitoring", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 
@@ -180,10 +182,12 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
         assert lines[f"medpipe_monitoring_requests{key}"] == len(images) >= monitoring.MIN_REQUESTS
 
         # the helpers for ingest and training push the names the alert rules and the dashboard use
-        from medpipe.metrics_push import push_ingest_stats, push_training_metrics
+        from beam_pipelines.ingest_metrics import push_ingest_stats
+        from models.train import push_training_metrics
 
-        stats = {"input_files": 104, "written": 98, "rejected": 4, "duplicates_dropped": 2,
-                 "rejected_by_reason": {"corrupt": 1, "not_image": 3}}
+        stats = {"name": "brain_mri", "input_files": 104, "written": 98, "rejected": 4, "duplicates_dropped": 2,
+                 "rejected_by_reason": {"corrupt": 1, "not_image": 3}, "class_distribution": {},
+                 "pixel_histogram": []}
         assert push_ingest_stats(stats, "brain_mri", url=f"127.0.0.1:{port}")
         assert push_training_metrics({"val_accuracy": 0.9, "loss": 0.25}, "brain_mri", epoch=3,
                                      duration_seconds=40.5, url=f"127.0.0.1:{port}")
@@ -221,7 +225,7 @@ def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(caplog):
 
 def test_the_alert_rules_use_the_monitoring_thresholds():
     """config/prometheus/alerts.yml cannot import Python: each live drift gauge's rule must alert above the same
-    default threshold as the daily report (medpipe.monitoring)."""
+    default threshold as the daily report (serving.monitoring)."""
     import re
 
     import yaml

@@ -280,7 +280,7 @@ def _monitor(stack, requests_dir: Path, output: Path, *extra: str) -> subprocess
     # The fixture's model is trained for 3 epochs on 100 images: near-uniform probabilities, so its predicted class
     # mix and confidence are off whatever it is shown. Input drift (PSI) is the signal under test; the class-shift
     # and low-confidence alerts are exercised in tests/test_monitoring.py.
-    return subprocess.run([sys.executable, "-m", "medpipe.monitoring", "--requests", str(requests_dir),
+    return subprocess.run([sys.executable, "-m", "serving.monitoring", "--requests", str(requests_dir),
                            "--baseline", str(stack["baseline"]), "--date", _today(), "--output", str(output),
                            "--model", MODEL, "--class-shift-threshold", "1", "--low-confidence-rate-threshold", "1",
                            "--pushgateway", stack["pushgateway"], *extra],

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from medpipe.feedback import UNUSABLE as FEEDBACK_UNUSABLE
+from serving.feedback import UNUSABLE
 from serving.gateway.core import GatewayError, Principal, may_call
 from serving.viewer import render, users as local_users
 
@@ -37,7 +37,6 @@ COOKIE = "medpipe_session"
 SESSION_SECONDS = 8 * 3600  # one shift
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-UNUSABLE = FEEDBACK_UNUSABLE
 DISCLAIMER = "For research use, not a medical device."
 
 # Plain words for the reasons a file can be refused (keys: GatewayError codes); the gateway's own message follows.
