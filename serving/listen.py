@@ -1,5 +1,6 @@
-"""Listening sockets of `medpipe serve` and the gateway: bind (port 0: the OS picks one, so nothing races for it),
-announce the bound ports in one parseable line, and read that line back (the demo, tests, benchmarks)."""
+"""What `medpipe serve` and the gateway share on the wire (the gateway never imports the stand-in server): listening
+sockets, bound here (port 0: the OS picks one, so nothing races for it), the one line announcing the bound ports
+and its reader (the demo, tests, benchmarks), and the ModelSpec version choice."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ from pathlib import Path
 from medpipe.errors import ConfigError
 
 LISTENING = re.compile(r"medpipe (?P<program>serve|gateway): gRPC (?P<grpc>\S+) REST (?P<rest>\S+)")
+
+
+def spec_version(spec) -> tuple[int | None, str | None]:
+    """A tensorflow.serving.ModelSpec's (version, label): at most one is set."""
+    which = spec.WhichOneof("version_choice")
+    if which == "version":
+        return spec.version.value, None
+    if which == "version_label":
+        return None, spec.version_label
+    return None, None
 
 
 def bind_grpc(server, host: str, port: int, tls: tuple | None, client_ca: str | None = None) -> int:

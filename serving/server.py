@@ -25,7 +25,7 @@ import numpy as np
 from medpipe.cli import module_main
 from medpipe.errors import ConfigError
 from serving.batching import BatchingParameters, read_batching_config
-from serving.listen import announce, bind_grpc
+from serving.listen import announce, bind_grpc, spec_version
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, ServingError, run_signature
 from serving.metrics import ServerMetrics
 
@@ -196,15 +196,6 @@ def guarded(method):
     return wrapper
 
 
-def _spec_version(spec) -> tuple[int | None, str | None]:
-    which = spec.WhichOneof("version_choice")
-    if which == "version":
-        return spec.version.value, None
-    if which == "version_label":
-        return None, spec.version_label
-    return None, None
-
-
 def _fill_spec(target, name: str, version: int, signature_name: str) -> None:
     target.name = name
     target.version.value = version
@@ -226,7 +217,7 @@ def make_servicers(service: Service):
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         @guarded
         def Predict(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
             inputs = {k: from_tensor_proto(v) for k, v in request.inputs.items()}
             found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs, "GRPC")
@@ -242,7 +233,7 @@ def make_servicers(service: Service):
         @guarded
         def Classify(self, request, context):
             """tf.Example inputs with an `image_bytes` bytes feature -> (class name, probability) per example."""
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             examples = request.input.example_list.examples
             try:
                 images = np.array([ex.features.feature["image_bytes"].bytes_list.value[0] for ex in examples],
@@ -263,7 +254,7 @@ def make_servicers(service: Service):
 
         @guarded
         def GetModelMetadata(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             if list(request.metadata_field) != ["signature_def"]:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be [\"signature_def\"]")
             _, found = service.manager.resolve(request.model_spec.name, version, label)
@@ -275,7 +266,7 @@ def make_servicers(service: Service):
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         @guarded
         def GetModelStatus(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             versions = service.manager.status(request.model_spec.name, version, label)
             response = get_model_status_pb2.GetModelStatusResponse()
             for v in versions:
