@@ -312,25 +312,28 @@ def test_prometheus_scrapes_tf_serving_and_medpipe_metrics(stack, brain_traffic)
     assert _query(prom, 'ALERTS{alertname="InputDrift"}') == []
 
 
-def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, brain_traffic, tmp_path):
-    prom, day = stack["prometheus"], _today()
-    log_name = f"requests-{day}.jsonl"
-    # 1. the in-distribution day so far: no alert
-    quiet_dir = tmp_path / "quiet_requests"
-    quiet_dir.mkdir()
-    shutil.copy(stack["requests"] / log_name, quiet_dir / log_name)
-    quiet = _monitor(stack, quiet_dir, tmp_path / "quiet")
+@pytest.fixture(scope="module")
+def drifted(stack, brain_traffic, tmp_path_factory) -> dict:
+    """The day's in-distribution log kept aside, then chest X-rays routed to the brain MRI model (twice over, and a
+    late batch: the gauges are refreshed at scrape time, so they cover every request): the drifted day."""
+    day = _today()
+    quiet = tmp_path_factory.mktemp("quiet_requests")
+    shutil.copy(stack["requests"] / f"requests-{day}.jsonl", quiet / f"requests-{day}.jsonl")
+    chest = sorted(path for path in (SAMPLE / "chest_xray").rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    assert len(_predict(stack["rest"], chest + chest, "chest")) == 2 * len(chest)
+    assert len(_predict(stack["rest"], chest[:8], "chest-late")) == 8
+    return {"day": day, "quiet": quiet, "sent": 2 * len(chest) + 8}
+
+
+def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, drifted, tmp_path):
+    prom, day, sent = stack["prometheus"], drifted["day"], drifted["sent"]
+    # 1. the in-distribution part of the day: no alert
+    quiet = _monitor(stack, drifted["quiet"], tmp_path / "quiet")
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     quiet_report = json.loads((tmp_path / "quiet" / "drift_report.json").read_text())
     assert quiet_report["status"] == "ok" and quiet_report["n"] == 40 and quiet_report["psi"] < 0.1
 
-    # 2. chest X-rays routed to the brain MRI model (twice over): the day's monitoring run fails with an alert naming
-    # the metric and the threshold ...
-    chest = sorted(path for path in (SAMPLE / "chest_xray").rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    assert len(_predict(stack["rest"], chest + chest, "chest")) == 2 * len(chest)
-    # a late batch: the gauges are refreshed at scrape time, so they cover every request
-    assert len(_predict(stack["rest"], chest[:8], "chest-late")) == 8
-    sent = 2 * len(chest) + 8
+    # 2. with the chest X-rays the day's monitoring run fails with an alert naming the metric and the threshold ...
     loud = _monitor(stack, stack["requests"], tmp_path / "loud")
     assert loud.returncode == 1, loud.stdout + loud.stderr
     assert f"ALERT {MODEL} {day}: medpipe_drift_psi=" in loud.stderr and "above the threshold 0.25" in loud.stderr
@@ -346,14 +349,11 @@ def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, brain_traffi
                 "the InputDrift rule to go pending")
     _eventually(prom, f'medpipe_monitoring_alert{{job="medpipe_monitoring",model="{MODEL}"}}', lambda v: v == 1,
                 "the pushed daily alert gauge")
-    stack["day"] = day
 
 
 @pytest.mark.slow
-def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
+def test_monitoring_dag_run_fails_with_an_alert(stack, drifted, tmp_path):
     """`airflow dags test medpipe_monitoring` over the drifted day: the task fails, the failure callback runs."""
-    if "day" not in stack:
-        pytest.skip("needs the drifted request log of test_chest_xrays_raise_drift_and_fail_the_monitoring_run")
     home = tmp_path / "airflow_home"
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "MEDPIPE_HOME": str(ROOT),
@@ -361,7 +361,7 @@ def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
     airflow = str(Path(sys.executable).parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, env=env, timeout=180)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
-    conf = {"date": stack["day"], "request_log_uri": str(stack["requests"]), "baseline_uri": str(stack["baseline"]),
+    conf = {"date": drifted["day"], "request_log_uri": str(stack["requests"]), "baseline_uri": str(stack["baseline"]),
             "class_shift_threshold": 1, "low_confidence_rate_threshold": 1}
     run = subprocess.run([airflow, "dags", "test", "medpipe_monitoring", "--conf", json.dumps(conf)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -369,7 +369,7 @@ def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
     assert run.returncode != 0, output[-5000:]  # the DAG run failed
     assert "drift alert for brain_mri on" in output and "medpipe_drift_psi=" in output, output[-5000:]
     assert "medpipe alert MedpipeTaskFailed:" in output  # notify_failure, the on_failure_callback
-    report = json.loads((tmp_path / "data" / "monitoring" / "brain_mri" / stack["day"] / "drift_report.json").read_text())
+    report = json.loads((tmp_path / "data" / "monitoring" / "brain_mri" / drifted["day"] / "drift_report.json").read_text())
     assert report["status"] == "alert"
 
 
