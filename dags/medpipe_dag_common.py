@@ -252,7 +252,8 @@ def resolve_config(value: str) -> str:
 
 
 def load_task_config(config_path: str) -> dict:
-    """The few keys the DAGs need from a task config (name, serving.model_name); stages load it fully themselves."""
+    """The task config as a dict plus `model_name`, the served model's name (serving.model_name, else the dataset's
+    name): the few keys the DAGs need; stages load it fully themselves."""
     import yaml  # PyYAML ships with Airflow; imported here so parsing a DAG file never touches it
 
     path = Path(config_path)
@@ -262,7 +263,7 @@ def load_task_config(config_path: str) -> dict:
         loaded = yaml.safe_load(handle) or {}
     if not isinstance(loaded, dict) or not loaded.get("name"):
         raise ValueError(f"dataset config {path} has no `name` key: is it a medpipe task config?")
-    return loaded
+    return {**loaded, "model_name": (loaded.get("serving") or {}).get("model_name") or loaded["name"]}
 
 
 def check_partition(partition: str) -> str:

@@ -78,7 +78,7 @@ def medpipe_monitoring():
 
         config = load_task_config(resolve_config(params["config"]))
         dataset = config["name"]
-        model = params.get("model") or (config.get("serving") or {}).get("model_name") or dataset
+        model = params.get("model") or config["model_name"]
         if params.get("date"):
             day = check_partition(params["date"])
         else:
