@@ -44,6 +44,15 @@ def parse_flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def rest_port(text: str) -> int | str:
+    """--rest-port: a number (0: no REST, as TF Serving) or auto (a free port the OS picks, announced)."""
+    if text.isdigit():
+        return int(text)
+    if text == "auto":
+        return text
+    raise argparse.ArgumentTypeError(f"expected a port number or auto, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe serve",
@@ -58,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes an unauthenticated server)")
     parser.add_argument("--grpc-port", "--port", type=int, default=8500, help="0: the OS picks a free port")
-    parser.add_argument("--rest-port", "--rest_api_port", type=lambda text: text if text == "auto" else int(text),
+    parser.add_argument("--rest-port", "--rest_api_port", type=rest_port,
                         default=8501, help="REST + Prometheus port; 0 disables REST (TF Serving's meaning); auto: the "
                         "OS picks a free port. The bound ports are printed: 'medpipe serve: gRPC H:P REST URL'")
     parser.add_argument("--batching-config", "--batching_parameters_file",
