@@ -1111,7 +1111,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if _exists(temp_report):
             _remove(temp_report)
         if isinstance(exc, NoResult):
-            from medpipe.metrics_push import push_ingest_stats
+            from beam_pipelines.ingest_metrics import push_ingest_stats
 
             push_ingest_stats(stats, config.name, url=args.pushgateway)  # the failed run is counted too
         raise
@@ -1120,7 +1120,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
              stats["duplicates_dropped"], output)
     if stats["rejected"] or stats["duplicates_dropped"]:
         LOG.info("ingest: paths of the rejected and duplicate inputs (PHI, mode 0600): %s", input_report)
-    from medpipe.metrics_push import push_ingest_stats
+    from beam_pipelines.ingest_metrics import push_ingest_stats
 
     push_ingest_stats(stats, config.name, url=args.pushgateway)  # a batch job ends before a scrape; no-op without URL
     return stats

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,12 +64,6 @@ def publish(run: Path, repo: Path) -> int:
     return version
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 BATCHING_CONFIG = ROOT / "config" / "serving" / "batching.config"
 
 
@@ -78,16 +71,19 @@ def start_server(repo: Path, batching: bool, extra: Sequence[str] = (),
                  batching_config: Path = BATCHING_CONFIG) -> tuple[subprocess.Popen, str]:
     import urllib.request
 
-    grpc_port, rest_port = free_port(), free_port()
+    from serving.listen import wait_listening
+
     command = [sys.executable, "-m", "serving.server", "--repository", str(repo), "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--rest-port", str(rest_port), "--poll-seconds", "0.5", *extra]
+               "--grpc-port", "0", "--rest-port", "auto", "--poll-seconds", "0.5", *extra]
     command += ["--batching-config", str(batching_config)] if batching else ["--no-batching"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(tempfile.mkstemp(prefix="bench_serving_", suffix=".log")[1])
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    listening = wait_listening(log, process)
     for _ in range(300):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/v1/models/{MODEL}", timeout=1) as r:
+            with urllib.request.urlopen(f"{listening['rest']}/v1/models/{MODEL}", timeout=1) as r:
                 if b"AVAILABLE" in r.read():
-                    return process, f"127.0.0.1:{grpc_port}"
+                    return process, listening["grpc"]
         except OSError:
             pass
         time.sleep(0.3)

@@ -88,7 +88,7 @@ def medpipe_batch_inference():
             raise AirflowSkipException(f"no drop folder {drop}: nothing arrived for partition {partition}")
         return {"config": config_path, "dataset": dataset, "partition": partition, "pacs": pacs,
                 "drop": None if pacs else str(drop), "output": str(output),
-                "model_name": (config.get("serving") or {}).get("model_name") or dataset}
+                "model_name": config["model_name"]}
 
     @task(retries=4)
     def check_server(job: dict, params=None) -> dict:

@@ -20,7 +20,7 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
   stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines,
                    StageFailed / StageRefused (exit 2: no retry) / StageVerdict (exit 3), kill_running_stages
                    (every task's on_kill), set_args(overrides), deid_env()
-  outputs:         replace_dir(staging, final), write_json_atomic(path, payload)
+  outputs:         write_json_atomic(path, payload)
   serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
   assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
                    ASSET_EVENTS_POOL
@@ -252,7 +252,8 @@ def resolve_config(value: str) -> str:
 
 
 def load_task_config(config_path: str) -> dict:
-    """The few keys the DAGs need from a task config (name, serving.model_name); stages load it fully themselves."""
+    """The task config as a dict plus `model_name`, the served model's name (serving.model_name, else the dataset's
+    name): the few keys the DAGs need; stages load it fully themselves."""
     import yaml  # PyYAML ships with Airflow; imported here so parsing a DAG file never touches it
 
     path = Path(config_path)
@@ -262,7 +263,7 @@ def load_task_config(config_path: str) -> dict:
         loaded = yaml.safe_load(handle) or {}
     if not isinstance(loaded, dict) or not loaded.get("name"):
         raise ValueError(f"dataset config {path} has no `name` key: is it a medpipe task config?")
-    return loaded
+    return {**loaded, "model_name": (loaded.get("serving") or {}).get("model_name") or loaded["name"]}
 
 
 def check_partition(partition: str) -> str:
@@ -403,19 +404,6 @@ def latest_partition(root: Path, marker: str = "schema.json") -> Path | None:
     """The newest complete partition folder under root (see order_partitions), or None."""
     ordered = order_partitions(partition_ingest_times(root, marker=marker))
     return root / ordered[-1] if ordered else None
-
-
-def replace_dir(staging: Path, final: Path) -> None:
-    """Swap a freshly written folder into place, so a re-run replaces its partition and readers never see half of it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def address_reachable(address: str, timeout: float = 2.0) -> bool:

@@ -28,7 +28,7 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
 `rejected.jsonl`).
 
 * **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). A re-run of the same run or
-  date *replaces* the partition (local paths are written to a staging folder and swapped in), so retries and
+  date *replaces* the partition (the stage writes a temp folder beside it and moves it in), so retries and
   backfills are idempotent.
 * **Output** (default): `$MEDPIPE_DATA_ROOT/ingested/<dataset>/<partition>/` (`MEDPIPE_DATA_ROOT` defaults to
   `<repo>/runs`). Placeholders `{home}`, `{data_root}`, `{dataset}`, `{partition}` work in `source_uri` and
@@ -90,7 +90,7 @@ def medpipe_ingest():
         from pathlib import Path
 
         from medpipe_dag_common import (check_conf, load_task_config, partition_fields, resolve_config, resolve_path,
-                                        run_partition, safe_name)
+                                        run_partition)
 
         check_conf(context, params)
         config_path = resolve_config(params["config"])
@@ -101,30 +101,20 @@ def medpipe_ingest():
         source = resolve_path(params["source_uri"], **fields)
         if "://" not in source and not Path(source).exists():
             raise FileNotFoundError(f"source {source} does not exist: set the `source_uri` param")
-        staging = output
-        if "://" not in output:
-            run_tag = safe_name(context["run_id"])
-            staging = str(Path(output).with_name(f".{Path(output).name}.staging-{run_tag}"))
         labels = resolve_path(params["labels_uri"], **fields) if params.get("labels_uri") else None
         return {"config": config_path, "dataset": dataset, "partition": partition, "source": source,
-                "output": output, "staging": staging, "labels": labels}
+                "output": output, "labels": labels}
 
     @task
     def run_ingest(job: dict, params=None) -> dict:
-        """Launch the Beam pipeline on the configured runner and swap the finished partition into place."""
-        import json
-        import shutil
-        from pathlib import Path
-
+        """Launch the Beam pipeline on the configured runner. The stage writes a temp folder beside the partition and
+        moves it into place when complete (a retry or re-run replaces the partition; a failed run leaves it as it was)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from medpipe_dag_common import (StageVerdict, deid_env, dicomweb_env, is_dicomweb, replace_dir, run_stage,
-                                        set_args)
+        from medpipe_dag_common import StageVerdict, deid_env, dicomweb_env, is_dicomweb, run_stage, set_args
 
-        if job["staging"] != job["output"]:
-            shutil.rmtree(job["staging"], ignore_errors=True)  # a half-written attempt from a previous try
-        args = ["--config", job["config"], "--input", job["source"], "--output", job["staging"],
-                "--input-report", f"{job['output']}.input-report.jsonl",  # PHI, beside the partition (not staging)
+        args = ["--config", job["config"], "--input", job["source"], "--output", job["output"],
+                "--input-report", f"{job['output']}.input-report.jsonl",  # PHI, beside the partition
                 *set_args(params["overrides"]), "--runner", params["runner"], *params["pipeline_options"]]
         if job.get("labels"):
             args += ["--labels", job["labels"]]
@@ -132,18 +122,8 @@ def medpipe_ingest():
         try:
             run_stage("beam_pipelines.ingest", args, env=env)
         except StageVerdict as exc:  # exit 3: the pipeline ran and wrote 0 records; retrying cannot change that
-            shutil.rmtree(job["staging"], ignore_errors=True)
             raise AirflowFailException(f"ingest of {job['source']} wrote 0 records: partition {job['partition']} "
                                        f"not written, no asset event (see the reasons above)\n{exc}") from exc
-        if job["staging"] != job["output"]:
-            stats_file = Path(job["staging"]) / "stats.json"
-            stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-            if stats_file.is_file() and not stats.get("written"):
-                shutil.rmtree(job["staging"], ignore_errors=True)
-                counts = {key: stats.get(key) for key in ("input_files", "written", "rejected")}
-                raise AirflowFailException(f"ingest of {job['source']} wrote 0 records ({counts}): partition "
-                                           f"{job['partition']} not written, no asset event")
-            replace_dir(Path(job["staging"]), Path(job["output"]))
         return job
 
     @task(outlets=[AssetAlias(INGESTED_ALIAS)], pool=ASSET_EVENTS_POOL)

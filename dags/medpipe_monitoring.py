@@ -13,14 +13,14 @@ DOC_MD = """
 ### medpipe_monitoring
 
 Each run compares one day of **served traffic** with the **training data** and writes a drift report:
-`python -m medpipe.monitoring` reads the gateway's request log (`medpipe gateway --request-log DIR` writes
+`python -m serving.monitoring` reads the gateway's request log (`medpipe gateway --request-log DIR` writes
 `DIR/requests-YYYY-MM-DD.jsonl`: pixel-histogram summaries and predictions, never images or identities) and the
 ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
 `$MEDPIPE_DATA_ROOT/monitoring/<dataset>/<date>/`.
 
 * **Figures**: pixel-intensity PSI, predicted class shift (total variation distance to the training class mix),
   low-confidence rate; live accuracy when a `medpipe feedback` folder is given.
-* **Alert**: any figure over its threshold (params; defaults PSI 0.25, class shift 0.3, low-confidence rate 0.5)
+* **Alert**: any figure over its threshold (params; empty = `serving.monitoring`'s defaults, as the alert rules)
   **fails** `drift_report` without retrying, which runs `on_failure_callback` (the alert `MedpipeTaskFailed` to
   Alertmanager). A crash of the stage itself is retried.
 * **No traffic**: no request at all in the day (status `no_traffic`) is an alert like the drift figures (the task
@@ -55,10 +55,11 @@ ingest's `stats.json`, and writes `drift_report.{json,md,html,png}` to
         "date": Param(None, type=["null", "string"], pattern=PARTITION_PATTERN,
                       description="day to report (YYYY-MM-DD); empty = the day before the logical date"),
         "model": Param(None, type=["null", "string"], description="model name in the log; empty = serving.model_name"),
-        "psi_threshold": Param(0.25, type="number", minimum=0),
-        "class_shift_threshold": Param(0.3, type="number", minimum=0, maximum=1),
-        "low_confidence_rate_threshold": Param(0.5, type="number", minimum=0, maximum=1),
-        "min_requests": Param(20, type="integer", minimum=0),
+        # empty = the stage's defaults (serving.monitoring: the one source, which the alert rules follow)
+        "psi_threshold": Param(None, type=["null", "number"], minimum=0),
+        "class_shift_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1),
+        "low_confidence_rate_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1),
+        "min_requests": Param(None, type=["null", "integer"], minimum=0),
     },
 )
 def medpipe_monitoring():
@@ -77,7 +78,7 @@ def medpipe_monitoring():
 
         config = load_task_config(resolve_config(params["config"]))
         dataset = config["name"]
-        model = params.get("model") or (config.get("serving") or {}).get("model_name") or dataset
+        model = params.get("model") or config["model_name"]
         if params.get("date"):
             day = check_partition(params["date"])
         else:
@@ -98,15 +99,14 @@ def medpipe_monitoring():
         report_path = output / "drift_report.json"
         report_path.unlink(missing_ok=True)  # a stale report must not be mistaken for this run's verdict
         args = ["--requests", resolve_path(params["request_log_uri"], **fields), "--baseline", baseline,
-                "--date", day, "--output", str(output), "--model", model,
-                "--psi-threshold", params["psi_threshold"],
-                "--class-shift-threshold", params["class_shift_threshold"],
-                "--low-confidence-rate-threshold", params["low_confidence_rate_threshold"],
-                "--min-requests", params["min_requests"]]
+                "--date", day, "--output", str(output), "--model", model]
+        for name in ("psi_threshold", "class_shift_threshold", "low_confidence_rate_threshold", "min_requests"):
+            if params.get(name) is not None:
+                args += [f"--{name.replace('_', '-')}", params[name]]
         if params.get("feedback_uri"):
             args += ["--feedback", resolve_path(params["feedback_uri"], **fields)]
         try:
-            run_stage("medpipe.monitoring", args)
+            run_stage("serving.monitoring", args)
         except StageFailed as exc:
             report = json.loads(report_path.read_text()) if report_path.is_file() else {}
             if report.get("status") in ("alert", "no_traffic"):  # a verdict, not a crash: retrying cannot change it
@@ -117,7 +117,7 @@ def medpipe_monitoring():
         report = json.loads(report_path.read_text())
         if report.get("status") == "insufficient_data":
             send_alert("MedpipeNoTraffic", f"{model}: {report.get('n')} requests on {day} (fewer than "
-                       f"{params['min_requests']}): no drift verdict", model=model, date=day,
+                       f"{report['thresholds']['min_requests']}): no drift verdict", model=model, date=day,
                        description=f"report {output / 'drift_report.html'}; check the server and its request log")
         return {key: report[key] for key in ("date", "model", "status", "n", "psi", "class_shift",
                                              "low_confidence_rate")} | {"report": str(report_path)}

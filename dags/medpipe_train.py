@@ -129,7 +129,7 @@ def medpipe_train():
                 "data_overrides": [f"image.size={window['image_size']}", f"image.channels={window['channels']}"],
                 "golden": str(golden) if golden.is_dir() else None,
                 "backfill": is_backfill(context),
-                "model_name": (config.get("serving") or {}).get("model_name") or dataset}
+                "model_name": config["model_name"]}
 
     @task(pool=TRAINING_POOL, execution_timeout=timedelta(hours=8))
     def train(job: dict, params=None, **context) -> dict:

@@ -33,9 +33,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "viewer-users": ("serving.viewer.users", "manage the web viewer's local users file (scrypt-hashed passwords)"),
     "audit": ("serving.gateway.audit", "check the gateway's hash-chained audit log (medpipe audit verify FILE)"),
     "predict": ("serving.client", "classify DICOM/PNG/JPEG files against a served model over gRPC or REST"),
-    "monitor": ("medpipe.monitoring", "drift and live-accuracy report from the gateway's request log (alerts over thresholds)"),
-    "feedback": ("medpipe.feedback", "radiologists' confirmed labels for served studies -> a labelled partition"),
-    "demo": ("medpipe.demo", "the whole chain on the sample in sample_data/, end to end, in a few minutes"),
+    "monitor": ("serving.monitoring", "drift and live-accuracy report from the gateway's request log (alerts over thresholds)"),
+    "feedback": ("serving.feedback", "radiologists' confirmed labels for served studies -> a labelled partition"),
+    "demo": ("serving.demo", "the whole chain on the sample in sample_data/, end to end, in a few minutes"),
 }
 
 USAGE = "medpipe <command> [options]   (medpipe <command> --help for the command's options)"

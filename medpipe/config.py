@@ -155,23 +155,10 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
-    enabled: bool = True
-    max_batch_size: int = 32
-    batch_timeout_micros: int = 2000
-    num_batch_threads: int = 2
-    max_enqueued_batches: int = 100
-
-
-@dataclass(frozen=True)
 class ServingConfig:
     model_name: str = "medpipe"
-    grpc_port: int = 8500
-    rest_port: int = 8501
     version_policy: Literal["latest", "all", "specific"] = "latest"
     num_versions: int = 1
-    max_request_mb: int = 16
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 @dataclass(frozen=True)
@@ -278,12 +265,17 @@ def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {exc}") from exc
 
 
+# keys that configured nothing (the server's ports, limits and batching are its flags and batching.config): still
+# accepted, and ignored, so the config.yaml of a run trained before they went loads
+RETIRED = {"serving.grpc_port", "serving.rest_port", "serving.max_request_mb", "serving.batching"}
+
+
 def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(key for key in set(raw) - names if f"{prefix}.{key}" not in RETIRED)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from medpipe.errors import DataError
+from medpipe.schema import SCHEMA_FILE, STATS_FILE, IngestStats
 
 HISTOGRAM_BINS = 32
 PSI_EPSILON = 1e-4  # floor for empty bins: keeps ln(a/e) finite; small against any real bin fraction
@@ -89,57 +90,20 @@ def load_baseline(path: str | Path) -> dict:
     Labels come from schema.json beside stats.json (index order = class ids), else from the class distribution.
     """
     path = Path(path)
-    stats_path = path / "stats.json" if path.is_dir() else path
-    if not stats_path.is_file():
-        raise DataError(f"drift baseline {stats_path} does not exist: pass an ingest output directory or its stats.json")
-    try:
-        stats = json.loads(stats_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"drift baseline {stats_path} is not valid JSON ({exc})") from exc
-    pixel_histogram = stats.get("pixel_histogram")
-    if not isinstance(pixel_histogram, list) or not pixel_histogram or sum(pixel_histogram) <= 0:
-        raise DataError(f"{stats_path} has no usable `pixel_histogram` (32 bins of written pixels): "
-                        "re-run `medpipe ingest` with a version that writes it")
-    labels = _schema_labels(stats_path.parent / "schema.json")
-    distribution = stats.get("class_distribution") or _class_distribution_from_written(stats.get("written"), labels)
-    if not distribution:
-        raise DataError(f"{stats_path} has neither `class_distribution` nor per-class `written` counts")
-    if not labels:
-        labels = list(distribution)
-    total = float(sum(distribution.get(label, 0.0) for label in labels)) or 1.0
+    stats_path = path / STATS_FILE if path.is_dir() else path
+    stats = IngestStats.read(stats_path)
+    if not stats.pixel_histogram or sum(stats.pixel_histogram) <= 0:
+        raise DataError(f"{stats_path} has an empty `pixel_histogram` (the ingest wrote no image): ingest the "
+                        "training data again")
+    schema_path = stats_path.parent / SCHEMA_FILE
+    labels = json.loads(schema_path.read_text())["labels"] if schema_path.is_file() else list(stats.class_distribution)
+    total = float(sum(stats.class_distribution.get(label, 0.0) for label in labels)) or 1.0
     return {
-        "pixel_histogram": [int(count) for count in pixel_histogram],
-        "class_distribution": {label: float(distribution.get(label, 0.0)) / total for label in labels},
-        "labels": list(labels),
+        "pixel_histogram": [int(count) for count in stats.pixel_histogram],
+        "class_distribution": {label: float(stats.class_distribution.get(label, 0.0)) / total for label in labels},
+        "labels": labels,
         "source": str(stats_path),
     }
-
-
-def _schema_labels(schema_path: Path) -> list[str]:
-    if not schema_path.is_file():
-        return []
-    try:
-        return [str(label) for label in json.loads(schema_path.read_text()).get("labels", [])]
-    except (json.JSONDecodeError, AttributeError):
-        return []
-
-
-def _class_distribution_from_written(written: Any, labels: Sequence[str]) -> dict[str, float]:
-    """Fallback for a stats.json without class_distribution: sum per-class counts found under `written`."""
-    counts: collections.Counter = collections.Counter()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                if isinstance(value, (int, float)) and (not labels or key in labels):
-                    counts[str(key)] += value
-                elif isinstance(value, Mapping):
-                    visit(value)
-
-    visit(written)
-    counts = collections.Counter({k: v for k, v in counts.items() if not labels or k in labels})
-    total = sum(counts.values())
-    return {label: count / total for label, count in counts.items()} if total else {}
 
 
 # --------------------------------------------------------------------------------------------------------------

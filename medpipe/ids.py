@@ -1,7 +1,7 @@
 """Request ids: the one rule for an id a caller sends (gRPC `x-request-id` metadata, REST `X-Request-Id`).
 
 Ids are written to logs and request summaries, so a free-text id would let a caller write anything there (a patient's
-name, an MRN, control characters). Used by `medpipe serve` and by the gateway.
+name, an MRN, control characters). Used by the gateway's doors and the viewer.
 """
 
 from __future__ import annotations

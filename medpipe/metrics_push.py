@@ -1,4 +1,5 @@
-"""Push a batch job's metrics to a Prometheus Pushgateway (ingest, training, monitoring, feedback).
+"""Push a batch job's metrics to a Prometheus Pushgateway: the one writer every batch stage shares (ingest:
+beam_pipelines/ingest_metrics.py, training: models/train.py, serving/monitoring.py, serving/feedback.py).
 
 Batch stages end before Prometheus could scrape them, so they push their final figures once. The gateway URL comes
 from the stage's `--pushgateway` flag, else env MEDPIPE_PUSHGATEWAY; with neither, pushing is skipped (the figures
@@ -52,53 +53,3 @@ def push_gauges(
         return False
     log.info("pushed %d metrics for job %s to %s", len(gauges), job, target)
     return True
-
-
-def _total(node) -> float:
-    """Sum of the numbers in a count or a nested {split: {class: count}} dict."""
-    if isinstance(node, (int, float)):
-        return float(node)
-    if isinstance(node, Mapping):
-        return sum(_total(value) for value in node.values())
-    return 0.0
-
-
-def ingest_gauges(stats: Mapping) -> dict[str, tuple[float, str]]:
-    """The ingest's stats.json as gauges (the names the alert rules and the Grafana dashboard use)."""
-    gauges = {
-        "medpipe_ingest_files_read": (_total(stats.get("input_files", 0)), "input files the ingest read"),
-        "medpipe_ingest_files_written": (_total(stats.get("written", 0)), "examples written to TFRecords"),
-        "medpipe_ingest_files_rejected": (_total(stats.get("rejected", 0)), "input files rejected (all reasons)"),
-        "medpipe_ingest_duplicates_dropped": (_total(stats.get("duplicates_dropped", stats.get("duplicates", 0))),
-                                              "duplicate images dropped"),
-    }
-    if isinstance(stats.get("duration_seconds"), (int, float)):
-        gauges["medpipe_ingest_duration_seconds"] = (float(stats["duration_seconds"]), "ingest wall time")
-    return gauges
-
-
-def push_ingest_stats(stats: Mapping, dataset: str, url: str | None = None) -> bool:
-    """One call at the end of an ingest: totals, plus rejected counts by reason code (a bounded label)."""
-    ok = push_gauges("medpipe_ingest", ingest_gauges(stats), labels={"dataset": dataset},
-                     grouping_key={"dataset": dataset}, url=url)
-    rejected = stats.get("rejected_by_reason", stats.get("rejected"))
-    if ok and isinstance(rejected, Mapping):
-        for reason, count in rejected.items():
-            push_gauges("medpipe_ingest_rejected", {
-                "medpipe_ingest_rejected_by_reason": (_total(count), "input files rejected, by reason code")},
-                labels={"dataset": dataset, "reason": str(reason)},
-                grouping_key={"dataset": dataset, "reason": str(reason)}, url=url)
-    return ok
-
-
-def push_training_metrics(metrics: Mapping[str, float], dataset: str, epoch: int | None = None,
-                          duration_seconds: float | None = None, url: str | None = None) -> bool:
-    """Epoch or final training figures, e.g. {"val_accuracy": 0.91, "loss": 0.3} -> medpipe_training_<name>."""
-    gauges = {f"medpipe_training_{name}": (float(value), f"training {name} (latest epoch or final)")
-              for name, value in metrics.items() if isinstance(value, (int, float))}
-    if epoch is not None:
-        gauges["medpipe_training_epoch"] = (float(epoch), "last completed epoch")
-    if duration_seconds is not None:
-        gauges["medpipe_training_duration_seconds"] = (float(duration_seconds), "training wall time")
-    return push_gauges("medpipe_training", gauges, labels={"dataset": dataset}, grouping_key={"dataset": dataset},
-                       url=url)

@@ -5,6 +5,7 @@ Pure Python (no TensorFlow): `models/data.py` turns `FEATURES` into a tf.io pars
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -91,6 +92,41 @@ class DatasetSchema:
     @classmethod
     def from_config(cls, config: TaskConfig) -> "DatasetSchema":
         return cls(config.name, config.task, tuple(config.labels), config.image.size, config.image.channels)
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """The keys of stats.json (beam_pipelines.ingest.build_stats writes it) that other stages read: the drift
+    baseline (pixel histogram, class mix) and the ingest's counts pushed to Prometheus."""
+    name: str
+    input_files: int
+    written: int
+    rejected: int
+    duplicates_dropped: int
+    rejected_by_reason: dict[str, int]
+    class_distribution: dict[str, float]
+    pixel_histogram: list[int]
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any], where: str = STATS_FILE) -> "IngestStats":
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in body]
+        if missing:
+            raise DataError(f"{where} has no {', '.join(missing)}: it is not the stats.json of this medpipe's "
+                            "ingest; re-run `medpipe ingest` on that data")
+        return cls(**{name: body[name] for name in names})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "IngestStats":
+        """From an ingest output folder or its stats.json."""
+        path = Path(path)
+        file = path / STATS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"{file} does not exist: pass an ingest output folder or its stats.json")
+        try:
+            return cls.from_dict(json.loads(file.read_text(encoding="utf-8")), str(file))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file} is not valid JSON ({exc})") from exc
 
 
 def write_schema(directory: str | Path, schema: DatasetSchema) -> Path:

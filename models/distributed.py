@@ -114,9 +114,11 @@ def worker_backup(backup_dir: Path, restore_dir: Path, delete_checkpoint: bool =
 
 # ------------------------------------------------------------------------------------------------- local launcher
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free localhost ports. They are released before the workers bind them (TensorFlow's gRPC
-    server does not share a port), so another process could take one in between: the worker then fails to start
-    and the launcher stops the others."""
+    """`count` distinct free localhost ports. The one place medpipe chooses a port before a process starts: every
+    worker must know all the others' addresses (TF_CONFIG) before any of them binds, so this cannot be port 0.
+    (Servers medpipe runs bind port 0 and announce their ports: serving.listen.) They are released before the
+    workers bind them (TensorFlow's gRPC server does not share a port), so another process could take one in
+    between: the worker then fails to start and the launcher stops the others."""
     sockets = []
     try:
         for _ in range(count):

@@ -444,8 +444,6 @@ def train(config: TaskConfig, data_dir: Path, run_dir: Path, cpu_replicas: int |
     if not cluster.is_chief:
         return metadata  # the chief pushes the figures; this worker's copies vanish with its temp folder
     # Batch jobs end before Prometheus could scrape them: push the final figures (a no-op without a Pushgateway).
-    from medpipe.metrics_push import push_training_metrics
-
     final = {name: values[-1] for name, values in history.items() if values}
     if metadata["best_metric"] is not None:
         final[f"best_{monitor}"] = metadata["best_metric"]
@@ -486,7 +484,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def push_training_metrics(metrics: dict[str, float], dataset: str, epoch: int | None = None,
+                          duration_seconds: float | None = None, url: str | None = None) -> bool:
+    """Epoch or final training figures, e.g. {"val_accuracy": 0.91, "loss": 0.3} -> medpipe_training_<name>."""
+    from medpipe.metrics_push import push_gauges
+
+    gauges = {f"medpipe_training_{name}": (float(value), f"training {name} (latest epoch or final)")
+              for name, value in metrics.items() if isinstance(value, (int, float))}
+    if epoch is not None:
+        gauges["medpipe_training_epoch"] = (float(epoch), "last completed epoch")
+    if duration_seconds is not None:
+        gauges["medpipe_training_duration_seconds"] = (float(duration_seconds), "training wall time")
+    return push_gauges("medpipe_training", gauges, labels={"dataset": dataset}, grouping_key={"dataset": dataset},
+                       url=url)
+
+
 if __name__ == "__main__":
     from medpipe.cli import module_main
 
     module_main(main)
+

@@ -5,7 +5,7 @@
     repository.py  the on-disk repository and the text ModelServerConfig (shared with real tensorflow/serving)
     server.py      `medpipe serve`: gRPC PredictionService + ModelService + health; rest.py: TF Serving's REST API;
                    manager.py: polling, version policies, labels, loading; batching.py: server-side batching;
-                   metrics.py: Prometheus names of TF Serving + medpipe's, and the request log
+                   metrics.py: Prometheus series of TF Serving + medpipe's
     client.py      `medpipe predict` and predict_images()/predict_files() for clinicians' applications
 
 The same client and publisher work against the real binary. To run the client tests against it:

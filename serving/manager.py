@@ -327,7 +327,7 @@ class ModelManager:
     def _batch_observer(self, model_name: str):
         if self.metrics is None:
             return None
-        histogram = self.metrics.medpipe.batch_size.labels(model_name)
+        histogram = self.metrics.batch_size.labels(model_name)
         return histogram.observe
 
     def _unload(self, model: ModelEntry, number: int) -> None:

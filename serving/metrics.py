@@ -1,86 +1,80 @@
-"""Prometheus metrics of the server. (The request log, class mix and drift gauges live in the gateway:
-serving/gateway/metrics.py.)
+"""Prometheus metrics of `medpipe serve`, one registry. (The request log, class mix and drift gauges live in the
+gateway: serving/gateway/metrics.py.)
 
-TF Serving's own metric names (`:tensorflow:serving:request_count`, `:tensorflow:serving:request_latency`, ...)
-are rendered by hand in TF Serving's exposition format (prometheus_client would rename a counter to `*_total`), so
-dashboards and alerts written for the real binary work unchanged. medpipe's own metrics use prometheus_client.
+TF Serving's own series (`:tensorflow:serving:request_count`, `:tensorflow:serving:request_latency`, ...) come from
+a custom collector, so they keep TF Serving's exact names (a prometheus_client Counter would be renamed `*_total`)
+and dashboards and alerts written for the real binary work unchanged; prometheus_client writes and escapes them.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections import defaultdict
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 # TF Serving's request_latency buckets are in microseconds.
 LATENCY_BUCKETS_US = (500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000, 1000000, 5000000)
 
 
-def _labels(pairs: dict[str, str]) -> str:
-    body = ",".join(f'{k}="{str(v)}"' for k, v in pairs.items())
-    return "{" + body + "}"
-
-
-class TfServingMetrics:
-    """request_count{model_name,status}, request_latency{model_name,API,entrypoint} (µs), model load counts."""
+class TfServingCollector:
+    """request_count{model_name,status}, request_latency{model_name,API,entrypoint} (µs), model load attempts."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.counts: dict[tuple[str, str], int] = defaultdict(int)
-        self.latency: dict[tuple[str, str], list] = {}
-        self.loads: dict[tuple[str, str], int] = defaultdict(int)
+        self.counts: Counter = Counter()  # (model, status)
+        self.latency: dict[tuple[str, str, str], list] = {}  # (model, api, entrypoint) -> [cumulative..., sum]
+        self.loads: Counter = Counter()  # (model, success|fail)
 
-    def request(self, model: str, api: str, ok: bool, seconds: float) -> None:
+    def request(self, model: str, api: str, entrypoint: str, ok: bool, seconds: float) -> None:
         micros = seconds * 1e6
         with self._lock:
             self.counts[(model, "OK" if ok else "ERROR")] += 1
-            buckets = self.latency.setdefault((model, api), [0] * (len(LATENCY_BUCKETS_US) + 1) + [0.0])
-            for i, bound in enumerate(LATENCY_BUCKETS_US):
-                if micros <= bound:
-                    buckets[i] += 1
-            buckets[len(LATENCY_BUCKETS_US)] += 1  # +Inf == count
+            buckets = self.latency.setdefault((model, api, entrypoint), [0] * (len(LATENCY_BUCKETS_US) + 2))
+            for i, bound in enumerate((*LATENCY_BUCKETS_US, float("inf"))):
+                buckets[i] += micros <= bound
             buckets[-1] += micros
 
     def load(self, model: str, ok: bool) -> None:
         with self._lock:
-            self.loads[(model, "OK" if ok else "ERROR")] += 1
+            self.loads[(model, "success" if ok else "fail")] += 1
 
-    def render(self) -> str:
-        lines = ["# TYPE :tensorflow:serving:request_count counter"]
+    def collect(self):
+        # TF Serving types its counters "counter" under the bare name, which prometheus_client only writes as
+        # *_total: they go out untyped, which Prometheus treats alike (rate, increase)
+        requests = Metric(":tensorflow:serving:request_count", "The total number of requests.", "unknown")
+        latency = HistogramMetricFamily(":tensorflow:serving:request_latency",
+                                        "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+                                        labels=["model_name", "API", "entrypoint"])
+        loads = Metric(":tensorflow:cc:saved_model:load_attempt_count", "The number of times a SavedModel was "
+                       "successfully loaded.", "unknown")
         with self._lock:
             for (model, status), value in sorted(self.counts.items()):
-                lines.append(f":tensorflow:serving:request_count{_labels({'model_name': model, 'status': status})} {value}")
-            lines.append("# TYPE :tensorflow:serving:request_latency histogram")
-            for (model, api), b in sorted(self.latency.items()):
-                base = {"model_name": model, "API": api, "entrypoint": "GRPC_OR_REST"}
-                for i, bound in enumerate(LATENCY_BUCKETS_US):
-                    lines.append(f":tensorflow:serving:request_latency_bucket{_labels({**base, 'le': bound})} {b[i]}")
-                n = b[len(LATENCY_BUCKETS_US)]
-                lines.append(f":tensorflow:serving:request_latency_bucket{_labels({**base, 'le': '+Inf'})} {n}")
-                lines.append(f":tensorflow:serving:request_latency_sum{_labels(base)} {b[-1]}")
-                lines.append(f":tensorflow:serving:request_latency_count{_labels(base)} {n}")
-            lines.append("# TYPE :tensorflow:cc:saved_model:load_attempt_count counter")
+                requests.add_sample(requests.name, {"model_name": model, "status": status}, value)
+            for labels, counts in sorted(self.latency.items()):
+                bounds = [str(bound) for bound in LATENCY_BUCKETS_US] + ["+Inf"]
+                latency.add_metric(list(labels), list(zip(bounds, counts)), sum_value=counts[-1])
             for (model, status), value in sorted(self.loads.items()):
-                lines.append(f":tensorflow:cc:saved_model:load_attempt_count"
-                             f"{_labels({'model_path': model, 'status': 'success' if status == 'OK' else 'fail'})} {value}")
-        return "\n".join(lines) + "\n"
+                loads.add_sample(loads.name, {"model_path": model, "status": status}, value)
+        return [requests, latency, loads]
 
 
-class MedpipeMetrics:
-    """medpipe's own series of the server: batch sizes and loaded versions."""
+class ServerMetrics:
+    """Everything `medpipe serve` exposes, shared by gRPC and REST: TF Serving's series and medpipe's own (batch
+    sizes, loaded versions)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Gauge, Histogram
-
         self.registry = CollectorRegistry()
+        self.tf = TfServingCollector()
+        self.registry.register(self.tf)
         self.batch_size = Histogram("medpipe_batch_size", "images per model call after server-side batching",
                                     ["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128], registry=self.registry)
         self.loaded_versions = Gauge("medpipe_loaded_versions", "1 for each version currently AVAILABLE",
                                      ["model", "version"], registry=self.registry)
 
     def render(self) -> str:
-        from prometheus_client import generate_latest
-
         return generate_latest(self.registry).decode()
 
 

@@ -19,7 +19,6 @@ import base64
 import json
 import logging
 import re
-import socket
 import threading
 import time
 
@@ -28,7 +27,7 @@ import numpy as np
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medpipe.errors import ConfigError
-from medpipe.ids import sanitize_request_id
+from serving.listen import bind_rest
 from serving.manager import DEFAULT_SIGNATURE, ServingError
 
 log = logging.getLogger("medpipe.serve")
@@ -205,10 +204,10 @@ def build_app(service, max_bytes: int, metrics_path: str, read_timeout: float = 
                     "metadata": {"signature_def": signature_def}}
         return status_json(service.manager.status(name, version, label))
 
-    def predict(name: str, version: int | None, label: str | None, raw: bytes, request_id: str) -> dict:
+    def predict(name: str, version: int | None, label: str | None, raw: bytes) -> dict:
         _, found = service.manager.resolve(name, version, label)
         signature_name, inputs, row = read_predict_request(raw, found.signatures)
-        _, outputs = service.predict(name, found.number, None, signature_name, inputs, request_id)
+        _, outputs = service.predict(name, found.number, None, signature_name, inputs, "REST")
         return format_predictions(outputs, row)
 
     async def models(request) -> Response:
@@ -233,9 +232,7 @@ def build_app(service, max_bytes: int, metrics_path: str, read_timeout: float = 
                 return error(408, f"the request body did not arrive within {read_timeout:g} s", close=True)
             except ClientDisconnect:
                 return Response(status_code=400)
-            request_id = sanitize_request_id(request.headers.get("x-request-id"))
-            return JSONResponse(await run_in_threadpool(predict, match["name"], version, match["label"], raw,
-                                                        request_id))
+            return JSONResponse(await run_in_threadpool(predict, match["name"], version, match["label"], raw))
         except ServingError as exc:
             return error(HTTP_CODES.get(exc.code, 500), exc.message)
         except Exception:  # noqa: BLE001 - details to the log, never to the client
@@ -288,15 +285,7 @@ class RestServer:
     def __init__(self, app, host: str, port: int, tls: tuple | None, read_timeout: float):
         import uvicorn
 
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError as exc:
-            self.socket.close()
-            raise ConfigError(f"cannot listen on {host}:{port} for REST ({exc.strerror}); pick another --rest-port")
-        self.socket.listen(2048)
+        self.socket = bind_rest(host, port)
         protocol = type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout": read_timeout})
         config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=KEEP_ALIVE_SECONDS, server_header=False,

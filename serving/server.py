@@ -24,10 +24,10 @@ import numpy as np
 
 from medpipe.cli import module_main
 from medpipe.errors import ConfigError
-from medpipe.ids import sanitize_request_id
 from serving.batching import BatchingParameters, read_batching_config
+from serving.listen import announce, bind_grpc, spec_version
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, ServingError, run_signature
-from serving.metrics import MedpipeMetrics, TfServingMetrics
+from serving.metrics import ServerMetrics
 
 log = logging.getLogger("medpipe.serve")
 GIL_SWITCH_SECONDS = 0.0005  # Python default 0.005: see main()
@@ -44,6 +44,15 @@ def parse_flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def rest_port(text: str) -> int | str:
+    """--rest-port: a number (0: no REST, as TF Serving) or auto (a free port the OS picks, announced)."""
+    if text.isdigit():
+        return int(text)
+    if text == "auto":
+        return text
+    raise argparse.ArgumentTypeError(f"expected a port number or auto, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe serve",
@@ -57,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the latest version)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes an unauthenticated server)")
-    parser.add_argument("--grpc-port", "--port", type=int, default=8500)
-    parser.add_argument("--rest-port", "--rest_api_port", type=int, default=8501,
-                        help="REST + Prometheus port; 0 disables REST")
+    parser.add_argument("--grpc-port", "--port", type=int, default=8500, help="0: the OS picks a free port")
+    parser.add_argument("--rest-port", "--rest_api_port", type=rest_port,
+                        default=8501, help="REST + Prometheus port; 0 disables REST (TF Serving's meaning); auto: the "
+                        "OS picks a free port. The bound ports are printed: 'medpipe serve: gRPC H:P REST URL'")
     parser.add_argument("--batching-config", "--batching_parameters_file",
                         help="TF Serving batching parameters file (config/serving/batching.config)")
     # one setting, two spellings: medpipe batches by default; TF Serving's flag can also switch it off
@@ -99,27 +109,14 @@ def monitoring_path(config_file: str | None) -> str:
     return match.group(1) if match else "/monitoring/prometheus/metrics"
 
 
-class Metrics:
-    """Both metric families, shared by gRPC and REST. The request log, class mix and drift gauges live in the
-    gateway (serving/gateway/metrics.py), which production runs in front of the real TF Serving."""
-
-    def __init__(self):
-        self.tf = TfServingMetrics()
-        self.medpipe = MedpipeMetrics()
-        self.loaded_versions = self.medpipe.loaded_versions
-
-    def render(self) -> str:
-        return self.tf.render() + self.medpipe.render()
-
-
 class Service:
     """The API-independent core used by both gRPC and REST."""
 
-    def __init__(self, manager: ModelManager, metrics: Metrics):
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics):
         self.manager, self.metrics = manager, metrics
 
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
-                inputs: dict[str, np.ndarray], request_id: str | None, api: str = "predict"):
+                inputs: dict[str, np.ndarray], entrypoint: str, api: str = "predict"):
         start = time.perf_counter()
         ok = False
         try:
@@ -127,7 +124,7 @@ class Service:
             outputs = run_signature(found, signature_name or DEFAULT_SIGNATURE, inputs)
             ok = True
         finally:
-            self.metrics.tf.request(name, api, ok, time.perf_counter() - start)
+            self.metrics.tf.request(name, api, entrypoint, ok, time.perf_counter() - start)
         return found, outputs
 
 
@@ -193,13 +190,6 @@ def from_tensor_proto(proto) -> np.ndarray:
     return tf.make_ndarray(proto)
 
 
-def _request_id(context) -> str:
-    for key, value in context.invocation_metadata():
-        if key == "x-request-id":
-            return sanitize_request_id(value)
-    return sanitize_request_id(None)
-
-
 def guarded(method):
     """One error path for every RPC: ServingError -> its status code; anything else -> INTERNAL with a generic
     message (the traceback goes to the server log, never a path or function name to the client)."""
@@ -213,15 +203,6 @@ def guarded(method):
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, "internal error of the server; its log has the details")
     return wrapper
-
-
-def _spec_version(spec) -> tuple[int | None, str | None]:
-    which = spec.WhichOneof("version_choice")
-    if which == "version":
-        return spec.version.value, None
-    if which == "version_label":
-        return None, spec.version_label
-    return None, None
 
 
 def _fill_spec(target, name: str, version: int, signature_name: str) -> None:
@@ -245,11 +226,10 @@ def make_servicers(service: Service):
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         @guarded
         def Predict(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
             inputs = {k: from_tensor_proto(v) for k, v in request.inputs.items()}
-            found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs,
-                                             _request_id(context))
+            found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs, "GRPC")
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, signature_name)
             wanted = set(request.output_filter) or set(outputs)
@@ -262,7 +242,7 @@ def make_servicers(service: Service):
         @guarded
         def Classify(self, request, context):
             """tf.Example inputs with an `image_bytes` bytes feature -> (class name, probability) per example."""
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             examples = request.input.example_list.examples
             try:
                 images = np.array([ex.features.feature["image_bytes"].bytes_list.value[0] for ex in examples],
@@ -271,7 +251,7 @@ def make_servicers(service: Service):
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "Classify needs tf.Examples with an image_bytes bytes feature") from None
             found, outputs = service.predict(request.model_spec.name, version, label, DEFAULT_SIGNATURE,
-                                             {"image_bytes": images}, _request_id(context), api="classify")
+                                             {"image_bytes": images}, "GRPC", api="classify")
             labels = found.preprocessing.get("labels") or [str(i) for i in range(outputs["probabilities"].shape[1])]
             response = classification_pb2.ClassificationResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, DEFAULT_SIGNATURE)
@@ -283,7 +263,7 @@ def make_servicers(service: Service):
 
         @guarded
         def GetModelMetadata(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             if list(request.metadata_field) != ["signature_def"]:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be [\"signature_def\"]")
             _, found = service.manager.resolve(request.model_spec.name, version, label)
@@ -295,7 +275,7 @@ def make_servicers(service: Service):
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         @guarded
         def GetModelStatus(self, request, context):
-            version, label = _spec_version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             versions = service.manager.status(request.model_spec.name, version, label)
             response = get_model_status_pb2.GetModelStatusResponse()
             for v in versions:
@@ -319,6 +299,7 @@ def make_servicers(service: Service):
 
 
 def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: int, tls: tuple | None):
+    """-> (server, bound port, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[
@@ -330,16 +311,9 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("tensorflow.serving.ModelService", health_pb2.HealthCheckResponse.SERVING)  # reload works
     health_reporter(health_servicer)({})  # NOT_SERVING until the manager reports its models (main)
-    address = f"{host}:{port}"
-    if tls:
-        credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        raise ConfigError(f"cannot listen on {address} for gRPC (port in use?)")
+    port = bind_grpc(server, host, port, tls)
     server.start()
-    return server, health_servicer
+    return server, port, health_servicer
 
 
 def health_reporter(health_servicer):
@@ -388,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batching = None if args.enable_batching is False else (
         read_batching_config(args.batching_config) if args.batching_config else BatchingParameters())
     configure_tensorflow(args.intra_op_threads, args.inter_op_threads)
-    metrics = Metrics()
+    metrics = ServerMetrics()
     manager = ModelManager(repository, Path(args.model_config_file).resolve() if args.model_config_file else None,
                            batching, metrics, args.poll_seconds, args.allow_version_labels_for_unavailable_models)
     service = Service(manager, metrics)
@@ -396,17 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
 
     manager.start()
-    grpc_server, health_servicer = start_grpc(service, args.host, args.grpc_port, args.threads, max_bytes, tls)
+    grpc_server, grpc_port, health_servicer = start_grpc(service, args.host, args.grpc_port, args.threads, max_bytes,
+                                                         tls)
     manager.on_state = health_reporter(health_servicer)
     manager.report()
-    rest_server = None
+    rest_server, rest_url = None, "off"
     if args.rest_port:
         from serving.rest import start_rest
 
-        rest_server = start_rest(service, args.host, args.rest_port, max_bytes,
+        rest_server = start_rest(service, args.host, 0 if args.rest_port == "auto" else args.rest_port, max_bytes,
                                  monitoring_path(args.monitoring_config), tls, args.rest_read_timeout)
-    log.info("serving gRPC on %s:%d, REST on %s:%s, batching %s", args.host, args.grpc_port, args.host,
-             args.rest_port or "off", batching)
+        rest_url = f"{'https' if tls else 'http'}://{args.host}:{rest_server.socket.getsockname()[1]}"
+    # one parseable line (serving.listen): the demo, tests and benchmarks read the bound ports from it
+    announce("serve", f"{args.host}:{grpc_port}", rest_url, f" batching {batching}")
 
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,7 @@ re-implementing the stage, so a fixture and the product can never drift apart.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,11 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
     if result.returncode != expect:
         pytest.fail(f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+# the Go servers (Prometheus, Pushgateway, Alertmanager: exporter-toolkit) log the address they bound, so they too
+# start on port 0 (--web.listen-address=127.0.0.1:0): see serving.listen.wait_listening
+GO_LISTENING = re.compile(r'msg="Listening on" address=(?P<address>\S+)')
 
 
 def overrides(*pairs: str) -> list[str]:

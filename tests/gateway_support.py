@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -112,26 +111,20 @@ def token(private_key: Path, sub: str = "dr-test", scope: str = "predict:*", exp
                       private_key.read_text(), algorithm="RS256")
 
 
-LISTEN = re.compile(r"medpipe gateway: gRPC (?P<grpc>\S+) REST (?P<rest>\S+)")
-
-
 def start_gateway(args: list[str], log: Path, timeout: float = 90) -> tuple[subprocess.Popen, str, str]:
     """`python -m serving.gateway ARGS` with ports chosen by the OS; -> (process, grpc address, rest url)."""
-    handle = open(log, "w")
+    from serving.listen import wait_listening
+
     process = subprocess.Popen([sys.executable, "-m", "serving.gateway", "--grpc-port", "0", "--rest-port", "0",
                                 *args], cwd=ROOT,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
-                               stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = LISTEN.search(log.read_text())
-        if match:
-            return process, match["grpc"], match["rest"]
-        if process.poll() is not None:
-            raise AssertionError(f"the gateway exited {process.returncode}: {log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the gateway did not start within {timeout} s: {log.read_text()[-3000:]}")
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        match = wait_listening(log, process, timeout=timeout)
+    except RuntimeError as exc:
+        process.kill()
+        raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from None
+    return process, match["grpc"], match["rest"]
 
 
 def stop(process: subprocess.Popen) -> int:

@@ -31,11 +31,12 @@ def orthanc_available() -> bool:
 class OrthancServer:
     def __init__(self, folder: Path, aet: str = "TESTPACS", modalities: Optional[dict] = None,
                  stable_age: int = 2):
-        from medpipe.demo import free_port
+        # Orthanc reads both ports from the configuration written before it starts (models.distributed.free_ports)
+        from models.distributed import free_ports
 
         self.folder = Path(folder)
         self.aet = aet
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_ports(2)
         self.modalities = modalities or {}
         self.stable_age = stable_age
         self.process: Optional[subprocess.Popen] = None

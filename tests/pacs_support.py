@@ -16,9 +16,10 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
+from serving.listen import LISTENING
+
 ROOT = Path(__file__).resolve().parent.parent
 DICOM_LINE = re.compile(r"medpipe gateway: DICOM (?P<aet>[^@\s]+)@(?P<host>[^:\s]+):(?P<port>\d+)")
-REST_LINE = re.compile(r"medpipe gateway: gRPC (?P<grpc>\S+) REST (?P<rest>\S+)")
 SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33")
 
 
@@ -89,7 +90,7 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = log.read_text()
-            rest, dicom = REST_LINE.search(text), DICOM_LINE.search(text)
+            rest, dicom = LISTENING.search(text), DICOM_LINE.search(text)
             if rest and dicom:
                 self.rest, self.grpc, self.dicom_port = rest["rest"], rest["grpc"], int(dicom["port"])
                 return self

@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TEST_DEID_KEY
+from conftest import GO_LISTENING, TEST_DEID_KEY
+from models.distributed import free_ports
+from serving.listen import wait_listening
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +43,9 @@ SAMPLE = ROOT / "sample_data" / "brain_mri"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """PostgreSQL and Airflow's api-server take their port from configuration written before they start (Airflow's
+    own processes must know it): the one place ports are chosen ahead (models.distributed.free_ports says why)."""
+    return free_ports(1)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -205,11 +206,10 @@ def alertmanager(tmp_path_factory):
     repo = yaml.safe_load((ROOT / "config" / "alertmanager" / "alertmanager.yml").read_text())
     repo["receivers"] = [{"name": receiver["name"]} for receiver in repo["receivers"]]
     config.write_text(yaml.safe_dump(repo))
-    port = free_port()
     command = [ALERTMANAGER, f"--config.file={config}", f"--storage.path={base / 'data'}",
-               f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]
+               "--web.listen-address=127.0.0.1:0", "--cluster.listen-address="]
     with started(command, base / "alertmanager.log", cwd=str(base)) as process:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{wait_listening(base / 'alertmanager.log', process, GO_LISTENING, 30)['address']}"
         wait_until(lambda: _get(f"{url}/-/ready") is not None, "alertmanager ready", 30, 0.5,
                    base / "alertmanager.log")
         assert process.poll() is None
@@ -551,14 +551,14 @@ def test_batch_inference_scores_the_images_and_rejects_the_text_file(airflow, tm
         source = sorted((SAMPLE / label).iterdir())[0]
         shutil.copy(source, drop / label / source.name)
     (drop / "notes.txt").write_text("the radiologist's notes, not an image\n")
-    grpc_port, rest_port = free_port(), free_port()
     server = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--host", "127.0.0.1",
-              "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)]
+              "--grpc-port", "0", "--rest-port", "auto"]
     log = tmp_path / "server.log"
     with started(server, log, env=airflow.env, cwd=str(ROOT)) as process:
-        wait_until(lambda: process.poll() is None and _get(f"http://127.0.0.1:{rest_port}/v1/models/brain_mri"),
+        listening = wait_listening(log, process)
+        wait_until(lambda: process.poll() is None and _get(f"{listening['rest']}/v1/models/brain_mri"),
                    "model server", 120, 1, log)
-        conf = {"config": airflow.config, "partition": "2026-11-21", "serving_grpc": f"127.0.0.1:{grpc_port}",
+        conf = {"config": airflow.config, "partition": "2026-11-21", "serving_grpc": listening["grpc"],
                 "max_rejected_fraction": 0.25}
         run_id = airflow.trigger("medpipe_batch_inference", conf)
         assert airflow.wait_run("medpipe_batch_inference", run_id, timeout=300)["state"] == "success"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, SAMPLE
-from test_serving import MODEL, free_port, publish, start_server, stop_server
+from test_serving import MODEL, publish, start_server, stop_server
 
 pytest.importorskip("tensorflow")
 
@@ -96,8 +97,9 @@ def test_rest_without_config_uses_the_model_metadata_and_a_mismatched_config_is_
 def test_clear_errors_for_unreachable_server_and_unknown_model(server):
     from serving.client import ServerError, predict_images
 
-    with pytest.raises(ServerError, match="cannot reach the model server"):
-        predict_images(f"127.0.0.1:{free_port()}", MODEL, [b"x"], deadline=3)
+    with socket.socket() as sock, pytest.raises(ServerError, match="cannot reach the model server"):
+        sock.bind(("127.0.0.1", 0))  # held, never listening: connections are refused and no one else can take it
+        predict_images(f"127.0.0.1:{sock.getsockname()[1]}", MODEL, [b"x"], deadline=3)
     with pytest.raises(ServerError, match="does not serve"):
         predict_images(server["grpc"], "no_such_model", [JPEGS[0].read_bytes()], deadline=10)
 

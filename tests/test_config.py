@@ -80,3 +80,13 @@ def test_config_is_frozen():
     config = load_config("brain_mri")
     with pytest.raises(AttributeError):
         config.training.epochs = 5  # type: ignore[misc]
+
+
+def test_a_run_config_with_the_retired_serving_keys_still_loads():
+    """serving.grpc_port/rest_port/max_request_mb/batching configured nothing and went; a run trained before keeps
+    them in its config.yaml, which must still load (the keys are ignored), while other unknown keys are refused."""
+    old = ["serving.grpc_port=8500", "serving.rest_port=8501", "serving.max_request_mb=16",
+           "serving.batching={enabled: true, max_batch_size: 32}"]
+    assert not hasattr(load_config("brain_mri", old).serving, "grpc_port")
+    with pytest.raises(ConfigError, match="unknown key serving.port"):
+        load_config("brain_mri", ["serving.port=8500"])

@@ -196,18 +196,6 @@ def test_run_stage_reports_the_failure(common):
     assert any("usage" in line for line in lines)
 
 
-def test_replace_dir_is_a_swap(common, tmp_path):
-    final = tmp_path / "part"
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    staging = tmp_path / ".part.staging"
-    staging.mkdir()
-    (staging / "new.txt").write_text("new")
-    common.replace_dir(staging, final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]
-    assert [p.name for p in final.iterdir()] == ["new.txt"]
-
-
 def test_asset_events_of_a_run_are_all_kept_once_oldest_first(common):
     from types import SimpleNamespace
 

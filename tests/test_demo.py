@@ -45,7 +45,7 @@ def test_demo_predicts_over_grpc_from_a_published_version(tmp_path):
     assert "brain_mri" in (out / "models" / "models.config").read_text()
     viewer = next(line for line in lines if line.startswith("Web viewer"))
     assert viewer.split()[-1].startswith("http://127.0.0.1:") and viewer.endswith("/viewer/")
-    from medpipe.demo import SHIPPED_NAME, shipped_version
+    from serving.demo import SHIPPED_NAME, shipped_version
 
     shipped = shipped_version()
     if shipped is not None:  # the validated model of models/shipped/, served beside the demo's own

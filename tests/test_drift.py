@@ -102,21 +102,18 @@ def test_tracker_binary_single_score():
     assert snap["class_mix"] == {"neg": 0.5, "pos": 0.5} and snap["class_shift"] == pytest.approx(0.0)
 
 
+def _stats(**keys) -> str:
+    return json.dumps({"name": "x", "input_files": 4, "written": 4, "rejected": 0, "duplicates_dropped": 0,
+                       "rejected_by_reason": {}, **keys})
+
+
 def test_load_baseline_from_ingest_dir(tmp_path):
-    (tmp_path / "stats.json").write_text(json.dumps({"pixel_histogram": [1] * 32,
-                                                     "class_distribution": {"b": 3, "a": 1}}))
+    (tmp_path / "stats.json").write_text(_stats(pixel_histogram=[1] * 32, class_distribution={"b": 3, "a": 1}))
     (tmp_path / "schema.json").write_text(json.dumps({"labels": ["a", "b"]}))
     baseline = load_baseline(tmp_path)
     assert baseline["labels"] == ["a", "b"]  # schema order = class ids
     assert baseline["class_distribution"] == {"a": 0.25, "b": 0.75}
     assert load_baseline(tmp_path / "stats.json")["pixel_histogram"] == [1] * 32
-
-
-def test_load_baseline_falls_back_to_written_counts(tmp_path):
-    (tmp_path / "stats.json").write_text(json.dumps({
-        "pixel_histogram": [2] * 32, "written": {"train": {"a": 6, "b": 2}, "val": {"a": 1, "b": 1}}}))
-    baseline = load_baseline(tmp_path)
-    assert baseline["class_distribution"] == pytest.approx({"a": 0.7, "b": 0.3})
 
 
 def test_load_baseline_errors_say_what_to_do(tmp_path):

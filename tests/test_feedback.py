@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from medpipe import feedback
+from serving import feedback
 
 ROOT = Path(__file__).resolve().parent.parent
 BRAIN = ROOT / "sample_data" / "brain_mri"
@@ -30,7 +30,7 @@ def _request_log(folder: Path, served: dict[str, str], day: str = "2026-11-27") 
 
 
 def _feedback(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.feedback", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serving.feedback", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medpipe import monitoring
+from serving import monitoring
 from medpipe.drift import histogram
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +41,10 @@ def baseline_dir(tmp_path_factory) -> Path:
     counts = np.zeros(32, dtype=np.int64)
     for path in _images(SAMPLE / "brain_mri", 100):
         counts += np.asarray(histogram(_pixels(path)))
-    (folder / "stats.json").write_text(json.dumps({"pixel_histogram": counts.tolist(),
-                                                   "class_distribution": {label: 0.25 for label in LABELS}}))
+    (folder / "stats.json").write_text(json.dumps({
+        "name": "brain_mri", "input_files": 100, "written": 100, "rejected": 0, "duplicates_dropped": 0,
+        "rejected_by_reason": {}, "pixel_histogram": counts.tolist(),
+        "class_distribution": {label: 0.25 for label in LABELS}}))
     (folder / "schema.json").write_text(json.dumps({"labels": LABELS}))
     return folder
 
@@ -68,7 +70,7 @@ def _confident_mix(index: int) -> list[float]:
 
 
 def _monitor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.monitoring", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serving.monitoring", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 
@@ -140,12 +142,6 @@ def test_bad_lines_are_listed_and_mixed_models_need_a_choice(tmp_path, baseline_
     assert len(json.loads((tmp_path / "out" / "drift_report.json").read_text())["skipped"]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -161,12 +157,15 @@ def _wait_http(url: str, timeout: float = 20) -> None:
 @pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
                     reason="prometheus-pushgateway is not installed: run scripts/install_system_deps.sh (as root)")
 def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
-    port = _free_port()
+    from conftest import GO_LISTENING
+    from serving.listen import wait_listening
+
     # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in tmp_path
-    gateway = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
+    gateway = subprocess.Popen(["prometheus-pushgateway", "--web.listen-address=127.0.0.1:0",
                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=(tmp_path / "pushgateway.log").open("w"), stderr=subprocess.STDOUT)
     try:
+        port = wait_listening(tmp_path / "pushgateway.log", gateway, GO_LISTENING, 20)["address"].rsplit(":", 1)[1]
         _wait_http(f"http://127.0.0.1:{port}/-/ready")
         images = _images(SAMPLE / "chest_xray", 30)
         logs = _write_log(tmp_path / "logs", images, _confident_mix)
@@ -183,10 +182,12 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
         assert lines[f"medpipe_monitoring_requests{key}"] == len(images) >= monitoring.MIN_REQUESTS
 
         # the helpers for ingest and training push the names the alert rules and the dashboard use
-        from medpipe.metrics_push import push_ingest_stats, push_training_metrics
+        from beam_pipelines.ingest_metrics import push_ingest_stats
+        from models.train import push_training_metrics
 
-        stats = {"input_files": 104, "written": 98, "rejected": 4, "duplicates_dropped": 2,
-                 "rejected_by_reason": {"corrupt": 1, "not_image": 3}}
+        stats = {"name": "brain_mri", "input_files": 104, "written": 98, "rejected": 4, "duplicates_dropped": 2,
+                 "rejected_by_reason": {"corrupt": 1, "not_image": 3}, "class_distribution": {},
+                 "pixel_histogram": []}
         assert push_ingest_stats(stats, "brain_mri", url=f"127.0.0.1:{port}")
         assert push_training_metrics({"val_accuracy": 0.9, "loss": 0.25}, "brain_mri", epoch=3,
                                      duration_seconds=40.5, url=f"127.0.0.1:{port}")
@@ -214,9 +215,27 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
 def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(caplog):
     from medpipe.metrics_push import push_gauges
 
-    with socket.socket() as sock:  # a port nobody listens on
+    with socket.socket() as sock:  # held, never listening: connections are refused and no one else can take it
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url=f"127.0.0.1:{port}", timeout=2) is False
+        url = f"127.0.0.1:{sock.getsockname()[1]}"
+        assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url=url, timeout=2) is False
     assert "did not accept" in caplog.text
     assert push_gauges("medpipe_test", {"medpipe_test_value": (1.0, "test")}, url="") is False  # not configured
+
+
+def test_the_alert_rules_use_the_monitoring_thresholds():
+    """config/prometheus/alerts.yml cannot import Python: each live drift gauge's rule must alert above the same
+    default threshold as the daily report (serving.monitoring)."""
+    import re
+
+    import yaml
+
+    groups = yaml.safe_load((ROOT / "config" / "prometheus" / "alerts.yml").read_text())["groups"]
+    rules = [rule for group in groups if group["name"] == "medpipe-drift" for rule in group["rules"]]
+    limits = {}
+    for rule in rules:
+        match = re.fullmatch(r"max by \(model\) \((?P<gauge>\w+)\) > (?P<limit>[\d.]+)", rule["expr"].strip())
+        if match and match["gauge"] in monitoring.GAUGES:
+            limits[match["gauge"]] = float(match["limit"])
+    defaults = monitoring.Thresholds()
+    assert limits == {gauge: getattr(defaults, key) for gauge, key in monitoring.GAUGES.items()}

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_module
+from conftest import GO_LISTENING, ROOT, run_module
+from serving.listen import wait_listening
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 SAMPLE = ROOT / "sample_data"
@@ -120,12 +120,6 @@ def test_alert_rules_fire_on_their_thresholds(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 5) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -163,14 +157,14 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, prometheus: str,
-                           gateway: str) -> dict:
+def _prometheus_config_for(repo_config: dict, serving: str, pushgateway: str, gateway: str) -> dict:
     """The repo's prometheus.yml with compose service names replaced by loopback ports and 1 s intervals; the
-    gateway runs as the loopback demo (plain HTTP, anonymous), so its job drops TLS here."""
+    gateway runs as the loopback demo (plain HTTP, anonymous), so its job drops TLS here. Prometheus listens on a
+    port the OS picks, known only once it runs, so its job of scraping itself is left out."""
     config = json.loads(json.dumps(repo_config))
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
-    targets = {"tf-serving": serving, "pushgateway": pushgateway, "prometheus": prometheus, "gateway": gateway}
+    targets = {"tf-serving": serving, "pushgateway": pushgateway, "gateway": gateway}
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
@@ -187,39 +181,39 @@ def stack(tmp_path_factory, trained_sample_run, ingested_sample):
     work = tmp_path_factory.mktemp("observability")
     run_module("serving.publish", "--run", str(trained_sample_run), "--repository", str(work / "models"),
                "--model-name", MODEL, "--label", "stable", "--force")
-    grpc_port, rest_port, push_port, prom_port, gateway_grpc, gateway_rest = (_free_port() for _ in range(6))
     processes = []
     try:
         server = _start([sys.executable, "-m", "serving.server", "--repository", str(work / "models"),
-                         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)],
-                        work / "server.log")
+                         "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "auto"], work / "server.log")
         processes.append(server)
+        served = wait_listening(work / "server.log", server)
         # the request log and the drift gauges live in the gateway, in front of the server
-        front = _start([sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
-                        "--grpc-port", str(gateway_grpc), "--rest-port", str(gateway_rest), "--allow-anonymous",
+        front = _start([sys.executable, "-m", "serving.gateway", "--upstream", served["grpc"],
+                        "--grpc-port", "0", "--rest-port", "0", "--allow-anonymous",
                         "--audit-log", str(work / "audit.jsonl"), "--request-log", str(work / "requests"),
                         "--drift-baseline", str(ingested_sample), "--model-repository", str(work / "models")],
                        work / "gateway.log")
         processes.append(front)
+        rest = wait_listening(work / "gateway.log", front)["rest"]  # clients talk to the gateway
         # Debian's build persists to /var/lib/prometheus by default: keep this gateway's state in the test folder
-        gateway = _start([pushgateway_bin, f"--web.listen-address=127.0.0.1:{push_port}",
+        gateway = _start([pushgateway_bin, "--web.listen-address=127.0.0.1:0",
                           f"--persistence.file={work / 'pushgateway.data'}"], work / "pushgateway.log")
         processes.append(gateway)
+        push = wait_listening(work / "pushgateway.log", gateway, GO_LISTENING, 30)["address"]
         config = _prometheus_config_for(yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text()),
-                                        f"127.0.0.1:{rest_port}", f"127.0.0.1:{push_port}", f"127.0.0.1:{prom_port}",
-                                        f"127.0.0.1:{gateway_rest}")
+                                        served["rest"].split("//")[1], push, rest.split("//")[1])
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         prometheus = _start([prometheus_bin, f"--config.file={work / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                             f"--storage.tsdb.path={work / 'tsdb'}", "--web.listen-address=127.0.0.1:0"],
                             work / "prometheus.log")
         processes.append(prometheus)
-        rest = f"http://127.0.0.1:{gateway_rest}"  # clients talk to the gateway
+        prom = f"http://{wait_listening(work / 'prometheus.log', prometheus, GO_LISTENING, 60)['address']}"
         _wait(lambda: _get_json(f"{rest}/v1/models/{MODEL}")["model_version_status"][0]["state"] == "AVAILABLE",
               "the model to be served through the gateway", timeout=120, processes=[server, front])
-        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=2).status == 200,
+        _wait(lambda: urllib.request.urlopen(f"{prom}/-/ready", timeout=2).status == 200,
               "Prometheus to be ready", processes=[prometheus])
-        yield {"work": work, "rest": rest, "prometheus": f"http://127.0.0.1:{prom_port}",
-               "pushgateway": f"127.0.0.1:{push_port}", "requests": work / "requests", "baseline": ingested_sample}
+        yield {"work": work, "rest": rest, "prometheus": prom, "pushgateway": push, "requests": work / "requests",
+               "baseline": ingested_sample}
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -286,7 +280,7 @@ def _monitor(stack, requests_dir: Path, output: Path, *extra: str) -> subprocess
     # The fixture's model is trained for 3 epochs on 100 images: near-uniform probabilities, so its predicted class
     # mix and confidence are off whatever it is shown. Input drift (PSI) is the signal under test; the class-shift
     # and low-confidence alerts are exercised in tests/test_monitoring.py.
-    return subprocess.run([sys.executable, "-m", "medpipe.monitoring", "--requests", str(requests_dir),
+    return subprocess.run([sys.executable, "-m", "serving.monitoring", "--requests", str(requests_dir),
                            "--baseline", str(stack["baseline"]), "--date", _today(), "--output", str(output),
                            "--model", MODEL, "--class-shift-threshold", "1", "--low-confidence-rate-threshold", "1",
                            "--pushgateway", stack["pushgateway"], *extra],
@@ -318,25 +312,28 @@ def test_prometheus_scrapes_tf_serving_and_medpipe_metrics(stack, brain_traffic)
     assert _query(prom, 'ALERTS{alertname="InputDrift"}') == []
 
 
-def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, brain_traffic, tmp_path):
-    prom, day = stack["prometheus"], _today()
-    log_name = f"requests-{day}.jsonl"
-    # 1. the in-distribution day so far: no alert
-    quiet_dir = tmp_path / "quiet_requests"
-    quiet_dir.mkdir()
-    shutil.copy(stack["requests"] / log_name, quiet_dir / log_name)
-    quiet = _monitor(stack, quiet_dir, tmp_path / "quiet")
+@pytest.fixture(scope="module")
+def drifted(stack, brain_traffic, tmp_path_factory) -> dict:
+    """The day's in-distribution log kept aside, then chest X-rays routed to the brain MRI model (twice over, and a
+    late batch: the gauges are refreshed at scrape time, so they cover every request): the drifted day."""
+    day = _today()
+    quiet = tmp_path_factory.mktemp("quiet_requests")
+    shutil.copy(stack["requests"] / f"requests-{day}.jsonl", quiet / f"requests-{day}.jsonl")
+    chest = sorted(path for path in (SAMPLE / "chest_xray").rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    assert len(_predict(stack["rest"], chest + chest, "chest")) == 2 * len(chest)
+    assert len(_predict(stack["rest"], chest[:8], "chest-late")) == 8
+    return {"day": day, "quiet": quiet, "sent": 2 * len(chest) + 8}
+
+
+def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, drifted, tmp_path):
+    prom, day, sent = stack["prometheus"], drifted["day"], drifted["sent"]
+    # 1. the in-distribution part of the day: no alert
+    quiet = _monitor(stack, drifted["quiet"], tmp_path / "quiet")
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     quiet_report = json.loads((tmp_path / "quiet" / "drift_report.json").read_text())
     assert quiet_report["status"] == "ok" and quiet_report["n"] == 40 and quiet_report["psi"] < 0.1
 
-    # 2. chest X-rays routed to the brain MRI model (twice over): the day's monitoring run fails with an alert naming
-    # the metric and the threshold ...
-    chest = sorted(path for path in (SAMPLE / "chest_xray").rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    assert len(_predict(stack["rest"], chest + chest, "chest")) == 2 * len(chest)
-    # a late batch: the gauges are refreshed at scrape time, so they cover every request
-    assert len(_predict(stack["rest"], chest[:8], "chest-late")) == 8
-    sent = 2 * len(chest) + 8
+    # 2. with the chest X-rays the day's monitoring run fails with an alert naming the metric and the threshold ...
     loud = _monitor(stack, stack["requests"], tmp_path / "loud")
     assert loud.returncode == 1, loud.stdout + loud.stderr
     assert f"ALERT {MODEL} {day}: medpipe_drift_psi=" in loud.stderr and "above the threshold 0.25" in loud.stderr
@@ -352,14 +349,11 @@ def test_chest_xrays_raise_drift_and_fail_the_monitoring_run(stack, brain_traffi
                 "the InputDrift rule to go pending")
     _eventually(prom, f'medpipe_monitoring_alert{{job="medpipe_monitoring",model="{MODEL}"}}', lambda v: v == 1,
                 "the pushed daily alert gauge")
-    stack["day"] = day
 
 
 @pytest.mark.slow
-def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
+def test_monitoring_dag_run_fails_with_an_alert(stack, drifted, tmp_path):
     """`airflow dags test medpipe_monitoring` over the drifted day: the task fails, the failure callback runs."""
-    if "day" not in stack:
-        pytest.skip("needs the drifted request log of test_chest_xrays_raise_drift_and_fail_the_monitoring_run")
     home = tmp_path / "airflow_home"
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "MEDPIPE_HOME": str(ROOT),
@@ -367,7 +361,7 @@ def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
     airflow = str(Path(sys.executable).parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, env=env, timeout=180)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
-    conf = {"date": stack["day"], "request_log_uri": str(stack["requests"]), "baseline_uri": str(stack["baseline"]),
+    conf = {"date": drifted["day"], "request_log_uri": str(stack["requests"]), "baseline_uri": str(stack["baseline"]),
             "class_shift_threshold": 1, "low_confidence_rate_threshold": 1}
     run = subprocess.run([airflow, "dags", "test", "medpipe_monitoring", "--conf", json.dumps(conf)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -375,7 +369,7 @@ def test_monitoring_dag_run_fails_with_an_alert(stack, tmp_path):
     assert run.returncode != 0, output[-5000:]  # the DAG run failed
     assert "drift alert for brain_mri on" in output and "medpipe_drift_psi=" in output, output[-5000:]
     assert "medpipe alert MedpipeTaskFailed:" in output  # notify_failure, the on_failure_callback
-    report = json.loads((tmp_path / "data" / "monitoring" / "brain_mri" / stack["day"] / "drift_report.json").read_text())
+    report = json.loads((tmp_path / "data" / "monitoring" / "brain_mri" / drifted["day"] / "drift_report.json").read_text())
     assert report["status"] == "alert"
 
 

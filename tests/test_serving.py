@@ -46,12 +46,6 @@ IMAGES = sorted((SAMPLE / "brain_mri").glob("*/*.jp*g"))[:6]
 
 
 # ---- helpers shared with test_client.py --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def publish(run_dir: Path, repo: Path, *extra: str, subprocess_run: bool = False) -> int:
     """The real publish command; in-process by default (saves a TensorFlow start-up per call)."""
     argv = ["--run", str(run_dir), "--repository", str(repo), "--model-name", MODEL, "--force", *extra]
@@ -80,16 +74,23 @@ def wait_available(rest: str, name: str, process: subprocess.Popen, version: int
     raise AssertionError(f"{name} version {version} not AVAILABLE within {timeout} s")
 
 
-def start_server(repo: Path, log_dir: Path, *extra: str):
-    grpc_port, rest_port = free_port(), free_port()
+def launch_server(repo: Path, log_dir: Path, *extra: str):
+    """`medpipe serve` on ports the OS picks; -> (process, gRPC HOST:PORT, REST URL) once it listens."""
+    from serving.listen import wait_listening
+
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.server", "--repository", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", str(grpc_port), "--rest-port", str(rest_port), "--poll-seconds", "0.5", *extra],
+         "--grpc-port", "0", "--rest-port", "auto", "--poll-seconds", "0.5", *extra],
         cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=open(log_dir / "server.log", "w"),
         stderr=subprocess.STDOUT)
-    rest = f"http://127.0.0.1:{rest_port}"
+    match = wait_listening(log_dir / "server.log", process)
+    return process, match["grpc"], match["rest"]
+
+
+def start_server(repo: Path, log_dir: Path, *extra: str):
+    process, grpc_address, rest = launch_server(repo, log_dir, *extra)
     wait_available(rest, MODEL, process)
-    return process, f"127.0.0.1:{grpc_port}", rest
+    return process, grpc_address, rest
 
 
 def stop_server(process: subprocess.Popen) -> int:
@@ -251,7 +252,7 @@ def test_metadata_status_classify_health_and_metrics(served):
     with urllib.request.urlopen(f"{served['rest']}/monitoring/prometheus/metrics", timeout=10) as response:
         text = response.read().decode()
     assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in text
-    assert ":tensorflow:serving:request_latency_bucket" in text
+    assert ":tensorflow:serving:request_latency_bucket" in text and 'entrypoint="GRPC"' in text
     assert "medpipe_batch_size_bucket" in text and "medpipe_predictions_total{" not in text  # the gateway's
     assert f'medpipe_loaded_versions{{model="{MODEL}",version="{served["v1"]}"}} 1.0' in text
 
@@ -526,14 +527,8 @@ def test_versions_follow_their_folders_and_health_follows_the_loaded_set(served,
     config = parse_config_text("")
     upsert_model(config, MODEL, str(repo / MODEL), "latest", 1)
     write_config(repo / "models.config", config)
-    grpc_port, rest_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--repository", str(repo), "--grpc-port", str(grpc_port),
-         "--rest-port", str(rest_port), "--poll-seconds", "0.3"], cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=open(tmp_path / "server.log", "w"),
-        stderr=subprocess.STDOUT)
-    rest = f"http://127.0.0.1:{rest_port}"
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    process, grpc_address, rest = launch_server(repo, tmp_path, "--poll-seconds", "0.3")
+    channel = grpc.insecure_channel(grpc_address)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     try:
         refused = wait_state(rest, 1, "END", timeout=90)

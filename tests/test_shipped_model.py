@@ -18,7 +18,7 @@ SHIPPED = ROOT / "models" / "shipped"
 
 
 def shipped_version() -> Path:
-    from medpipe.demo import shipped_version as newest
+    from serving.demo import shipped_version as newest
 
     version = newest(SHIPPED)
     if version is None:

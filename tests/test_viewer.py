@@ -143,7 +143,7 @@ def test_upload_a_dicom_read_the_finding_move_the_overlay_and_correct_the_label(
     assert rows == [{"request_id": request_id, "label": corrected, "image_path": f"images/{request_id}.png"}]
     assert (viewer["feedback"] / "images" / f"{request_id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     partition = viewer["base"] / "partition"
-    run_module("medpipe.feedback", "--labels", str(viewer["feedback"] / "confirmed.csv"), "--requests",
+    run_module("serving.feedback", "--labels", str(viewer["feedback"] / "confirmed.csv"), "--requests",
                str(viewer["requests"]), "--output", str(partition))
     manifest = list(csv.DictReader((partition / "manifest.csv").open()))
     assert manifest == [{"path": f"{corrected}/{request_id}.png", "label": corrected}]

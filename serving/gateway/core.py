@@ -15,12 +15,13 @@ import queue
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import grpc
 import numpy as np
+
+from medpipe.ids import sanitize_request_id
 
 log = logging.getLogger("medpipe.gateway")
 
@@ -38,7 +39,6 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
 # A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it.
 HTTP_BY_REASON = {"body_size": 413}
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 SIGNATURES = ("serving_default", "explain")
@@ -96,14 +96,6 @@ class Prediction:
     request_id: str
     # the model's raw outputs (numpy, by output name) for doors that answer in TF Serving's own format
     outputs: dict = field(default_factory=dict, repr=False)
-
-
-def sanitize_request_id(value: str | None) -> str:
-    """A caller's request id when it is short and plain ([A-Za-z0-9._-]{1,64}); otherwise a fresh one, so that
-    nothing a caller typed (a name, an accession number) lands in a log unvetted."""
-    if value and REQUEST_ID.match(value):
-        return value
-    return uuid.uuid4().hex
 
 
 def check_model_spec(model: str, label: str | None = None) -> None:

@@ -12,11 +12,11 @@ propagated upstream.
 from __future__ import annotations
 
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
 from serving.gateway.core import GatewayError, check_model_spec
+from serving.listen import bind_grpc, spec_version
 
 STATE_NAMES = {0: "UNKNOWN", 10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 
@@ -72,15 +72,6 @@ def model_metadata(gateway, model: str, version: int | None, label: str | None, 
             "metadata": {"signature_def": json_format.MessageToDict(signature_map)}}
 
 
-def _version(spec) -> tuple[int | None, str | None]:
-    which = spec.WhichOneof("version_choice")
-    if which == "version":
-        return spec.version.value, None
-    if which == "version_label":
-        return None, spec.version_label
-    return None, None
-
-
 def _metadata(context, key: str) -> str | None:
     for name, value in context.invocation_metadata():
         if name == key:
@@ -110,7 +101,7 @@ def make_servicers(gateway):
         def Predict(self, request, context):
             who = principal(context)
             model = request.model_spec.name
-            version, label = _version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             signature = request.model_spec.signature_name or "serving_default"
             client = context.peer()
             try:
@@ -121,7 +112,8 @@ def make_servicers(gateway):
                                        "encoded DICOM/PNG/JPEG/TIFF images)")
                 images = image_batch(request.inputs["image_bytes"], gateway.config.limits.max_images)
             except GatewayError as exc:
-                from serving.gateway.core import MODEL_NAME, sanitize_request_id
+                from medpipe.ids import sanitize_request_id
+                from serving.gateway.core import MODEL_NAME
 
                 gateway.refused("grpc", client, who, exc, model=model if MODEL_NAME.match(model or "") else None,
                                 request_id=sanitize_request_id(_metadata(context, "x-request-id")), event="predict")
@@ -158,7 +150,7 @@ def make_servicers(gateway):
 
         def _forward(self, who, context, request, what, function):
             model = request.model_spec.name
-            version, label = _version(request.model_spec)
+            version, label = spec_version(request.model_spec)
             try:
                 check_model_spec(model, label)
                 gateway.authorize(who, model)
@@ -212,18 +204,6 @@ def start_grpc(gateway, host: str, port: int, tls: tuple | None, client_ca: str 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{port}"
-    if tls:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())],
-            root_certificates=Path(client_ca).read_bytes() if client_ca else None,
-            require_client_auth=bool(client_ca))
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        from medpipe.errors import ConfigError
-
-        raise ConfigError(f"cannot listen on {address} for gRPC (port in use?)")
+    bound = bind_grpc(server, host, port, tls, client_ca)
     server.start()
     return server, bound

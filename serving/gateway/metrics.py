@@ -120,7 +120,7 @@ def pixel_histogram(pixels: np.ndarray) -> list[int]:
 
 
 def summaries(prediction, pixels: Sequence[np.ndarray]) -> list[dict]:
-    """One request-log record per image of a Prediction (the keys medpipe.monitoring and feedback read)."""
+    """One request-log record per image of a Prediction (the keys serving.monitoring and feedback read)."""
     from serving.metrics import request_ids
 
     ids = request_ids(prediction.request_id, len(prediction.items))

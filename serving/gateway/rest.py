@@ -26,6 +26,7 @@ import re
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' (string) annotations here
 
+from medpipe.ids import sanitize_request_id
 from serving.gateway.core import GatewayError, Principal
 
 ROUTE = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,19})|/labels/(?P<label>[^/:]+))?"
@@ -321,7 +322,7 @@ def build_app(gateway):
             images, signature, row = parse_predict(raw, gateway.config.limits.max_images)
         except GatewayError as exc:
             gateway.refused("rest", client, principal, exc, model=match["name"] if _plain(match["name"]) else None,
-                            request_id=_safe_id(request_id), event="predict")
+                            request_id=sanitize_request_id(request_id), event="predict")
             return error_response(exc)
         try:
             prediction = gateway.predict(
@@ -351,12 +352,6 @@ def _plain(name: str) -> bool:
     from serving.gateway.core import MODEL_NAME
 
     return bool(MODEL_NAME.match(name or ""))
-
-
-def _safe_id(value):
-    from serving.gateway.core import sanitize_request_id
-
-    return sanitize_request_id(value)
 
 
 def _deadline(text: str | None) -> float | None:

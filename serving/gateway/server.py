@@ -6,13 +6,13 @@ import argparse
 import ipaddress
 import logging
 import signal
-import socket
 import ssl
 import sys
 import threading
 from typing import Sequence
 
 from medpipe.errors import ConfigError
+from serving.listen import announce, bind_rest
 
 log = logging.getLogger("medpipe.gateway")
 
@@ -104,14 +104,7 @@ def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca
     from serving.gateway.rest import make_protocol
 
     limits = gateway.config.limits
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} for REST ({exc.strerror}); choose another --rest-port")
-    sock.listen(2048)
+    sock = bind_rest(host, port)
     sock.set_inheritable(True)
     tls_options = {}
     if tls:
@@ -177,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     thread.start()
     scheme = "https" if tls else "http"
     # one parseable line: tests and the demo read the bound ports from it
-    print(f"medpipe gateway: gRPC {args.host}:{grpc_port} REST {scheme}://{args.host}:{rest_port} "
-          f"upstream {args.upstream}", flush=True)
+    announce("gateway", f"{args.host}:{grpc_port}", f"{scheme}://{args.host}:{rest_port}",
+             f" upstream {args.upstream}")
 
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,15 +18,6 @@ _FIELDS = {types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val", t
 _DTYPES = {np.dtype(v): k for k, v in _NUMPY.items()}
 
 
-def declared_size(proto) -> int:
-    size = 1
-    for dim in proto.tensor_shape.dim:
-        if dim.size < 0:
-            raise GatewayError("INVALID_ARGUMENT", "a tensor dimension is negative")
-        size *= dim.size
-    return size
-
-
 def image_batch(proto, max_images: int) -> list[bytes]:
     """A DT_STRING tensor of shape [N] (or a scalar) -> N encoded images; shape and content must agree."""
     if proto.dtype != types_pb2.DT_STRING:

@@ -28,8 +28,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from medpipe.feedback import UNUSABLE as FEEDBACK_UNUSABLE
 from medpipe.files import write_atomic
+from medpipe.ids import REQUEST_ID_PATTERN
+from serving.feedback import UNUSABLE
 from serving.gateway.core import GatewayError, Principal, may_call
 from serving.viewer import render, users as local_users
 
@@ -37,8 +38,6 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "medpipe_session"
 SESSION_SECONDS = 8 * 3600  # one shift
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-UNUSABLE = FEEDBACK_UNUSABLE
 DISCLAIMER = "For research use, not a medical device."
 
 # Plain words for the reasons a file can be refused (keys: GatewayError codes); the gateway's own message follows.
@@ -330,7 +329,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
         png_b64, signature = str(form.get("png", "")), str(form.get("signature", ""))
         try:
             viewer.check_csrf(request, principal, form.get("csrf"))
-            if not (REQUEST_ID.match(request_id) and MODEL_NAME.match(model) and version.isdigit()):
+            if not (REQUEST_ID_PATTERN.fullmatch(request_id) and MODEL_NAME.match(model) and version.isdigit()):
                 raise GatewayError("INVALID_ARGUMENT", "the feedback form is incomplete; reload the results")
             if not hmac.compare_digest(signature, viewer.sign_item(request_id, model, int(version), png_b64)):
                 raise GatewayError("PERMISSION_DENIED", "the feedback does not match a prediction made here")
@@ -339,7 +338,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
                 raise GatewayError("INVALID_ARGUMENT", "choose one of the model's labels, or mark the image unusable")
             viewer.write_feedback(request_id, label, base64.b64decode(png_b64))
         except GatewayError as exc:
-            viewer.audit(principal, request, "feedback", request_id=request_id if REQUEST_ID.match(request_id) else None,
+            viewer.audit(principal, request, "feedback", request_id=request_id if REQUEST_ID_PATTERN.fullmatch(request_id) else None,
                          outcome=exc.code)
             return _page(viewer, request, "message.html", principal, status=_http_status(exc),
                          title="Feedback not saved", message=_refusal(exc))

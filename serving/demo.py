@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -98,12 +97,6 @@ def add_shipped_model(repo: Path, source: Path) -> int:
     return int(source.name)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Step:
     """Prints a stage header and the command, runs it, and stops the demo with the stage's output on failure."""
 
@@ -135,13 +128,13 @@ def _shown(command: Sequence[str]) -> str:
     return shlex.join(shown).replace("medpipe -m ", "python -m ")
 
 
-def wait_for_model(rest_port: int, model_name: str, process: subprocess.Popen, timeout: float = 120.0) -> dict:
+def wait_for_model(rest: str, model_name: str, process: subprocess.Popen, timeout: float = 120.0) -> dict:
     """Poll TF Serving's REST status route until a version is AVAILABLE (or the server died)."""
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{rest_port}/v1/models/{model_name}"
+    url = f"{rest}/v1/models/{model_name}"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"demo: the server exited with status {process.returncode} before serving")
@@ -156,19 +149,15 @@ def wait_for_model(rest_port: int, model_name: str, process: subprocess.Popen, t
     raise SystemExit(f"demo: model {model_name} was not AVAILABLE at {url} within {timeout:.0f} s")
 
 
-def wait_for_gateway(log_path: Path, process: subprocess.Popen, timeout: float = 120.0) -> tuple[str, str]:
-    """The gateway prints one line naming its bound ports; -> (its gRPC HOST:PORT, its REST base URL)."""
-    import re
+def listening(log: Path, process: subprocess.Popen) -> tuple[str, str]:
+    """-> (gRPC HOST:PORT, REST base URL) the server or gateway announced."""
+    from serving.listen import wait_listening
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(r"medpipe gateway: gRPC (\S+) REST (\S+)", log_path.read_text())
-        if match:
-            return match.group(1), match.group(2)
-        if process.poll() is not None:
-            raise SystemExit(f"demo: the gateway exited with status {process.returncode}; see {log_path}")
-        time.sleep(0.3)
-    raise SystemExit(f"demo: the gateway did not start within {timeout:.0f} s; see {log_path}")
+    try:
+        match = wait_listening(log, process)
+        return match["grpc"], match["rest"]
+    except RuntimeError as exc:
+        raise SystemExit(f"demo: {exc}") from None
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -224,9 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shipped is None:
         print(f"demo: no shipped model in {SHIPPED} (see models/shipped/README.md); the viewer shows the demo model")
 
-    grpc_port, rest_port = free_port(), free_port()
     serve_command = [sys.executable, "-m", "serving.server", "--repository", str(repo), "--host", "127.0.0.1",
-                     "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)]
+                     "--grpc-port", "0", "--rest-port", "auto"]
     step.number += 1
     print(f"\n[{step.number}] Serve with the TF Serving-compatible server\n    $ {_shown(serve_command)}", flush=True)
     server_log = open(out / "server.log", "w")
@@ -236,9 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_log = out / "gateway" / "audit.jsonl"
     gateway_log = open(out / "gateway.log", "w")
     try:
-        wait_for_model(rest_port, model_name, server)
-        print(f"    serving {model_name} version {version}: gRPC 127.0.0.1:{grpc_port}, REST 127.0.0.1:{rest_port}")
-        gateway_command = [sys.executable, "-m", "serving.gateway", "--upstream", f"127.0.0.1:{grpc_port}",
+        upstream, rest = listening(out / "server.log", server)
+        wait_for_model(rest, model_name, server)
+        print(f"    serving {model_name} version {version}: gRPC {upstream}, REST {rest}")
+        gateway_command = [sys.executable, "-m", "serving.gateway", "--upstream", upstream,
                            "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "0", "--allow-anonymous",
                            "--audit-log", str(audit_log), "--request-log", str(out / "gateway" / "requests"),
                            "--model-repository", str(repo), "--feedback-dir", str(out / "gateway" / "feedback"),
@@ -248,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"    $ {_shown(gateway_command)}", flush=True)
         gateway = subprocess.Popen(gateway_command, env=env, cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        gateway_address, viewer_url = wait_for_gateway(out / "gateway.log", gateway)
+        gateway_address, viewer_url = listening(out / "gateway.log", gateway)
         viewer_url += "/viewer/"
-        print(f"    gateway: gRPC {gateway_address} -> upstream 127.0.0.1:{grpc_port}")
+        print(f"    gateway: gRPC {gateway_address} -> upstream {upstream}")
         image = sorted((Path(args.input) / config.labels[0]).iterdir())[0]
         result = step.run("Predict one image over gRPC through the gateway (tensorflow_serving.apis stubs)",
                           "serving.client",
@@ -262,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           if json.loads(line).get("request_id") == "demo-prediction")
         validated = None
         if shipped is not None:
-            wait_for_model(rest_port, SHIPPED_NAME, server)
+            wait_for_model(rest, SHIPPED_NAME, server)
             result = step.run(f"Predict the sample glioma with the shipped, validated model ({SHIPPED_NAME})",
                               "serving.client",
                               ["--server", gateway_address, "--model", SHIPPED_NAME, "--request-id",
