@@ -383,8 +383,8 @@ def remove_spill(directory: str) -> None:
 
 def shard_paths(directory: str, config: TaskConfig) -> list[str]:
     shards = config.ingest.shards
-    return [FileSystems.join(directory, shard_name(split, shard, getattr(shards, split)))
-            for split in config.splits for shard in range(getattr(shards, split))]
+    return [FileSystems.join(directory, shard_name(split, shard, shards.of(split)))
+            for split in config.splits for shard in range(shards.of(split))]
 
 
 class WriteShardFn(beam.DoFn):
@@ -399,7 +399,7 @@ class WriteShardFn(beam.DoFn):
         entries = [(index, source_id, (spill, offset, length))
                    for spill, refs in batches for index, source_id, offset, length in refs]
         examples = shard_examples(entries, set(dropped))  # (source_id, spill reference), sorted
-        path = FileSystems.join(self.directory, shard_name(split, shard, getattr(self.shards, split)))
+        path = FileSystems.join(self.directory, shard_name(split, shard, self.shards.of(split)))
         write_shard(path, read_spilled(ref for _, ref in examples))
         self.written.inc(len(examples))
         yield ("shard", (path, len(examples)))

@@ -162,7 +162,7 @@ def route_record(record: dict, index: int, config: TaskConfig) -> Iterable[tuple
     example, and ("meta", (pixel_hash, meta)) carrying only what dedup and the stats need (no image bytes). The index
     tells copies apart even when a manifest lists one path twice."""
     split = assign_split(record["split_key"], config.ingest.split_salt, config.ingest.split, record["holdout"])
-    shard = (split, shard_of(record["source_id"], getattr(config.ingest.shards, split)))
+    shard = (split, shard_of(record["source_id"], config.ingest.shards.of(split)))
     yield ("shard", (shard, (index, record["source_id"], to_example(record, config))))
     meta = {name: record[name] for name in ("path", "label", "hist", "sum", "sumsq", "count", "input_size",
                                             "input_mode")}

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import ROOT, require_shared, run_stage, write_result  # noqa: E402
+from benchmarks.common import ROOT, ingest_and_train, require_shared, write_result  # noqa: E402
 from medpipe.config import set_flags  # noqa: E402
 
 
@@ -66,12 +66,7 @@ def main(argv=None) -> int:
     data_dir, run_dir = work / "ingest", work / "run"
     sets = set_flags(args.overrides)
 
-    ingest_seconds = run_stage("beam_pipelines.ingest", ["--config", args.config, "--input", str(source),
-                                                         "--output", str(data_dir), *sets], work / "ingest.log")
-    print(f"ingest: {ingest_seconds:.0f}s", flush=True)
-    train_seconds = run_stage("models.train", ["--config", args.config, "--data", str(data_dir),
-                                               "--output", str(run_dir), *sets], work / "train.log")
-    print(f"train: {train_seconds:.0f}s", flush=True)
+    ingest_seconds, train_seconds = ingest_and_train(args.config, source, data_dir, run_dir, sets, work)
     wall = ingest_seconds + train_seconds
 
     metadata = json.loads((run_dir / "train_metadata.json").read_text())

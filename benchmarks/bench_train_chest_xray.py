@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import ROOT, require_shared, run_stage, write_result  # noqa: E402
+from benchmarks.common import ROOT, ingest_and_train, require_shared, run_stage, write_result  # noqa: E402
+from medpipe.config import set_flags  # noqa: E402
 
 PATIENT_REGEX = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"  # the README's manifest rule
 
@@ -59,17 +60,12 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_chest_xray_"))
     work.mkdir(parents=True, exist_ok=True)
     manifest, data_dir, run_dir = work / "manifest.csv", work / "ingest", work / "run"
-    sets = [a for pair in args.overrides for a in ("--set", pair)]
+    sets = set_flags(args.overrides)
 
     from scripts.make_manifest import main as make_manifest
 
     make_manifest([str(source), str(manifest), "--patient-regex", PATIENT_REGEX])
-    ingest_seconds = run_stage("beam_pipelines.ingest", ["--config", args.config, "--input", str(manifest),
-                                                         "--output", str(data_dir), *sets], work / "ingest.log")
-    print(f"ingest: {ingest_seconds:.0f}s", flush=True)
-    train_seconds = run_stage("models.train", ["--config", args.config, "--data", str(data_dir),
-                                               "--output", str(run_dir), *sets], work / "train.log")
-    print(f"train: {train_seconds:.0f}s", flush=True)
+    ingest_seconds, train_seconds = ingest_and_train(args.config, manifest, data_dir, run_dir, sets, work)
     run_stage("models.evaluate", ["--model", str(run_dir), "--data", str(data_dir), *sets], work / "evaluate.log",
               ok=(0, 3))  # 3: evaluated, not blessed (a verdict)
     wall = ingest_seconds + train_seconds

@@ -20,7 +20,6 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
   stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines,
                    StageFailed / StageRefused (exit 2: no retry) / StageVerdict (exit 3), kill_running_stages
                    (every task's on_kill), set_args(overrides), deid_env()
-  outputs:         write_json_atomic(path, payload)
   serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
   assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
                    ASSET_EVENTS_POOL
@@ -245,10 +244,11 @@ def is_local(uri: str) -> bool:
 
 
 def resolve_config(value: str) -> str:
-    """A config given as a bare name (`brain_mri`) -> <home>/config/brain_mri.yaml; a path -> resolve_path(path)."""
-    if "/" not in value and not value.endswith((".yaml", ".yml")):
-        return str(medpipe_home() / "config" / f"{value}.yaml")
-    return resolve_path(value)
+    """A config given as a bare name (`brain_mri`, medpipe.config's rule) -> <home>/config/brain_mri.yaml (the
+    deployment's checkout); a path -> resolve_path(path)."""
+    from medpipe.config import is_config_name  # the core's naming rule; cheap, no ML
+
+    return str(medpipe_home() / "config" / f"{value}.yaml") if is_config_name(value) else resolve_path(value)
 
 
 def load_task_config(config_path: str) -> dict:
@@ -416,13 +416,6 @@ def address_reachable(address: str, timeout: float = 2.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -601,13 +594,10 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 def set_args(overrides: Iterable[str]) -> list[str]:
-    """["a.b=1", ...] -> ["--set", "a.b=1", ...] (validated: each must contain '=')."""
-    out: list[str] = []
-    for item in overrides or ():
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not section.key=value")
-        out += ["--set", item]
-    return out
+    """["a.b=1", ...] -> ["--set", "a.b=1", ...], checked by medpipe.config.set_flags (the one expansion)."""
+    from medpipe.config import set_flags
+
+    return set_flags(list(overrides or ()))
 
 
 # --------------------------------------------------------------------------------------------------------------

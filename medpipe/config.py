@@ -59,8 +59,10 @@ class ShardConfig:
     train: int = 4
     val: int = 1
     test: int = 1
-    val_shift: int = 1
-    test_shift: int = 1
+
+    def of(self, split: str) -> int:
+        """Files per split; the shift-aware splits (a few hundred images) get one each."""
+        return getattr(self, split, 1)
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,15 @@ class TaskConfig:
         return SPLITS + SHIFT_SPLITS if self.ingest.shift_holdout is not None else SPLITS
 
 
+def is_config_name(value: str | os.PathLike) -> bool:
+    """The one rule for a bare config name ("brain_mri") as opposed to a path: no folder, no YAML suffix."""
+    return os.sep not in str(value) and Path(value).suffix not in (".yaml", ".yml")
+
+
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     """A path as given, or a bare name ("brain_mri") looked up in the repository's config folder."""
     path = Path(name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
-        return path
-    return CONFIG_DIR / f"{name_or_path}.yaml"
+    return CONFIG_DIR / f"{name_or_path}.yaml" if is_config_name(name_or_path) and not path.exists() else path
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskConfig:

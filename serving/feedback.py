@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import io
 import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from medpipe.errors import DataError
+from medpipe.files import write_atomic, write_json_atomic
 from medpipe.metrics_push import push_gauges
 
 log = logging.getLogger(__name__)
@@ -158,16 +158,13 @@ def write_partition(accepted: Sequence[dict], output: Path) -> list[dict]:
         source = Path(row["image_path"])
         target = output / row["label"] / f"{row['request_id']}{source.suffix.lower()}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        write_atomic(target, source.read_bytes())
         manifest.append({"path": target.relative_to(output).as_posix(), "label": row["label"]})
-    tmp = output / f".{MANIFEST}.tmp-{os.getpid()}"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label"])
-        writer.writeheader()
-        writer.writerows(manifest)
-    os.replace(tmp, output / MANIFEST)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["path", "label"])
+    writer.writeheader()
+    writer.writerows(manifest)
+    write_atomic(output / MANIFEST, table.getvalue())
     return manifest
 
 
@@ -210,9 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "labels_checked_against": labels,
         "manifest": str(output / MANIFEST),
     }
-    tmp = output / f".{SUMMARY}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, output / SUMMARY)
+    write_json_atomic(output / SUMMARY, summary, sort_keys=True)
     for row in rejected:
         log.warning("feedback row %d (request %s) not used: %s", row["row"], row["request_id"] or "-", row["detail"])
     for model, figures in accuracy["per_model"].items():

@@ -19,7 +19,6 @@ import argparse
 import html
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 
 from medpipe.drift import LOW_CONFIDENCE_THRESHOLD, DriftTracker, load_baseline
 from medpipe.errors import DataError
+from medpipe.files import write_atomic, write_json_atomic
 from medpipe.metrics_push import push_gauges
 
 log = logging.getLogger(__name__)
@@ -171,17 +171,11 @@ def write_outputs(report: dict, output: Path) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / f"{REPORT_NAME}.json", "md": output / f"{REPORT_NAME}.md",
              "html": output / f"{REPORT_NAME}.html", "png": output / f"{REPORT_NAME}.png"}
-    _write_atomic(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _write_atomic(paths["md"], render_markdown(report))
-    _write_atomic(paths["html"], render_html(report))
+    write_json_atomic(paths["json"], report, sort_keys=True)
+    write_atomic(paths["md"], render_markdown(report))
+    write_atomic(paths["html"], render_html(report))
     plot(report, paths["png"])
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _summary_rows(report: dict) -> list[tuple[str, str, str]]:
