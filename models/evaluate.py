@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ood_dirs=[Path(d) for d in args.ood],
     )
     verdict = "BLESSED" if blessing["blessed"] else "NOT BLESSED: " + "; ".join(blessing["reasons"])
+    if predictor.kind == "run" and args.data and split != config.evaluation.gate_split:
+        verdict += (f" (on {split}, not the gate's split {config.evaluation.gate_split}: this verdict does not unlock "
+                    f"`medpipe publish`; run without --split for that)")
     print(f"{verdict}\nreport: {output / 'report.html'}")
     return 0 if blessing["blessed"] else EXIT_NO_GO  # 3: the evaluation ran, and its verdict is "do not publish"
 

@@ -52,7 +52,7 @@ def test_shift_splits_need_a_holdout_rule():
 
 
 @pytest.mark.slow
-def test_threshold_on_val_shift_gate_on_test_shift_and_both_figures_reported(tmp_path):
+def test_threshold_on_val_shift_gate_on_test_shift_and_both_figures_reported(tmp_path, capsys):
     import keras
 
     from medpipe.config import dump_config, load_config
@@ -101,3 +101,9 @@ def test_threshold_on_val_shift_gate_on_test_shift_and_both_figures_reported(tmp
     assert json.loads((run / "blessing.json").read_text())["data"]["split"] == "test_shift"  # it may publish
     report = (run / "evaluation" / "report.html").read_text()
     assert "Carved and shift-aware splits" in report and "test_shift" in report
+
+    (run / "blessing.json").unlink()  # the carved test split, asked for by habit: a verdict that says it cannot publish
+    capsys.readouterr()
+    assert main(["--model", str(run), "--data", str(data), "--split", "test", "--no-gradcam"]) in (0, 3)
+    assert "not the gate's split test_shift: this verdict does not unlock `medpipe publish`" in capsys.readouterr().out
+    assert not (run / "blessing.json").exists() and (run / "evaluation-test" / "metrics.json").is_file()
