@@ -1,6 +1,6 @@
 """`medpipe evaluate`: metrics, plots, Grad-CAM, report.html and the quality gate (blessing.json).
 
-    medpipe evaluate --model RUN_DIR --data INGEST_DIR [--split test|val] [--output DIR]
+    medpipe evaluate --model RUN_DIR --data INGEST_DIR [--split SPLIT] [--output DIR]   # default: the gate's split
     medpipe evaluate --model RUN_DIR_OR_SAVEDMODEL --images FOLDER_OF_CLASS_FOLDERS --output DIR [--config C]
     ... [--baseline-repository REPO --model-name NAME]   # also gate against the model labelled `stable`
     ... [--ood DIR ...]   # out-of-distribution probe sets: folders of images or ingest outputs (repeatable)
@@ -14,11 +14,13 @@ The probabilities evaluated are the calibrated ones the SavedModel serves (model
 the ECE before calibration, and with --ood the OOD AUROC (probe images against the evaluated split) and the share of
 the evaluated split kept in distribution at the model's threshold.
 
-Outputs in DIR (default for a run: RUN_DIR/evaluation for the test split, RUN_DIR/evaluation-<split|images>
-otherwise): metrics.json, predictions.csv, plots/*.png, report.html, blessing.json, rejected.jsonl (--images only).
-For a run evaluated on the test split, blessing.json is also copied to RUN_DIR/blessing.json (what `medpipe
-publish` checks; a verdict on val, train or external images never unlocks publishing). Exit status 0 when blessed,
-3 when not. For binary tasks evaluated on records the operating threshold is chosen on the val split and stored in
+Outputs in DIR (default for a run: RUN_DIR/evaluation for the gate's split, evaluation.gate_split: test, or
+test_shift for a task with a shift-aware holdout; RUN_DIR/evaluation-<split|images> otherwise): metrics.json (with
+every held-out split's figures at the same threshold under `splits`: carved and shift-aware), predictions.csv,
+plots/*.png, report.html, blessing.json, rejected.jsonl (--images only). For a run evaluated on the gate's split,
+blessing.json is also copied to RUN_DIR/blessing.json (what `medpipe publish` checks; a verdict on another split or
+on external images never unlocks publishing). Exit status 0 when blessed, 3 when not. For binary tasks evaluated on
+records the operating threshold is chosen on evaluation.threshold_split (val, or val_shift) and stored in
 RUN_DIR/operating_point.json (exported with the model). The gate's baseline is described in
 models/gate.py (the `stable` version's assets.extra/medpipe_metrics.json).
 """
