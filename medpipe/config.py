@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ TaskType = Literal["multiclass", "binary", "multilabel"]
 SPLITS = ("train", "val", "test")
 # Shift-aware splits: patients held out by acquisition order (ingest.shift_holdout), never carved at random.
 SHIFT_SPLITS = ("val_shift", "test_shift")
-TUNING_SPLITS = ("val", "val_shift")  # where thresholds are chosen and training is monitored
 GATE_SPLITS = ("test", "test_shift")  # held out from every choice: the only splits whose verdict publishes
 
 # The repository's config folder; entry points use it to resolve a bare name such as "brain_mri".
@@ -69,8 +69,9 @@ class ShardConfig:
 class ShiftHoldoutConfig:
     """Shift-aware validation: a patient whose ID matches `pattern` (group 1 = acquisition series, group 2 = its
     running number) and whose number is below the series' cut in `before` is held out of training, in val_shift or
-    test_shift (half each, by the salted patient hash). Running numbers follow acquisition order, so these are the
-    earliest acquisitions of each series: data the model meets the way it meets new patients, not a random carve."""
+    test_shift (half each, by the salted patient hash). Running numbers follow acquisition order, so a cut holds out
+    a series' earliest acquisitions, and a cut above its last number the whole batch: data the model meets the way
+    it meets new patients, not a random carve."""
 
     pattern: str
     before: tuple[tuple[str, int], ...]
@@ -361,8 +362,6 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
         raise ConfigError(f"{file}: ingest.split ratios must be >= 0 and sum to 1, got {total:g}")
     holdout = config.ingest.shift_holdout
     if holdout is not None:
-        import re
-
         try:
             groups = re.compile(holdout.pattern).groups
         except re.error as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from medpipe import schema as record_keys
-from medpipe.config import TaskConfig
+from medpipe.config import SHIFT_SPLITS, TaskConfig
 from medpipe.errors import DataError
 from medpipe.schema import DatasetSchema, check_schema_matches_config, read_schema
 from models.architectures import output_units
@@ -79,7 +79,7 @@ def label_counts(data_dir: str | Path, split: str, schema: DatasetSchema) -> np.
         counts += np.bincount(values, minlength=schema.num_classes)
     if not multilabel and counts.sum() == 0:
         hint = ("it holds the patients ingest.shift_holdout selects: give ingest the patients through a manifest "
-                "(scripts/make_manifest.py --patient-regex)" if split.endswith("_shift") else "check ingest.split")
+                "(scripts/make_manifest.py --patient-regex)" if split in SHIFT_SPLITS else "check ingest.split")
         raise DataError(f"{data_dir}: the {split} split has no records; {hint} and stats.json")
     return counts
 

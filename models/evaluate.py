@@ -470,8 +470,9 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
 
     threshold, threshold_source = predictor.threshold, "stored with the model"
     tuning = evaluation.threshold_split
+    loaded = {split: examples}  # splits already decoded here, so the by-split figures do not read them again
     if config.task == "binary" and predictor.kind == "run" and data_dir is not None:
-        val = examples if split == tuning else load_records(data_dir, tuning, config)
+        val = loaded.setdefault(tuning, examples if split == tuning else load_records(data_dir, tuning, config))
         try:
             chosen = choose_threshold(val.labels, predictor.predict(val.images, batch_size)[:, 1],
                                       evaluation.binary_threshold, evaluation.target_sensitivity)
@@ -505,7 +506,8 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
     metrics["data"] = {"description": examples.description, "split": split if data_dir else "images",
                        "fingerprint": examples.fingerprint, "rejected": len(examples.rejected)}
     if data_dir is not None:
-        metrics["splits"] = split_figures(predictor, config, data_dir, split, metrics, threshold, batch_size, seed)
+        metrics["splits"] = split_figures(predictor, config, data_dir, split, metrics, threshold, batch_size, seed,
+                                          loaded)
 
     baseline_metrics, baseline_version = None, None
     if baseline_repository is not None:
@@ -536,9 +538,9 @@ def split_summary(metrics: dict) -> dict:
 
 
 def split_figures(predictor: Predictor, config: TaskConfig, data_dir: Path, evaluated: str, metrics: dict,
-                  threshold: Optional[float], batch_size: int, seed: int) -> dict:
+                  threshold: Optional[float], batch_size: int, seed: int, loaded: dict[str, Examples]) -> dict:
     """The evaluated split's summary and, at the same operating threshold, every other held-out split present:
-    carved at random (val, test) and shift-aware (val_shift, test_shift)."""
+    carved at random (val, test) and shift-aware (val_shift, test_shift). `loaded`: splits already decoded."""
     from models.metrics import classification_metrics
 
     rows = {}
@@ -547,7 +549,7 @@ def split_figures(predictor: Predictor, config: TaskConfig, data_dir: Path, eval
             figures = metrics
         elif any(Path(data_dir).glob(f"{name}-*.tfrecord.gz")):
             try:
-                examples = load_records(data_dir, name, config)
+                examples = loaded.get(name) or load_records(data_dir, name, config)
             except DataError:  # an empty split: nothing to report
                 continue
             figures = classification_metrics(examples.labels, predictor.outputs(examples.images, batch_size)

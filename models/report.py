@@ -116,7 +116,7 @@ def _safety_section(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def splits_table(splits: Mapping[str, Any]) -> str:
-    """Carved (random) against shift-aware (earliest acquisitions held out) figures, one row a split."""
+    """Carved (random) against shift-aware (acquisitions held out of training) figures, one row a split."""
     rows = [[html.escape(name), html.escape(row["kind"]), str(row["examples"])]
             + [f"{_number(row[key]['value'])} {_interval(row[key]['ci95'])}" for key in ("accuracy", "macro_f1",
                                                                                       "macro_auc")]
@@ -145,8 +145,8 @@ def render_model_card(card: Mapping[str, Any]) -> list[str]:
                           for name, key in (("Accuracy", "accuracy"), ("Macro F1", "macro_f1"),
                                             ("Macro ROC AUC", "macro_auc"))])]
         if metrics.get("by_split"):
-            parts += ["<p>By split, at the same operating threshold (carved = random by patient; shift-aware = the "
-                      "earliest acquisitions of each series, held out of training):</p>",
+            parts += ["<p>By split, at the same operating threshold (carved = random by patient; shift-aware = "
+                      "acquisitions held out of training by ingest.shift_holdout):</p>",
                       splits_table(metrics["by_split"])]
     calibration = card.get("calibration")
     if calibration:
@@ -210,8 +210,9 @@ def render_report(
     if metrics.get("splits") and len(metrics["splits"]) > 1:
         parts += ["<h2>Carved and shift-aware splits</h2>",
                   "<p>The same model at the same operating threshold on every held-out split. Carved splits are drawn "
-                  "at random by patient, so they share acquisition batches with training; shift-aware splits hold out "
-                  "the earliest acquisitions of each series and predict performance on new patients better.</p>",
+                  "at random by patient, so they share acquisition batches with training; shift-aware splits hold "
+                  "acquisitions out of training (ingest.shift_holdout) and predict performance on new patients "
+                  "better.</p>",
                   splits_table(metrics["splits"])]
     point = metrics.get("operating_point")
     if point:

@@ -358,8 +358,8 @@ def train(config: TaskConfig, data_dir: Path, run_dir: Path, cpu_replicas: int |
     train_ds = data_lib.make_dataset(data_dir, "train", schema, batch, training=True, config=config,
                                      class_weights=class_weights, seed=training.seed, cache=cache,
                                      num_examples=int(train_counts.sum()), replicas=replicas)
-    val_ds = data_lib.make_dataset(data_dir, training.validation_split, schema, batch, cache=cache, num_examples=int(val_counts.sum()),
-                                   replicas=replicas)
+    val_ds = data_lib.make_dataset(data_dir, training.validation_split, schema, batch, cache=cache,
+                                   num_examples=int(val_counts.sum()), replicas=replicas)
     steps_per_epoch = (int(train_counts.sum()) // batch if replicas > 1 else math.ceil(int(train_counts.sum()) / batch))
     if steps_per_epoch < 1:
         raise DataError(f"{data_dir}: {int(train_counts.sum())} training examples is less than one global batch "
@@ -503,4 +503,3 @@ if __name__ == "__main__":
     from medpipe.cli import module_main
 
     module_main(main)
-
