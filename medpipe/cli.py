@@ -12,6 +12,7 @@ terminal instead. Both flags are taken by this module, before the stage parses i
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -174,9 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(STAGES[command][0], rest, command)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def module_main(main_function) -> None:  # pragma: no cover - thin shell
     """`if __name__ == "__main__": module_main(main)` for stage modules run with `python -m`:
@@ -192,4 +190,20 @@ def module_main(main_function) -> None:  # pragma: no cover - thin shell
         except MedpipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             code = exc.exit_code
+    exit_process(code)
+
+
+def exit_process(code: Optional[int]) -> None:  # pragma: no cover - ends the process
+    """Exit a command-line process without the interpreter's teardown collection. At exit CPython garbage-collects
+    every object the imports made (~100k after `import apache_beam`: 0.25-0.4 s, longer than a 200-image ingest's
+    pixels); frozen, they are skipped. Only for a process about to end: a frozen object is never collected."""
+    gc.freeze()
     sys.exit(int(code or 0))
+
+
+def console() -> None:  # pragma: no cover - the `medpipe` console script
+    exit_process(main())
+
+
+if __name__ == "__main__":
+    console()
