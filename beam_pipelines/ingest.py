@@ -48,6 +48,7 @@ import logging
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from typing import Any, Iterable, Optional, Sequence
 
@@ -1062,6 +1063,7 @@ def log_counters(result) -> dict[str, int]:
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the pipeline; returns the stats written to OUTPUT/stats.json. Raises DataError/ConfigError (exit 2)
     before anything is written when the paths are unsafe, NoResult (exit 3) when no record was written."""
+    started = time.monotonic()
     args, beam_args = build_parser().parse_known_args(argv)
     config = load_config(args.config, args.overrides)
     output = args.output.rstrip("/")
@@ -1113,7 +1115,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if isinstance(exc, NoResult):
             from beam_pipelines.ingest_metrics import push_ingest_stats
 
-            push_ingest_stats(stats, config.name, url=args.pushgateway)  # the failed run is counted too
+            push_ingest_stats(stats, config.name, url=args.pushgateway,  # the failed run is counted too
+                              duration_seconds=time.monotonic() - started)
         raise
     LOG.info("ingest: %d written (%s), %d rejected, %d duplicates dropped -> %s", stats["written"],
              ", ".join(f"{s} {stats['splits'][s]['total']}" for s in config.splits), stats["rejected"],
@@ -1122,7 +1125,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         LOG.info("ingest: paths of the rejected and duplicate inputs (PHI, mode 0600): %s", input_report)
     from beam_pipelines.ingest_metrics import push_ingest_stats
 
-    push_ingest_stats(stats, config.name, url=args.pushgateway)  # a batch job ends before a scrape; no-op without URL
+    # a batch job ends before a scrape; no-op without a URL
+    push_ingest_stats(stats, config.name, url=args.pushgateway, duration_seconds=time.monotonic() - started)
     return stats
 
 

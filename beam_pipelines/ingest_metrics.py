@@ -8,9 +8,11 @@ from medpipe.metrics_push import push_gauges
 from medpipe.schema import IngestStats
 
 
-def push_ingest_stats(stats: Mapping, dataset: str, url: str | None = None) -> bool:
-    """stats.json's totals (the names the alert rules and the Grafana dashboard use), plus rejected counts by reason
-    code (a bounded label); True when the Pushgateway took them, False without one."""
+def push_ingest_stats(stats: Mapping, dataset: str, url: str | None = None,
+                      duration_seconds: float | None = None) -> bool:
+    """stats.json's totals (the names the alert rules and the Grafana dashboard use), the run's wall time (the
+    dashboard's throughput panel divides by it), plus rejected counts by reason code (a bounded label); True when the
+    Pushgateway took them, False without one."""
     counts = IngestStats.from_dict(dict(stats))
     gauges = {
         "medpipe_ingest_files_read": (counts.input_files, "input files the ingest read"),
@@ -18,6 +20,8 @@ def push_ingest_stats(stats: Mapping, dataset: str, url: str | None = None) -> b
         "medpipe_ingest_files_rejected": (counts.rejected, "input files rejected (all reasons)"),
         "medpipe_ingest_duplicates_dropped": (counts.duplicates_dropped, "duplicate images dropped"),
     }
+    if duration_seconds is not None:
+        gauges["medpipe_ingest_duration_seconds"] = (round(duration_seconds, 3), "wall time of the ingest run")
     ok = push_gauges("medpipe_ingest", gauges, labels={"dataset": dataset}, grouping_key={"dataset": dataset}, url=url)
     for reason, count in counts.rejected_by_reason.items() if ok else ():
         push_gauges("medpipe_ingest_rejected", {

@@ -207,6 +207,10 @@ def test_daily_gauges_reach_a_real_pushgateway(tmp_path, baseline_dir):
                    "--set", "image.size=32", "--pushgateway", f"127.0.0.1:{port}")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'medpipe_ingest_files_read{dataset="chest_xray",instance="",job="medpipe_ingest"} 24' in text
+        # the dashboard's throughput panel: files written / the run's wall time
+        duration = [float(line.split(" ")[1]) for line in text.splitlines()
+                    if line.startswith('medpipe_ingest_duration_seconds{dataset="chest_xray"')]
+        assert len(duration) == 1 and 0.0 < duration[0] < 600
     finally:
         gateway.terminate()
         gateway.wait(timeout=10)
