@@ -315,13 +315,13 @@ class ModelManager:
             log.error("model %s version %d (%s) refused: %s: %s", model.name, number, path, type(exc).__name__,
                       str(exc)[:2000])
             if self.metrics is not None:
-                self.metrics.tf.load(model.name, ok=False)
+                self.metrics.tf.load(str(path), ok=False)
             return
         version.signatures, version.signature_def_map = loaded["signatures"], loaded["signature_def_map"]
         version.preprocessing = loaded["preprocessing"]
         version.state = "AVAILABLE"
         if self.metrics is not None:
-            self.metrics.tf.load(model.name, ok=True)
+            self.metrics.tf.load(str(path), ok=True)
         log.info("model %s version %d AVAILABLE", model.name, number)
 
     def _batch_observer(self, model_name: str):

@@ -26,7 +26,7 @@ class TfServingCollector:
         self._lock = threading.Lock()
         self.counts: Counter = Counter()  # (model, status)
         self.latency: dict[tuple[str, str, str], list] = {}  # (model, api, entrypoint) -> [cumulative..., sum]
-        self.loads: Counter = Counter()  # (model, success|fail)
+        self.loads: Counter = Counter()  # (version folder, success|fail)
 
     def request(self, model: str, api: str, entrypoint: str, ok: bool, seconds: float) -> None:
         micros = seconds * 1e6
@@ -37,9 +37,10 @@ class TfServingCollector:
                 buckets[i] += micros <= bound
             buckets[-1] += micros
 
-    def load(self, model: str, ok: bool) -> None:
+    def load(self, model_path: str, ok: bool) -> None:
+        """One load attempt of a version folder: labelled model_path, as TF Serving labels it (its full path)."""
         with self._lock:
-            self.loads[(model, "success" if ok else "fail")] += 1
+            self.loads[(model_path, "success" if ok else "fail")] += 1
 
     def collect(self):
         # TF Serving types its counters "counter" under the bare name, which prometheus_client only writes as
@@ -56,8 +57,8 @@ class TfServingCollector:
             for labels, counts in sorted(self.latency.items()):
                 bounds = [str(bound) for bound in LATENCY_BUCKETS_US] + ["+Inf"]
                 latency.add_metric(list(labels), list(zip(bounds, counts)), sum_value=counts[-1])
-            for (model, status), value in sorted(self.loads.items()):
-                loads.add_sample(loads.name, {"model_path": model, "status": status}, value)
+            for (model_path, status), value in sorted(self.loads.items()):
+                loads.add_sample(loads.name, {"model_path": model_path, "status": status}, value)
         return [requests, latency, loads]
 
 

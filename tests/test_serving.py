@@ -255,6 +255,9 @@ def test_metadata_status_classify_health_and_metrics(served):
     assert ":tensorflow:serving:request_latency_bucket" in text and 'entrypoint="GRPC"' in text
     assert "medpipe_batch_size_bucket" in text and "medpipe_predictions_total{" not in text  # the gateway's
     assert f'medpipe_loaded_versions{{model="{MODEL}",version="{served["v1"]}"}} 1.0' in text
+    # labelled like TF Serving's own series: the version folder's path (the load-failure alert reads it)
+    folder = Path(served["repo"]) / MODEL / str(served["v1"])
+    assert f':tensorflow:cc:saved_model:load_attempt_count{{model_path="{folder}",status="success"}} 1.0' in text
 
 
 @pytest.mark.parametrize("case, code", [
