@@ -43,6 +43,28 @@ def test_audit_chain_verifies_and_continues_after_restart(tmp_path):
     assert result.returncode == 0 and "4 records, hash chain intact" in result.stdout
 
 
+def test_audit_lines_reach_the_disk_within_the_sync_window_and_on_close(tmp_path, monkeypatch):
+    import os
+    import time
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(audit.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    path = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(path, sync_seconds=0.5)
+    for i in range(3):
+        log.append({"event": "predict", "outcome": "OK"})
+    deadline = time.monotonic() + 10
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced and synced[-1] == path.stat().st_size  # the three lines, in one fsync
+    assert len(synced) == 1
+    log.append({"event": "predict", "outcome": "OK"})
+    log.close()  # the last line is synced before close returns, whatever the window
+    assert synced[-1] == path.stat().st_size and len(path.read_bytes().splitlines()) == 4
+    log.close()  # twice is harmless
+
+
 @pytest.mark.parametrize("tamper, bad_line", [
     (lambda lines: lines[:2] + [lines[2].replace(b'"user-2"', b'"user-X"')] + lines[3:], 4),  # edit line 3
     (lambda lines: lines[:1] + lines[2:], 2),  # remove line 2
