@@ -31,8 +31,11 @@ model's OOD guard flags the image), or `rejected` with a `reason`), `predictions
   the connection `medpipe_pacs`.
 * A day with no drop folder is **skipped** (nothing arrived); the server not answering fails `check_server`, which
   retries with backoff before anything is written.
-* **Serving address**: param `serving_grpc`, connection `medpipe_serving` (host + port), Variable
-  `medpipe_serving_grpc`, env `MEDPIPE_SERVING_GRPC` / `MEDPIPE_TF_SERVING_GRPC`, default `localhost:8500`.
+* **Serving address**: param `serving_grpc`, env `MEDPIPE_INFERENCE_GRPC` (docker-compose: the gateway, so batch
+  scoring is authenticated and audited like any app's requests), connection `medpipe_serving` (host + port),
+  Variable `medpipe_serving_grpc`, env `MEDPIPE_SERVING_GRPC` / `MEDPIPE_TF_SERVING_GRPC`, default `localhost:8500`.
+  TLS, client certificate and bearer token: files named by env `MEDPIPE_INFERENCE_TLS_CA`, `MEDPIPE_INFERENCE_TLS_CERT`,
+  `MEDPIPE_INFERENCE_TLS_KEY`, `MEDPIPE_INFERENCE_TOKEN_FILE`.
 * **Deadline**: an alert `MedpipeDeadlineMissed` when a run is not done 3 h after it was queued.
 
 Schedule: env `MEDPIPE_BATCH_SCHEDULE` (default `@daily`, `none` disables it).
@@ -93,13 +96,13 @@ def medpipe_batch_inference():
     @task(retries=4)
     def check_server(job: dict, params=None) -> dict:
         """Fail (and retry with backoff) while the serving endpoint does not accept connections."""
-        from medpipe_dag_common import address_reachable, serving_address
+        from medpipe_dag_common import address_reachable, inference_address
 
-        address, origin = serving_address(params.get("serving_grpc"))
+        address, origin = inference_address(params.get("serving_grpc"))
         if not address_reachable(address, timeout=5):
             raise ConnectionError(f"the serving endpoint {address} ({origin}) does not accept connections; start "
-                                  "it (docker compose up tf-serving, or medpipe serve) or set the connection "
-                                  "medpipe_serving / the serving_grpc param")
+                                  "it (docker compose up gateway, or medpipe serve) or set MEDPIPE_INFERENCE_GRPC, "
+                                  "the connection medpipe_serving or the serving_grpc param")
         return {**job, "server": address}
 
     @task(execution_timeout=timedelta(hours=2))
@@ -108,7 +111,7 @@ def medpipe_batch_inference():
         import json
         from pathlib import Path
 
-        from medpipe_dag_common import dicomweb_env, run_stage, safe_name
+        from medpipe_dag_common import dicomweb_env, inference_connection_args, run_stage, safe_name
 
         # the PACS is queried here, not in plan, for the same reason the folder is listed here: after a clear of
         # `score` alone, what is scored is what is there now
@@ -116,7 +119,8 @@ def medpipe_batch_inference():
         run_stage("serving.batch", [*source, "--output", job["output"], "--server", job["server"],
                                     "--model", job["model_name"], "--label", params["label"],
                                     "--max-rejected-fraction", params["max_rejected_fraction"],
-                                    "--request-id", f"batch-{safe_name(context['run_id'])}"], env=env)
+                                    "--request-id", f"batch-{safe_name(context['run_id'])}",
+                                    *inference_connection_args()], env=env)
         summary = json.loads((Path(job["output"]) / "summary.json").read_text())
         return {**summary, "output": job["output"], "partition": job["partition"]}
 

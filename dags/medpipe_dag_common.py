@@ -20,7 +20,8 @@ Stable public helpers for every medpipe DAG file (keep their signatures):
   stages:          run_stage(module, args, env=None, capture_stdout=False) -> stdout lines,
                    StageFailed / StageRefused (exit 2: no retry) / StageVerdict (exit 3), kill_running_stages
                    (every task's on_kill), set_args(overrides), deid_env()
-  serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address)
+  serving:         serving_address(explicit=None) -> (host:port, origin), address_reachable(address),
+                   inference_address(explicit=None), inference_connection_args()
   assets:          DATASETS, dataset_asset_name(dataset), dataset_asset_uri(dataset), INGESTED_ALIAS, TRAINING_POOL,
                    ASSET_EVENTS_POOL
   PACS sources:    is_dicomweb(uri), dicomweb_env() (the `medpipe_pacs` connection), partition_fields(dataset,
@@ -68,6 +69,12 @@ SERVING_CONN_ID = "medpipe_serving"
 SERVING_VARIABLE = "medpipe_serving_grpc"
 SERVING_ENV = ("MEDPIPE_SERVING_GRPC", "MEDPIPE_TF_SERVING_GRPC")
 DEFAULT_SERVING_GRPC = "localhost:8500"
+# Batch scoring is an access to the model like any app's: where a gateway fronts the models (docker-compose), it
+# goes there (authenticated, audited) rather than to the model server. The param serving_grpc ->
+# env MEDPIPE_INFERENCE_GRPC -> the serving lookup above. TLS, client certificate and token are files named by env.
+INFERENCE_ENV = "MEDPIPE_INFERENCE_GRPC"
+INFERENCE_CONNECTION_ENV = {"--tls-ca": "MEDPIPE_INFERENCE_TLS_CA", "--tls-cert": "MEDPIPE_INFERENCE_TLS_CERT",
+                            "--tls-key": "MEDPIPE_INFERENCE_TLS_KEY", "--token-file": "MEDPIPE_INFERENCE_TOKEN_FILE"}
 
 # "secret" in the name: Airflow masks the value in the UI, the REST API and task logs (sensitive_var_conn_names).
 DEID_VARIABLE = "medpipe_deid_secret"
@@ -377,6 +384,22 @@ def serving_address(explicit: str | None = None) -> tuple[str, str]:
         if os.environ.get(name):
             return os.environ[name], f"env {name}"
     return DEFAULT_SERVING_GRPC, "default"
+
+
+def inference_address(explicit: str | None = None) -> tuple[str, str]:
+    """(host:port, where it came from) of the endpoint batch scoring calls: the gateway when one is configured."""
+    if explicit:
+        return explicit, "param serving_grpc"
+    if os.environ.get(INFERENCE_ENV):
+        return os.environ[INFERENCE_ENV], f"env {INFERENCE_ENV}"
+    return serving_address()
+
+
+def inference_connection_args() -> list[str]:
+    """serving.batch's --tls-ca/--tls-cert/--tls-key/--token-file from the environment (paths, e.g. Docker secrets),
+    read at run time; none set: a plain connection (the local `medpipe serve`)."""
+    return [item for flag, name in INFERENCE_CONNECTION_ENV.items() if os.environ.get(name)
+            for item in (flag, os.environ[name])]
 
 
 def deid_env() -> dict[str, str]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from medpipe.errors import DataError
+from serving.client import add_connection_options
 
 CSV_COLUMNS = ["file", "outcome", "finding", "class", "confidence", "in_distribution", "ood_score", "model_version",
                "request_id", "reason"]
@@ -129,19 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail (exit 3) above this fraction of rejected files (default 0.2)")
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--request-id", help="base x-request-id of the run's requests")
+    add_connection_options(parser)  # the gateway: TLS, a client certificate and/or a bearer token
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from serving.client import config_for_model, model_shape, predict_files
+    from serving.client import config_for_model, connection_from_args, model_shape, predict_files
 
     args = build_parser().parse_args(argv)
+    connection = connection_from_args(args)
     if not 0 <= args.max_rejected_fraction <= 1:
         raise DataError(f"--max-rejected-fraction must be between 0 and 1, got {args.max_rejected_fraction}")
     output = Path(args.output)
     # the model's own image size; a --config that disagrees with it is refused (serving.client)
     config = config_for_model(args.model, model_shape(args.model, None, args.label, args.deadline,
-                                                      server=args.server), args.config)
+                                                      server=args.server, connection=connection), args.config)
     staging = staging_folder(output)
     try:
         if args.pacs:
@@ -151,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             drop = Path(args.drop)
             files = list_files(drop)
         lines = predict_files([str(path) for path in files], config, args.model, args.server, label=args.label,
-                              deadline=args.deadline, request_id=args.request_id)
+                              deadline=args.deadline, request_id=args.request_id, connection=connection)
         rows = outcome_rows(lines, drop)
         summary = summarize(rows, args.max_rejected_fraction)
         write_partition(output, rows, summary, staging)

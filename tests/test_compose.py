@@ -20,7 +20,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 # the gateway's certificates and keys come from files the operator names; no defaults
 GATEWAY_SECRETS = {name: f"/secrets/{name.lower()}.pem" for name in (
     "GATEWAY_TLS_CERT", "GATEWAY_TLS_KEY", "GATEWAY_CLIENT_CA", "GATEWAY_JWT_KEY", "PROMETHEUS_CLIENT_CERT",
-    "PROMETHEUS_CLIENT_KEY")}
+    "PROMETHEUS_CLIENT_KEY", "BATCH_CLIENT_CERT", "BATCH_CLIENT_KEY")}
 
 
 def compose_binary() -> str | None:
@@ -331,6 +331,26 @@ def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(
     assert mounts(gateway)["/models"]["read_only"] is True
     assert Path(ROOT / "config" / "gateway.yaml").is_file() and args.config == "/opt/medpipe/config/gateway.yaml"
     assert args.request_log == "/data/request_logs" and mounts(gateway)["/data"]["source"] == "medpipe-data"
+
+
+def test_batch_inference_reaches_the_models_through_the_gateway_with_its_own_certificate(model):
+    """Batch scoring is an access to a model: it goes through the gateway's mTLS and audit, not to tf-serving."""
+    import yaml
+
+    for name in ("airflow-scheduler", "airflow-apiserver"):
+        service = model["services"][name]
+        env = service["environment"]
+        assert env["MEDPIPE_INFERENCE_GRPC"] == "gateway:8500"
+        secrets = {entry["source"]: entry["target"] for entry in service["secrets"]}
+        for variable, secret in (("MEDPIPE_INFERENCE_TLS_CA", "gateway_client_ca"),
+                                 ("MEDPIPE_INFERENCE_TLS_CERT", "batch_client_cert"),
+                                 ("MEDPIPE_INFERENCE_TLS_KEY", "batch_client_key")):
+            assert env[variable] == secrets[secret] == f"/run/secrets/{secret}"
+    assert model["secrets"]["batch_client_cert"]["file"] == GATEWAY_SECRETS["BATCH_CLIENT_CERT"]
+    identities = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text())["identities"]
+    assert identities["CN=medpipe-batch,O=medpipe"] == ["predict:*"]
+    # publish's reload request still goes to the model server itself (the gateway has no HandleReloadConfigRequest)
+    assert env["AIRFLOW_CONN_MEDPIPE_SERVING"] == "generic://tf-serving:8500"
 
 
 def test_a_missing_secret_stops_compose(tmp_path):

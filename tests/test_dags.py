@@ -189,6 +189,33 @@ def test_serving_address_order(common, monkeypatch, tmp_path):
     assert common.serving_address() == ("tf-serving:8600", "connection medpipe_serving")
 
 
+def test_batch_scoring_goes_to_the_inference_endpoint_with_its_credentials(common, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_CONN_MEDPIPE_SERVING", "generic://tf-serving:8500")
+    for name in (common.INFERENCE_ENV, *common.INFERENCE_CONNECTION_ENV.values()):
+        monkeypatch.delenv(name, raising=False)
+    # no gateway configured: the serving lookup, plain (the local `medpipe serve`)
+    assert common.inference_address() == ("tf-serving:8500", "connection medpipe_serving")
+    assert common.inference_connection_args() == []
+    # docker-compose: the gateway, with mTLS files from Docker secrets (the model server stays publish's target)
+    monkeypatch.setenv("MEDPIPE_INFERENCE_GRPC", "gateway:8500")
+    monkeypatch.setenv("MEDPIPE_INFERENCE_TLS_CA", "/run/secrets/ca")
+    monkeypatch.setenv("MEDPIPE_INFERENCE_TLS_CERT", "/run/secrets/cert")
+    monkeypatch.setenv("MEDPIPE_INFERENCE_TLS_KEY", "/run/secrets/key")
+    assert common.inference_address() == ("gateway:8500", "env MEDPIPE_INFERENCE_GRPC")
+    assert common.inference_address("h:1") == ("h:1", "param serving_grpc")
+    assert common.serving_address()[0] == "tf-serving:8500"
+    assert common.inference_connection_args() == ["--tls-ca", "/run/secrets/ca", "--tls-cert", "/run/secrets/cert",
+                                                  "--tls-key", "/run/secrets/key"]
+    # and serving.batch takes exactly those flags
+    from serving.batch import build_parser
+
+    args = build_parser().parse_args(["--drop", "d", "--output", "o", "--server", "gateway:8500", "--model", "m",
+                                      *common.inference_connection_args()])
+    assert (args.tls_ca, args.tls_cert, args.tls_key, args.token_file) == ("/run/secrets/ca", "/run/secrets/cert",
+                                                                         "/run/secrets/key", None)
+
+
 def test_run_stage_reports_the_failure(common):
     with pytest.raises(common.StageFailed, match=r"exited with status 1[\s\S]*No module named medpipe_no_such"):
         common.run_stage("medpipe_no_such_module_anywhere", [])

@@ -188,6 +188,36 @@ def test_rest_with_a_bearer_token_and_medpipe_predict(gw, tmp_path):
     assert {"dr-rest", "dr-cli", CLIENT_SUBJECT} <= identities
 
 
+def test_batch_scoring_through_the_gateway_is_authenticated_and_audited(gw, tmp_path):
+    """The batch-inference DAG's stage as docker-compose runs it: serving.batch over mTLS to the gateway."""
+    pki = gw["pki"]
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for path in JPEGS[:2]:
+        shutil.copy(path, drop / path.name)
+    (drop / "notes.txt").write_text("not an image")
+
+    def batch(output: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serving.batch", "--drop", str(drop), "--output", str(output),
+                               "--server", gw["grpc"], "--model", MODEL, "--request-id", "batch-gw",
+                               "--max-rejected-fraction", "0.5", "--deadline", "20", *extra],
+                              capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+    tls = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])]
+    result = batch(tmp_path / "out", *tls)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(row["outcome"] for row in rows) == ["predicted", "predicted", "rejected"]
+    assert {row["model_version"] for row in rows if row["outcome"] == "predicted"} == {gw["version"]}
+    audited = [r for r in audit_lines(gw) if r["event"] == "predict" and str(r.get("request_id")).startswith("batch-gw")]
+    assert sum(r["images"] for r in audited) == 2  # the two images, in however many requests
+    assert {(r["identity"], r["outcome"]) for r in audited} == {(CLIENT_SUBJECT, "OK")}
+    # without its certificate the stage is refused, clearly, and writes no partition
+    refused = batch(tmp_path / "refused", "--tls-ca", str(pki["ca"]))
+    assert refused.returncode != 0 and not (tmp_path / "refused").exists()
+    assert "Traceback" not in refused.stderr
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------------
 def test_refusals_are_answered_and_audited(gw):
     pki = gw["pki"]
