@@ -62,5 +62,8 @@ if [ -n "$problems" ]; then
   echo "setup: dependency check failed (see above)" >&2
   exit 1
 fi
+# Bytecode for medpipe's own packages: where PYTHONDONTWRITEBYTECODE is set (this machine and its CI), every process
+# would otherwise recompile them (~50 ms for an ingest, again in each Beam worker and test subprocess).
+"$VENV/bin/python" -m compileall -q -j 0 medpipe beam_pipelines models serving dags >/dev/null
 echo "$want" > "$STAMP"
 echo "setup: done in $(( $(date +%s) - start )) s"
