@@ -175,7 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(STAGES[command][0], rest, command)
 
 
-
 def module_main(main_function) -> None:  # pragma: no cover - thin shell
     """`if __name__ == "__main__": module_main(main)` for stage modules run with `python -m`:
     the same quiet console, the same one-line errors and exit statuses as the `medpipe` command."""
