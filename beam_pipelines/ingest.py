@@ -13,7 +13,7 @@
 Safety of the output (run()): --output may not overlap --input, and must be new, empty or an earlier ingest output
 (its .medpipe-ingest marker lists the files it wrote; only those are ever replaced or removed; --force writes into
 another folder). The next run removes the OUTPUT.tmp-* folders of killed runs; the local workers die with this
-process (beam_pipelines/worker.py). No record written: exit 3, nothing published.
+process (beam_pipelines/local_runner.py, worker.py). No record written: exit 3, nothing published.
 
 Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
 plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
@@ -1015,38 +1015,6 @@ def pipeline_options(beam_args: Sequence[str], num_inputs: Optional[int] = None)
     return PipelineOptions([f"--runner={runner}", *rest])
 
 
-def make_runner(options: PipelineOptions):
-    """A runner instance for the local multi-processing FnApiRunner (workers bound to this process); None for any
-    other runner (Beam builds it from --runner)."""
-    import shlex
-    import sys
-
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    from apache_beam.transforms.environments import SubprocessSDKEnvironment
-
-    if options.view_as(StandardOptions).runner != "FnApiRunner":
-        return None
-    if options.view_as(DirectOptions).direct_running_mode != "multi_processing":
-        return None
-    command = f"exec {shlex.quote(sys.executable)} -m beam_pipelines.worker {os.getpid()}"
-
-    class Runner(FnApiRunner):
-        # FnApiRunner.run_pipeline sets _default_environment to its own worker command for multi_processing;
-        # this property swaps in ours (exec: no shell in between, so the runner is the workers' parent).
-        @property
-        def _default_environment(self):
-            return self._medpipe_environment
-
-        @_default_environment.setter
-        def _default_environment(self, environment):
-            if isinstance(environment, SubprocessSDKEnvironment):
-                environment = SubprocessSDKEnvironment.from_command_string(command)
-            self._medpipe_environment = environment
-
-    return Runner()
-
-
 def log_counters(result) -> dict[str, int]:
     counters = {}
     try:
@@ -1092,6 +1060,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     LOG.info("ingest: %d inputs from %s -> %s (image %dx%d, %d channel(s))", len(items), args.input, output,
              config.image.size, config.image.size, config.image.channels)
     try:
+        from beam_pipelines.local_runner import make_runner
+
         options = pipeline_options(beam_args, len(items))
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         build_pipeline(pipeline, config, items, temp, temp_report)

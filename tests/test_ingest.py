@@ -383,6 +383,36 @@ def test_dask_runner_on_a_local_two_worker_cluster(tmp_path, ingested_sample, mo
     assert ours == reference  # byte-identical to the DirectRunner output
 
 
+@pytest.mark.slow
+def test_local_workers_forked_or_fresh_write_the_same_bytes(tmp_path, ingested_sample, monkeypatch, caplog):
+    """The local multi-processing runner forks its two SDK workers from the ingest process (beam_pipelines.
+    local_runner); while another thread runs it cannot fork safely and starts Beam's fresh worker interpreters.
+    Either way the records are the in-process run's, byte for byte."""
+    import logging
+    import threading
+
+    from conftest import SAMPLE_OVERRIDES
+
+    argv = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), *overrides(*SAMPLE_OVERRIDES),
+            "--direct_running_mode=multi_processing"]
+    run_module("beam_pipelines.ingest", *argv, "--output", str(tmp_path / "forked"))  # forked: see the SIGKILL test
+    assert read_records(tmp_path / "forked") == read_records(ingested_sample)
+
+    monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_DEID_KEY)
+    monkeypatch.chdir(ROOT)  # the fresh workers run `python -m beam_pipelines.worker`
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="medpipe.ingest"):
+            ingest.run([*argv, "--output", str(tmp_path / "fresh")])
+    finally:
+        stop.set()
+        other.join()
+    assert "ingest: 0 of 2 SDK workers forked" in caplog.text
+    assert read_records(tmp_path / "fresh") == read_records(ingested_sample)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the output folder is ours only when we made it; crashes leave nothing behind; exit statuses; a quiet console
 def small_input(root: Path, per_class: int = 2) -> Path:
@@ -497,27 +527,41 @@ def test_sigkill_leaves_no_worker_and_the_next_run_cleans_up(tmp_path):
                                env={**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def workers() -> list[int]:
+    def children() -> list[int]:
+        """The ingest process's children: its two SDK workers (forked copies of it)."""
         found = []
-        for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                command = stat.read_bytes().split(b"\0")
+                fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if b"beam_pipelines.worker" in command and str(process.pid).encode() in command:
+            if int(fields[1]) == process.pid:  # fields: state, ppid, ...
                 found.append(int(stat.parent.name))
         return found
 
+    def alive(pids: list[int]) -> list[int]:
+        running = []
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    running.append(pid)
+            except OSError:
+                pass  # gone
+        return running
+
     deadline = time.monotonic() + 120
-    while len(workers()) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(children()) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(workers()) == 2, "the two multi-processing workers did not start"
+    workers = children()
+    assert len(workers) == 2, "the two multi-processing workers did not start"
+    own_command = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    assert all(Path(f"/proc/{pid}/cmdline").read_bytes() == own_command for pid in workers)  # forked copies
     process.send_signal(signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 10
-    while workers() and time.monotonic() < deadline:
+    while alive(workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert workers() == [], "Beam workers outlived the killed ingest"
+    assert alive(workers) == [], "Beam workers outlived the killed ingest"
     stale = list(tmp_path.glob("out.tmp-*"))
     assert stale and not out.exists()
     run_module("beam_pipelines.ingest", *args[:-2], "--set", "image.size=32", *IN_PROCESS)
