@@ -295,13 +295,14 @@ def test_png_bytes_decode_to_the_same_pixels_in_pillow_and_tensorflow(shape):
         np.testing.assert_array_equal(from_tf, pixels if pixels.ndim == 3 else pixels[..., None])
 
 
-def test_png_bytes_is_smaller_than_pillows_level_1_on_real_slices():
+def test_png_bytes_is_about_as_small_as_pillows_level_1_on_real_slices():
+    """ISA-L's level 1 trades at most a few percent of size for ~5x the speed of zlib (medpipe.imaging)."""
     sizes = []
     for path in fa.sample_jpegs("glioma", 4):
         pixels = imaging.preprocess_file(path, CONFIG).pixels[..., 0]
         pillow = fa.pil_bytes(Image.fromarray(pixels), "PNG", compress_level=1)
         sizes.append((len(imaging.png_bytes(pixels)), len(pillow)))
-    assert sum(ours for ours, _ in sizes) < sum(pillow for _, pillow in sizes)
+    assert sum(ours for ours, _ in sizes) < 1.05 * sum(pillow for _, pillow in sizes)
 
 
 def _mode_variants(tmp_path) -> list[bytes]:
