@@ -140,7 +140,10 @@ def input_batches(items: Sequence[InputItem]) -> list[list[tuple]]:
     tuples of str/int natively, where a dataclass is pickled element by element."""
     rows = [(index, item.path, item.label, item.size, item.patient_id, item.study_id)
             for index, item in enumerate(items)]
-    return [rows[start:start + BATCH_INPUTS] for start in range(0, len(rows), BATCH_INPUTS)]
+    # Interleaved, not consecutive: each batch samples the whole (sorted) listing, so batches cost about the same and
+    # the runner's even split of them leaves no worker with the expensive folder (colour, large or DICOM inputs).
+    count = -(-len(rows) // BATCH_INPUTS)
+    return [rows[start::count] for start in range(count)]
 
 
 def create_batches(batches: list[list[tuple]]) -> beam.Create:
