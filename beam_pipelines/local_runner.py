@@ -8,8 +8,9 @@ hands a worker (the same environment variables Beam's subprocess worker gets), t
 (`apache_beam.runners.worker.sdk_worker_main`), unchanged: the same bundles, the same gRPC control, data, state and
 logging channels, so the output is the same, byte for byte.
 
-A fork is safe only from a process with one thread and no gRPC object yet: the copies are made in run_pipeline,
-before the runner starts its gRPC servers. When that does not hold (another thread is running, not Linux), the
+A fork is safe only from a process with one Python thread and no gRPC object yet: the copies are made in
+run_pipeline, before the runner starts its gRPC servers (the native pools already running, OpenBLAS's and pyarrow's
+jemalloc thread, have their own fork handlers, as with multiprocessing's default fork start). When that does not hold (another thread is running, not Linux), the
 workers are Beam's fresh interpreters (beam_pipelines.worker), as before. The copies die with the ingest process
 (PR_SET_PDEATHSIG, beam_pipelines.worker.bind_to_parent); an unused copy exits when its pipe closes.
 """

@@ -48,8 +48,10 @@ def run_forked(pipe: int, parent_pid: int) -> None:
             code = 0
             return
         # The worker's log lines go to the runner over Beam's logging channel, like a fresh worker's; the handlers
-        # copied from the ingest process would print them a second time.
+        # copied from the ingest process would print them a second time. What it prints itself goes to file
+        # descriptor 2, as a fresh worker's does (the ingest's quiet console points sys.stderr at the terminal).
         logging.getLogger().handlers.clear()
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
         os.environ.update(json.loads(message))
         from apache_beam.runners.worker import sdk_worker_main
 
