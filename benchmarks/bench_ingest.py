@@ -9,7 +9,9 @@ shared and its load drifts), each as a fresh process tree whose summed RSS is sa
 - pipeline: `python -m beam_pipelines.ingest` as users run it, full set and 200-image slice: the full set on the
   FnApiRunner's 2 multi-processing workers, the slice in one process (ingest runs fewer than IN_PROCESS_BELOW inputs
   in_memory). Start-up = the 200-image run's wall time; marginal cost per image = (T_full - T_200) / (N_full - 200),
-  so the fixed costs cancel (the workers' own start-up is then part of the marginal figure). A third run, the slice
+  so the fixed costs cancel (the workers' own start-up is then part of the marginal figure). The same ratio is also
+  taken within each round and its median reported: this VM's speed drifts by 10-25%, and a slow spell that hits one
+  arm's runs moves the best-of figure. A third run, the slice
   forced onto the 2 workers, gives the multi-processing fixed cost and a same-mode marginal figure beside it.
 - lean loop: ../shared/bench/lean_loop.py (2 processes: draft-mode decode, grey, fit, pad, PNG level 1) at the
   same image size, full set and 200-image slice: the floor, with the same marginal formula (process wall times).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -386,6 +389,10 @@ def main(argv=None) -> int:
     peak = {name_: max(run[1] for run in runs) for name_, runs in arms.items()}
     cpu = {name_: min(run[2] for run in runs) for name_, runs in arms.items()}
     span = n_full - SLICE
+    # the same ratio within each round (full and slice runs of one round see the same machine), then the median: a
+    # figure that a slow spell hitting one arm's best run cannot move
+    per_round = [(pf[0] - ps[0]) / (lf[0] - ls[0]) for pf, ps, lf, ls in
+                 zip(arms["pipe_full"], arms["pipe_slice"], arms["lean_full"], arms["lean_slice"])]
     pipe_marginal = (best["pipe_full"][0] - best["pipe_slice"][0]) / span
     lean_marginal = (best["lean_full"][0] - best["lean_slice"][0]) / span
     startup = best["pipe_slice"][0]
@@ -397,7 +404,10 @@ def main(argv=None) -> int:
         "pipeline_marginal_ms_per_image": round(pipe_marginal * 1000, 3),
         "lean_marginal_ms_per_image": round(lean_marginal * 1000, 3),
         "marginal_ratio_pipeline_over_lean": round(pipe_marginal / lean_marginal, 2),
+        "marginal_ratio_per_round": [round(ratio, 2) for ratio in per_round],
+        "marginal_ratio_median_of_rounds": round(statistics.median(per_round), 2),
         "pipeline_startup_s": round(startup, 2),
+        "pipeline_startup_s_median": round(statistics.median(run[0] for run in arms["pipe_slice"]), 2),
         "pipeline_fixed_s": round(startup - SLICE * pipe_marginal, 2),  # intercept of the two-point line
         # the slice on the 2 workers as well: their fixed cost, and the marginal cost within one mode
         "pipeline_startup_s_multiprocessing": round(best["pipe_slice_mp"][0], 2),
