@@ -988,8 +988,9 @@ RUNNER_ALIASES = {
     "DirectRunner": "FnApiRunner",
 }
 LOCAL_DEFAULTS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
-# Below this many inputs a local run stays in this one process (in_memory): the two worker interpreters cost ~2 s of
-# CPU to start (each imports Beam) where one process decodes ~400 images/s, so they pay off from ~1,000 images on.
+# Below this many inputs a local run stays in this one process (in_memory): the workers (forked, local_runner) add the
+# runner's gRPC servers and a round trip to each per stage, ~0.25 s; at 200 images one process is faster (1.3 s
+# against 1.55 s), at 520 the two are within this VM's noise (2.1-2.8 s against 2.1-2.5 s).
 IN_PROCESS_BELOW = 1000
 IN_PROCESS_DEFAULTS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
 _LOCAL_FLAGS = ("--direct_running_mode", "--direct_num_workers")
