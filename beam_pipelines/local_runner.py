@@ -10,8 +10,9 @@ logging channels, so the output is the same, byte for byte.
 
 A fork is safe only from a process with one Python thread and no gRPC object yet: the copies are made in
 run_pipeline, before the runner starts its gRPC servers (the native pools already running, OpenBLAS's and pyarrow's
-jemalloc thread, have their own fork handlers, as with multiprocessing's default fork start). When that does not hold (another thread is running, not Linux), the
-workers are Beam's fresh interpreters (beam_pipelines.worker), as before. The copies die with the ingest process
+jemalloc thread, have their own fork handlers, as with multiprocessing's default fork start). When that does not
+hold (another thread is running, not Linux), the workers are Beam's fresh interpreters (beam_pipelines.worker), as
+before. The copies die with the ingest process
 (PR_SET_PDEATHSIG, beam_pipelines.worker.bind_to_parent); an unused copy exits when its pipe closes.
 """
 
@@ -25,11 +26,15 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import grpc
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_fn_api_pb2_grpc, endpoints_pb2
 from apache_beam.runners.portability import local_job_service
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.portability.fn_api_runner import worker_handlers
 from apache_beam.transforms.environments import Environment, SubprocessSDKEnvironment
+from apache_beam.utils import thread_pool_executor
+from google.protobuf import json_format, text_format
 
 LOG = logging.getLogger("medpipe.ingest")
 
@@ -93,18 +98,13 @@ class ForkedSdkWorker(local_job_service.SubprocessSdkWorker):
         self._standby = standby
 
     def run(self):
-        import grpc
-        from apache_beam.portability.api import beam_fn_api_pb2_grpc, endpoints_pb2
-        from apache_beam.runners.portability.local_job_service import BeamFnLoggingServicer
-        from apache_beam.utils import thread_pool_executor
-        from google.protobuf import json_format, text_format
-
         logging_server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
                                      options=[("grpc.http2.max_pings_without_data", 0),
                                               ("grpc.http2.max_ping_strikes", 0)])
         logging_port = logging_server.add_insecure_port("localhost:0")
         logging_server.start()
-        beam_fn_api_pb2_grpc.add_BeamFnLoggingServicer_to_server(BeamFnLoggingServicer(), logging_server)
+        beam_fn_api_pb2_grpc.add_BeamFnLoggingServicer_to_server(local_job_service.BeamFnLoggingServicer(),
+                                                         logging_server)
         environment = {
             "CONTROL_API_SERVICE_DESCRIPTOR": text_format.MessageToString(
                 endpoints_pb2.ApiServiceDescriptor(url=self._control_address)),

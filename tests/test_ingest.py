@@ -15,7 +15,7 @@ import pytest
 import fixtures_adversarial as fa
 from beam_pipelines import ingest
 from beam_pipelines.tf_example import encode_example, tfrecord_frame
-from conftest import ROOT, SHARED_DATA, TEST_DEID_KEY, overrides, run_module
+from conftest import ROOT, SAMPLE_OVERRIDES, SHARED_DATA, TEST_DEID_KEY, overrides, run_module
 from medpipe.config import load_config
 from medpipe.deid import pseudonym
 
@@ -390,8 +390,6 @@ def test_local_workers_forked_or_fresh_write_the_same_bytes(tmp_path, ingested_s
     Either way the records are the in-process run's, byte for byte."""
     import logging
     import threading
-
-    from conftest import SAMPLE_OVERRIDES
 
     argv = ["--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI), *overrides(*SAMPLE_OVERRIDES),
             "--direct_running_mode=multi_processing"]
