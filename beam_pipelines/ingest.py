@@ -15,13 +15,14 @@ Safety of the output (run()): --output may not overlap --input, and must be new,
 another folder). The next run removes the OUTPUT.tmp-* folders of killed runs; the local workers die with this
 process (beam_pipelines/local_runner.py, worker.py). No record written: exit 3, nothing published.
 
-Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers in batches of
-plain tuples; the decoding stage appends each framed example to a per-bundle spill file under the temp output and,
-per input batch, emits one list of (file, offset, length) references per (split, shard) and one list of per-record
-dedup metadata per hash bucket: the runner shuffles a handful of elements per batch, not two per image. The shard
-writer streams the framed bytes from the spill files into GZIP (stored blocks: PNG is already deflated). Since every
-copy is keyed by its own split, the kept copy is already in its split and shard: a duplicate spanning splits stays
-impossible. One combine gathers every report item.
+Cost (benchmarks/bench_ingest.py): no image bytes cross a shuffle. The listing goes to the workers as references
+to batches of it in a file beside the spill files, not inside the pipeline graph; the decoding stage appends each
+framed example to a per-bundle spill file under the temp output and, per input batch, emits one list of (file,
+offset, length) references per (split, shard) and one list of per-record dedup metadata per hash bucket: the runner
+shuffles a handful of elements per batch, not two per image. The shard writer streams the framed bytes from the
+spill files into GZIP (stored blocks: PNG is already deflated). Since every copy is keyed by its own split, the kept
+copy is already in its split and shard: a duplicate spanning splits stays impossible. Dedup sums each hash bucket's
+report items, and one combine gathers those sums, the rejections and the written shards.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
 study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
@@ -132,12 +133,12 @@ def read_manifest(path: str) -> list[InputItem]:
 # DoFns and composite transforms
 SPILL_DIR = "_spill"
 BATCH_INPUTS = 64  # listed inputs per element of ListInputs; the decoding stage emits its outputs per batch
+LISTING_FILE = "listing.jsonl"  # in SPILL_DIR: the listing's batches, read by the decoding stage (write_listing)
 DEDUP_BUCKET_RECORDS = 50_000  # records per dedup group at most, on average (the bucket count follows the input)
 
 
 def input_batches(items: Sequence[InputItem]) -> list[list[tuple]]:
-    """The listing as batches of plain tuples (index, path, label, size, patient_id, study_id): Beam's coders encode
-    tuples of str/int natively, where a dataclass is pickled element by element."""
+    """The listing as batches of rows (index, path, label, size, patient_id, study_id), for write_listing."""
     rows = [(index, item.path, item.label, item.size, item.patient_id, item.study_id)
             for index, item in enumerate(items)]
     # Interleaved, not consecutive: each batch samples the whole (sorted) listing, so batches cost about the same and
@@ -146,14 +147,28 @@ def input_batches(items: Sequence[InputItem]) -> list[list[tuple]]:
     return [rows[start::count] for start in range(count)]
 
 
-def create_batches(batches: list[list[tuple]]) -> beam.Create:
-    """beam.Create of the listing's batches, typed as lists. Create.__init__ infers its element type and coder by
-    walking every listed tuple (0.1-0.15 s for 5,712 inputs, in the main process, before any worker starts), even
-    when .with_output_types() follows: it is built from one empty batch and then given the batches. Still exactly a
-    beam.Create, which runners such as Dask replace by class."""
-    create = beam.Create([[]])
-    create.values = tuple(batches)
-    return create.with_output_types(list)
+def write_listing(batches: list[list[tuple]], spill_directory: str) -> list[tuple[str, int, int]]:
+    """The listing's batches as JSON lines in spill_directory/LISTING_FILE -> one (file, offset, length) reference
+    per batch, what ListInputs carries. Not the listing itself: Beam pickles a Create's values into the pipeline
+    graph, bz2 at level 9, in this process and again in every worker that builds the stage (0.05-0.07 s each for
+    5,712 paths), and a runner's job graph has a size limit (Dataflow's request: 20 MB, ~200k paths). The file holds
+    paths and manifest patient IDs (PHI): private (0600) when local, removed with the spill files."""
+    lines = [json.dumps(batch, separators=(",", ":")) + "\n" for batch in batches]  # ASCII: len() is bytes
+    path = FileSystems.join(spill_directory, LISTING_FILE)
+    if is_local(path):
+        os.makedirs(spill_directory, exist_ok=True)
+    _write_text(path, "".join(lines), private=True)
+    refs, offset = [], 0
+    for line in lines:
+        refs.append((path, offset, len(line)))
+        offset += len(line)
+    return refs
+
+
+def read_listed_batch(ref: tuple[str, int, int]) -> list[list]:
+    """A write_listing reference -> its batch of (index, path, label, size, patient_id, study_id) rows."""
+    (data,) = read_spilled([ref])
+    return json.loads(data)
 
 
 def dedup_buckets(num_inputs: int) -> int:
@@ -268,7 +283,11 @@ class PreprocessFn(beam.DoFn):
 
 
 def read_input(path: str) -> bytes:
-    """An input's bytes: WADO-RS for a DICOMweb instance, else Beam FileSystems (local, gs://, s3://)."""
+    """An input's bytes: a local file read directly, WADO-RS for a DICOMweb instance, else Beam FileSystems
+    (gs://, s3://). Beam's local filesystem would do the same read after ~20 us of scheme lookup per file."""
+    if is_local(path):
+        with open(path, "rb") as handle:
+            return handle.read()
     from beam_pipelines import dicomweb_source
 
     if dicomweb_source.is_dicomweb(path):
@@ -313,7 +332,8 @@ class PreprocessImages(beam.PTransform):
 
 
 class ResolveGroupFn(beam.DoFn):
-    """One hash bucket of small metadata -> input indices the shard writer drops + report items, per pixel hash.
+    """One hash bucket of small metadata -> input indices the shard writer drops + the bucket's report items summed
+    into one ReportFn accumulator (("report", ("partial", acc)): one element per bucket, not two per record).
 
     Only metadata travels through this shuffle: the example went to a spill file in the decoding stage, and its
     reference is keyed by each copy's own (split, shard). The kept copy is therefore already where it belongs (its
@@ -330,8 +350,15 @@ class ResolveGroupFn(beam.DoFn):
         for batch in batches:
             for pixel_hash, meta in batch:
                 by_hash.setdefault(pixel_hash, []).append(meta)
+        report = ReportFn()
+        summed = report.create_accumulator()
         for pixel_hash in sorted(by_hash):
-            yield from self._resolve(pixel_hash, by_hash[pixel_hash])
+            for tag, value in self._resolve(pixel_hash, by_hash[pixel_hash]):
+                if tag == "report":
+                    summed = report.add_input(summed, value)
+                else:
+                    yield tag, value
+        yield ("report", ("partial", summed))
 
     def _resolve(self, pixel_hash: str, metas: list[dict]):
         kept, rejected, group = resolve_duplicates(pixel_hash, metas)
@@ -480,6 +507,8 @@ class ReportFn(beam.CombineFn):
         elif kind == "shard":
             acc["shards"].append(value[0])
             acc["shard_records"] += value[1]
+        elif kind == "partial":  # a dedup bucket's items, already summed (ResolveGroupFn)
+            return self.merge_accumulators([acc, value])
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -643,9 +672,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[Inpu
     """The whole graph; reads like the module docstring. Image bytes cross no shuffle (spill files); the shard
     shuffle carries batches of references, dedup shuffles batches of small metadata and tells the writer which copies
     to drop."""
-    listed = pipeline | "ListInputs" >> create_batches(input_batches(items))
-    prepared = listed | "PreprocessImages" >> PreprocessImages(config, FileSystems.join(directory, SPILL_DIR),
-                                                               dedup_buckets(len(items)))
+    spill = FileSystems.join(directory, SPILL_DIR)
+    listed = (pipeline
+              | "ListInputs" >> beam.Create(write_listing(input_batches(items), spill))
+              | "ReadListing" >> beam.Map(read_listed_batch))
+    prepared = listed | "PreprocessImages" >> PreprocessImages(config, spill, dedup_buckets(len(items)))
     unique = prepared["meta"] | "Deduplicate" >> Deduplicate()
     shards = (prepared["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
     rejected = prepared["rejected"] | "RejectedItems" >> beam.Map(lambda item: ("rejected", item))

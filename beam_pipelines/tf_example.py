@@ -96,9 +96,9 @@ def _key_field(key: str) -> bytes:
 # ---------------------------------------------------------------------------------------------------------------
 # TFRecord framing (tensorflow/core/lib/io/record_writer.cc): length, masked crc32c(length), data, masked crc32c(data)
 def _crc32c_function():
-    import crcmod.predefined  # a dependency of apache-beam[tfrecord]; its C extension does ~300 MB/s
+    import google_crc32c  # SSE4.2/ARMv8 CRC instructions: ~1 us per 12 KB record, against ~28 us for crcmod's C table
 
-    return crcmod.predefined.mkPredefinedCrcFun("crc-32c")
+    return google_crc32c.value
 
 
 _CRC32C = None

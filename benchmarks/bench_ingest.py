@@ -186,13 +186,13 @@ def stage_crossings(items: list, config, directory: str) -> dict:
     another in build_pipeline, produced by the pipeline's own ListInputs batching and decoding DoFn."""
     import beam_pipelines.ingest as ingest
 
-    listed = ingest.input_batches(items)
+    refs = ingest.write_listing(ingest.input_batches(items), directory)
     decode = ingest.PreprocessFn(config, directory, ingest.dedup_buckets(len(items)))
     decode.setup()
     decode.start_bundle()
-    outputs = [out for batch in listed for out in decode.process(batch)]
+    outputs = [out for ref in refs for out in decode.process(ingest.read_listed_batch(ref))]
     decode.finish_bundle()
-    return {"listing": (None, listed), "shard_references": (None, [v for tag, v in outputs if tag == "shard"]),
+    return {"listing": (None, refs), "shard_references": (None, [v for tag, v in outputs if tag == "shard"]),
             "dedup_metadata": (None, [v for tag, v in outputs if tag == "meta"])}
 
 

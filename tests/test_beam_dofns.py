@@ -18,8 +18,9 @@ from beam_pipelines.tf_example import tfrecord_frame
 from medpipe.config import ShardConfig
 
 
-def _meta(index: int, path: str, label: str, size: str = "64x64", mode: str = "L") -> dict:
-    return {"index": index, "path": path, "label": label, "input_size": size, "input_mode": mode}
+def _meta(index: int, path: str, label: str, size: str = "64x64", mode: str = "L", split: str = "train") -> dict:
+    return {"index": index, "path": path, "label": label, "input_size": size, "input_mode": mode, "split": split,
+            "hist": [index, 1], "sum": 10.0 * index, "sumsq": 100.0 * index, "count": 2}
 
 
 def _counter(result, name: str) -> int:
@@ -30,35 +31,42 @@ def _counter(result, name: str) -> int:
 def test_resolve_group_keeps_one_copy_drops_the_others_and_rejects_label_conflicts():
     copy_b, copy_a = _meta(1, "/in/x/b.png", "x"), _meta(0, "/in/x/a.png", "x")
     conflict_x, conflict_y = _meta(2, "/in/x/c.png", "x", mode="RGB"), _meta(3, "/in/y/c.png", "y")
-    single = _meta(4, "/in/y/d.png", "y", size="512x512")
+    single = _meta(4, "/in/y/d.png", "y", size="512x512", split="val")
     # one hash bucket as GroupByKey hands it over: the batches of (pixel_hash, meta) that decoding emitted
     bucket = (0, [[("aa", copy_b), ("bb", conflict_x)], [("aa", copy_a), ("bb", conflict_y), ("cc", single)]])
     detail = "the same pixels appear under labels ['x', 'y'] in 2 files"
-    expected = [
-        ("report", ("decoded", ("64x64", "L"))), ("drop", 1), ("report", ("decoded", ("64x64", "L"))),
-        ("report", ("duplicates", {"pixel_hash": "aa", "label": "x", "kept": "/in/x/a.png",
-                                   "dropped": ["/in/x/b.png"]})),
-        ("report", ("kept", copy_a)),
-        ("report", ("decoded", ("64x64", "RGB"))), ("drop", 2), ("report", ("decoded", ("64x64", "L"))), ("drop", 3),
-        ("report", ("rejected", {"path": "/in/x/c.png", "reason": "label_conflict", "detail": detail})),
-        ("report", ("rejected", {"path": "/in/y/c.png", "reason": "label_conflict", "detail": detail})),
-        ("report", ("decoded", ("512x512", "L"))), ("report", ("kept", single)),
-    ]
+
+    def check(outputs):
+        assert sorted(value for tag, value in outputs if tag == "drop") == [1, 2, 3]
+        reports = [value for tag, value in outputs if tag == "report"]
+        assert len(reports) == 1 and reports[0][0] == "partial"  # the bucket's report items, summed
+        report = reports[0][1]
+        assert report["splits"] == {"train": {"x": 1}, "val": {"y": 1}}  # kept: a.png (first path) and d.png
+        assert report["hist"][:2] == [4, 2] and (report["sum"], report["sumsq"], report["count"]) == (40.0, 400.0, 4)
+        assert report["sizes"] == {"64x64": 4, "512x512": 1} and report["modes"] == {"L": 4, "RGB": 1}
+        assert report["rejected"] == [{"path": "/in/x/c.png", "reason": "label_conflict", "detail": detail},
+                                      {"path": "/in/y/c.png", "reason": "label_conflict", "detail": detail}]
+        assert report["duplicates"] == [{"pixel_hash": "aa", "label": "x", "kept": "/in/x/a.png",
+                                         "dropped": ["/in/x/b.png"]}]
+
     pipeline = BeamPipeline()
     resolved = pipeline | beam.Create([bucket]) | beam.ParDo(ResolveGroupFn())
-    assert_that(resolved, equal_to(expected))
+    assert_that(resolved, check)
     result = pipeline.run()
     result.wait_until_finish()
     assert _counter(result, "duplicates_dropped") == 1
     assert _counter(result, "rejected_label_conflict") == 2
 
 
-def test_resolve_group_direct_call_yields_in_hash_order():
-    """Edge case without Beam: the output order is by pixel hash, whatever order the batches came in."""
+def test_resolve_group_direct_call_is_the_same_whatever_order_the_batches_came_in():
+    """Edge case without Beam: report lists in pixel-hash order, so a bucket's sum does not depend on arrival."""
     fn = ResolveGroupFn()
-    out = list(fn.process((7, [[("zz", _meta(0, "/z.png", "a"))], [("aa", _meta(1, "/a.png", "a"))]])))
-    assert [value for tag, value in out if tag == "report" and value[0] == "kept"] == [
-        ("kept", _meta(1, "/a.png", "a")), ("kept", _meta(0, "/z.png", "a"))]
+    first = [("zz", _meta(0, "/z.png", "a")), ("zz", _meta(2, "/y.png", "a"))]
+    second = [("aa", _meta(1, "/a.png", "a")), ("aa", _meta(3, "/b.png", "a"))]
+    one, other = list(fn.process((7, [first, second]))), list(fn.process((7, [second, first])))
+    assert one == other
+    assert [group["kept"] for group in one[-1][1][1]["duplicates"]] == ["/a.png", "/y.png"]
+    assert [value for tag, value in one if tag == "drop"] == [3, 0]
 
 
 REPORT_ITEMS = [
@@ -103,6 +111,9 @@ def test_report_merging_partial_accumulators_equals_one_pass():
     for cut in range(len(REPORT_ITEMS) + 1):
         merged = fn.merge_accumulators([accumulate(REPORT_ITEMS[:cut]), accumulate(REPORT_ITEMS[cut:])])
         _check_report([fn.extract_output(merged)])
+        # a dedup bucket's items arrive already summed ("partial", ResolveGroupFn) among single items
+        _check_report([fn.extract_output(accumulate([("partial", accumulate(REPORT_ITEMS[:cut])),
+                                                     *REPORT_ITEMS[cut:]]))])
 
 
 def _read_tfrecords(path) -> list[bytes]:

@@ -97,6 +97,21 @@ def test_duplicates_are_kept_once_and_conflicts_rejected():
     assert kept is None and group is None and {r["reason"] for r in rejected} == {"label_conflict"}
 
 
+def test_listing_file_round_trips_any_path_and_is_private(tmp_path):
+    """The decoding stage reads the listing back from write_listing's file, batch by batch, exactly: paths with
+    separators, quotes, a newline, non-ASCII and undecodable bytes (surrogate escapes), manifest patient IDs."""
+    paths = ["/in/glioma/a,b\"c'.jpg", "/in/glioma/line\nbreak.jpg", "/in/glioma/naïve é.jpg",
+             "/in/glioma/" + b"\xff\xfe.jpg".decode("utf-8", "surrogateescape")]
+    items = [ingest.InputItem(path=f"{path}.{copy}", label="glioma", size=copy,
+                              patient_id=f"P{copy}" if copy else None) for copy in range(50) for path in paths]
+    batches = ingest.input_batches(items)
+    refs = ingest.write_listing(batches, str(tmp_path / "_spill"))
+    assert len(refs) == len(batches) == 4
+    assert [ingest.read_listed_batch(ref) for ref in refs] == [[list(row) for row in batch] for batch in batches]
+    assert sorted(row[0] for ref in refs for row in ingest.read_listed_batch(ref)) == list(range(200))
+    assert (tmp_path / "_spill" / ingest.LISTING_FILE).stat().st_mode & 0o777 == 0o600  # paths are PHI
+
+
 def test_stats_histogram_from_counts_is_the_drift_binning():
     from beam_pipelines.records import histogram32, histogram32_from_counts
 
