@@ -251,18 +251,22 @@ class PreprocessFn(beam.DoFn):
     def process(self, batch: list[tuple]):
         refs: dict[tuple, list] = {}
         metas: dict[int, list] = {}
+        decoded = 0
         for index, path, label, size, patient_id, study_id in batch:
             item = InputItem(path=path, label=label, size=size, patient_id=patient_id, study_id=study_id)
             rejected = self._prepare(index, item, refs, metas)
-            if rejected is not None:
+            if rejected is None:
+                decoded += 1
+            else:
                 yield rejected
+        self.read.inc(len(batch))  # counted per batch, not per image: a Beam counter update costs a few us
+        self.ok.inc(decoded)
         for shard, shard_refs in sorted(refs.items()):
             yield ("shard", (shard, (self._spill.path, shard_refs)))
         for bucket, bucket_metas in sorted(metas.items()):
             yield ("meta", (bucket, bucket_metas))
 
     def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
-        self.read.inc()
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:
             LOG.info("ingest worker %s: %d inputs preprocessed", os.getpid(), self.seen)
@@ -277,7 +281,6 @@ class PreprocessFn(beam.DoFn):
             return self._reject(item.path, "corrupt", f"cannot read the file ({type(exc).__name__})")
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the pipeline; no message (may hold PHI)
             return self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
-        self.ok.inc()
         if self._spill is None:
             self._spill = SpillFile(self.spill_directory)
         for tag, (key, value) in route_record(record, index, self.config):
