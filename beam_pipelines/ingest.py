@@ -169,8 +169,9 @@ def write_listing(batches: list[list[tuple]], spill_directory: str) -> list[tupl
     """The listing's batches as JSON lines in spill_directory/LISTING_FILE -> one (file, offset, length) reference
     per batch, what ListInputs carries. Not the listing itself: Beam pickles a Create's values into the pipeline
     graph, bz2 at level 9, in this process and again in every worker that builds the stage (0.05-0.07 s each for
-    5,712 paths), and a runner's job graph has a size limit (Dataflow's request: 20 MB, ~200k paths). The file holds
-    paths and manifest patient IDs (PHI): private (0600) when local, removed with the spill files."""
+    5,712 paths), and a runner's job graph has a size limit (Dataflow's job request: 20 MB, a few million paths once
+    compressed). The file holds paths and manifest patient IDs (PHI): private (0600) when local, removed with the
+    spill files."""
     lines = [json.dumps(batch, separators=(",", ":")) + "\n" for batch in batches]  # ASCII: len() is bytes
     path = FileSystems.join(spill_directory, LISTING_FILE)
     if is_local(path):
