@@ -25,8 +25,8 @@ copy is already in its split and shard: a duplicate spanning splits stays imposs
 report items, and one combine gathers those sums, the rejections and the written shards.
 
 Inputs: a folder of class folders (label = first folder under --input) or a CSV manifest (path,label[,patient_id,
-study_id]; relative paths are relative to the manifest). Every path goes through Beam FileSystems, so local, gs://
-and s3:// work, the last two with the extras medpipe[gcp] / medpipe[aws] (a clear error names a missing one).
+study_id]; relative paths are relative to the manifest). Local paths are listed and read directly, gs:// and s3://
+ones through Beam FileSystems with the extras medpipe[gcp] / medpipe[aws] (a clear error names a missing one).
 Unknown flags are Beam pipeline options; without --runner the DirectRunner's engine (FnApiRunner) runs in
 multi-processing mode with 2 workers. The de-identification key comes from
 MEDPIPE_DEID_KEY in the workers' environment (read in DoFn.setup, never pickled into the pipeline graph).
