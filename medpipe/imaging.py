@@ -217,7 +217,7 @@ def pil_to_image(im: Image.Image, percentiles: tuple[float, float], channels: in
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16/32-bit grey: a robust min-max to 8 bits (no header window exists for these formats)
-        return array_to_image(robust_window(np.asarray(im).astype(np.float64), *percentiles))
+        return array_to_image(robust_window(np.asarray(im), *percentiles))
     if mode == "1":
         return im.convert("L")
     if mode == "L":
@@ -298,12 +298,32 @@ def sigmoid_window(values: np.ndarray, center: float, width: float) -> np.ndarra
 WINDOW_FUNCTIONS = {"LINEAR": linear_window, "LINEAR_EXACT": linear_exact_window, "SIGMOID": sigmoid_window}
 
 
+# Elementwise float64 arithmetic runs over row blocks of this many pixels: a float64 copy of a whole 7000 x 7000 image
+# is 392 MB and a window makes three of them; blocks keep the temporaries constant (the same operations, the same
+# bytes out). Memory per image is then its decoded array, one copy for the percentiles and the uint8 result.
+BLOCK_PIXELS = 1 << 20
+
+
+def blockwise(values: np.ndarray, to_uint8_fn) -> np.ndarray:
+    """Apply an elementwise `array -> uint8 array` function over row blocks of `values` (any number of dimensions):
+    the same result as to_uint8_fn(values), with float temporaries of at most BLOCK_PIXELS elements."""
+    if values.ndim == 0 or values.size <= BLOCK_PIXELS:
+        return to_uint8_fn(values)
+    out = np.empty(values.shape, dtype=np.uint8)
+    step = max(1, BLOCK_PIXELS // max(1, values[0].size))
+    for start in range(0, values.shape[0], step):
+        out[start:start + step] = to_uint8_fn(values[start:start + step])
+    return out
+
+
 def robust_window(values: np.ndarray, low_percentile: float, high_percentile: float) -> np.ndarray:
-    """Robust min-max: the [low, high] percentiles map linearly onto 0..255 (uint8); a flat image maps to 0."""
+    """Robust min-max: the [low, high] percentiles map linearly onto 0..255 (uint8); a flat image maps to 0. Integer
+    input is taken as it is (numpy's percentiles of integers equal those of their float64 copies)."""
     low, high = np.percentile(values, [low_percentile, high_percentile])
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return to_uint8((values - low) * (255.0 / (high - low)))
+    scale = 255.0 / (high - low)
+    return blockwise(values, lambda block: to_uint8((block - low) * scale))
 
 
 def invert(image: np.ndarray) -> np.ndarray:
@@ -315,7 +335,8 @@ def lut_to_uint8(values: np.ndarray, lut_min: float, lut_max: float) -> np.ndarr
     """A VOI LUT output (its own bit depth) -> 0..255 over the LUT's actual output range."""
     if lut_max <= lut_min:
         return np.zeros(values.shape, dtype=np.uint8)
-    return to_uint8((values.astype(np.float64) - lut_min) * (255.0 / (lut_max - lut_min)))
+    scale = 255.0 / (lut_max - lut_min)
+    return blockwise(values, lambda block: to_uint8((block.astype(np.float64) - lut_min) * scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,9 +355,149 @@ def _pydicom():
     return pydicom
 
 
-def read_dicom(data: bytes):
-    """Parse a DICOM header and keep the undecoded pixel bytes. Raises RejectedInput(not_image|corrupt|truncated)."""
+# Deflated Explicit VR Little Endian (PS3.5 A.5): the dataset after the file meta is one raw deflate stream, so a
+# 1 MB file can inflate to gigabytes. pydicom inflates it whole before reading a single element; medpipe never lets
+# it: `inflated_dicom` inflates in chunks up to a cap and hands pydicom the same file in Explicit VR Little Endian.
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_LE = b"1.2.840.10008.1.2.1"
+HEADER_INFLATE_CAP = 4 * 2**20  # the elements before Pixel Data are kilobytes; a header past 4 MiB is refused
+TRAILER_SLACK = 2**20  # elements after Pixel Data (padding, digital signatures) a decoder still accepts
+INFLATE_CHUNK = 2**20
+# What the main process accepts to parse at all (the PACS doors, before any model is chosen): the declared Pixel Data
+# of the default pixel budget (ingest.max_pixels) in the widest layout medpipe decodes (3 samples of 16 bits).
+MAX_DECLARED_PIXEL_BYTES = 50_000_000 * 3 * 2
+MAX_BYTES_PER_PIXEL = 3 * 4  # 3 samples of 32 bits: the widest pixel a pixel budget is multiplied by
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def file_meta_end(data: bytes) -> tuple[int, str]:
+    """(offset where the dataset starts, transfer syntax UID or "") of a DICOM file. The file meta (group 0002) is
+    always Explicit VR Little Endian (PS3.10 7.1); files without preamble/meta give (0, "")."""
+    if data[128:132] != b"DICM":
+        return 0, ""
+    pos, syntax = 132, ""
+    while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        element = struct.unpack_from("<H", data, pos + 2)[0]
+        if data[pos + 4:pos + 6] in _LONG_VRS:
+            if pos + 12 > len(data):
+                break
+            start, length = pos + 12, struct.unpack_from("<I", data, pos + 8)[0]
+        else:
+            start, length = pos + 8, struct.unpack_from("<H", data, pos + 6)[0]
+        if element == 0x0010:
+            syntax = data[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos = start + length
+    return min(pos, len(data)), syntax
+
+
+def inflated_dicom(data: bytes, cap: int, partial: bool = False) -> bytes:
+    """A deflated DICOM file -> the same file with its dataset inflated (at most `cap` bytes of it) and its Transfer
+    Syntax rewritten in place to Explicit VR Little Endian (same element length: the UID is null-padded). Any other
+    file is returned as it is. Past the cap: the first `cap` bytes when `partial` (a header read), else
+    RejectedInput(pixel_budget). RejectedInput(corrupt) on a broken stream."""
+    meta_end, syntax = file_meta_end(data)
+    if syntax != DEFLATED_TRANSFER_SYNTAX:
+        return data
+    meta = data[:meta_end]
+    at = meta.find(DEFLATED_TRANSFER_SYNTAX.encode())
+    meta = meta[:at] + _EXPLICIT_LE + b"\0" * (len(DEFLATED_TRANSFER_SYNTAX) - len(_EXPLICIT_LE)) + \
+        meta[at + len(DEFLATED_TRANSFER_SYNTAX):]
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks, size, pending = [meta], 0, memoryview(data)[meta_end:]
+    try:
+        while pending or inflater.unconsumed_tail:
+            source = inflater.unconsumed_tail or pending[:INFLATE_CHUNK]
+            if not inflater.unconsumed_tail:
+                pending = pending[INFLATE_CHUNK:]
+            chunk = inflater.decompress(source, min(INFLATE_CHUNK, cap - size + 1))
+            size += len(chunk)
+            if size > cap and partial:
+                chunks.append(chunk[:len(chunk) - (size - cap)])
+                break
+            if size > cap:
+                raise RejectedInput("pixel_budget", f"the deflated dataset inflates past {cap} bytes, more than its "
+                                    "declared image geometry (a decompression bomb)")
+            chunks.append(chunk)
+            if inflater.eof:
+                break
+    except zlib.error:
+        raise RejectedInput("corrupt", "the deflated DICOM dataset is not a valid deflate stream") from None
+    return b"".join(chunks)
+
+
+def declared_pixel_bytes(ds) -> int:
+    """Rows x Columns x Samples per Pixel x Number of Frames x bytes per sample, from the header (bits rounded up;
+    1-bit data packed by 8). Missing or broken values count as 0."""
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    samples, frames = _int(ds, "SamplesPerPixel", 1) or 1, _int(ds, "NumberOfFrames", 1) or 1
+    bits = _int(ds, "BitsAllocated", 8) or 8
+    total_bits = rows * cols * samples * frames * bits
+    return max(0, (total_bits + 7) // 8)
+
+
+def check_pixel_length(ds, length: Optional[int]) -> None:
+    """Native Pixel Data must not hold more than the header declares (PS3.5 8.1.1), padded to even: in a deflated
+    file, more is a decompression bomb. (Less is left to the decoder: YBR_FULL_422 legitimately holds less.)"""
+    if length is None or length == 0xFFFFFFFF:
+        return
+    expected = declared_pixel_bytes(ds)
+    if length > expected + (expected & 1):
+        raise RejectedInput("corrupt", f"Pixel Data holds {length} bytes but Rows x Columns x Samples x Frames x "
+                            f"Bits Allocated declares {expected}")
+
+
+def read_dicom_header(data: bytes, max_pixel_bytes: int = MAX_DECLARED_PIXEL_BYTES):
+    """The header of a DICOM file (everything before Pixel Data), in bounded memory whatever the file claims. A native
+    file is bounded by its own size; a deflated one is inflated at most HEADER_INFLATE_CAP bytes, and its Pixel Data
+    length is held against the declared geometry and the declared geometry against `max_pixel_bytes`, so that no
+    later full read of it can balloon. What the gateway's main process uses (UIDs for a response, the PACS doors'
+    routing); decoding happens in the decode pool. Raises RejectedInput(not_image|corrupt|truncated|pixel_budget)."""
+    if file_meta_end(data)[1] != DEFLATED_TRANSFER_SYNTAX:
+        return _parse_header(data, complete=True)[0]
+    ds, length = _parse_header(inflated_dicom(data, HEADER_INFLATE_CAP, partial=True), complete=False)
+    expected = declared_pixel_bytes(ds)
+    if expected > max_pixel_bytes:
+        raise RejectedInput("pixel_budget", f"the header declares {expected} bytes of pixels, over the "
+                            f"{max_pixel_bytes} this gateway inflates")
+    check_pixel_length(ds, length)
+    return ds
+
+
+def _parse_header(view: bytes, complete: bool):
+    """dcmread up to Pixel Data, and that element's declared length (None when absent or not reached)."""
     pydicom = _pydicom()
+    stream = io.BytesIO(view)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(stream, force=True, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001
+        reason = "truncated" if (not complete or "end of file" in str(exc).lower()) else "corrupt"
+        raise RejectedInput(reason, f"DICOM header unreadable ({type(exc).__name__})") from None
+    head = view[stream.tell():stream.tell() + 12]
+    if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
+        return ds, None
+    implicit = getattr(ds, "original_encoding", (False, True))[0]
+    if implicit:
+        return ds, struct.unpack_from("<I", head, 4)[0]
+    if head[4:6] in _LONG_VRS:
+        return ds, (struct.unpack_from("<I", head, 8)[0] if len(head) == 12 else None)
+    return ds, struct.unpack_from("<H", head, 6)[0]
+
+
+def read_dicom(data: bytes, max_pixels: Optional[int] = None):
+    """Parse a DICOM file and keep the undecoded pixel bytes. Raises RejectedInput(not_image|corrupt|truncated|
+    pixel_budget). A deflated dataset is inflated only after its header passed the pixel budget (`max_pixels`),
+    capped at what its declared geometry needs: never inflated first and checked after."""
+    pydicom = _pydicom()
+    if file_meta_end(data)[1] == DEFLATED_TRANSFER_SYNTAX:
+        header = read_dicom_header(data, MAX_DECLARED_PIXEL_BYTES if max_pixels is None
+                                   else max_pixels * MAX_BYTES_PER_PIXEL)
+        if max_pixels is not None:
+            check_pixel_budget(_int(header, "NumberOfFrames", 1) or 1, _int(header, "Rows", 0),
+                               _int(header, "Columns", 0), max_pixels)
+        data = inflated_dicom(data, HEADER_INFLATE_CAP + declared_pixel_bytes(header) + TRAILER_SLACK)
+        del header
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -378,7 +539,7 @@ def decode_dicom(data: bytes, config: TaskConfig) -> tuple[np.ndarray, DecodedIm
     """DICOM -> uint8 grey (or RGB when channels=3 and the object is colour), following PS3.3 C.11 order."""
     from medpipe.deid import dicom_allowed_fields
 
-    ds = read_dicom(data)
+    ds = read_dicom(data, config.ingest.max_pixels)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise RejectedInput("no_pixel_data", "DICOM object has no Pixel Data (not an image object)")
     rows, cols, frames = _int(ds, "Rows", 0), _int(ds, "Columns", 0), _int(ds, "NumberOfFrames", 1) or 1
@@ -397,6 +558,9 @@ def decode_dicom(data: bytes, config: TaskConfig) -> tuple[np.ndarray, DecodedIm
             else "corrupt"
         raise RejectedInput(reason, f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
     pixels = np.asarray(pixels)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:  # the encoded bytes are not needed once decoded: free them before the grey pipeline
+            del ds[keyword]
     if photometric in GREY_PHOTOMETRICS:
         image = dicom_grey(pixels, ds, frames, config.dicom)
     else:
@@ -423,17 +587,37 @@ def select_frames(stack: np.ndarray, frames: int, rule: str, grey: bool) -> np.n
 
 
 def dicom_grey(pixels: np.ndarray, ds, frames: int, dicom_config: DicomConfig) -> np.ndarray:
-    """Modality LUT -> (multi-frame rule) -> VOI -> uint8 -> MONOCHROME1 inversion."""
+    """Modality LUT -> (multi-frame rule) -> VOI -> uint8 -> MONOCHROME1 inversion.
+
+    The modality LUT is applied block by block with the VOI (both are elementwise), except where a whole-image step
+    needs its output: the max projection of a stack, and percentiles when the modality LUT is not the identity."""
     from pydicom.pixels import apply_modality_lut
 
     if pixels.ndim == 3 and frames > 1 and dicom_config.multiframe == "middle":
         pixels = pixels[pixels.shape[0] // 2]  # select first: cheaper, and per-frame LUTs commute with selection
-    values = apply_modality_lut(pixels, ds)
-    values = select_frames(values, frames, dicom_config.multiframe, grey=True)
-    image = apply_voi(values, ds, dicom_config)
+    modality = lambda block: apply_modality_lut(block, ds)  # noqa: E731
+    if (frames > 1 and pixels.ndim == 3) or (_no_window(ds, dicom_config) and not _identity_modality(ds)):
+        pixels = select_frames(apply_modality_lut(pixels, ds), frames, dicom_config.multiframe, grey=True)
+        modality = None
+    image = apply_voi(pixels, ds, dicom_config, modality)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         image = invert(image)
     return image
+
+
+def _identity_modality(ds) -> bool:
+    """No Modality LUT Sequence and a rescale of slope 1, intercept 0 (or none): stored values are the values."""
+    if ds.get("ModalityLUTSequence"):
+        return False
+    try:
+        return float(ds.get("RescaleSlope", 1) or 1) == 1.0 and float(ds.get("RescaleIntercept", 0) or 0) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _no_window(ds, dicom_config: DicomConfig) -> bool:
+    """True when VOI falls through to the robust percentiles (a whole-image statistic)."""
+    return dicom_config.window is None and not ds.get("VOILUTSequence") and header_window(ds) is None
 
 
 def header_window(ds) -> Optional[tuple[float, float, str]]:
@@ -455,27 +639,35 @@ def _first(value: Any) -> Any:
     return value[0] if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else value
 
 
-def apply_voi(values: np.ndarray, ds, dicom_config: DicomConfig) -> np.ndarray:
-    """VOI in priority order: configured window > header VOI LUT Sequence > header window > robust percentiles."""
+def apply_voi(values: np.ndarray, ds, dicom_config: DicomConfig, modality=None) -> np.ndarray:
+    """VOI in priority order: configured window > header VOI LUT Sequence > header window > robust percentiles.
+    `modality`, when given, maps stored values to modality values first (block by block, see dicom_grey)."""
     from pydicom.pixels import apply_voi_lut
 
+    def mapped(block: np.ndarray) -> np.ndarray:
+        return modality(block) if modality is not None else block
+
     if dicom_config.window is not None:
-        return to_uint8(linear_window(values.astype(np.float64), dicom_config.window.center, dicom_config.window.width))
+        center, width = dicom_config.window.center, dicom_config.window.width
+        return blockwise(values, lambda b: to_uint8(linear_window(mapped(b).astype(np.float64), center, width)))
     if ds.get("VOILUTSequence"):
         try:
             descriptor = ds.VOILUTSequence[0].LUTDescriptor
             entries, first = int(descriptor[0]) or 65536, int(descriptor[1])
-            mapped = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, prefer_lut=True))
             # the LUT's own output range (whatever its VR, US or OW), from mapping its whole input domain
             table = np.asarray(apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), ds, prefer_lut=True))
-            return lut_to_uint8(mapped, float(table.min()), float(table.max()))
+            low, high = float(table.min()), float(table.max())
+            return blockwise(values, lambda b: lut_to_uint8(np.asarray(apply_voi_lut(
+                np.rint(mapped(b)).astype(np.int64), ds, prefer_lut=True)), low, high))
         except Exception:  # noqa: BLE001 - a malformed LUT falls back to the header window / percentiles
             pass
     window = header_window(ds)
     if window is not None:
         center, width, function = window
-        return to_uint8(WINDOW_FUNCTIONS[function](values.astype(np.float64), center, width))
-    return robust_window(values.astype(np.float64), *dicom_config.voi_percentiles)
+        window_fn = WINDOW_FUNCTIONS[function]
+        return blockwise(values, lambda b: to_uint8(window_fn(mapped(b).astype(np.float64), center, width)))
+    # dicom_grey passes `modality` here only when it is the identity: the stored values are the modality values
+    return robust_window(values, *dicom_config.voi_percentiles)
 
 
 def dicom_colour(pixels: np.ndarray, ds, frames: int, photometric: str, rule: str) -> np.ndarray:

@@ -10,6 +10,11 @@
       header_timeout_s: 10        # REST: a request's headers and body must arrive within this time ...
       idle_timeout_s: 5           # ... and an idle keep-alive connection is closed after this
       max_connections: 1024       # REST connections at once (beyond: 503)
+      decode_workers: 2           # images are decoded in this many worker processes (serving/gateway/decode_pool.py)
+      decode_memory_mb: 1024      # each worker's address-space limit (RLIMIT_AS); an image needing more: 422
+      decode_timeout_s: 20        # one image's decode time limit (and never past the request's deadline): 422
+      decode_max_tasks: 500       # a worker is replaced after this many images ...
+      decode_recycle_mb: 256      # ... or when it keeps more resident memory than this after an image
     identities:                   # mTLS: certificate subject (RFC 4514, as `openssl x509 -subject -nameopt RFC2253`)
       "CN=radiology-viewer,O=Example Hospital": [predict:brain_mri]
     anonymous_scopes: ["predict:*", "metrics:read"]   # only with --allow-anonymous on loopback
@@ -38,6 +43,11 @@ class Limits:
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 1024
+    decode_workers: int = 2
+    decode_memory_mb: int = 1024
+    decode_timeout_s: float = 20.0
+    decode_max_tasks: int = 500
+    decode_recycle_mb: int = 256
 
     @property
     def max_body_bytes(self) -> int:
@@ -76,5 +86,10 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
     limits = config.limits
     if limits.max_images < 1 or limits.max_concurrent < 1 or limits.max_body_mb <= 0 or limits.rate_per_minute <= 0:
         raise ConfigError(f"{file}: limits.max_images, max_concurrent, max_body_mb and rate_per_minute must be > 0")
+    if limits.decode_workers < 1 or limits.decode_timeout_s <= 0 or limits.decode_max_tasks < 1:
+        raise ConfigError(f"{file}: limits.decode_workers, decode_timeout_s and decode_max_tasks must be > 0")
+    if 0 < limits.decode_memory_mb < 256:
+        raise ConfigError(f"{file}: limits.decode_memory_mb={limits.decode_memory_mb} is below the 256 MB a decoder "
+                          "needs for its libraries (0 = no limit)")
     return GatewayConfig(limits=limits, identities={k: tuple(v) for k, v in identities.items()},
                          anonymous_scopes=config.anonymous_scopes)

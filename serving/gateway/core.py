@@ -22,6 +22,9 @@ import grpc
 import numpy as np
 
 from medpipe.ids import sanitize_request_id
+from serving.gateway import decode_worker
+from serving.gateway.decode_pool import DecodeFailure, DecodePool
+from serving.gateway.decode_worker import is_exact_png  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger("medpipe.gateway")
 
@@ -36,8 +39,10 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
     "UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, 503),
     "INTERNAL": (grpc.StatusCode.INTERNAL, 500),
 }
-# A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it.
-HTTP_BY_REASON = {"body_size": 413}
+# A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it; an
+# image the decode pool refused (its worker ran out of memory, died or overran) is well-formed HTTP that cannot be
+# processed: 422 (gRPC keeps INVALID_ARGUMENT).
+HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422}
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -290,34 +295,9 @@ class ModelCatalog:
 
 
 # ---- the gateway ---------------------------------------------------------------------------------------------------
-def is_exact_png(data: bytes, prepared, config) -> bool:
-    """True when the input already is the PNG preprocessing would produce pixel for pixel: an 8-bit grey (or RGB
-    for 3-channel models) PNG of exactly image.size x image.size without transparency, which preprocess_bytes
-    passes through unchanged. It is then forwarded as sent: re-encoding it would cost time and change nothing."""
-    if prepared.decoded.format != "png" or not (prepared.decoded.width == prepared.decoded.height == config.image.size):
-        return False
-    bit_depth, colour_type = data[24], data[25]  # IHDR, right after the signature and the chunk header
-    wanted = 0 if config.image.channels == 1 else 2
-    head = data[:data.find(b"IDAT")] if b"IDAT" in data else data
-    return bit_depth == 8 and colour_type == wanted and b"tRNS" not in head
-
-
 def dicom_uids(data: bytes) -> dict | None:
-    """Study/Series/SOP Instance UIDs of a DICOM object, for the response only."""
-    import io
-    import warnings
-
-    from medpipe.imaging import _pydicom
-
-    pydicom = _pydicom()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
-                                 specific_tags=list(UID_KEYWORDS))
-        return {k: str(ds.get(k, "")) for k in UID_KEYWORDS}
-    except Exception:  # noqa: BLE001 - the image was already decoded; missing UIDs are simply not returned
-        return None
+    """Study/Series/SOP Instance UIDs of a DICOM object, for the response only (a bounded header read)."""
+    return decode_worker.dicom_uids(data)
 
 
 class Gateway:
@@ -358,6 +338,9 @@ class Gateway:
         self._summariser = threading.Thread(target=self._summarise, daemon=True, name="summaries")
         self._summariser.start()
         self.slots = ConcurrencyLimit(limits.max_concurrent, limits.queue_timeout_s)
+        # started now, before any request: a first image must not wait for the workers to import numpy and Pillow
+        self.decoders = DecodePool(limits.decode_workers, limits.decode_memory_mb, limits.decode_timeout_s,
+                                   limits.decode_max_tasks, limits.decode_recycle_mb)
 
     # -- identity --------------------------------------------------------------------------------------------------
     def authenticate(self, request) -> Principal:
@@ -432,7 +415,8 @@ class Gateway:
                 resolved = self.catalog.resolve(model, version, label, remaining)
                 record["version"] = resolved
                 config = self.catalog.preprocessing(model, resolved, remaining)
-                prepared = [self._prepare(index, data, config) for index, data in enumerate(images)]
+                prepared = [self._prepare(index, data, config, budget - (time.monotonic() - start))
+                            for index, data in enumerate(images)]
                 remaining = budget - (time.monotonic() - start)
                 if remaining <= 0:
                     raise GatewayError("DEADLINE_EXCEEDED", "the deadline passed during preprocessing",
@@ -459,21 +443,36 @@ class Gateway:
         self._summaries.put((prediction, [image.pixels for image, _ in prepared]))
         return prediction
 
-    def _prepare(self, index: int, data: bytes, config):
+    def _prepare(self, index: int, data: bytes, config, timeout_s: float):
+        """One image -> (PreparedImage with .png to forward, DICOM UIDs or None). Decoded in the decode pool within
+        `timeout_s`; only an input whose header says it already is the exact PNG (image.size squared pixels at 8
+        bits: bounded) is decoded here, in-process, and forwarded as sent."""
         from medpipe.errors import RejectedInput
-        from medpipe.imaging import encode_png, preprocess_bytes
+        from medpipe.imaging import PreparedImage, encode_png, preprocess_bytes
 
         if not isinstance(data, (bytes, bytearray)):
             raise GatewayError("INVALID_ARGUMENT", f"image {index} is not binary data")
+        data = bytes(data)
         try:
-            prepared = preprocess_bytes(bytes(data), config, encode=False)
+            if decode_worker.exact_png_header(data, config):
+                prepared = preprocess_bytes(data, config, encode=False)
+                png = data if is_exact_png(data, prepared, config) else encode_png(prepared.pixels)
+                return dataclasses.replace(prepared, png=png), None
+            decoded = self.decoders.decode(data, config, timeout_s)
         except RejectedInput as exc:
             reason = "pixel_budget" if exc.reason == "pixel_budget" else None
             raise GatewayError("INVALID_ARGUMENT", f"image {index} cannot be used ({exc.reason}): {exc.detail}",
                                reason=reason) from None
-        uids = dicom_uids(bytes(data)) if prepared.decoded.format == "dicom" else None
-        png = bytes(data) if is_exact_png(data, prepared, config) else encode_png(prepared.pixels)
-        return dataclasses.replace(prepared, png=png), uids
+        except DecodeFailure as exc:
+            if exc.kind in ("deadline", "busy"):
+                raise GatewayError("DEADLINE_EXCEEDED", f"image {index}: {exc.message}; retry or allow more time",
+                                   reason="deadline") from None
+            log.warning("decode pool refused image %d of a request (%s); the worker was replaced", index, exc.kind)
+            raise GatewayError("INVALID_ARGUMENT", f"image {index} was refused: {exc.message} (decode_limit); send "
+                               "a smaller or well-formed image", reason="decode_limit") from None
+        prepared = PreparedImage(png=data if decoded.exact else decoded.png, pixels=decoded.pixels,
+                                 decoded=decoded.decoded, pixel_hash=decoded.pixel_hash)
+        return prepared, decoded.uids
 
     def _call_upstream(self, model: str, version: int, signature: str, pngs: list, timeout: float) -> dict:
         from tensorflow_serving.apis import predict_pb2
@@ -561,5 +560,6 @@ class Gateway:
     def close(self) -> None:
         self._summaries.put(None)  # the summaries already queued are written first
         self._summariser.join(timeout=30)
+        self.decoders.close()
         self.upstream.close()
         self.audit.close()

@@ -108,9 +108,7 @@ class PacsService:
     # receiving (both doors)
     def receive(self, data: bytes, door: str, identity: str, principal: Any = None) -> Receipt:
         """One instance as bytes (a DICOM file, preamble optional) -> spooled for each model that takes it."""
-        from medpipe.imaging import _pydicom
-
-        pydicom = _pydicom()  # configured: no validation warnings or log lines that could quote a header value
+        from medpipe.imaging import read_dicom_header
 
         received = self.metrics["received"]
         if len(data) > self.config.max_instance_mb * 2**20:
@@ -118,7 +116,9 @@ class PacsService:
             self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "too_large"})
             return Receipt(0xA700, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
         try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            # bounded whatever the file claims (a deflated dataset is never inflated whole here); no validation
+            # warnings or log lines that could quote a header value
+            header = read_dicom_header(data)
             study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
             sop, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
         except Exception:  # noqa: BLE001 - any parse failure is "cannot understand"; no message (it may quote PHI)
