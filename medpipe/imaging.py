@@ -372,10 +372,9 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 
 def file_meta_end(data: bytes) -> tuple[int, str]:
     """(offset where the dataset starts, transfer syntax UID or "") of a DICOM file. The file meta (group 0002) is
-    always Explicit VR Little Endian (PS3.10 7.1); files without preamble/meta give (0, "")."""
-    if data[128:132] != b"DICM":
-        return 0, ""
-    pos, syntax = 132, ""
+    always Explicit VR Little Endian (PS3.10 7.1), with or without the 128-byte preamble (pydicom reads both);
+    files without file meta give (0, "")."""
+    pos, syntax = (132 if data[128:132] == b"DICM" else 0), ""
     while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
         element = struct.unpack_from("<H", data, pos + 2)[0]
         if data[pos + 4:pos + 6] in _LONG_VRS:

@@ -23,6 +23,7 @@ import threading
 import time
 
 import grpc
+import h11
 import numpy as np
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -256,9 +257,11 @@ def build_app(service, max_bytes: int, metrics_path: str, read_timeout: float = 
 
 
 class ReadTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline for the request headers: uvicorn times out only idle keep-alive
-    connections, so a client that connects and then sends nothing, or its headers one byte at a time (slow-loris),
-    would hold a connection forever. After `read_timeout` without complete headers: 408, then close."""
+    """uvicorn's h11 protocol, plus a deadline for each request's headers: uvicorn times out only idle keep-alive
+    connections, so a client that connects and then sends nothing, or its headers one byte at a time (slow-loris,
+    on the first request or any later one of a keep-alive connection), would hold a connection forever. The clock
+    runs from the connection (or the first byte of a later request) until the headers are complete; past
+    `read_timeout`: 408, then close. The body has its own deadline (read_body)."""
 
     read_timeout = READ_TIMEOUT_SECONDS
     TIMEOUT_BODY = b'{"error": "the request headers did not arrive in time"}'
@@ -267,14 +270,32 @@ class ReadTimeoutProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._headers_deadline = self.loop.call_later(self.read_timeout, self._headers_timed_out)
+        self._headers_deadline = None
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._headers_deadline is None:
+            self._headers_deadline = self.loop.call_later(self.read_timeout, self._headers_timed_out)
+
+    def _disarm(self) -> None:
+        if self._headers_deadline is not None:
+            self._headers_deadline.cancel()
+            self._headers_deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state == h11.IDLE:
+            self._arm()  # bytes of a request whose headers are not complete yet
+        super().data_received(data)
+        if self.conn.their_state != h11.IDLE:
+            self._disarm()  # the headers are in
 
     def connection_lost(self, exc) -> None:
-        self._headers_deadline.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
     def _headers_timed_out(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():  # no request has even started
+        self._headers_deadline = None
+        if self.conn.their_state == h11.IDLE and not self.transport.is_closing():  # headers still incomplete
             self.transport.write(self.TIMEOUT_RESPONSE)
             self.transport.close()
 

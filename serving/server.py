@@ -34,6 +34,18 @@ GIL_SWITCH_SECONDS = 0.0005  # Python default 0.005: see main()
 STATE_CODES = {"UNKNOWN": 0, "START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50}
 
 
+# Rows of one request. TF Serving refuses a batch over its max_batch_size; without a limit 1,000 images grew this
+# server by 3.1 GB and 10,000 killed it. The gateway sends at most its limits.max_images (64), the client 16.
+MAX_REQUEST_IMAGES = 256
+
+
+def check_image_count(count: int, limit: int) -> None:
+    """INVALID_ARGUMENT for a request of more than `limit` rows (images), checked before its tensors are built."""
+    if count > limit:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"{count} images in one request; this server takes at "
+                           f"most {limit} (--max-request-images): split the request")
+
+
 def parse_flag_bool(text: str) -> bool:
     """TF Serving's boolean flag values (--enable_batching=true)."""
     value = text.strip().lower()
@@ -83,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.5,
                         help="repository poll interval (default 0.5 s: a new version serves well within 2 s)")
     parser.add_argument("--max-request-mb", type=float, default=16.0, help="larger requests: RESOURCE_EXHAUSTED/413")
+    parser.add_argument("--max-request-images", type=int, default=MAX_REQUEST_IMAGES,
+                        help=f"images (batch rows) per request; more: INVALID_ARGUMENT/400 before anything is decoded "
+                        f"(default {MAX_REQUEST_IMAGES})")
+    parser.add_argument("--allow-reload", action="store_true",
+                        help="accept ModelService.HandleReloadConfigRequest (what `medpipe publish --server` sends); "
+                        "off by default: anyone who reaches the port could otherwise load any folder as a model")
     parser.add_argument("--rest-read-timeout", type=float, default=10.0,
                         help="seconds a REST client has to send a whole request (headers, then body): 408 after")
     parser.add_argument("--allow-version-labels-for-unavailable-models",
@@ -112,14 +130,18 @@ def monitoring_path(config_file: str | None) -> str:
 class Service:
     """The API-independent core used by both gRPC and REST."""
 
-    def __init__(self, manager: ModelManager, metrics: ServerMetrics):
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics, max_images: int = MAX_REQUEST_IMAGES,
+                 allow_reload: bool = False):
         self.manager, self.metrics = manager, metrics
+        self.max_images, self.allow_reload = max_images, allow_reload
 
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
                 inputs: dict[str, np.ndarray], entrypoint: str, api: str = "predict"):
         start = time.perf_counter()
         ok = False
         try:
+            for array in inputs.values():
+                check_image_count(int(array.shape[0]) if np.ndim(array) else 1, self.max_images)
             model, found = self.manager.resolve(name, version, label)
             outputs = run_signature(found, signature_name or DEFAULT_SIGNATURE, inputs)
             ok = True
@@ -228,6 +250,9 @@ def make_servicers(service: Service):
         def Predict(self, request, context):
             version, label = spec_version(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            for proto in request.inputs.values():  # from the declared shape, before any tensor is built
+                if proto.tensor_shape.dim:
+                    check_image_count(proto.tensor_shape.dim[0].size, service.max_images)
             inputs = {k: from_tensor_proto(v) for k, v in request.inputs.items()}
             found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs, "GRPC")
             response = predict_pb2.PredictResponse()
@@ -244,6 +269,7 @@ def make_servicers(service: Service):
             """tf.Example inputs with an `image_bytes` bytes feature -> (class name, probability) per example."""
             version, label = spec_version(request.model_spec)
             examples = request.input.example_list.examples
+            check_image_count(len(examples), service.max_images)
             try:
                 images = np.array([ex.features.feature["image_bytes"].bytes_list.value[0] for ex in examples],
                                   dtype=object)
@@ -287,6 +313,9 @@ def make_servicers(service: Service):
 
         @guarded
         def HandleReloadConfigRequest(self, request, context):
+            if not service.allow_reload:
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "model reload is off on this server: start "
+                                   "medpipe serve with --allow-reload (or let it pick up models.config by polling)")
             response = model_management_pb2.ReloadConfigResponse()
             try:
                 service.manager.reload(request.config)
@@ -309,7 +338,7 @@ def start_grpc(service: Service, host: str, port: int, threads: int, max_bytes: 
     model_grpc.add_ModelServiceServicer_to_server(model, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("tensorflow.serving.ModelService", health_pb2.HealthCheckResponse.SERVING)  # reload works
+    health_servicer.set("tensorflow.serving.ModelService", health_pb2.HealthCheckResponse.SERVING)  # status works
     health_reporter(health_servicer)({})  # NOT_SERVING until the manager reports its models (main)
     port = bind_grpc(server, host, port, tls)
     server.start()
@@ -365,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = ServerMetrics()
     manager = ModelManager(repository, Path(args.model_config_file).resolve() if args.model_config_file else None,
                            batching, metrics, args.poll_seconds, args.allow_version_labels_for_unavailable_models)
-    service = Service(manager, metrics)
+    if args.max_request_images < 1:
+        raise ConfigError(f"--max-request-images must be >= 1, not {args.max_request_images}")
+    service = Service(manager, metrics, args.max_request_images, args.allow_reload)
     max_bytes = int(args.max_request_mb * 2**20)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
 

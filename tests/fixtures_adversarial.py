@@ -175,3 +175,49 @@ def mr_dicom_from_jpeg(source: Path, target: Path, *, study_uid: str, series_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = "", "", ""
     ds.save_as(target, enforce_file_format=True)
     return planted
+
+
+# ---- deflated DICOM (PS3.5 A.5): the dataset is one raw deflate stream, so a small file can inflate to gigabytes --
+def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None = None, zeros: bool = False,
+                   level: int = 6) -> bytes:
+    """A Deflated Explicit VR Little Endian MONOCHROME2 instance of rows x cols at `bits` (8 or 16), built as a
+    stream: the pixels (a ramp per row, or zeros) are deflated row by row, never held whole in memory.
+    pixel_bytes: the Pixel Data length to write (default: what the geometry declares); more than declared makes
+    a decompression bomb whose header looks like a small image."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    sop = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, sop
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.BodyPartExamined = PHI_PATIENT_ID, "MR", "BRAIN"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    declared = rows * cols * bits // 8
+    length = declared if pixel_bytes is None else pixel_bytes
+    length += length & 1
+    element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW" if bits > 8 else b"OB", 0, length)
+    dtype = np.uint16 if bits > 8 else np.uint8
+    row = (np.zeros(cols, dtype) if zeros else (np.arange(cols) % (2 ** min(bits, 12))).astype(dtype)).tobytes()
+    block = row * max(1, (1 << 20) // len(row))
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [b"\0" * 128 + b"DICM" + head.getvalue(), compressor.compress(body.getvalue() + element)]
+    left = length
+    while left > 0:
+        piece = block[:left]
+        parts.append(compressor.compress(piece))
+        left -= len(piece)
+    parts.append(compressor.flush())
+    return b"".join(parts)

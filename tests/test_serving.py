@@ -160,7 +160,8 @@ def served(trained_sample_run, ingested_sample, tmp_path_factory):
     base = tmp_path_factory.mktemp("serving")
     repo = base / "models"
     version = publish(trained_sample_run, repo, "--label", "stable")
-    process, grpc_address, rest = start_server(repo, base, "--max-request-mb", "1", "--rest-read-timeout", "2")
+    process, grpc_address, rest = start_server(repo, base, "--max-request-mb", "1", "--rest-read-timeout", "2",
+                                                 "--allow-reload")  # publish --server reloads it
     channel = grpc.insecure_channel(grpc_address)
     yield {"process": process, "grpc": grpc_address, "rest": rest, "repo": repo, "base": base, "v1": version,
            "run": trained_sample_run, "channel": channel,
