@@ -162,6 +162,8 @@ def decode_raster_image(data: bytes, config: TaskConfig,
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise RejectedInput("pixel_budget", f"Pillow refused the header dimensions: {exc}") from None
+        except MemoryError:  # the decoder's limit, not a verdict on the file: the caller decides
+            raise
         except Exception as exc:  # noqa: BLE001 - any parser failure is a verdict on this file
             raise RejectedInput(_raster_reason(exc, "corrupt"), f"{kind} header unreadable: {_short(exc)}") from None
         width, height = im.size
@@ -175,6 +177,8 @@ def decode_raster_image(data: bytes, config: TaskConfig,
             im.load()
             image = pil_to_image(im, config.dicom.voi_percentiles, config.image.channels)
         except RejectedInput:
+            raise
+        except MemoryError:  # the decoder's limit, not a verdict on the file: the caller decides
             raise
         except Exception as exc:  # noqa: BLE001
             reason = _raster_reason(exc, "corrupt")
@@ -470,6 +474,8 @@ def _parse_header(view: bytes, complete: bool):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(stream, force=True, stop_before_pixels=True)
+    except MemoryError:  # the decoder's limit, not a verdict on the file: the caller decides
+        raise
     except Exception as exc:  # noqa: BLE001
         reason = "truncated" if (not complete or "end of file" in str(exc).lower()) else "corrupt"
         raise RejectedInput(reason, f"DICOM header unreadable ({type(exc).__name__})") from None
@@ -501,6 +507,8 @@ def read_dicom(data: bytes, max_pixels: Optional[int] = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except MemoryError:  # the decoder's limit, not a verdict on the file: the caller decides
+        raise
     except Exception as exc:  # noqa: BLE001
         text = str(exc).lower()
         reason = "truncated" if ("end of file" in text or "truncat" in text or "eof" in text) else "corrupt"
@@ -546,11 +554,15 @@ def decode_dicom(data: bytes, config: TaskConfig) -> tuple[np.ndarray, DecodedIm
     check_pixel_budget(frames, rows, cols, config.ingest.max_pixels)  # from the header, before decoding
     check_min_size(cols, rows, config.ingest.min_size)
     if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
-        raise RejectedInput("unsupported_photometric", f"photometric interpretation {photometric or '(none)'}")
+        # the value itself is never echoed (a header value; hostile files put anything there)
+        raise RejectedInput("unsupported_photometric", "the photometric interpretation is missing or not one medpipe "
+                            f"converts ({', '.join(GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = ds.pixel_array
+    except MemoryError:  # the decoder's limit, not a verdict on the file: the caller decides
+        raise
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
         text = str(exc).lower()
         reason = "truncated" if ("less than" in text or "truncat" in text or "end of" in text or "short" in text) \
@@ -680,7 +692,8 @@ def dicom_colour(pixels: np.ndarray, ds, frames: int, photometric: str, rule: st
         rgb = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))) if bits == 16 else rgb
     else:
         if pixels.ndim != (4 if frames > 1 else 3) or pixels.shape[-1] != 3:
-            raise RejectedInput("unsupported_photometric", f"{photometric} pixel layout {pixels.shape} is not RGB")
+            raise RejectedInput("unsupported_photometric", f"a colour image whose decoded pixel layout {pixels.shape} "
+                                "is not RGB")
         rgb = select_frames(pixels, frames, rule, grey=False)
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:

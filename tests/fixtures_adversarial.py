@@ -178,6 +178,9 @@ def mr_dicom_from_jpeg(source: Path, target: Path, *, study_uid: str, series_uid
 
 
 # ---- deflated DICOM (PS3.5 A.5): the dataset is one raw deflate stream, so a small file can inflate to gigabytes --
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
 def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None = None, zeros: bool = False,
                    level: int = 6) -> bytes:
     """A Deflated Explicit VR Little Endian MONOCHROME2 instance of rows x cols at `bits` (8 or 16), built as a
@@ -187,14 +190,14 @@ def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
     sop = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, sop
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MR_IMAGE_STORAGE, sop
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop
+    ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientID, ds.Modality, ds.BodyPartExamined = PHI_PATIENT_ID, "MR", "BRAIN"
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
@@ -221,3 +224,20 @@ def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None
         left -= len(piece)
     parts.append(compressor.flush())
     return b"".join(parts)
+
+
+def png16(width: int, height: int) -> bytes:
+    """A real 16-bit grey PNG of width x height (a ramp per row), built row by row like gateway_support.huge_png:
+    7000 x 7000 is ~0.5 MB on disk and 98 MB of pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\x00" + (np.arange(width) % 4096).astype(">u2").tobytes()
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row) for _ in range(height)]
+    parts.append(compressor.flush())
+    return (PNG16_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+PNG16_MAGIC = b"\x89PNG\r\n\x1a\n"

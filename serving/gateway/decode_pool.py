@@ -101,7 +101,8 @@ class DecodePool:
             self._replace(worker)
             raise DecodeFailure("died", "the decoder process died on this image (out of memory or a crash)") from None
         worker.tasks += 1
-        if worker.tasks >= self.max_tasks or rss_mb > self.recycle_mb:
+        # a worker that hit its memory limit is replaced too: a MemoryError can leave a library half-way
+        if result[0] == "memory" or worker.tasks >= self.max_tasks or rss_mb > self.recycle_mb:
             self._replace(worker)
         else:
             self._idle.put(worker)
