@@ -346,15 +346,19 @@ def test_four_large_16_bit_images_in_parallel_within_the_deadline(road, files):
 @pytest.mark.slow
 def test_a_worker_killed_mid_image_refuses_that_image_with_422_and_the_next_is_served(road, files):
     gateway = psutil.Process(road["process"].pid)
-    workers = {p.pid for p in gateway.children(recursive=True) if "forkserver" not in " ".join(p.cmdline())}
 
     def kill_the_busy_worker():
+        """The decode worker holding the image (workers are the forkserver's children): killed by its pid."""
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             for process in gateway.children(recursive=True):
-                if process.pid in workers and process.cpu_percent(0.05) > 20:
-                    os.kill(process.pid, signal.SIGKILL)  # a worker of the gateway this test started
-                    return process.pid
+                try:
+                    if process.ppid() != gateway.pid and process.memory_info().rss > 150 * MIB:
+                        os.kill(process.pid, signal.SIGKILL)  # a worker of the gateway this test started
+                        return process.pid
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.02)
         return None
 
     with ThreadPoolExecutor(1) as pool:
