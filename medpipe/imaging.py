@@ -303,9 +303,10 @@ WINDOW_FUNCTIONS = {"LINEAR": linear_window, "LINEAR_EXACT": linear_exact_window
 
 
 # Elementwise float64 arithmetic runs over row blocks of this many pixels: a float64 copy of a whole 7000 x 7000 image
-# is 392 MB and a window makes three of them; blocks keep the temporaries constant (the same operations, the same
-# bytes out). Memory per image is then its decoded array, one copy for the percentiles and the uint8 result.
-BLOCK_PIXELS = 1 << 20
+# is 392 MB and a window makes three of them; blocks keep the temporaries constant (~8 MB; the same operations, the
+# same bytes out). Memory per image is then its decoded array, one copy for the percentiles and the uint8 result:
+# about 3x the pixel bytes of a 16-bit image (BENCHMARKS.md, gateway).
+BLOCK_PIXELS = 1 << 18
 
 
 def blockwise(values: np.ndarray, to_uint8_fn) -> np.ndarray:
