@@ -406,27 +406,32 @@ def inflated_dicom(data: bytes, cap: int, partial: bool = False) -> bytes:
     at = meta.find(DEFLATED_TRANSFER_SYNTAX.encode())
     meta = meta[:at] + _EXPLICIT_LE + b"\0" * (len(DEFLATED_TRANSFER_SYNTAX) - len(_EXPLICIT_LE)) + \
         meta[at + len(DEFLATED_TRANSFER_SYNTAX):]
+    return b"".join([meta, *_inflate(memoryview(data)[meta_end:], cap, partial)])
+
+
+def _inflate(stream: memoryview, cap: int, partial: bool):
+    """Raw deflate `stream` -> its inflated bytes in chunks of at most INFLATE_CHUNK, never more than `cap` in all
+    (see inflated_dicom for `partial`)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    chunks, size, pending = [meta], 0, memoryview(data)[meta_end:]
+    size = 0
     try:
-        while pending or inflater.unconsumed_tail:
-            source = inflater.unconsumed_tail or pending[:INFLATE_CHUNK]
+        while stream or inflater.unconsumed_tail:
+            source = inflater.unconsumed_tail or stream[:INFLATE_CHUNK]
             if not inflater.unconsumed_tail:
-                pending = pending[INFLATE_CHUNK:]
+                stream = stream[INFLATE_CHUNK:]
             chunk = inflater.decompress(source, min(INFLATE_CHUNK, cap - size + 1))
             size += len(chunk)
             if size > cap and partial:
-                chunks.append(chunk[:len(chunk) - (size - cap)])
-                break
+                yield chunk[:len(chunk) - (size - cap)]
+                return
             if size > cap:
                 raise RejectedInput("pixel_budget", f"the deflated dataset inflates past {cap} bytes, more than its "
                                     "declared image geometry (a decompression bomb)")
-            chunks.append(chunk)
+            yield chunk
             if inflater.eof:
-                break
+                return
     except zlib.error:
         raise RejectedInput("corrupt", "the deflated DICOM dataset is not a valid deflate stream") from None
-    return b"".join(chunks)
 
 
 def declared_pixel_bytes(ds) -> int:
@@ -450,13 +455,16 @@ def check_pixel_length(ds, length: Optional[int]) -> None:
                             f"Bits Allocated declares {expected}")
 
 
-def read_dicom_header(data: bytes, max_pixel_bytes: int = MAX_DECLARED_PIXEL_BYTES):
+def read_dicom_header(data: bytes, max_pixel_bytes: int = MAX_DECLARED_PIXEL_BYTES, whole: bool = True):
     """The header of a DICOM file (everything before Pixel Data), in bounded memory whatever the file claims. A native
-    file is bounded by its own size; a deflated one is inflated at most HEADER_INFLATE_CAP bytes, and its Pixel Data
-    length is held against the declared geometry and the declared geometry against `max_pixel_bytes`, so that no
-    later full read of it can balloon. What the gateway's main process uses (UIDs for a response, the PACS doors'
-    routing); decoding happens in the decode pool. Raises RejectedInput(not_image|corrupt|truncated|pixel_budget)."""
-    if file_meta_end(data)[1] != DEFLATED_TRANSFER_SYNTAX:
+    file is bounded by its own size; a deflated one is inflated at most HEADER_INFLATE_CAP bytes, its Pixel Data
+    length is held against the declared geometry and the declared geometry against `max_pixel_bytes`, and (`whole`)
+    its entire stream is inflated chunk by chunk, kept nowhere, to prove it ends within the header, the declared
+    pixels and TRAILER_SLACK: so no later full read of it (pydicom's own, in the PACS road) can balloon. What the
+    gateway's main process uses (UIDs for a response, the PACS doors' routing); decoding happens in the decode pool.
+    Raises RejectedInput(not_image|corrupt|truncated|pixel_budget)."""
+    meta_end, syntax = file_meta_end(data)
+    if syntax != DEFLATED_TRANSFER_SYNTAX:
         return _parse_header(data, complete=True)[0]
     ds, length = _parse_header(inflated_dicom(data, HEADER_INFLATE_CAP, partial=True), complete=False)
     expected = declared_pixel_bytes(ds)
@@ -464,6 +472,9 @@ def read_dicom_header(data: bytes, max_pixel_bytes: int = MAX_DECLARED_PIXEL_BYT
         raise RejectedInput("pixel_budget", f"the header declares {expected} bytes of pixels, over the "
                             f"{max_pixel_bytes} this gateway inflates")
     check_pixel_length(ds, length)
+    if whole:
+        for _ in _inflate(memoryview(data)[meta_end:], HEADER_INFLATE_CAP + expected + TRAILER_SLACK, partial=False):
+            pass
     return ds
 
 
@@ -498,7 +509,7 @@ def read_dicom(data: bytes, max_pixels: Optional[int] = None):
     pydicom = _pydicom()
     if file_meta_end(data)[1] == DEFLATED_TRANSFER_SYNTAX:
         header = read_dicom_header(data, MAX_DECLARED_PIXEL_BYTES if max_pixels is None
-                                   else max_pixels * MAX_BYTES_PER_PIXEL)
+                                   else max_pixels * MAX_BYTES_PER_PIXEL, whole=False)  # capped below anyway
         if max_pixels is not None:
             check_pixel_budget(_int(header, "NumberOfFrames", 1) or 1, _int(header, "Rows", 0),
                                _int(header, "Columns", 0), max_pixels)

@@ -182,11 +182,12 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None = None, zeros: bool = False,
-                   level: int = 6) -> bytes:
+                   level: int = 6, trailing_bytes: int = 0) -> bytes:
     """A Deflated Explicit VR Little Endian MONOCHROME2 instance of rows x cols at `bits` (8 or 16), built as a
     stream: the pixels (a ramp per row, or zeros) are deflated row by row, never held whole in memory.
     pixel_bytes: the Pixel Data length to write (default: what the geometry declares); more than declared makes
-    a decompression bomb whose header looks like a small image."""
+    a decompression bomb whose header looks like a small image. trailing_bytes: a Data Set Trailing Padding
+    element (FFFC,FFFC) of that many zeros after the pixels: a bomb whose Pixel Data is honest."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -222,6 +223,14 @@ def deflated_dicom(rows: int, cols: int, bits: int = 16, pixel_bytes: int | None
         piece = block[:left]
         parts.append(compressor.compress(piece))
         left -= len(piece)
+    if trailing_bytes:
+        parts.append(compressor.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, trailing_bytes)))
+        zeros_block = bytes(1 << 20)
+        left = trailing_bytes
+        while left > 0:
+            piece = zeros_block[:left]
+            parts.append(compressor.compress(piece))
+            left -= len(piece)
     parts.append(compressor.flush())
     return b"".join(parts)
 

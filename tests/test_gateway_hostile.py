@@ -58,6 +58,7 @@ def files() -> dict[str, bytes]:
     return {
         "bomb_1g": deflated_dicom(256, 256, bits=8, pixel_bytes=2**30, zeros=True, level=9),
         "bomb_128m": deflated_dicom(256, 256, bits=8, pixel_bytes=128 * MIB, zeros=True, level=9),
+        "trailing_bomb": deflated_dicom(256, 256, bits=8, trailing_bytes=256 * MIB, level=9),
         "dicom_7000": deflated_dicom(7000, 7000, bits=16),
         "png16_7000": png16(7000, 7000),
     }
@@ -83,6 +84,18 @@ def test_bombs_are_refused_from_the_header_without_inflating(files):
         with pytest.raises(RejectedInput) as capped:
             inflated_dicom(data, 4 * MIB)
         assert capped.value.reason == "pixel_budget"
+
+
+def test_a_bomb_after_honest_pixel_data_is_refused_while_inflating(files):
+    from medpipe.errors import RejectedInput
+    from medpipe.imaging import preprocess_bytes, read_dicom_header
+
+    data = files["trailing_bomb"]
+    assert read_dicom_header(data, whole=False).Rows == 256  # the header and Pixel Data length are honest ...
+    for read in (read_dicom_header, lambda d: preprocess_bytes(d, config_for())):
+        with pytest.raises(RejectedInput) as refused:  # ... the stream is not: refused at the cap, kept nowhere
+            read(data)
+        assert refused.value.reason == "pixel_budget"
 
 
 def test_deflated_dicom_decodes_like_pydicom():
@@ -301,8 +314,10 @@ def test_bomb_through_the_dimse_door_is_refused_and_the_gateway_stays_up(road, f
 
     from fixtures_adversarial import MR_IMAGE_STORAGE
 
-    path = tmp_path / "bomb.dcm"
-    path.write_bytes(files["bomb_1g"])
+    paths = []
+    for name in ("bomb_1g", "trailing_bomb"):
+        paths.append(tmp_path / f"{name}.dcm")
+        paths[-1].write_bytes(files[name])
     sent_whole = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are: the test never inflates them
     try:
@@ -312,13 +327,13 @@ def test_bomb_through_the_dimse_door_is_refused_and_the_gateway_stays_up(road, f
             assoc = ae.associate("127.0.0.1", road["dicom_port"], ae_title="MEDPIPE")
             assert assoc.is_established
             try:
-                status = int(assoc.send_c_store(path).Status)
+                statuses = [int(assoc.send_c_store(path).Status) for path in paths]
             finally:
                 assoc.release()
             time.sleep(1.0)  # the PACS loop scans every 0.2 s: it must find nothing to replay
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = sent_whole
-    assert status == 0xC000, f"C-STORE status {status:#06x}: a bomb must be refused, not spooled"
+    assert statuses == [0xC000, 0xC000], f"C-STORE statuses {statuses}: a bomb must be refused, not spooled"
     assert road["process"].poll() is None
     assert tree.growth <= 1024, f"the gateway's process tree grew by {tree.growth:.0f} MB"
     refusals = [json.loads(line) for line in road["audit"].read_text().splitlines() if '"pacs.refused"' in line]
