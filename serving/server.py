@@ -172,10 +172,10 @@ VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "int64_val", "
                 "scomplex_val", "dcomplex_val", "float8_val")
 
 
-def from_tensor_proto(proto) -> np.ndarray:
-    """TensorProto -> numpy, refusing (INVALID_ARGUMENT) a declared shape its content does not fill exactly, before
-    anything is allocated: tf.make_ndarray repeats the last value to fill the shape, so a 108-byte proto declaring
-    3,000 large strings would allocate gigabytes."""
+def from_tensor_proto(proto, max_rows: int | None = None) -> np.ndarray:
+    """TensorProto -> numpy, refusing (INVALID_ARGUMENT) a declared shape its content does not fill exactly, or of more
+    than `max_rows` rows (images), before anything is allocated: tf.make_ndarray repeats the last value to fill the
+    shape, so a 108-byte proto declaring 3,000 large strings would allocate gigabytes."""
     import tensorflow as tf
 
     def bad(message: str) -> ServingError:
@@ -209,6 +209,8 @@ def from_tensor_proto(proto) -> np.ndarray:
         raise bad(f"dtype {dtype.name} cannot be sent in a request")
     if held != count:
         raise bad(f"the shape {dims} declares {count} values but the tensor holds {held}")
+    if max_rows is not None and dims:
+        check_image_count(dims[0], max_rows)
     return tf.make_ndarray(proto)
 
 
@@ -250,10 +252,7 @@ def make_servicers(service: Service):
         def Predict(self, request, context):
             version, label = spec_version(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            for proto in request.inputs.values():  # from the declared shape, before any tensor is built
-                if proto.tensor_shape.dim:
-                    check_image_count(proto.tensor_shape.dim[0].size, service.max_images)
-            inputs = {k: from_tensor_proto(v) for k, v in request.inputs.items()}
+            inputs = {k: from_tensor_proto(v, service.max_images) for k, v in request.inputs.items()}
             found, outputs = service.predict(request.model_spec.name, version, label, signature_name, inputs, "GRPC")
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, request.model_spec.name, found.number, signature_name)
