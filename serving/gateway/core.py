@@ -47,7 +47,7 @@ HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 SIGNATURES = ("serving_default", "explain")
-UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+UID_KEYWORDS = decode_worker.UID_KEYWORDS  # what a DICOM answer carries (the worker reads them)
 
 
 class GatewayError(Exception):
