@@ -120,8 +120,8 @@ class DecodePool:
 
     def _replace(self, worker: _Worker) -> None:
         """Kill `worker` and start its replacement in the background (the refusal does not wait for it)."""
-        self.replaced += 1
         with self._lock:
+            self.replaced += 1
             self._all.discard(worker.process.pid)
         worker.process.kill()
         worker.connection.close()
