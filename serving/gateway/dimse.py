@@ -118,4 +118,9 @@ def handle_store(event, service) -> int:
     except Exception:  # noqa: BLE001 - malformed dataset from the peer
         return 0xC000
     principal = Principal(identity=f"aet:{calling}", scopes=frozenset({"predict:*"}), via="dimse")
-    return service.receive(data, door="dimse", identity=calling, principal=principal).status
+    from serving.gateway.audit import AuditUnavailable
+
+    try:
+        return service.receive(data, door="dimse", identity=calling, principal=principal).status
+    except AuditUnavailable:
+        return 0xA700  # out of resources: the sender retries once the audit trail can be written again

@@ -165,9 +165,12 @@ def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
             return
         alert = getattr(msg_type, "name", str(msg_type))
         if alert in refusals:
-            gateway.refused("rest", None, None, GatewayError(
-                "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
-                "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+            try:
+                gateway.refused("rest", None, None, GatewayError(
+                    "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
+                    "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+            except GatewayError:  # the audit trail cannot be written: the handshake is refused either way
+                pass
 
     context._msg_callback = on_message
 
