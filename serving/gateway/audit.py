@@ -163,6 +163,7 @@ class AuditLog:
         self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         self._prev, self._seq, self._mac, self._chain = GENESIS, 0, GENESIS, None
         self._size = os.fstat(self._fd).st_size
+        self._failing = False  # log the first failure and the recovery, not one line per refused request
         repaired = self._resume() if self._size else 0
         self._sync_fd = os.dup(self._fd)  # the syncer's own descriptor of the same file
         self._closed = False
@@ -247,10 +248,15 @@ class AuditLog:
             except OSError as cut:
                 log.error("audit log %s: a partial line could not be cut back (%s); it is cut back on the next "
                           "write or start-up", self.path, cut.strerror)
-            log.error("audit log %s: write failed (%s); requests are refused until it can be written",
-                      self.path, exc.strerror or type(exc).__name__)
+            if not self._failing:
+                log.error("audit log %s: write failed (%s); requests are refused until it can be written",
+                          self.path, exc.strerror or type(exc).__name__)
+                self._failing = True
             raise AuditUnavailable(exc.errno or errno.EIO, f"cannot write the audit log ({exc.strerror})") from None
         self._size += written
+        if self._failing:
+            log.warning("audit log %s is writable again; requests are served", self.path)
+            self._failing = False
 
     def sync(self) -> None:
         """fsync now (the checkpointer calls it: a checkpoint never covers lines a host crash could still take)."""
