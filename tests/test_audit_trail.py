@@ -351,3 +351,45 @@ def test_rsyslog_over_tls_receives_the_events_and_the_backlog(tmp_path, key_file
     cut.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-3]))
     result = cli(cut, "--key", key_file, "--anchor", anchor)
     assert result.returncode == 1 and "the tail was cut" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("rsyslogd") is None, reason="rsyslog (+ rsyslog-gnutls) not installed: "
+                    "scripts/install_system_deps.sh")
+def test_rsyslog_receives_dicom_audit_messages(tmp_path, key_file):
+    """--audit-syslog-format dicom: each line as a PS3.15 A.5 AuditMessage an ATNA repository can parse."""
+    from xml.etree import ElementTree as ET
+
+    from gateway_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    receiver = Rsyslog(tmp_path / "rsyslog", pki).start()
+    log = tmp_path / "audit.jsonl"
+    trail = audit.AuditTrail(log, key_file=str(key_file), syslog=f"syslog+tls://127.0.0.1:{receiver.port}",
+                             syslog_ca=str(pki["ca"]), syslog_cert=str(pki["client_cert"]),
+                             syslog_key=str(pki["client_key"]), syslog_format="dicom")
+    try:
+        trail.append({"event": "predict", "door": "rest", "identity": "dr-test", "client": "127.0.0.1",
+                      "model": "brain_mri", "outcome": "OK"})
+        trail.append({"event": "refused", "door": "rest", "limit": "body_size", "client": "127.0.0.1",
+                      "outcome": "RESOURCE_EXHAUSTED"})
+
+        def messages():
+            text = receiver.out.read_text() if receiver.out.is_file() else ""
+            return [ET.fromstring(line[line.index("<AuditMessage>"):]) for line in text.splitlines()
+                    if "<AuditMessage>" in line]
+
+        assert wait_for(lambda: len(messages()) == 2), receiver.out.read_text() if receiver.out.is_file() else ""
+    finally:
+        trail.close()
+        receiver.stop()
+    predict, refusal = messages()
+    assert predict.find("EventIdentification/EventID").get("csd-code") == "110103"
+    assert predict.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+    assert predict.find("ActiveParticipant").get("UserID") == "dr-test"
+    assert predict.find("ParticipantObjectIdentification").get("ParticipantObjectID") == "brain_mri"
+    assert refusal.find("EventIdentification/EventID").get("csd-code") == "110113"
+    assert refusal.find("EventIdentification").get("EventOutcomeIndicator") == "8"
+    seqs = [obj.get("ParticipantObjectID") for message in (predict, refusal)
+            for obj in message.findall("ParticipantObjectIdentification")
+            if obj.find("ParticipantObjectIDTypeCode").get("csd-code") == "seq"]
+    assert seqs == ["1", "2"]

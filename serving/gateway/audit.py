@@ -26,6 +26,7 @@ them from an allow-list of keys.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import errno
 import hashlib
@@ -44,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+from xml.etree import ElementTree as ET
 
 log = logging.getLogger("medpipe.gateway.audit")
 
@@ -382,6 +384,57 @@ def syslog_frame(msgid: str, message: bytes, hostname: str | None = None) -> byt
     return str(len(payload)).encode() + b" " + payload
 
 
+# ---- DICOM audit messages (PS3.15 A.5.1, the RFC 3881 schema IHE ATNA receivers parse) -----------------------------
+# event -> (EventID code (DCM), its meaning, EventActionCode); anything else is Application Activity
+DICOM_EVENTS = {
+    "predict": ("110103", "DICOM Instances Accessed", "R"),
+    "authenticate": ("110114", "User Authentication", "E"),
+    "tls_handshake": ("110114", "User Authentication", "E"),
+    "refused": ("110113", "Security Alert", "E"),
+    "refused.summary": ("110113", "Security Alert", "E"),
+    "dimse.association_rejected": ("110113", "Security Alert", "E"),
+    "audit.repaired": ("110113", "Security Alert", "E"),
+}
+# RFC 3881 EventOutcomeIndicator: 0 success, 4 minor failure (the caller's input), 8 serious (refused), 12 major
+OUTCOMES = {"OK": "0", "INVALID_ARGUMENT": "4", "NOT_FOUND": "4", "UNAUTHENTICATED": "8", "PERMISSION_DENIED": "8",
+            "RESOURCE_EXHAUSTED": "8", "DEADLINE_EXCEEDED": "8", "UNAVAILABLE": "8", "INTERNAL": "12"}
+
+
+def dicom_audit_message(line: bytes, source_id: str | None = None) -> bytes:
+    """One audit line -> a PS3.15 A.5 AuditMessage (XML). The record's seq and mac ride along as a
+    ParticipantObjectDetail so a receiver's copy can be matched to the chained file. No PHI: built from the record,
+    which holds none."""
+    record = json.loads(line)
+    code, meaning, action = DICOM_EVENTS.get(str(record.get("event")), ("110100", "Application Activity", "E"))
+    outcome = record.get("outcome") or "OK"
+    message = ET.Element("AuditMessage")
+    event = ET.SubElement(message, "EventIdentification", EventActionCode=action,
+                          EventDateTime=str(record.get("ts", "")), EventOutcomeIndicator=OUTCOMES.get(outcome, "4"))
+    ET.SubElement(event, "EventID", {"csd-code": code, "codeSystemName": "DCM", "originalText": meaning})
+    ET.SubElement(event, "EventTypeCode", {"csd-code": str(record.get("event")), "codeSystemName": "medpipe",
+                                           "originalText": str(record.get("limit") or record.get("door") or "")})
+    requestor = {"UserID": str(record.get("identity") or "unknown"), "UserIsRequestor": "true"}
+    if record.get("client"):
+        requestor.update(NetworkAccessPointID=str(record["client"]), NetworkAccessPointTypeCode="2")
+    ET.SubElement(message, "ActiveParticipant", requestor)
+    ET.SubElement(message, "ActiveParticipant", UserID=APP_NAME, UserIsRequestor="false")
+    ET.SubElement(message, "AuditSourceIdentification", AuditSourceID=source_id or socket.gethostname() or APP_NAME)
+    if record.get("model"):
+        model = ET.SubElement(message, "ParticipantObjectIdentification", ParticipantObjectID=str(record["model"]),
+                              ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="4")
+        ET.SubElement(model, "ParticipantObjectIDTypeCode", {"csd-code": "model", "codeSystemName": "medpipe",
+                                                             "originalText": "served model"})
+    chain = ET.SubElement(message, "ParticipantObjectIdentification", ParticipantObjectID=str(record.get("seq")),
+                          ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="13")
+    ET.SubElement(chain, "ParticipantObjectIDTypeCode", {"csd-code": "seq", "codeSystemName": "medpipe",
+                                                         "originalText": "audit record"})
+    for key in ("prev", "mac", "request_id"):
+        if record.get(key):
+            ET.SubElement(chain, "ParticipantObjectDetail", type=key,
+                          value=base64.b64encode(str(record[key]).encode()).decode())
+    return ET.tostring(message, encoding="utf-8", xml_declaration=False)
+
+
 class SyslogTLS:
     """A syslog-over-TLS client: verifies the receiver against `ca`, optionally presents a client certificate.
 
@@ -446,8 +499,10 @@ class SyslogShipper:
 
     BATCH = 2**20
 
-    def __init__(self, audit_log: AuditLog, client: SyslogTLS):
-        self.log, self.client = audit_log, client
+    def __init__(self, audit_log: AuditLog, client: SyslogTLS, message_format: str = "json"):
+        if message_format not in ("json", "dicom"):
+            raise ValueError(f"--audit-syslog-format {message_format!r}: expected json or dicom")
+        self.log, self.client, self.format = audit_log, client, message_format
         self.state = Path(str(audit_log.path) + ".syslog-offset")
         self.offset = self._load_offset()
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -504,7 +559,8 @@ class SyslogShipper:
             with open(self.log.path, "rb") as handle:
                 handle.seek(self.offset)
                 complete = handle.readline()
-        self.client.send(complete.splitlines())
+        lines = complete.splitlines()
+        self.client.send(lines if self.format == "json" else [dicom_audit_message(line) for line in lines])
         self.offset += len(complete)
         self._save_offset()
         return True
@@ -526,7 +582,8 @@ class AuditTrail:
 
     def __init__(self, path: str | os.PathLike, key_file: str | None = None, anchor: str | None = None,
                  syslog: str | None = None, syslog_ca: str | None = None, syslog_cert: str | None = None,
-                 syslog_key: str | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS):
+                 syslog_key: str | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                 syslog_format: str = "json"):
         key = load_key(key_file) if key_file else None
         if anchor and not key:
             raise ValueError("--audit-anchor needs --audit-key: checkpoints are signed with it")
@@ -539,7 +596,8 @@ class AuditTrail:
                     if anchor.startswith(SYSLOG_SCHEME) else FileAnchor(anchor))
             self.checkpointer = Checkpointer(self.log, key, sink, checkpoint_seconds)
         if syslog:
-            self.shipper = SyslogShipper(self.log, SyslogTLS(syslog, syslog_ca, syslog_cert, syslog_key))
+            self.shipper = SyslogShipper(self.log, SyslogTLS(syslog, syslog_ca, syslog_cert, syslog_key),
+                                         syslog_format)
 
     def append(self, record: dict) -> dict:
         return self.log.append(record)

@@ -402,7 +402,8 @@ class Gateway:
                 syslog_ca=getattr(options, "audit_syslog_ca", None),
                 syslog_cert=getattr(options, "audit_syslog_cert", None),
                 syslog_key=getattr(options, "audit_syslog_key", None),
-                checkpoint_seconds=getattr(options, "audit_checkpoint_seconds", None) or 5.0)
+                checkpoint_seconds=getattr(options, "audit_checkpoint_seconds", None) or 5.0,
+                syslog_format=getattr(options, "audit_syslog_format", None) or "json")
         except (ValueError, PermissionError) as exc:
             from medpipe.errors import ConfigError
 

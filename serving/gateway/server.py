@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between checkpoints (default 5): the most of a tail a cut can hide")
     audit.add_argument("--audit-syslog", help="syslog+tls://HOST:PORT: ship every audit line (RFC 5424 over RFC 5425 "
                        "TLS; the backlog waits in the audit file while the receiver is down)")
+    audit.add_argument("--audit-syslog-format", choices=("json", "dicom"), default="json",
+                       help="the syslog MSG: the JSON audit record (default) or a DICOM PS3.15 A.5 AuditMessage (XML, "
+                       "as IHE ATNA audit repositories parse it)")
     audit.add_argument("--audit-syslog-ca", help="PEM CA of the syslog receiver's certificate")
     audit.add_argument("--audit-syslog-cert", help="PEM client certificate for the syslog receiver (optional)")
     audit.add_argument("--audit-syslog-key", help="PEM key of --audit-syslog-cert")
