@@ -651,16 +651,15 @@ def check(path: str | os.PathLike, key: bytes | None = None, anchor: str | os.Pa
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             line = raw.rstrip(b"\n")
-            broken = Verdict(False, f"line {number} breaks the hash chain (edited, removed or reordered at or before "
-                             f"it); lines 1-{number - 1} are intact", number, seq)
             if not raw.endswith(b"\n"):
                 return Verdict(False, f"line {number} is a partial line (a write cut short)", number, seq)
             try:
                 record = json.loads(line)
             except ValueError:
-                return broken
+                record = None
             if not isinstance(record, dict) or record.get("prev") != prev or record.get("seq") != seq + 1:
-                return broken
+                return Verdict(False, f"line {number} breaks the hash chain (edited, removed or reordered at or "
+                               f"before it); lines 1-{number - 1} are intact", number, seq)
             if key is not None:
                 keyed = split_mac(line)
                 if keyed is None or not hmac.compare_digest(line_mac(key, mac, keyed[0]), keyed[1]):

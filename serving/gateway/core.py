@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from medpipe.ids import sanitize_request_id
+from serving.gateway.audit import AuditUnavailable
 
 log = logging.getLogger("medpipe.gateway")
 
@@ -64,6 +65,12 @@ class GatewayError(Exception):
     @property
     def http_status(self) -> int:
         return HTTP_BY_REASON.get(self.reason or "", ERRORS[self.code][1])
+
+
+def audit_refusal() -> GatewayError:
+    """What every door answers when the audit trail cannot be written: nothing is served unaudited."""
+    return GatewayError("RESOURCE_EXHAUSTED", "the gateway cannot write its audit trail (storage full or failing), "
+                        "so it answers nothing; retry later", reason="storage")
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,9 @@ class RefusalAudit:
         """Close the window when a new second began, queueing its summaries (called with the lock held)."""
         if now == self._window:
             return
-        self._pending += [{"event": "refused.summary", "door": door, "limit": limit, "outcome": code,
-                      "count": count, "audited_individually": self.per_second, "window_s": 1}
-                     for (door, limit, code), count in self._counts.items() if count > self.per_second]
+        self._pending += [{"event": "refused.summary", "door": door, "limit": limit, "outcome": code, "count": count,
+                           "audited_individually": self.per_second, "window_s": 1}
+                          for (door, limit, code), count in self._counts.items() if count > self.per_second]
         self._window, self._counts = now, {}
 
     def _flush(self) -> None:
@@ -190,8 +197,6 @@ class RefusalAudit:
             self._write(record)
 
     def _write(self, record: dict) -> None:
-        from serving.gateway.audit import AuditUnavailable
-
         try:
             self.gateway.audit.append(record)
         except AuditUnavailable:  # the refusal was made either way; the writer has logged the failure
@@ -470,13 +475,10 @@ class Gateway:
 
     def audited(self, record: dict) -> dict:
         """Append to the audit trail, or refuse: nothing is answered unaudited (507 / RESOURCE_EXHAUSTED)."""
-        from serving.gateway.audit import AuditUnavailable
-
         try:
             return self.audit.append(record)
         except AuditUnavailable:
-            raise GatewayError("RESOURCE_EXHAUSTED", "the gateway cannot write its audit trail (storage full or "
-                               "failing), so it answers nothing; retry later", reason="storage") from None
+            raise audit_refusal() from None
 
     def authorize(self, principal: Principal, model: str) -> None:
         if not may_call(principal, model):
@@ -646,8 +648,8 @@ class Gateway:
                outcome: str, error: GatewayError | None = None) -> None:
         """Audit a metadata or status read of a model."""
         self.audited({"event": what, "door": door, "identity": principal.identity, "via": principal.via,
-                           "client": client, "model": model, "outcome": outcome,
-                           **({"error": error.message} if error else {})})
+                      "client": client, "model": model, "outcome": outcome,
+                      **({"error": error.message} if error else {})})
 
     def close(self) -> None:
         self._summaries.put(None)  # the summaries already queued are written first

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from medpipe.errors import ConfigError
+from serving.gateway.audit import AuditUnavailable
 
 log = logging.getLogger("medpipe.gateway.dimse")
 
@@ -118,8 +119,6 @@ def handle_store(event, service) -> int:
     except Exception:  # noqa: BLE001 - malformed dataset from the peer
         return 0xC000
     principal = Principal(identity=f"aet:{calling}", scopes=frozenset({"predict:*"}), via="dimse")
-    from serving.gateway.audit import AuditUnavailable
-
     try:
         return service.receive(data, door="dimse", identity=calling, principal=principal).status
     except AuditUnavailable:

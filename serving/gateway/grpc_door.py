@@ -11,11 +11,13 @@ propagated upstream.
 
 from __future__ import annotations
 
+import functools
 from concurrent import futures
 
 import grpc
 
-from serving.gateway.core import GatewayError, check_model_spec
+from serving.gateway.audit import AuditUnavailable
+from serving.gateway.core import GatewayError, audit_refusal, check_model_spec
 from serving.listen import bind_grpc, spec_version
 
 # gRPC's transport refuses messages over this multiple of max_body_mb before the gateway sees them (unaudited);
@@ -92,9 +94,6 @@ def make_servicers(gateway):
 
     def answering(method):
         """A refusal raised while auditing (the audit trail cannot be written) is answered, never a bare UNKNOWN."""
-        import functools
-
-        from serving.gateway.audit import AuditUnavailable
 
         @functools.wraps(method)
         def wrapper(self, request, context):
@@ -103,9 +102,7 @@ def make_servicers(gateway):
             except GatewayError as exc:
                 abort(context, exc)
             except AuditUnavailable:
-                abort(context, GatewayError("RESOURCE_EXHAUSTED", "the gateway cannot write its audit trail "
-                                            "(storage full or failing), so it answers nothing; retry later",
-                                            reason="storage"))
+                abort(context, audit_refusal())
         return wrapper
 
     limit = gateway.config.limits.max_body_bytes

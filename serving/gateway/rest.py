@@ -27,7 +27,8 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' (string) annotations here
 
 from medpipe.ids import sanitize_request_id
-from serving.gateway.core import GatewayError, Principal
+from serving.gateway.audit import AuditUnavailable
+from serving.gateway.core import GatewayError, Principal, audit_refusal
 
 ROUTE = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,19})|/labels/(?P<label>[^/:]+))?"
                    r"(?P<tail>/metadata|:predict)?$")
@@ -262,14 +263,10 @@ def build_app(gateway):
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, max_bytes=gateway.config.limits.max_body_bytes, metrics=gateway.metrics,
                        refusals=gateway.transport_refusals)
-    from serving.gateway.audit import AuditUnavailable
-
     # the last word on errors any route lets through: a typed refusal keeps its status; an audit trail that cannot
     # be written is a 507 (retryable), never a 500 and never an unaudited answer
     app.add_exception_handler(GatewayError, lambda request, exc: error_response(exc))
-    app.add_exception_handler(AuditUnavailable, lambda request, exc: error_response(GatewayError(
-        "RESOURCE_EXHAUSTED", "the gateway cannot write its audit trail (storage full or failing), so it answers "
-        "nothing; retry later", reason="storage")))
+    app.add_exception_handler(AuditUnavailable, lambda request, exc: error_response(audit_refusal()))
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None
