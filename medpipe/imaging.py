@@ -566,9 +566,10 @@ def decode_dicom(data: bytes, config: TaskConfig) -> tuple[np.ndarray, DecodedIm
     check_pixel_budget(frames, rows, cols, config.ingest.max_pixels)  # from the header, before decoding
     check_min_size(cols, rows, config.ingest.min_size)
     if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
-        # the value itself is never echoed (a header value; hostile files put anything there)
-        raise RejectedInput("unsupported_photometric", "the photometric interpretation is missing or not one medpipe "
-                            f"converts ({', '.join(GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS)})")
+        # the value itself is never quoted (it is free text from the file): say what medpipe takes instead
+        raise RejectedInput("unsupported_photometric", "missing photometric interpretation" if not photometric else
+                            "unsupported photometric interpretation (medpipe converts MONOCHROME1/2, RGB, YBR_* and "
+                            "PALETTE COLOR)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -704,8 +705,8 @@ def dicom_colour(pixels: np.ndarray, ds, frames: int, photometric: str, rule: st
         rgb = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))) if bits == 16 else rgb
     else:
         if pixels.ndim != (4 if frames > 1 else 3) or pixels.shape[-1] != 3:
-            raise RejectedInput("unsupported_photometric", f"a colour image whose decoded pixel layout {pixels.shape} "
-                                "is not RGB")
+            raise RejectedInput("unsupported_photometric", "a colour image whose pixel layout is not 3 samples per "
+                                "pixel")
         rgb = select_frames(pixels, frames, rule, grey=False)
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:

@@ -4,12 +4,13 @@
 #   orthanc, orthanc-dicomweb, dcmtk                              the PACS (DIMSE + DICOMweb) tests
 #   chromium, chromium-driver, fonts-dejavu-core                  the viewer's real-browser tests
 #   postgresql, redis-server                                      Airflow's metadata DB (and the Celery profile)
+#   rsyslog, rsyslog-gnutls                                       the audit trail's syslog-over-TLS receiver (RFC 5425)
 # Idempotent and quiet: installs only what is missing; never starts the packages' system services (the tests run
 # their own instances on loopback, in temporary folders).
 set -euo pipefail
 
 PACKAGES=(prometheus prometheus-pushgateway prometheus-alertmanager orthanc orthanc-dicomweb dcmtk
-          chromium chromium-driver fonts-dejavu-core postgresql redis-server)
+          chromium chromium-driver fonts-dejavu-core postgresql redis-server rsyslog rsyslog-gnutls)
 
 missing=()
 for package in "${PACKAGES[@]}"; do
@@ -35,7 +36,7 @@ if ! output=$($SUDO apt-get install -y -qq --no-install-recommends "${missing[@]
     echo "install_system_deps.sh: apt-get install ${missing[*]} failed" >&2
     exit 1
 fi
-for service in prometheus prometheus-pushgateway prometheus-alertmanager orthanc postgresql redis-server; do
+for service in prometheus prometheus-pushgateway prometheus-alertmanager orthanc postgresql redis-server rsyslog; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
         $SUDO systemctl stop "$service" >/dev/null 2>&1 || true
     fi

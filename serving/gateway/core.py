@@ -23,6 +23,7 @@ import numpy as np
 
 from medpipe.ids import sanitize_request_id
 from serving.gateway import decode_worker
+from serving.gateway.audit import AuditUnavailable
 from serving.gateway.decode_pool import DecodeFailure, DecodePool
 from serving.gateway.decode_worker import is_exact_png  # noqa: F401 - part of this module's interface
 
@@ -41,8 +42,9 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
 }
 # A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it; an
 # image the decode pool refused (its worker ran out of memory, died or overran) is well-formed HTTP that cannot be
-# processed: 422 (gRPC keeps INVALID_ARGUMENT).
-HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422}
+# processed: 422 (gRPC keeps INVALID_ARGUMENT); storage the gateway cannot write (the audit trail, the PACS spool):
+# 507, which clients and PACSs retry.
+HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422, "storage": 507}
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -68,6 +70,12 @@ class GatewayError(Exception):
     @property
     def http_status(self) -> int:
         return HTTP_BY_REASON.get(self.reason or "", ERRORS[self.code][1])
+
+
+def audit_refusal() -> GatewayError:
+    """What every door answers when the audit trail cannot be written: nothing is served unaudited."""
+    return GatewayError("RESOURCE_EXHAUSTED", "the gateway cannot write its audit trail (storage full or failing), "
+                        "so it answers nothing; retry later", reason="storage")
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,66 @@ class ConcurrencyLimit:
 
     def __exit__(self, *exc):
         self._semaphore.release()
+
+
+class RefusalAudit:
+    """Refusals made below the core (413, 408, 503, over-size gRPC messages, DIMSE association rejects): one audit line
+    each, up to `per_second` per (door, limit) and second; beyond that they are counted and one `refused.summary`
+    line per (door, limit) and second says how many, so a flood cannot grow the log without bound. No PHI: the
+    door, the limit, the client address and a fixed message."""
+
+    def __init__(self, gateway, per_second: int = 20):
+        self.gateway, self.per_second = gateway, per_second
+        self._lock = threading.Lock()
+        self._window = int(time.monotonic())
+        self._counts: dict[tuple, int] = {}
+        self._pending: list[dict] = []  # summaries of closed windows, written outside the lock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="refusal-audit", daemon=True)
+        self._thread.start()
+
+    def refused(self, door: str, limit: str, client: str | None, message: str,
+                code: str = "RESOURCE_EXHAUSTED", event: str = "refused") -> None:
+        key = (door, limit, code)
+        with self._lock:
+            self._roll(int(time.monotonic()))
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        if count <= self.per_second:
+            self._write({"event": event, "door": door, "limit": limit, "client": client, "outcome": code,
+                         "error": message})
+
+    def _roll(self, now: int) -> None:
+        """Close the window when a new second began, queueing its summaries (called with the lock held)."""
+        if now == self._window:
+            return
+        self._pending += [{"event": "refused.summary", "door": door, "limit": limit, "outcome": code, "count": count,
+                           "audited_individually": self.per_second, "window_s": 1}
+                          for (door, limit, code), count in self._counts.items() if count > self.per_second]
+        self._window, self._counts = now, {}
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._roll(int(time.monotonic()))
+            pending, self._pending = self._pending, []
+        for record in pending:
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
+        try:
+            self.gateway.audit.append(record)
+        except AuditUnavailable:  # the refusal was made either way; the writer has logged the failure
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._window = -1  # closes the current window
+        self._flush()
 
 
 # ---- upstream: TF Serving over gRPC ------------------------------------------------------------------------------
@@ -304,7 +372,7 @@ class Gateway:
     """Built from the parsed CLI options (serving.gateway.server.build_parser)."""
 
     def __init__(self, options):
-        from serving.gateway.audit import AuditLog
+        from serving.gateway.audit import AuditTrail
         from serving.gateway.auth import Authenticator
         from serving.gateway.config import load_gateway_config
         from serving.gateway.metrics import GatewayMetrics
@@ -312,7 +380,20 @@ class Gateway:
         self.options = options
         self.config = load_gateway_config(getattr(options, "config", None))
         limits = self.config.limits
-        self.audit = AuditLog(options.audit_log)
+        try:
+            self.audit = AuditTrail(
+                options.audit_log, key_file=getattr(options, "audit_key", None),
+                anchor=getattr(options, "audit_anchor", None), syslog=getattr(options, "audit_syslog", None),
+                syslog_ca=getattr(options, "audit_syslog_ca", None),
+                syslog_cert=getattr(options, "audit_syslog_cert", None),
+                syslog_key=getattr(options, "audit_syslog_key", None),
+                checkpoint_seconds=getattr(options, "audit_checkpoint_seconds", None) or 5.0,
+                syslog_format=getattr(options, "audit_syslog_format", None) or "json")
+        except (ValueError, PermissionError) as exc:
+            from medpipe.errors import ConfigError
+
+            raise ConfigError(str(exc)) from None
+        self.transport_refusals = RefusalAudit(self)
         self.metrics = GatewayMetrics(getattr(options, "drift_baseline", None))
         self.request_log = None
         if getattr(options, "request_log", None):
@@ -370,9 +451,17 @@ class Gateway:
                 model: str | None = None, request_id: str | None = None, event: str = "authenticate") -> None:
         """Audit and count a refusal that happened before any model was called."""
         self.metrics.refused(door, exc)
-        self.audit.append({"event": event, "door": door, "identity": principal.identity if principal else None,
-                           "via": principal.via if principal else None, "client": client, "model": model,
-                           "request_id": request_id, "outcome": exc.code, "error": exc.message})
+        self.audited({"event": event, "door": door, "identity": principal.identity if principal else None,
+                      "via": principal.via if principal else None, "client": client, "model": model,
+                      "request_id": request_id, "outcome": exc.code, "error": exc.message,
+                      **({"limit": exc.reason} if exc.reason else {})})
+
+    def audited(self, record: dict) -> dict:
+        """Append to the audit trail, or refuse: nothing is answered unaudited (507 / RESOURCE_EXHAUSTED)."""
+        try:
+            return self.audit.append(record)
+        except AuditUnavailable:
+            raise audit_refusal() from None
 
     def authorize(self, principal: Principal, model: str) -> None:
         if not may_call(principal, model):
@@ -529,7 +618,11 @@ class Gateway:
             record["error"] = error.message
             if error.reason:
                 record["limit"] = error.reason
-        self.audit.append(record)
+        try:
+            self.audited(record)
+        except GatewayError as failed:  # counted as what the client gets: a storage refusal
+            self.metrics.request(record["door"], None, None, failed.code, latency, failed.reason)
+            raise
         self.metrics.request(record["door"], record["model"] if record["version"] is not None else None,
                              record["version"], outcome, latency, error.reason if error else None)
 
@@ -553,13 +646,14 @@ class Gateway:
     def access(self, principal: Principal, model: str, what: str, door: str, client: str | None,
                outcome: str, error: GatewayError | None = None) -> None:
         """Audit a metadata or status read of a model."""
-        self.audit.append({"event": what, "door": door, "identity": principal.identity, "via": principal.via,
-                           "client": client, "model": model, "outcome": outcome,
-                           **({"error": error.message} if error else {})})
+        self.audited({"event": what, "door": door, "identity": principal.identity, "via": principal.via,
+                      "client": client, "model": model, "outcome": outcome,
+                      **({"error": error.message} if error else {})})
 
     def close(self) -> None:
         self._summaries.put(None)  # the summaries already queued are written first
         self._summariser.join(timeout=30)
         self.decoders.close()
         self.upstream.close()
+        self.transport_refusals.close()
         self.audit.close()

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from medpipe.errors import ConfigError
+from serving.gateway.audit import AuditUnavailable
 
 log = logging.getLogger("medpipe.gateway.dimse")
 
@@ -66,7 +67,7 @@ def start_scp(service: Any, port: int, ae_title: str = "MEDPIPE", host: str = "0
 
     ae = build_ae(service, ae_title, service.config.calling_aets)
     handlers = [(evt.EVT_C_STORE, handle_store, [service]), (evt.EVT_C_ECHO, handle_echo),
-                (evt.EVT_REJECTED, handle_rejected)]
+                (evt.EVT_REJECTED, handle_rejected, [service])]
     server = ae.start_server((host, port), block=False, evt_handlers=handlers)
     log.info("DIMSE SCP %s listening on %s:%d (%d calling AE titles allowed)", ae_title, host,
              server.server_address[1], len(service.config.calling_aets))
@@ -77,9 +78,35 @@ def handle_echo(event) -> int:
     return 0x0000
 
 
-def handle_rejected(event) -> None:
-    log.warning("DIMSE association from %s refused (calling AE title not on the allow-list, or wrong called AE)",
-                event.assoc.requestor.address)
+REJECTIONS = {
+    "calling_aet": "DIMSE association refused: the calling AE title is not on the allow-list (calling_aets)",
+    "called_aet": "DIMSE association refused: the called AE title is not this SCP's (--dicom-ae-title)",
+    "max_associations": "DIMSE association refused: too many associations at once; retry later",
+    "association": "DIMSE association refused",
+}
+
+
+def rejection_reason(assoc) -> str:
+    """Why pynetdicom's ACSE rejected an association, re-derived from the same public settings it checked."""
+    ae, requestor = assoc.ae, assoc.requestor
+    allowed = [title.strip() for title in ae.require_calling_aet]
+    if allowed and str(requestor.ae_title).strip() not in allowed:
+        return "calling_aet"
+    called = getattr(requestor.primitive, "called_ae_title", None)
+    if ae.require_called_aet and called is not None and str(called).strip() != str(assoc.acceptor.ae_title).strip():
+        return "called_aet"
+    if len([a for a in ae.active_associations if a.is_acceptor]) > ae.maximum_associations:
+        return "max_associations"
+    return "association"
+
+
+def handle_rejected(event, service) -> None:
+    """Audited (aggregated under a flood, see core.RefusalAudit): the peer's address and why, never the AE titles
+    it sent (free text from an unauthenticated peer)."""
+    reason = rejection_reason(event.assoc)
+    service.gateway.transport_refusals.refused("dimse", reason, event.assoc.requestor.address, REJECTIONS[reason],
+                                               code="PERMISSION_DENIED" if reason != "max_associations"
+                                               else "UNAVAILABLE", event="dimse.association_rejected")
 
 
 def handle_store(event, service) -> int:
@@ -92,4 +119,7 @@ def handle_store(event, service) -> int:
     except Exception:  # noqa: BLE001 - malformed dataset from the peer
         return 0xC000
     principal = Principal(identity=f"aet:{calling}", scopes=frozenset({"predict:*"}), via="dimse")
-    return service.receive(data, door="dimse", identity=calling, principal=principal).status
+    try:
+        return service.receive(data, door="dimse", identity=calling, principal=principal).status
+    except AuditUnavailable:
+        return 0xA700  # out of resources: the sender retries once the audit trail can be written again

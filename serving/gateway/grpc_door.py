@@ -11,13 +11,18 @@ propagated upstream.
 
 from __future__ import annotations
 
+import functools
 from concurrent import futures
 
 import grpc
 
-from serving.gateway.core import GatewayError, check_model_spec
+from serving.gateway.audit import AuditUnavailable
+from serving.gateway.core import GatewayError, audit_refusal, check_model_spec
 from serving.listen import bind_grpc, spec_version
 
+# gRPC's transport refuses messages over this multiple of max_body_mb before the gateway sees them (unaudited);
+# between 1x and this, the gateway refuses them itself, audited. Bounds what one call can buffer.
+OVERSIZE_FACTOR = 2
 STATE_NAMES = {0: "UNKNOWN", 10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 
 
@@ -87,6 +92,32 @@ def make_servicers(gateway):
     def abort(context, exc: GatewayError):
         context.abort(exc.grpc_status, exc.message)
 
+    def answering(method):
+        """A refusal raised while auditing (the audit trail cannot be written) is answered, never a bare UNKNOWN."""
+
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            try:
+                return method(self, request, context)
+            except GatewayError as exc:
+                abort(context, exc)
+            except AuditUnavailable:
+                abort(context, audit_refusal())
+        return wrapper
+
+    limit = gateway.config.limits.max_body_bytes
+
+    def check_size(request, context) -> None:
+        """gRPC's transport takes messages up to OVERSIZE_FACTOR x the limit so that the gateway itself refuses (and
+        audits) one over the limit; only a message beyond that is refused by the transport before any code runs."""
+        size = request.ByteSize()
+        if size > limit:
+            message = (f"the request message ({size} bytes) exceeds the gateway's {limit}-byte limit; send fewer or "
+                       "smaller images per request")
+            gateway.metrics.limits.labels("body_size").inc()
+            gateway.transport_refusals.refused("grpc", "body_size", context.peer(), message)
+            abort(context, GatewayError("RESOURCE_EXHAUSTED", message, reason="body_size"))
+
     def principal(context):
         try:
             return gateway.authenticate_grpc(context)
@@ -98,7 +129,9 @@ def make_servicers(gateway):
         return left if left is not None and left < 1e8 else None
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        @answering
         def Predict(self, request, context):
+            check_size(request, context)
             who = principal(context)
             model = request.model_spec.name
             version, label = spec_version(request.model_spec)
@@ -145,6 +178,7 @@ def make_servicers(gateway):
             context.set_trailing_metadata((("x-request-id", prediction.request_id),))
             return response
 
+        @answering
         def GetModelMetadata(self, request, context):
             return self._forward(principal(context), context, request, "metadata", model_metadata)
 
@@ -176,6 +210,7 @@ def make_servicers(gateway):
     prediction_service = PredictionService()
 
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        @answering
         def GetModelStatus(self, request, context):
             who = principal(context)
             return prediction_service._forward(who, context, request, "status", model_status)
@@ -194,7 +229,7 @@ def start_grpc(gateway, host: str, port: int, tls: tuple | None, client_ca: str 
     limit = gateway.config.limits.max_body_bytes
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          maximum_concurrent_rpcs=threads * 8,
-                         options=[("grpc.max_receive_message_length", limit),
+                         options=[("grpc.max_receive_message_length", OVERSIZE_FACTOR * limit),
                                   ("grpc.max_send_message_length", 64 * 2**20),
                                   ("grpc.max_metadata_size", 16 * 1024)])
     prediction, models, prediction_grpc, model_grpc = make_servicers(gateway)

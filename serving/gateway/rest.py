@@ -27,7 +27,8 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' (string) annotations here
 
 from medpipe.ids import sanitize_request_id
-from serving.gateway.core import GatewayError, Principal
+from serving.gateway.audit import AuditUnavailable
+from serving.gateway.core import GatewayError, Principal, audit_refusal
 
 ROUTE = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,19})|/labels/(?P<label>[^/:]+))?"
                    r"(?P<tail>/metadata|:predict)?$")
@@ -118,8 +119,8 @@ class _TooLarge(Exception):
 class BodyLimit:
     """Pure ASGI middleware: refuse a body over `max_bytes` from its Content-Length, or while it streams."""
 
-    def __init__(self, app, max_bytes: int, metrics=None):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    def __init__(self, app, max_bytes: int, metrics=None, refusals=None):
+        self.app, self.max_bytes, self.metrics, self.refusals = app, max_bytes, metrics, refusals
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -128,7 +129,7 @@ class BodyLimit:
         if length is not None and int(length) > self.max_bytes:  # h11 has already refused a non-numeric one
             if int(length) <= self.DRAIN_FACTOR * self.max_bytes:
                 await self._drain(receive, more=True)
-            return await self._refuse(send, int(length))
+            return await self._refuse(scope, send, int(length))
         received = 0
         started = False
         more = True
@@ -153,7 +154,7 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await self._drain(receive, more, received)
-                await self._refuse(send, received)
+                await self._refuse(scope, send, received)
 
     DRAIN_FACTOR = 4
 
@@ -168,18 +169,22 @@ class BodyLimit:
             received += len(message.get("body", b""))
             more = message.get("more_body", False)
 
-    async def _refuse(self, send, size: int):
+    async def _refuse(self, scope, send, size: int):
         if self.metrics is not None:
             self.metrics.limits.labels("body_size").inc()
-        body = json.dumps({"error": f"the request body ({size} bytes or more) exceeds the gateway's "
-                                    f"{self.max_bytes}-byte limit; send fewer or smaller images per request"}).encode()
+        message = (f"the request body ({size} bytes or more) exceeds the gateway's {self.max_bytes}-byte limit; send "
+                   "fewer or smaller images per request")
+        if self.refusals is not None:
+            client = scope.get("client")
+            self.refusals.refused("rest", "body_size", client[0] if client else None, message)
+        body = json.dumps({"error": message}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-def make_protocol(header_timeout_s: float, metrics=None):
+def make_protocol(header_timeout_s: float, metrics=None, refusals=None):
     """uvicorn's h11 protocol with a per-request read deadline and the verified client certificate's subject."""
     import functools
 
@@ -188,7 +193,8 @@ def make_protocol(header_timeout_s: float, metrics=None):
 
     from serving.gateway.auth import subject_of
 
-    timeout_body = json.dumps({"error": f"the request did not arrive within {header_timeout_s:g} s"}).encode()
+    timeout_message = f"the request did not arrive within {header_timeout_s:g} s"
+    timeout_body = json.dumps({"error": timeout_message}).encode()
 
     async def with_subject(app, subject, scope, receive, send):
         scope["medpipe.client_subject"] = subject
@@ -233,6 +239,10 @@ def make_protocol(header_timeout_s: float, metrics=None):
                 return
             if metrics is not None:
                 metrics.limits.labels("read_timeout").inc()
+            if refusals is not None:
+                peer = self.transport.get_extra_info("peername")
+                refusals.refused("rest", "read_timeout", peer[0] if peer else None, timeout_message,
+                                 code="DEADLINE_EXCEEDED")
             if self.cycle is None or not self.cycle.response_started:
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                      b"connection: close\r\ncontent-length: " + str(len(timeout_body)).encode()
@@ -251,7 +261,12 @@ def build_app(gateway):
 
     app = FastAPI(title="medpipe gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
-    app.add_middleware(BodyLimit, max_bytes=gateway.config.limits.max_body_bytes, metrics=gateway.metrics)
+    app.add_middleware(BodyLimit, max_bytes=gateway.config.limits.max_body_bytes, metrics=gateway.metrics,
+                       refusals=gateway.transport_refusals)
+    # the last word on errors any route lets through: a typed refusal keeps its status; an audit trail that cannot
+    # be written is a 507 (retryable), never a 500 and never an unaudited answer
+    app.add_exception_handler(GatewayError, lambda request, exc: error_response(exc))
+    app.add_exception_handler(AuditUnavailable, lambda request, exc: error_response(audit_refusal()))
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None
@@ -342,6 +357,32 @@ def build_app(gateway):
             continue
         app.include_router(module.build_router(gateway))
     return app
+
+
+class ConnectionLimitAudit:
+    """Audits uvicorn's own 503 at `max_connections` (uvicorn refuses before any app code runs and only logs it):
+    a filter on its logger turns each such line into an aggregated audit refusal, and drops the log line (a flood
+    of them would fill the log; the audit summary and the metric count them)."""
+
+    MESSAGE = "Exceeded concurrency limit."
+
+    def __init__(self, refusals, metrics=None):
+        self.refusals, self.metrics = refusals, metrics
+
+    def filter(self, record) -> bool:
+        if record.getMessage() != self.MESSAGE:
+            return True
+        if self.metrics is not None:
+            self.metrics.limits.labels("max_connections").inc()
+        self.refusals.refused("rest", "max_connections", None, "the gateway is at its connection limit; retry "
+                              "with backoff", code="UNAVAILABLE")
+        return False
+
+
+def audit_connection_limit(gateway) -> None:
+    import logging
+
+    logging.getLogger("uvicorn.error").addFilter(ConnectionLimitAudit(gateway.transport_refusals, gateway.metrics))
 
 
 # Other doors, each a module with build_router(gateway) -> fastapi.APIRouter (the PACS and viewer issues).

@@ -36,7 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jwt-issuer", help="required `iss` of bearer tokens")
     parser.add_argument("--allow-anonymous", action="store_true",
                         help="callers without credentials get the config's anonymous_scopes (loopback only: the demo)")
-    parser.add_argument("--audit-log", required=True, help="hash-chained JSON lines audit file (appended)")
+    parser.add_argument("--audit-log", required=True, help="hash-chained JSON lines audit file (appended, 0600)")
+    audit = parser.add_argument_group("audit trail (docs/operations.md \"Audit trail\")")
+    audit.add_argument("--audit-key", help="secret file (>= 32 random bytes, mode 0600): every audit line carries an "
+                       "HMAC-SHA256 chained over the previous one; no default")
+    audit.add_argument("--audit-anchor", help="FILE or syslog+tls://HOST:PORT: signed checkpoints of the chain's head "
+                       "(needs --audit-key); medpipe audit verify --anchor then shows a cut tail")
+    audit.add_argument("--audit-checkpoint-seconds", type=float, default=5.0,
+                       help="seconds between checkpoints (default 5): the most of a tail a cut can hide")
+    audit.add_argument("--audit-syslog", help="syslog+tls://HOST:PORT: ship every audit line (RFC 5424 over RFC 5425 "
+                       "TLS; the backlog waits in the audit file while the receiver is down)")
+    audit.add_argument("--audit-syslog-format", choices=("json", "dicom"), default="json",
+                       help="the syslog MSG: the JSON audit record (default) or a DICOM PS3.15 A.5 AuditMessage (XML, "
+                       "as IHE ATNA audit repositories parse it)")
+    audit.add_argument("--audit-syslog-ca", help="PEM CA of the syslog receiver's certificate")
+    audit.add_argument("--audit-syslog-cert", help="PEM client certificate for the syslog receiver (optional)")
+    audit.add_argument("--audit-syslog-key", help="PEM key of --audit-syslog-cert")
     parser.add_argument("--request-log", help="folder for requests-YYYY-MM-DD.jsonl (read by medpipe monitor and "
                         "medpipe feedback)")
     parser.add_argument("--config", help="gateway config YAML: limits, certificate identities (config/gateway.yaml)")
@@ -95,14 +110,24 @@ def check_options(args) -> None:
                           "pass --tls-cert and --tls-key")
     if bool(args.upstream_cert) != bool(args.upstream_key):
         raise ConfigError("--upstream-cert and --upstream-key go together")
+    if getattr(args, "audit_anchor", None) and not getattr(args, "audit_key", None):
+        raise ConfigError("--audit-anchor needs --audit-key: the checkpoints are signed with it")
+    syslog = getattr(args, "audit_syslog", None) or (getattr(args, "audit_anchor", None) or "").startswith("syslog")
+    if syslog and not getattr(args, "audit_syslog_ca", None):
+        raise ConfigError("syslog over TLS needs --audit-syslog-ca (the CA of the receiver's certificate)")
+    if bool(getattr(args, "audit_syslog_cert", None)) != bool(getattr(args, "audit_syslog_key", None)):
+        raise ConfigError("--audit-syslog-cert and --audit-syslog-key go together")
+    if getattr(args, "audit_checkpoint_seconds", 5.0) <= 0:
+        raise ConfigError("--audit-checkpoint-seconds must be > 0")
 
 
 def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None):
     """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known."""
     import uvicorn
 
-    from serving.gateway.rest import make_protocol
+    from serving.gateway.rest import audit_connection_limit, make_protocol
 
+    audit_connection_limit(gateway)
     limits = gateway.config.limits
     sock = bind_rest(host, port)
     sock.set_inheritable(True)
@@ -112,7 +137,8 @@ def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca
         if client_ca:
             tls_options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
     config = uvicorn.Config(
-        app, http=make_protocol(limits.header_timeout_s, gateway.metrics), loop="asyncio", lifespan="off",
+        app, http=make_protocol(limits.header_timeout_s, gateway.metrics, gateway.transport_refusals), loop="asyncio",
+        lifespan="off",
         timeout_keep_alive=limits.idle_timeout_s, limit_concurrency=limits.max_connections,
         h11_max_incomplete_event_size=32 * 1024, access_log=False, server_header=False, log_level="warning",
         **tls_options)
@@ -142,9 +168,12 @@ def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
             return
         alert = getattr(msg_type, "name", str(msg_type))
         if alert in refusals:
-            gateway.refused("rest", None, None, GatewayError(
-                "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
-                "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+            try:
+                gateway.refused("rest", None, None, GatewayError(
+                    "UNAUTHENTICATED", f"client certificate refused at the TLS handshake ({alert.lower()}); "
+                    "present a certificate signed by the gateway's client CA"), event="tls_handshake")
+            except GatewayError:  # the audit trail cannot be written: the handshake is refused either way
+                pass
 
     context._msg_callback = on_message
 
