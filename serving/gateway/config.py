@@ -9,7 +9,10 @@
       default_deadline_s: 30      # upstream deadline when the client sends none
       header_timeout_s: 10        # REST: a request's headers and body must arrive within this time ...
       idle_timeout_s: 5           # ... and an idle keep-alive connection is closed after this
-      max_connections: 1024       # REST connections at once (beyond: 503)
+      max_connections: 1024       # REST sockets at once, TLS handshakes and idle ones included (beyond: the
+                                  # oldest idle one is closed; all busy: the newcomer is closed)
+      accept_rate_per_s: 100      # new connections per client address per second (0 = no limit) ...
+      accept_burst: 200           # ... with bursts of this many; beyond: closed at accept
     identities:                   # mTLS: certificate subject (RFC 4514, as `openssl x509 -subject -nameopt RFC2253`)
       "CN=radiology-viewer,O=Example Hospital": [predict:brain_mri]
     anonymous_scopes: ["predict:*", "metrics:read"]   # only with --allow-anonymous on loopback
@@ -38,6 +41,8 @@ class Limits:
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 1024
+    accept_rate_per_s: float = 100.0
+    accept_burst: float = 200.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -74,6 +79,8 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
                           f'e.g. "CN=viewer,O=Hospital": [predict:brain_mri]')
     config = _build(GatewayConfig, raw, str(file), "")
     limits = config.limits
+    if limits.max_connections < 1 or limits.accept_rate_per_s < 0 or limits.header_timeout_s <= 0:
+        raise ConfigError(f"{file}: limits.max_connections and header_timeout_s must be > 0, accept_rate_per_s >= 0")
     if limits.max_images < 1 or limits.max_concurrent < 1 or limits.max_body_mb <= 0 or limits.rate_per_minute <= 0:
         raise ConfigError(f"{file}: limits.max_images, max_concurrent, max_body_mb and rate_per_minute must be > 0")
     return GatewayConfig(limits=limits, identities={k: tuple(v) for k, v in identities.items()},

@@ -179,8 +179,13 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def make_protocol(header_timeout_s: float, metrics=None):
-    """uvicorn's h11 protocol with a per-request read deadline and the verified client certificate's subject."""
+def make_protocol(header_timeout_s: float, metrics=None, guard=None, ssl_context=None):
+    """uvicorn's h11 protocol with a per-request read deadline, the verified client certificate's subject, and
+    (with `guard`) every socket counted from accept to close (serving.gateway.connections).
+
+    With `ssl_context`, TLS is started here (asyncio's public `loop.start_tls`) rather than by uvicorn, so that a
+    socket is counted during its handshake and a handshake gets `header_timeout_s`, like a request head."""
+    import asyncio
     import functools
 
     import h11
@@ -189,20 +194,81 @@ def make_protocol(header_timeout_s: float, metrics=None):
     from serving.gateway.auth import subject_of
 
     timeout_body = json.dumps({"error": f"the request did not arrive within {header_timeout_s:g} s"}).encode()
+    EARLY_BYTES = 64 * 1024
 
     async def with_subject(app, subject, scope, receive, send):
         scope["medpipe.client_subject"] = subject
         return await app(scope, receive, send)
 
+    def count(limit: str) -> None:
+        if metrics is not None:
+            metrics.limits.labels(limit).inc()
+
     class GatewayH11Protocol(H11Protocol):
+        _made = False  # uvicorn's connection_made has run (after the TLS handshake, if any)
+        _counted = False
+        _read_timer = None
+        _raw = None  # the accepted socket's transport
+
         def connection_made(self, transport):
+            self._raw = transport
+            peer = transport.get_extra_info("peername")
+            if guard is not None:
+                if not guard.admit(self, peer[0] if isinstance(peer, tuple) else None):
+                    transport.abort()  # refused at accept: no bytes read, none written
+                    return
+                self._counted = True
+            if ssl_context is None:
+                self._start(transport)
+                return
+            transport.pause_reading()
+            self._handshake = asyncio.ensure_future(self._start_tls(transport))
+
+        async def _start_tls(self, transport):
+            try:
+                secure = await self.loop.start_tls(transport, self, ssl_context, server_side=True,
+                                                   ssl_handshake_timeout=header_timeout_s)
+            except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                    count("read_timeout")
+                transport.abort()
+                self._release()
+                return
+            if secure is None or secure.is_closing():
+                self._release()
+                return
+            self._start(secure)
+
+        def _start(self, transport):
             super().connection_made(transport)
+            self._made = True
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if der:
                 self.app = functools.partial(with_subject, self.app, subject_of(der))
-            self._read_timer = None
             self._arm()
+            if guard is not None:
+                guard.touch(self)
+            early, self._early = self._early, None
+            for data in early or ():
+                self.data_received(data)
+
+        def started(self) -> bool:
+            return self._made
+
+        def idle(self) -> bool:
+            """No request in flight: a TLS handshake, a head still arriving, or a keep-alive wait."""
+            return not self._made or self.cycle is None or self.cycle.response_complete
+
+        def shed(self, reason: str) -> None:
+            self._counted = False  # the guard already forgot it
+            self._disarm()
+            self._raw.abort()
+
+        def _release(self):
+            if self._counted:
+                self._counted = False
+                guard.release(self)
 
         def _arm(self):
             if self._read_timer is None:
@@ -213,8 +279,17 @@ def make_protocol(header_timeout_s: float, metrics=None):
                 self._read_timer.cancel()
                 self._read_timer = None
 
+        _early = None  # request bytes decrypted as the handshake completed, before start_tls returned
+
         def data_received(self, data):
+            if not self._made:
+                self._early = (self._early or []) + [data]
+                if sum(map(len, self._early)) > EARLY_BYTES:
+                    self._raw.abort()
+                return
             self._arm()  # the clock runs from the first byte of a request until it is complete
+            if guard is not None:
+                guard.touch(self)
             super().data_received(data)
             if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
                 self._disarm()
@@ -225,14 +300,15 @@ def make_protocol(header_timeout_s: float, metrics=None):
 
         def connection_lost(self, exc):
             self._disarm()
-            super().connection_lost(exc)
+            self._release()
+            if self._made:
+                super().connection_lost(exc)
 
         def _read_timeout(self):
             self._read_timer = None
             if self.transport.is_closing() or self.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
                 return
-            if metrics is not None:
-                metrics.limits.labels("read_timeout").inc()
+            count("read_timeout")
             if self.cycle is None or not self.cycle.response_started:
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                      b"connection: close\r\ncontent-length: " + str(len(timeout_body)).encode()

@@ -98,29 +98,42 @@ def check_options(args) -> None:
 
 
 def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None):
-    """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known."""
+    """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known.
+
+    Connections are limited by the protocol (serving.gateway.connections), not by uvicorn's limit_concurrency
+    (which counts requests, accepts every socket and answers 503 to probes while idle sockets pile up); TLS is
+    started by the protocol too, so that handshakes count and time out like request heads."""
     import uvicorn
 
+    from serving.gateway.connections import AcceptRate, ConnectionGuard, raise_fd_limit
     from serving.gateway.rest import make_protocol
 
     limits = gateway.config.limits
     sock = bind_rest(host, port)
     sock.set_inheritable(True)
-    tls_options = {}
-    if tls:
-        tls_options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]}
-        if client_ca:
-            tls_options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    context = tls_context(tls, client_ca) if tls else None
+    if context is not None and client_ca:
+        audit_tls_refusals(context, gateway)
+    guard = ConnectionGuard(raise_fd_limit(limits.max_connections),
+                            AcceptRate(limits.accept_rate_per_s, limits.accept_burst),
+                            on_refuse=lambda limit: gateway.metrics.limits.labels(limit).inc())
     config = uvicorn.Config(
-        app, http=make_protocol(limits.header_timeout_s, gateway.metrics), loop="asyncio", lifespan="off",
-        timeout_keep_alive=limits.idle_timeout_s, limit_concurrency=limits.max_connections,
-        h11_max_incomplete_event_size=32 * 1024, access_log=False, server_header=False, log_level="warning",
-        **tls_options)
-    if tls and client_ca:
-        config.load()
-        audit_tls_refusals(config.ssl, gateway)
+        app, http=make_protocol(limits.header_timeout_s, gateway.metrics, guard, context), loop="asyncio",
+        lifespan="off", timeout_keep_alive=limits.idle_timeout_s, h11_max_incomplete_event_size=32 * 1024,
+        access_log=False, server_header=False, log_level="warning", backlog=4096)
     server = uvicorn.Server(config)
     return server, sock
+
+
+def tls_context(tls: tuple, client_ca: str | None) -> ssl.SSLContext:
+    """The REST door's server context: the --tls-cert chain; with --client-ca, a client certificate is verified
+    when presented (CERT_OPTIONAL: bearer tokens need none)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls[0], tls[1])
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
@@ -153,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args)
     sys.setswitchinterval(0.0005)  # see serving.server: a woken thread should not wait 5 ms for the GIL
+    from serving.gateway.connections import throttle_logging
+
+    throttle_logging()  # a failure repeated per connection or per loop turn is one line a minute, with a count
     from serving.gateway.core import Gateway
     from serving.gateway.grpc_door import start_grpc
     from serving.gateway.rest import build_app
