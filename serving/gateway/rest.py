@@ -252,6 +252,8 @@ def make_protocol(header_timeout_s: float, metrics=None, guard=None, ssl_context
             early, self._early = self._early, None
             for data in early or ():
                 self.data_received(data)
+            if early and not self._raw.is_closing():
+                self._raw.resume_reading()
 
         def started(self) -> bool:
             return self._made
@@ -285,7 +287,7 @@ def make_protocol(header_timeout_s: float, metrics=None, guard=None, ssl_context
             if not self._made:
                 self._early = (self._early or []) + [data]
                 if sum(map(len, self._early)) > EARLY_BYTES:
-                    self._raw.abort()
+                    self._raw.pause_reading()  # flow control until uvicorn takes over (in _start)
                 return
             self._arm()  # the clock runs from the first byte of a request until it is complete
             if guard is not None:
