@@ -19,6 +19,7 @@ failures must not become a flood of log).
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Callable, Optional, Protocol
 
 log = logging.getLogger("medpipe.gateway")
 
-FD_RESERVE = 256  # descriptors kept for everything but REST sockets: gRPC, PACS, audit, spool, model files
+FD_RESERVE = 256  # descriptors kept, beyond those open at start-up, for gRPC threads, PACS, spool and audit files
 
 
 class Connection(Protocol):
@@ -109,8 +110,9 @@ class ConnectionGuard:
         return True
 
 
-def raise_fd_limit(max_connections: int) -> int:
-    """Soft RLIMIT_NOFILE -> hard; -> the max_connections that fits under it (FD_RESERVE kept). One log line."""
+def raise_fd_limit(max_connections: int, doors: int = 2) -> int:
+    """Soft RLIMIT_NOFILE -> hard; -> the max_connections per door (REST, gRPC) that fits under it, FD_RESERVE
+    kept for the rest. One log line."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if target > soft:
@@ -119,11 +121,19 @@ def raise_fd_limit(max_connections: int) -> int:
             soft = target
         except (ValueError, OSError):
             pass  # keep the soft limit; the cap below still holds
-    fitting = max(16, min(max_connections, soft - FD_RESERVE))
-    log.info("file descriptors: limit %d; REST connections at most %d%s", soft, fitting,
+    fitting = max(16, min(max_connections, (soft - _open_fds() - FD_RESERVE) // doors))
+    log.info("file descriptors: limit %d; REST and gRPC connections at most %d each%s", soft, fitting,
              "" if fitting == max_connections else f" (max_connections {max_connections} lowered to fit: raise "
              "the hard limit, e.g. `ulimit -Hn` or docker-compose ulimits.nofile)")
     return fitting
+
+
+def _open_fds() -> int:
+    """Descriptors this process holds now (libraries, threads, files), where the OS says; else a guess."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64
 
 
 class Throttled(logging.Filter):

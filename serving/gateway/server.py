@@ -97,7 +97,8 @@ def check_options(args) -> None:
         raise ConfigError("--upstream-cert and --upstream-key go together")
 
 
-def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None):
+def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None,
+                max_connections: int | None = None):
     """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known.
 
     Connections are limited by the protocol (serving.gateway.connections), not by uvicorn's limit_concurrency
@@ -105,7 +106,7 @@ def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca
     started by the protocol too, so that handshakes count and time out like request heads."""
     import uvicorn
 
-    from serving.gateway.connections import AcceptRate, ConnectionGuard, raise_fd_limit
+    from serving.gateway.connections import AcceptRate, ConnectionGuard
     from serving.gateway.rest import make_protocol
 
     limits = gateway.config.limits
@@ -114,13 +115,14 @@ def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca
     context = tls_context(tls, client_ca) if tls else None
     if context is not None and client_ca:
         audit_tls_refusals(context, gateway)
-    guard = ConnectionGuard(raise_fd_limit(limits.max_connections),
+    guard = ConnectionGuard(max_connections or limits.max_connections,
                             AcceptRate(limits.accept_rate_per_s, limits.accept_burst),
                             on_refuse=lambda limit: gateway.metrics.limits.labels(limit).inc())
     config = uvicorn.Config(
         app, http=make_protocol(limits.header_timeout_s, gateway.metrics, guard, context), loop="asyncio",
         lifespan="off", timeout_keep_alive=limits.idle_timeout_s, h11_max_incomplete_event_size=32 * 1024,
-        access_log=False, server_header=False, log_level="warning", backlog=4096)
+        access_log=False, server_header=False, log_level="warning", backlog=4096,
+        log_config=None)  # uvicorn's dictConfig would close our log handlers: each line then reopens the file
     server = uvicorn.Server(config)
     return server, sock
 
@@ -166,9 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args)
     sys.setswitchinterval(0.0005)  # see serving.server: a woken thread should not wait 5 ms for the GIL
-    from serving.gateway.connections import throttle_logging
+    from serving.gateway.connections import raise_fd_limit, throttle_logging
 
     throttle_logging()  # a failure repeated per connection or per loop turn is one line a minute, with a count
+    logging.raiseExceptions = False  # a log line that cannot be written is dropped, not a traceback on stderr
     from serving.gateway.core import Gateway
     from serving.gateway.grpc_door import start_grpc
     from serving.gateway.rest import build_app
@@ -178,9 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pacs = start_pacs(gateway, args)  # None unless --results-to / --dicom-port
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads)
+    connections = raise_fd_limit(gateway.config.limits.max_connections)  # per door, under the fd limit
+    grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads,
+                                        max_connections=connections)
     app = build_app(gateway)
-    server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca)
+    server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca, connections)
     rest_port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rest")
     thread.start()

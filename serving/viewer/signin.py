@@ -97,7 +97,7 @@ class Lockout:
             return Verdict(False, entry["locked_until"] - now, locked=True)
         with self.lock:
             _, address_until, address_last = self.addresses.get(address or "?", (0, 0.0, 0.0))
-        if entry.get("unlocked_at", 0) > address_last:
+        if entry.get("unlocked_at", 0) >= address_last > 0:
             address_until = 0.0  # an admin unlocked this account since this address last failed
         wait = max(address_until, entry.get("until", 0)) - now
         if wait > 0:
