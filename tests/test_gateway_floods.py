@@ -40,17 +40,18 @@ def _gateway(base: Path, limits: dict, tls: bool):
             "--config", str(config), "--log-file", str(base / "gateway-file.log")]
     if tls:
         args += ["--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"])]
-    process, _, rest = start_gateway(args, base / "gateway.log")
-    return process, rest, pki
+    process, grpc_address, rest = start_gateway(args, base / "gateway.log")
+    return process, grpc_address, rest, pki
 
 
 @pytest.fixture(scope="module")
 def flood_gw(tmp_path_factory):
     base = tmp_path_factory.mktemp("floods")
-    process, rest, pki = _gateway(base, {"max_connections": MAX_CONNECTIONS, "header_timeout_s": HEADER_TIMEOUT_S,
-                                         "idle_timeout_s": 2, "accept_rate_per_s": 0}, tls=True)
+    process, grpc_address, rest, pki = _gateway(base, {
+        "max_connections": MAX_CONNECTIONS, "header_timeout_s": HEADER_TIMEOUT_S, "idle_timeout_s": 2,
+        "accept_rate_per_s": 0}, tls=True)
     port = int(rest.rsplit(":", 1)[1])
-    yield {"process": process, "rest": rest, "port": port, "ca": str(pki["ca"]), "base": base}
+    yield {"process": process, "rest": rest, "port": port, "ca": str(pki["ca"]), "base": base, "grpc": grpc_address}
     assert stop(process) == 0
 
 
@@ -219,7 +220,7 @@ def test_a_tls_client_is_served_and_the_fd_limit_is_one_log_line(flood_gw):
 
 
 def test_the_accept_rate_per_address_closes_a_burst_then_recovers(tmp_path):
-    process, rest, _ = _gateway(tmp_path, {"accept_rate_per_s": 5, "accept_burst": 10}, tls=False)
+    process, _, rest, _ = _gateway(tmp_path, {"accept_rate_per_s": 5, "accept_burst": 10}, tls=False)
     port = int(rest.rsplit(":", 1)[1])
     try:
         answered = 0
@@ -239,3 +240,32 @@ def test_the_accept_rate_per_address_closes_a_burst_then_recovers(tmp_path):
         assert float(refused[0].split()[-1]) >= 25
     finally:
         assert stop(process) == 0
+
+
+def test_idle_grpc_sockets_are_closed_after_the_handshake_deadline_and_health_answers(flood_gw):
+    """Sockets that never speak HTTP/2 on the gRPC door: gRPC's handshake deadline (header_timeout_s) closes them
+    and the gateway's health service keeps answering."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port = int(flood_gw["grpc"].rsplit(":", 1)[1])
+    _raise_own_fd_limit(4096)
+    sockets = []
+    try:
+        for _ in range(1500):
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(("127.0.0.1", grpc_port))
+            except BlockingIOError:
+                pass
+            sockets.append(sock)
+        shed = _wait_shed(sockets, 1500, seconds=HEADER_TIMEOUT_S + 20)
+        credentials = grpc.ssl_channel_credentials(Path(flood_gw["ca"]).read_bytes())
+        with grpc.secure_channel(flood_gw["grpc"], credentials) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert shed == 1500, f"{shed} of 1500 idle gRPC sockets were closed"
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -156,7 +156,8 @@ def test_sign_ins_run_off_the_event_loop(gw):
     assert during, "the probe ran while the sign-ins did"
     print(f"probe latency: idle max {max(baseline):.3f} s, during 16 sign-ins max {max(during):.3f} s "
           f"({len(during)} probes)")
-    assert max(during) < 1.0
+    # loosely (a shared 2-core machine): with scrypt on the event loop, a probe waited for all 16 hashes (4.4 s)
+    assert sorted(during)[len(during) // 2] < 0.5 and max(during) < 2.0
 
 
 def _probe_latency(rest: str, count: int) -> list[float]:

@@ -165,7 +165,7 @@ class HashPool:
     def __init__(self, workers: int | None = None, queue: int = 16):
         # half the cores (at least one): scrypt must leave a core to the event loop and the model traffic
         workers = workers or max(1, (os.cpu_count() or 2) // 2)
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrypt")
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrypt", initializer=_yield_cpu)
         self.limit = workers + queue
         self.pending = 0
 
@@ -177,6 +177,15 @@ class HashPool:
             return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
         finally:
             self.pending -= 1
+
+
+def _yield_cpu() -> None:
+    """A scrypt thread runs at a lower priority (Linux: per-thread nice), so that on a busy machine the event loop
+    and the predictions come first and sign-ins wait."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 @dataclass(frozen=True)
