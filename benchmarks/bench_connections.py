@@ -85,7 +85,8 @@ def bench_signins(folder: Path, count: int) -> dict:
     finally:
         stop(process)
     return {"sign_ins": len(statuses), "refused_busy": statuses.count(503),
-            "sign_ins_per_s": round((count // 8 * 8) / elapsed, 2), "scrypt_pool_workers": max(1, (os.cpu_count() or 2) // 2),
+            "sign_ins_per_s": round((count // 8 * 8) / elapsed, 2),
+            "scrypt_pool_workers": max(1, (os.cpu_count() or 2) // 2),
             "probe_idle": _stats(idle), "probe_during_16_sign_ins": _stats(during)}
 
 
