@@ -29,6 +29,7 @@ BENCHMARKS = {
     "scaling": "benchmarks/bench_scaling.py",
     "safety": "benchmarks/bench_safety.py",
     "audit": "benchmarks/bench_audit.py",
+    "connections": "benchmarks/bench_connections.py",
 }
 
 

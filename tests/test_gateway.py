@@ -55,7 +55,8 @@ def gw(trained_sample_run, ingested_sample, tmp_path_factory):
     config = base / "gateway.yaml"
     config.write_text(json.dumps({
         "limits": {"max_body_mb": 4, "rate_per_minute": 100000, "max_concurrent": 4, "queue_timeout_s": 10,
-                   "header_timeout_s": 3, "idle_timeout_s": 3, "default_deadline_s": 20},
+                   "header_timeout_s": 3, "idle_timeout_s": 3, "default_deadline_s": 20,
+                   "accept_rate_per_s": 0},  # every client here is 127.0.0.1 (the 500 slow connections too)
         "identities": {CLIENT_SUBJECT: ["predict:brain_mri", "metrics:read"]}}))
     args = ["--upstream", upstream_grpc, "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
             "--client-ca", str(pki["ca"]), "--jwt-key", str(pki["jwt_public"]), "--audit-log",

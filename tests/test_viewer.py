@@ -129,10 +129,22 @@ def test_upload_a_dicom_read_the_finding_move_the_overlay_and_correct_the_label(
     slider.fill("10")
     assert float(overlay.evaluate("e => getComputedStyle(e).opacity")) == pytest.approx(0.1)
 
-    # Correct the label: the record `medpipe feedback` reads, then the partition it builds from it.
+    # Correct the label: the record `medpipe feedback` reads, then the partition it builds from it. The label box
+    # starts on a prompt, never on a class; an image outside intended use can only be marked unusable.
     request_id = result.get_attribute("data-request-id")
+    if expected.get("in_distribution") is False:
+        assert result.get_by_label("Correct label").count() == 0
+        result.get_by_role("button", name="Mark image unusable").click()
+        page.wait_for_load_state()
+        assert "marked unusable" in page.inner_text("main")
+        rows = list(csv.DictReader((viewer["feedback"] / "confirmed.csv").open()))
+        assert rows == [{"request_id": request_id, "label": "unusable", "image_path": ""}]
+        page.goto(f"{viewer['rest']}/viewer/models/{MODEL}")
+        assert f"Model {MODEL}" in page.inner_text("h1")
+        return
     labels = result.get_by_label("Correct label")
-    options = [o for o in labels.locator("option").all_inner_texts()]
+    assert labels.input_value() == "", "no class is preselected"
+    options = [o for o in labels.locator("option:not([disabled])").all_inner_texts()]
     corrected = next(o for o in options if o != expected.get("class"))
     labels.select_option(corrected)
     result.get_by_role("button", name="Save label").click()

@@ -9,7 +9,10 @@
       default_deadline_s: 30      # upstream deadline when the client sends none
       header_timeout_s: 10        # REST: a request's headers and body must arrive within this time ...
       idle_timeout_s: 5           # ... and an idle keep-alive connection is closed after this
-      max_connections: 1024       # REST connections at once (beyond: 503)
+      max_connections: 1024       # REST sockets at once, TLS handshakes and idle ones included (beyond: the
+                                  # oldest idle one is closed; all busy: the newcomer is closed)
+      accept_rate_per_s: 100      # new connections per client address per second (0 = no limit) ...
+      accept_burst: 200           # ... with bursts of this many; beyond: closed at accept
       decode_workers: 2           # images are decoded in this many worker processes (serving/gateway/decode_pool.py)
       decode_memory_mb: 1024      # each worker's address-space limit (RLIMIT_AS); an image needing more: 422
       decode_timeout_s: 20        # one image's decode time limit (and never past the request's deadline): 422
@@ -48,6 +51,8 @@ class Limits:
     decode_timeout_s: float = 20.0
     decode_max_tasks: int = 500
     decode_recycle_mb: int = 256
+    accept_rate_per_s: float = 100.0
+    accept_burst: float = 200.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -84,6 +89,8 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
                           f'e.g. "CN=viewer,O=Hospital": [predict:brain_mri]')
     config = _build(GatewayConfig, raw, str(file), "")
     limits = config.limits
+    if limits.max_connections < 1 or limits.accept_rate_per_s < 0 or limits.header_timeout_s <= 0:
+        raise ConfigError(f"{file}: limits.max_connections and header_timeout_s must be > 0, accept_rate_per_s >= 0")
     if limits.max_images < 1 or limits.max_concurrent < 1 or limits.max_body_mb <= 0 or limits.rate_per_minute <= 0:
         raise ConfigError(f"{file}: limits.max_images, max_concurrent, max_body_mb and rate_per_minute must be > 0")
     if limits.decode_workers < 1 or limits.decode_timeout_s <= 0 or limits.decode_max_tasks < 1:

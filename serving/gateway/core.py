@@ -46,7 +46,7 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
 # 507, which clients and PACSs retry.
 HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422, "storage": 507}
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")  # no leading dot: never "." or ".." (a path)
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 SIGNATURES = ("serving_default", "explain")
 UID_KEYWORDS = decode_worker.UID_KEYWORDS  # what a DICOM answer carries (the worker reads them)
@@ -113,7 +113,8 @@ class Prediction:
 
 def check_model_spec(model: str, label: str | None = None) -> None:
     if not isinstance(model, str) or not MODEL_NAME.match(model):
-        raise GatewayError("INVALID_ARGUMENT", "model names are 1-64 characters of A-Z a-z 0-9 . _ -")
+        raise GatewayError("INVALID_ARGUMENT", "model names are 1-64 characters of A-Z a-z 0-9 . _ -, not starting "
+                           "with a dot")
     if label is not None and not LABEL_NAME.match(label):
         raise GatewayError("INVALID_ARGUMENT", "version labels are 1-64 characters of A-Z a-z 0-9 _")
 

@@ -222,16 +222,30 @@ def make_servicers(gateway):
     return prediction_service, ModelService(), prediction_service_pb2_grpc, model_service_pb2_grpc
 
 
-def start_grpc(gateway, host: str, port: int, tls: tuple | None, client_ca: str | None, threads: int = 16):
+def server_options(limits, threads: int, max_connections: int | None = None) -> list[tuple[str, int]]:
+    """gRPC core channel arguments (public, grpc_types.h) that bound the door's sockets like the REST door's:
+    connections at once, a handshake deadline, idle connections closed, streams per connection, keepalive pings."""
+    return [("grpc.max_receive_message_length", OVERSIZE_FACTOR * limits.max_body_bytes),
+            ("grpc.max_send_message_length", 64 * 2**20),
+            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.max_allowed_incoming_connections", max_connections or limits.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(limits.header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(max(limits.idle_timeout_s, 60) * 1000)),
+            ("grpc.max_concurrent_streams", threads * 2),
+            ("grpc.keepalive_time_ms", 120_000),  # the server pings a silent client every 2 min ...
+            ("grpc.keepalive_timeout_ms", 20_000),  # ... and drops it when no answer comes within 20 s
+            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),  # clients may not ping faster ...
+            ("grpc.http2.max_ping_strikes", 2)]  # ... than this (twice: GOAWAY)
+
+
+def start_grpc(gateway, host: str, port: int, tls: tuple | None, client_ca: str | None, threads: int = 16,
+               max_connections: int | None = None):
     """-> (server, bound port). With --client-ca, gRPC requires a client certificate at the TLS handshake."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    limit = gateway.config.limits.max_body_bytes
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          maximum_concurrent_rpcs=threads * 8,
-                         options=[("grpc.max_receive_message_length", OVERSIZE_FACTOR * limit),
-                                  ("grpc.max_send_message_length", 64 * 2**20),
-                                  ("grpc.max_metadata_size", 16 * 1024)])
+                         options=server_options(gateway.config.limits, threads, max_connections))
     prediction, models, prediction_grpc, model_grpc = make_servicers(gateway)
     prediction_grpc.add_PredictionServiceServicer_to_server(prediction, server)
     model_grpc.add_ModelServiceServicer_to_server(models, server)

@@ -28,7 +28,7 @@ import numpy as np
 
 from medpipe.drift import HISTOGRAM_BINS, histogram
 
-LIMITS = ("body_size", "max_images", "pixel_budget", "rate", "concurrency", "deadline", "connections",
+LIMITS = ("body_size", "max_images", "pixel_budget", "rate", "concurrency", "deadline", "connections", "accept_rate",
           "read_timeout", "upstream")
 
 

@@ -184,8 +184,14 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def make_protocol(header_timeout_s: float, metrics=None, refusals=None):
-    """uvicorn's h11 protocol with a per-request read deadline and the verified client certificate's subject."""
+def make_protocol(header_timeout_s: float, metrics=None, guard=None, ssl_context=None, refusals=None):
+    """uvicorn's h11 protocol with a per-request read deadline, the verified client certificate's subject, and
+    (with `guard`) every socket counted from accept to close (serving.gateway.connections); a read deadline
+    that passes is audited through `refusals` (core.TransportRefusals, aggregated under a flood).
+
+    With `ssl_context`, TLS is started here (asyncio's public `loop.start_tls`) rather than by uvicorn, so that a
+    socket is counted during its handshake and a handshake gets `header_timeout_s`, like a request head."""
+    import asyncio
     import functools
 
     import h11
@@ -195,20 +201,83 @@ def make_protocol(header_timeout_s: float, metrics=None, refusals=None):
 
     timeout_message = f"the request did not arrive within {header_timeout_s:g} s"
     timeout_body = json.dumps({"error": timeout_message}).encode()
+    EARLY_BYTES = 64 * 1024
 
     async def with_subject(app, subject, scope, receive, send):
         scope["medpipe.client_subject"] = subject
         return await app(scope, receive, send)
 
+    def count(limit: str) -> None:
+        if metrics is not None:
+            metrics.limits.labels(limit).inc()
+
     class GatewayH11Protocol(H11Protocol):
+        _made = False  # uvicorn's connection_made has run (after the TLS handshake, if any)
+        _counted = False
+        _read_timer = None
+        _raw = None  # the accepted socket's transport
+
         def connection_made(self, transport):
+            self._raw = transport
+            peer = transport.get_extra_info("peername")
+            if guard is not None:
+                if not guard.admit(self, peer[0] if isinstance(peer, tuple) else None):
+                    transport.abort()  # refused at accept: no bytes read, none written
+                    return
+                self._counted = True
+            if ssl_context is None:
+                self._start(transport)
+                return
+            transport.pause_reading()
+            self._handshake = asyncio.ensure_future(self._start_tls(transport))
+
+        async def _start_tls(self, transport):
+            try:
+                secure = await self.loop.start_tls(transport, self, ssl_context, server_side=True,
+                                                   ssl_handshake_timeout=header_timeout_s)
+            except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                    count("read_timeout")
+                transport.abort()
+                self._release()
+                return
+            if secure is None or secure.is_closing():
+                self._release()
+                return
+            self._start(secure)
+
+        def _start(self, transport):
             super().connection_made(transport)
+            self._made = True
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if der:
                 self.app = functools.partial(with_subject, self.app, subject_of(der))
-            self._read_timer = None
             self._arm()
+            if guard is not None:
+                guard.touch(self)
+            early, self._early = self._early, None
+            for data in early or ():
+                self.data_received(data)
+            if early and not self._raw.is_closing():
+                self._raw.resume_reading()
+
+        def started(self) -> bool:
+            return self._made
+
+        def idle(self) -> bool:
+            """No request in flight: a TLS handshake, a head still arriving, or a keep-alive wait."""
+            return not self._made or self.cycle is None or self.cycle.response_complete
+
+        def shed(self, reason: str) -> None:
+            self._counted = False  # the guard already forgot it
+            self._disarm()
+            self._raw.abort()
+
+        def _release(self):
+            if self._counted:
+                self._counted = False
+                guard.release(self)
 
         def _arm(self):
             if self._read_timer is None:
@@ -219,8 +288,17 @@ def make_protocol(header_timeout_s: float, metrics=None, refusals=None):
                 self._read_timer.cancel()
                 self._read_timer = None
 
+        _early = None  # request bytes decrypted as the handshake completed, before start_tls returned
+
         def data_received(self, data):
+            if not self._made:
+                self._early = (self._early or []) + [data]
+                if sum(map(len, self._early)) > EARLY_BYTES:
+                    self._raw.pause_reading()  # flow control until uvicorn takes over (in _start)
+                return
             self._arm()  # the clock runs from the first byte of a request until it is complete
+            if guard is not None:
+                guard.touch(self)
             super().data_received(data)
             if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
                 self._disarm()
@@ -231,14 +309,15 @@ def make_protocol(header_timeout_s: float, metrics=None, refusals=None):
 
         def connection_lost(self, exc):
             self._disarm()
-            super().connection_lost(exc)
+            self._release()
+            if self._made:
+                super().connection_lost(exc)
 
         def _read_timeout(self):
             self._read_timer = None
             if self.transport.is_closing() or self.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
                 return
-            if metrics is not None:
-                metrics.limits.labels("read_timeout").inc()
+            count("read_timeout")
             if refusals is not None:
                 peer = self.transport.get_extra_info("peername")
                 refusals.refused("rest", "read_timeout", peer[0] if peer else None, timeout_message,
@@ -357,32 +436,6 @@ def build_app(gateway):
             continue
         app.include_router(module.build_router(gateway))
     return app
-
-
-class ConnectionLimitAudit:
-    """Audits uvicorn's own 503 at `max_connections` (uvicorn refuses before any app code runs and only logs it):
-    a filter on its logger turns each such line into an aggregated audit refusal, and drops the log line (a flood
-    of them would fill the log; the audit summary and the metric count them)."""
-
-    MESSAGE = "Exceeded concurrency limit."
-
-    def __init__(self, refusals, metrics=None):
-        self.refusals, self.metrics = refusals, metrics
-
-    def filter(self, record) -> bool:
-        if record.getMessage() != self.MESSAGE:
-            return True
-        if self.metrics is not None:
-            self.metrics.limits.labels("max_connections").inc()
-        self.refusals.refused("rest", "max_connections", None, "the gateway is at its connection limit; retry "
-                              "with backoff", code="UNAVAILABLE")
-        return False
-
-
-def audit_connection_limit(gateway) -> None:
-    import logging
-
-    logging.getLogger("uvicorn.error").addFilter(ConnectionLimitAudit(gateway.transport_refusals, gateway.metrics))
 
 
 # Other doors, each a module with build_router(gateway) -> fastapi.APIRouter (the PACS and viewer issues).

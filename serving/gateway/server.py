@@ -121,32 +121,54 @@ def check_options(args) -> None:
         raise ConfigError("--audit-checkpoint-seconds must be > 0")
 
 
-def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None):
-    """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known."""
+def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None,
+                max_connections: int | None = None):
+    """-> (uvicorn.Server, bound socket). The socket is bound here so that port 0 works and is known.
+
+    Connections are limited by the protocol (serving.gateway.connections), not by uvicorn's limit_concurrency
+    (which counts requests, accepts every socket and answers 503 to probes while idle sockets pile up); TLS is
+    started by the protocol too, so that handshakes count and time out like request heads."""
     import uvicorn
 
-    from serving.gateway.rest import audit_connection_limit, make_protocol
+    from serving.gateway.connections import AcceptRate, ConnectionGuard
+    from serving.gateway.rest import make_protocol
 
-    audit_connection_limit(gateway)
     limits = gateway.config.limits
     sock = bind_rest(host, port)
     sock.set_inheritable(True)
-    tls_options = {}
-    if tls:
-        tls_options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]}
-        if client_ca:
-            tls_options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    context = tls_context(tls, client_ca) if tls else None
+    if context is not None and client_ca:
+        audit_tls_refusals(context, gateway)
+    guard = ConnectionGuard(max_connections or limits.max_connections,
+                            AcceptRate(limits.accept_rate_per_s, limits.accept_burst),
+                            on_refuse=lambda limit: refuse_connection(gateway, limit))
     config = uvicorn.Config(
-        app, http=make_protocol(limits.header_timeout_s, gateway.metrics, gateway.transport_refusals), loop="asyncio",
-        lifespan="off",
-        timeout_keep_alive=limits.idle_timeout_s, limit_concurrency=limits.max_connections,
-        h11_max_incomplete_event_size=32 * 1024, access_log=False, server_header=False, log_level="warning",
-        **tls_options)
-    if tls and client_ca:
-        config.load()
-        audit_tls_refusals(config.ssl, gateway)
+        app, http=make_protocol(limits.header_timeout_s, gateway.metrics, guard, context, gateway.transport_refusals),
+        loop="asyncio", lifespan="off", timeout_keep_alive=limits.idle_timeout_s, h11_max_incomplete_event_size=32 * 1024,
+        access_log=False, server_header=False, log_level="warning", backlog=4096,
+        log_config=None)  # uvicorn's dictConfig would close our log handlers: each line then reopens the file
     server = uvicorn.Server(config)
     return server, sock
+
+
+def refuse_connection(gateway, limit: str) -> None:
+    """A socket the connection guard closed (max_connections, per-address accept rate): counted, and audited through
+    the aggregated transport refusals (one line each up to a rate, then a per-second summary)."""
+    gateway.metrics.limits.labels(limit).inc()
+    gateway.transport_refusals.refused("rest", limit, None, "the gateway closed the connection: "
+                                       + ("too many new connections from this address" if limit == "accept_rate"
+                                          else "at its connection limit") + "; retry with backoff", code="UNAVAILABLE")
+
+
+def tls_context(tls: tuple, client_ca: str | None) -> ssl.SSLContext:
+    """The REST door's server context: the --tls-cert chain; with --client-ca, a client certificate is verified
+    when presented (CERT_OPTIONAL: bearer tokens need none)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls[0], tls[1])
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def audit_tls_refusals(context: ssl.SSLContext, gateway) -> None:
@@ -182,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args)
     sys.setswitchinterval(0.0005)  # see serving.server: a woken thread should not wait 5 ms for the GIL
+    from serving.gateway.connections import raise_fd_limit, throttle_logging
+
+    throttle_logging()  # a failure repeated per connection or per loop turn is one line a minute, with a count
+    logging.raiseExceptions = False  # a log line that cannot be written is dropped, not a traceback on stderr
     from serving.gateway.core import Gateway
     from serving.gateway.grpc_door import start_grpc
     from serving.gateway.rest import build_app
@@ -191,9 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pacs = start_pacs(gateway, args)  # None unless --results-to / --dicom-port
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads)
+    connections = raise_fd_limit(gateway.config.limits.max_connections)  # per door, under the fd limit
+    grpc_server, grpc_port = start_grpc(gateway, args.host, args.grpc_port, tls, args.client_ca, args.threads,
+                                        max_connections=connections)
     app = build_app(gateway)
-    server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca)
+    server, sock = rest_server(gateway, app, args.host, args.rest_port, tls, args.client_ca, connections)
     rest_port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rest")
     thread.start()

@@ -1,7 +1,8 @@
 """The viewer's routes: sign-in, upload, results with Grad-CAM, feedback, and the model page.
 
-Identity: a viewer session (signed cookie) made at sign-in from the local users file, or whatever the gateway
-itself accepts on the request (client certificate, bearer JWT, or anonymous on the loopback demo). Every page that
+Identity: a viewer session made at sign-in from the local users file (the cookie is a random id; the session is
+held server-side, see serving.viewer.signin), or whatever the gateway itself accepts on the request (client
+certificate, bearer JWT, or anonymous on the loopback demo). Every page that
 shows or takes an image goes through `Gateway.predict`, so the viewer has the gateway's limits, audit and request
 log; the viewer adds audit lines for sign-ins and feedback (identity and request id only, never PHI).
 """
@@ -15,10 +16,11 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +28,17 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from medpipe.files import write_atomic
 from medpipe.ids import REQUEST_ID_PATTERN
 from serving.feedback import UNUSABLE
-from serving.gateway.core import GatewayError, Principal, may_call
-from serving.viewer import render, users as local_users
+from serving.gateway.core import GatewayError, Principal, check_model_spec, may_call
+from serving.viewer import render, signin, users as local_users
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "medpipe_session"
 SESSION_SECONDS = 8 * 3600  # one shift
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet would run a cell starting with one of these
 DISCLAIMER = "For research use, not a medical device."
 
 # Plain words for the reasons a file can be refused (keys: GatewayError codes); the gateway's own message follows.
@@ -53,8 +54,8 @@ REFUSALS = {
 
 @dataclass
 class ViewerSettings:
-    """What the viewer needs besides the gateway. `session_key` signs cookies: from MEDPIPE_VIEWER_SESSION_KEY, else
-    a fresh random key per process (sessions then end with the process; never a built-in default)."""
+    """What the viewer needs besides the gateway. `session_key` keys the forms' CSRF tokens: from
+    MEDPIPE_VIEWER_SESSION_KEY, else a fresh random key per process (never a built-in default)."""
 
     users_file: Path | None = None
     feedback_dir: Path | None = None
@@ -81,35 +82,65 @@ def settings_from_options(options) -> ViewerSettings:
                           secure_cookies=bool(getattr(options, "tls_cert", None)))
 
 
+@dataclass(frozen=True)
+class Reading:
+    """A prediction shown to one reader: what their feedback on it may say (kept server-side, bounded)."""
+
+    model: str
+    version: int
+    outside: bool  # outside intended use: only "unusable" may be recorded
+    png_sha256: str
+    at: float
+
+
 class Viewer:
+    MAX_READINGS = 4096
+
     def __init__(self, gateway, settings: ViewerSettings):
         self.gateway, self.settings = gateway, settings
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
-        self.serializer = URLSafeTimedSerializer(settings.session_key, salt="medpipe-viewer-session")
-        self._users_cache: tuple[float, dict] | None = None
+        self.sessions = signin.Sessions(SESSION_SECONDS)
+        self.lockout = signin.Lockout(settings.users_file)
+        self.hashes = signin.HashPool()
+        self.readings: OrderedDict[tuple, Reading] = OrderedDict()
+        self._readings_lock = threading.Lock()
+        self._users_cache: tuple[tuple, dict] | None = None
 
     # ---- identity -------------------------------------------------------------------------------------------
     def users(self) -> dict[str, local_users.LocalUser]:
+        """The users file, re-read whenever it changed (`medpipe viewer-users` replaces it atomically)."""
         path = self.settings.users_file
         if path is None or not path.is_file():
             return {}
-        mtime = path.stat().st_mtime
-        if self._users_cache is None or self._users_cache[0] != mtime:
-            self._users_cache = (mtime, local_users.read_users(path))
+        stat = path.stat()
+        key = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        if self._users_cache is None or self._users_cache[0] != key:
+            self._users_cache = (key, local_users.read_users(path))
         return self._users_cache[1]
 
     def principal(self, request: Request) -> Principal | None:
         cookie = request.cookies.get(COOKIE)
         if cookie:
-            try:
-                data = self.serializer.loads(cookie, max_age=SESSION_SECONDS)
-                return Principal(identity=data["sub"], scopes=frozenset(data["scopes"]), via="session")
-            except (BadSignature, KeyError, TypeError):
-                pass
+            users = self.users()
+            session = self.sessions.get(cookie, lambda name: users[name].password_hash if name in users else None)
+            if session is not None:  # scopes as the users file says now, not as at sign-in
+                return Principal(identity=session.user, scopes=users[session.user].scopes, via="session")
         try:
             return self.gateway.authenticate(request)
         except GatewayError:
             return None
+
+    def remember(self, principal: Principal, request_id: str, reading: Reading) -> None:
+        with self._readings_lock:
+            self.readings[(principal.via, principal.identity, request_id)] = reading
+            while len(self.readings) > self.MAX_READINGS:
+                self.readings.popitem(last=False)
+
+    def reading(self, principal: Principal, request_id: str) -> Reading | None:
+        """This reader's own prediction `request_id`, if it is recent; None for anyone else's."""
+        with self._readings_lock:
+            reading = self.readings.get((principal.via, principal.identity, request_id))
+        return reading if reading is not None and time.time() - reading.at < SESSION_SECONDS else None
 
     def csrf_token(self, request: Request, principal: Principal) -> str:
         basis = request.cookies.get(COOKIE) or f"{principal.via}:{principal.identity}"
@@ -129,7 +160,7 @@ class Viewer:
         names = list(self.settings.models)
         if not names and self.settings.repository and self.settings.repository.is_dir():
             names = sorted(p.name for p in self.settings.repository.iterdir()
-                           if p.is_dir() and MODEL_NAME.match(p.name) and any(v.name.isdigit() for v in p.iterdir()))
+                           if p.is_dir() and _valid_model(p.name) and any(v.name.isdigit() for v in p.iterdir()))
         return [name for name in names if may_call(principal, name)]
 
     def default_model(self, choices: list[str]) -> str | None:
@@ -138,7 +169,7 @@ class Viewer:
         return choices[0] if choices else None
 
     def version_dir(self, model: str, version: int | None = None) -> Path | None:
-        if self.settings.repository is None or not MODEL_NAME.match(model):
+        if self.settings.repository is None or not _valid_model(model):
             return None
         base = self.settings.repository / model
         versions = sorted((int(p.name) for p in base.iterdir() if p.name.isdigit()), reverse=True) \
@@ -148,9 +179,9 @@ class Viewer:
         return base / str(versions[0]) if versions else None
 
     # ---- feedback -------------------------------------------------------------------------------------------
-    def sign_item(self, request_id: str, model: str, version: int, png_b64: str) -> str:
-        message = f"{request_id}|{model}|{version}|".encode() + png_b64.encode()
-        return hmac.new(self.settings.session_key, b"item:" + message, hashlib.sha256).hexdigest()
+    def model_labels(self, model: str, version: int) -> list[str]:
+        """The model's classes, from its preprocessing settings (the one source the gateway predicts with)."""
+        return [str(label) for label in self.gateway.catalog.preprocessing(model, version, timeout=10).labels]
 
     def write_feedback(self, request_id: str, label: str, png: bytes) -> Path:
         """FEEDBACK_DIR/confirmed.csv (request_id,label,image_path) + images/<request_id>.png: the input of
@@ -166,6 +197,9 @@ class Viewer:
             write_atomic(image_path, png)
         labels_csv = folder / "confirmed.csv"
         row = [request_id, label, f"images/{request_id}.png" if label != UNUSABLE else ""]
+        if any(cell.startswith(CSV_FORMULA) for cell in row):  # labels are checked before; never write a formula
+            raise GatewayError("INVALID_ARGUMENT", "a feedback value may not start with = + - @ or a control "
+                               "character")
         with open(labels_csv, "a+", newline="", encoding="utf-8") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # one writer at a time across the gateway's workers
             handle.seek(0)
@@ -203,8 +237,7 @@ def _item_view(viewer: Viewer, index: int, prediction, item) -> dict:
         "class_name": item.class_name, "confidence": f"{100 * item.confidence:.1f}", "outside": outside,
         "ood_score": None if item.ood_score is None else f"{item.ood_score:.2f}",
         "bars": render.probability_rows(item.probabilities, item.class_name),
-        "labels": list(item.probabilities), "png_b64": png_b64,
-        "signature": viewer.sign_item(request_id, prediction.model, prediction.version, png_b64),
+        "labels": [] if outside else list(item.probabilities), "png_b64": png_b64,
     }
 
 
@@ -235,23 +268,55 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
 
     @router.post("/login", response_class=HTMLResponse)
     async def login(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
         form = await request.form()
         name, password = str(form.get("username", "")), str(form.get("password", ""))
-        user = local_users.authenticate(viewer.users(), name, password) if name and password else None
+        address = request.client.host if request.client else None
+        users = viewer.users()
+        account = name if name in users else None  # unknown names are throttled per address only
+
+        def refuse(status: int, error: str, outcome: str):
+            viewer.audit(None, request, "sign_in", outcome=outcome)
+            page = _page(viewer, request, "login.html", None, status=status, users_enabled=bool(users), error=error)
+            if status in (429, 503):
+                page.headers["Retry-After"] = str(retry_after)
+            return page
+
+        retry_after = 5
+        verdict = await run_in_threadpool(viewer.lockout.check, account, address)
+        if verdict.just_locked:
+            viewer.audit(None, request, "account_locked", account=account, outcome="LOCKED")
+        if not verdict.allowed:
+            retry_after = max(1, int(verdict.wait_s + 0.999))
+            return refuse(429, "Too many failed sign-ins. Wait a while before trying again, or ask an "
+                          "administrator to unlock the account.", "LOCKED" if verdict.locked else "BACKOFF")
+        try:  # scrypt on its own bounded pool: sign-ins never stall the event loop (REST, other readers)
+            user = await viewer.hashes.run(local_users.authenticate, users, name, password) \
+                if name and password else None
+        except signin.Busy:
+            return refuse(503, "The service is busy signing other readers in; try again in a few seconds.",
+                          "UNAVAILABLE")
         if user is None:
-            viewer.audit(None, request, "sign_in", outcome="UNAUTHENTICATED")
-            return _page(viewer, request, "login.html", None, status=401, users_enabled=bool(viewer.users()),
-                         error="Unknown user name or wrong password.")
+            if await run_in_threadpool(viewer.lockout.fail, account, address):
+                viewer.audit(None, request, "account_locked", account=account, outcome="LOCKED")
+            return refuse(401, "Unknown user name or wrong password.", "UNAUTHENTICATED")
+        await run_in_threadpool(viewer.lockout.succeed, user.name, address)
         principal = Principal(identity=user.name, scopes=user.scopes, via="session")
         viewer.audit(principal, request, "sign_in", outcome="OK")
         response = RedirectResponse("/viewer/", status_code=303)
-        response.set_cookie(COOKIE, viewer.serializer.dumps({"sub": user.name, "scopes": sorted(user.scopes)}),
-                            max_age=SESSION_SECONDS, httponly=True, samesite="strict",
-                            secure=viewer.settings.secure_cookies, path="/viewer")
+        response.set_cookie(COOKIE, viewer.sessions.create(user.name, user.password_hash), max_age=SESSION_SECONDS,
+                            httponly=True, samesite="strict", secure=viewer.settings.secure_cookies, path="/viewer")
         return response
 
     @router.post("/logout")
     def logout(request: Request):
+        principal = viewer.principal(request)
+        cookie = request.cookies.get(COOKIE)
+        if cookie:
+            viewer.sessions.revoke(cookie)  # the cookie is dead server-side, whatever the browser keeps
+        if principal is not None:
+            viewer.audit(principal, request, "sign_out", outcome="OK")
         response = RedirectResponse("/viewer/login", status_code=303)
         response.delete_cookie(COOKIE, path="/viewer")
         return response
@@ -277,6 +342,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
         errors: list[str] = []
         try:
             viewer.check_csrf(request, principal, form.get("csrf"))
+            check_model_spec(model)
             if model not in choices:
                 raise GatewayError("PERMISSION_DENIED", "choose one of the models listed on the page")
             if len(uploads) > viewer.settings.max_files:
@@ -310,6 +376,9 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
             meta = {"model": prediction.model, "version": prediction.version}
             view = _item_view(viewer, 0, prediction, prediction.items[0])
             view["index"] = number
+            viewer.remember(principal, view["request_id"], Reading(
+                prediction.model, prediction.version, view["outside"],
+                hashlib.sha256(prediction.items[0].png).hexdigest(), time.time()))
             results.append(view)
         if not uploads:
             errors.append("Choose at least one DICOM, PNG, JPEG or TIFF file to upload.")
@@ -320,30 +389,40 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
 
     @router.post("/feedback", response_class=HTMLResponse)
     async def feedback(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
         principal = signed_in(request)
         if isinstance(principal, RedirectResponse):
             return principal
         form = await request.form()
         request_id, label = str(form.get("request_id", "")), str(form.get("label", ""))
-        model, version = str(form.get("model", "")), str(form.get("version", ""))
-        png_b64, signature = str(form.get("png", "")), str(form.get("signature", ""))
+        png_b64 = str(form.get("png", ""))
+        reading = None
         try:
             viewer.check_csrf(request, principal, form.get("csrf"))
-            if not (REQUEST_ID_PATTERN.fullmatch(request_id) and MODEL_NAME.match(model) and version.isdigit()):
+            if not REQUEST_ID_PATTERN.fullmatch(request_id):
                 raise GatewayError("INVALID_ARGUMENT", "the feedback form is incomplete; reload the results")
-            if not hmac.compare_digest(signature, viewer.sign_item(request_id, model, int(version), png_b64)):
-                raise GatewayError("PERMISSION_DENIED", "the feedback does not match a prediction made here")
-            labels = [str(v) for v in form.getlist("labels")]
-            if label != UNUSABLE and label not in labels:
-                raise GatewayError("INVALID_ARGUMENT", "choose one of the model's labels, or mark the image unusable")
-            viewer.write_feedback(request_id, label, base64.b64decode(png_b64))
+            reading = viewer.reading(principal, request_id)
+            png = _b64(png_b64)
+            if reading is None or png is None or hashlib.sha256(png).hexdigest() != reading.png_sha256:
+                raise GatewayError("PERMISSION_DENIED", "this feedback is not about an image you classified here "
+                                   "recently; upload the image again")
+            if label != UNUSABLE:
+                if reading.outside:
+                    raise GatewayError("INVALID_ARGUMENT", "this image is outside the model's intended use: it can "
+                                       "only be marked unusable")
+                if label not in await run_in_threadpool(viewer.model_labels, reading.model, reading.version):
+                    raise GatewayError("INVALID_ARGUMENT", "choose one of the model's labels, or mark the image "
+                                       "unusable")
+            viewer.write_feedback(request_id, label, png)
         except GatewayError as exc:
-            viewer.audit(principal, request, "feedback", request_id=request_id if REQUEST_ID_PATTERN.fullmatch(request_id) else None,
+            viewer.audit(principal, request, "feedback",
+                         request_id=request_id if REQUEST_ID_PATTERN.fullmatch(request_id) else None,
                          outcome=exc.code)
             return _page(viewer, request, "message.html", principal, status=_http_status(exc),
                          title="Feedback not saved", message=_refusal(exc))
-        viewer.audit(principal, request, "feedback", request_id=request_id, model=model, version=int(version),
-                     label=label, outcome="OK")
+        viewer.audit(principal, request, "feedback", request_id=request_id, model=reading.model,
+                     version=reading.version, label=label, outcome="OK")
         what = "marked unusable" if label == UNUSABLE else f"recorded as {label}"
         return _page(viewer, request, "message.html", principal, title="Thank you",
                      message=f"The image was {what}. It will be used when the model is next retrained.",
@@ -354,7 +433,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
         principal = signed_in(request)
         if isinstance(principal, RedirectResponse):
             return principal
-        if not MODEL_NAME.match(model) or not may_call(principal, model):
+        if not _valid_model(model) or not may_call(principal, model):
             return _page(viewer, request, "message.html", principal, status=404, title="No such model",
                          message="This model is not available to you.")
         folder = viewer.version_dir(model)
@@ -372,7 +451,7 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
         principal = signed_in(request)
         if isinstance(principal, RedirectResponse):
             return principal
-        folder = viewer.version_dir(model) if MODEL_NAME.match(model) and may_call(principal, model) else None
+        folder = viewer.version_dir(model) if _valid_model(model) and may_call(principal, model) else None
         path = folder / "assets.extra" / "report.html" if folder else None
         if path is None or not path.is_file():
             return _page(viewer, request, "message.html", principal, status=404, title="No report",
@@ -383,6 +462,22 @@ def build_router(gateway, settings: ViewerSettings | None = None) -> APIRouter:
                                      "style-src 'unsafe-inline'", "Cache-Control": "no-store"})
 
     return router
+
+
+def _valid_model(name: str) -> bool:
+    """The gateway's own model-name rule (core.check_model_spec): never a path such as `..`."""
+    try:
+        check_model_spec(name)
+    except GatewayError:
+        return False
+    return True
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        return None
 
 
 def _http_status(error: GatewayError) -> int:

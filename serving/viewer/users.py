@@ -1,10 +1,14 @@
 """Local viewer accounts for small sites: a users file of scrypt-hashed passwords, and `medpipe viewer-users`.
 
     medpipe viewer-users add --file users.txt --user dr_lee --scope predict:brain_mri    # password from a prompt
-    medpipe viewer-users list --file users.txt
+    medpipe viewer-users list --file users.txt                                           # with lock state
+    medpipe viewer-users unlock --file users.txt --user dr_lee      # after 20 failed sign-ins locked the account
 
 One line per user, `name:scrypt$n$r$p$salt$hash:scope,scope` (salt and hash in base64). The file holds no secret
 in clear and is written with mode 0600; sites with a JWT issuer or client certificates need no file at all.
+Failed sign-ins and locks are kept beside it in USERS_FILE.lockout.json (0600; serving.viewer.signin), which the
+running gateway reads at every sign-in: an unlock, a removal or a password change here takes effect at once (and
+the last two end the user's open sessions).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hmac
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -102,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", help="remove a user")
     remove.add_argument("--file", required=True)
     remove.add_argument("--user", required=True)
-    listing = sub.add_parser("list", help="list user names and scopes")
+    listing = sub.add_parser("list", help="list user names and scopes, and which accounts are locked")
     listing.add_argument("--file", required=True)
+    unlock = sub.add_parser("unlock", help="unlock an account locked by failed sign-ins (and end its back-off)")
+    unlock.add_argument("--file", required=True)
+    unlock.add_argument("--user", required=True)
     return parser
 
 
@@ -111,12 +119,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = Path(args.file)
     users = read_users(path) if path.exists() else {}
+    from serving.viewer.signin import Lockout
+
     if args.action == "list":
+        state = Lockout(path).status() if path.exists() else {}
+        now = time.time()
         for user in users.values():
-            print(f"{user.name}\t{','.join(sorted(user.scopes)) or '-'}")
+            locked = state.get(user.name, {}).get("locked_until", 0) > now
+            print(f"{user.name}\t{','.join(sorted(user.scopes)) or '-'}{chr(9) + 'LOCKED' if locked else ''}")
         return 0
     if not USER_NAME.match(args.user):
         raise ConfigError("a user name is 1-64 letters, digits or _ . @ -")
+    if args.action == "unlock":
+        if args.user not in users:
+            raise ConfigError(f"no user {args.user} in {path}; see `medpipe viewer-users list --file {path}`")
+        was = Lockout(path).unlock(args.user)
+        print(f"unlock: {args.user} in {path} ({'was locked or backing off' if was else 'was not locked'})")
+        return 0
     if args.action == "remove":
         users.pop(args.user, None)
     else:
