@@ -209,23 +209,27 @@ def multipart(parts: list[tuple[str, bytes]], boundary: str = "medpipe-test-boun
     return body + f"--{boundary}--\r\n".encode()
 
 
-def test_stow_body_parses_in_chunks_and_bounds_each_part():
+def test_stow_body_parses_in_chunks_into_files_and_bounds_each_part(tmp_path):
     media, params = parse_content_type('multipart/related; type="application/dicom"; boundary="b=1;x"')
     assert media == "multipart/related" and params == {"type": "application/dicom", "boundary": "b=1;x"}
     dicom = (fa.SAMPLE_DICOM / "MR2_J2KI.dcm").read_bytes()
     body = multipart([("application/dicom", dicom), ("application/dicom", b"DICM" * 10)])
-    collector = MultipartCollector("medpipe-test-boundary", limit=len(dicom))
+    collector = MultipartCollector("medpipe-test-boundary", limit=len(dicom), folder=tmp_path / "parts")
     for start in range(0, len(body), 1000):
         collector.feed(body[start:start + 1000])
     collector.close()
-    assert [(t, len(d)) for t, d in collector.parts] == [("application/dicom", len(dicom)),
-                                                          ("application/dicom", 40)]
-    assert collector.parts[0][1] == dicom
+    assert [(t, p.stat().st_size) for t, p in collector.parts] == [("application/dicom", len(dicom)),
+                                                                    ("application/dicom", 40)]
+    assert collector.parts[0][1].read_bytes() == dicom
+    collector.discard()
+    assert list((tmp_path / "parts").iterdir()) == []
     from serving.gateway.dicomweb import PartTooLarge
 
-    small = MultipartCollector("medpipe-test-boundary", limit=100)
+    small = MultipartCollector("medpipe-test-boundary", limit=100, folder=tmp_path / "parts")
     with pytest.raises(PartTooLarge):
         small.feed(body)
+    small.discard()
+    assert list((tmp_path / "parts").iterdir()) == []
 
 
 def test_stow_response_statuses():

@@ -10,6 +10,7 @@ and logs every request. Nothing here binds a socket; serving.gateway.server wire
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import queue
 import re
@@ -36,8 +37,19 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
     "UNAVAILABLE": (grpc.StatusCode.UNAVAILABLE, 503),
     "INTERNAL": (grpc.StatusCode.INTERNAL, 500),
 }
-# A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it.
-HTTP_BY_REASON = {"body_size": 413}
+# A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it; so
+# has a full disk (the PACS spool under its reserve, or the audit trail's disk): 507, which clients retry.
+HTTP_BY_REASON = {"body_size": 413, "disk_full": 507}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error(exc: OSError) -> "GatewayError":
+    """A write the gateway needed (its audit record) failed: the request is refused, never served unaudited."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return GatewayError("RESOURCE_EXHAUSTED", "the gateway's disk is full, so this request cannot be audited "
+                            "and is refused; retry later (the operator must free space)", reason="disk_full")
+    return GatewayError("UNAVAILABLE", "the gateway cannot write its audit trail, so this request is refused; "
+                        "retry later (the operator can find the cause in the gateway log)")
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -387,9 +399,18 @@ class Gateway:
                 model: str | None = None, request_id: str | None = None, event: str = "authenticate") -> None:
         """Audit and count a refusal that happened before any model was called."""
         self.metrics.refused(door, exc)
-        self.audit.append({"event": event, "door": door, "identity": principal.identity if principal else None,
+        self._audit({"event": event, "door": door, "identity": principal.identity if principal else None,
                            "via": principal.via if principal else None, "client": client, "model": model,
                            "request_id": request_id, "outcome": exc.code, "error": exc.message})
+
+    def _audit(self, record: dict) -> None:
+        """Append to the audit trail; a failed write refuses the request (507 on a full disk, else 503)."""
+        try:
+            self.audit.append(record)
+        except OSError as exc:
+            log.error("audit record not written (%s): the request is refused", errno.errorcode.get(exc.errno or 0,
+                                                                                                  type(exc).__name__))
+            raise storage_error(exc) from None
 
     def authorize(self, principal: Principal, model: str) -> None:
         if not may_call(principal, model):
@@ -530,7 +551,7 @@ class Gateway:
             record["error"] = error.message
             if error.reason:
                 record["limit"] = error.reason
-        self.audit.append(record)
+        self._audit(record)
         self.metrics.request(record["door"], record["model"] if record["version"] is not None else None,
                              record["version"], outcome, latency, error.reason if error else None)
 
@@ -554,7 +575,7 @@ class Gateway:
     def access(self, principal: Principal, model: str, what: str, door: str, client: str | None,
                outcome: str, error: GatewayError | None = None) -> None:
         """Audit a metadata or status read of a model."""
-        self.audit.append({"event": what, "door": door, "identity": principal.identity, "via": principal.via,
+        self._audit({"event": what, "door": door, "identity": principal.identity, "via": principal.via,
                            "client": client, "model": model, "outcome": outcome,
                            **({"error": error.message} if error else {})})
 

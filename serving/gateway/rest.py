@@ -252,6 +252,8 @@ def build_app(gateway):
     app = FastAPI(title="medpipe gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, max_bytes=gateway.config.limits.max_body_bytes, metrics=gateway.metrics)
+    # a refusal raised while auditing another refusal (the audit disk is full: 507) is still the table's answer
+    app.add_exception_handler(GatewayError, lambda request, exc: error_response(exc))
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None
