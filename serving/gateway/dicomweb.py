@@ -154,7 +154,10 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
         if media != "multipart/related" or params.get("type", "").lower() != STOW_MEDIA or not params.get("boundary"):
             return JSONResponse({"error": 'STOW-RS takes Content-Type: multipart/related; type="application/dicom"; '
                                           "boundary=..."}, status_code=415)
-        short = await run_in_threadpool(service.space_refusal, "dicomweb", principal.identity, 0)
+        try:
+            short = await run_in_threadpool(service.space_refusal, "dicomweb", principal.identity, 0)
+        except GatewayError as exc:  # the refusal could not be audited (the disk is full): refused all the same
+            return error_response(exc)
         if short is not None:  # before reading the body: the sender keeps its instances and retries
             return error_response(disk_full(short.reason))
         collector = MultipartCollector(params["boundary"], service.config.max_instance_mb * 2**20,

@@ -115,8 +115,14 @@ class PacsService:
         return pseudonym(value, self.key)[:16]
 
     def audit(self, record: dict) -> None:
-        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver)."""
-        self.gateway.audit.append({"door": "pacs", **record})
+        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver).
+        A record that cannot be written raises GatewayError (507 on a full disk): the step is refused."""
+        from serving.gateway.core import storage_error
+
+        try:
+            self.gateway.audit.append({"door": "pacs", **record})
+        except OSError as exc:
+            raise storage_error(exc) from None
 
     # ---------------------------------------------------------------------------------------------------------
     # receiving (both doors)
@@ -192,7 +198,7 @@ class PacsService:
             free = self.spool.free_bytes()
         except OSError:
             free = 0
-        if free - needed >= self.config.reserve_mb * 2**20:
+        if free - needed > self.config.reserve_mb * 2**20:  # strict: reserve_mb 0 still refuses a full disk
             return None
         self.metrics["received"].labels(door, DISK_FULL).inc()
         log.warning("PACS %s instance refused: the spool disk has %d MB free, under reserve_mb=%d (A700/507, the "

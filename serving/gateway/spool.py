@@ -277,8 +277,10 @@ class Spool:
         return len(self.jobs())
 
     def clean_temporaries(self) -> None:
-        """Half-written files of a crashed process (never acknowledged, so never owed to anyone)."""
-        shutil.rmtree(self.root / RECEIVING, ignore_errors=True)
+        """Half-written files and bodies being received by a crashed process (never acknowledged, so never owed to
+        anyone)."""
+        shutil.rmtree(self.receiving, ignore_errors=True)
+        self.receiving.mkdir(exist_ok=True)
         for path in self.root.glob("**/.*.tmp"):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
