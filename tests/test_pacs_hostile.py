@@ -40,7 +40,7 @@ def big_mr(target: Path, megabytes: float, study_uid: str = "", sop_uid: str = "
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    columns = 1024
+    columns = 1024 if megabytes < 64 else 8192  # Rows is a US (at most 65535)
     rows = max(1, int(megabytes * 2**20 / (columns * 2)))
     study_uid = study_uid or f"2.25.{uuid.uuid4().int}"
     sop_uid = sop_uid or f"{study_uid}.1.1"
