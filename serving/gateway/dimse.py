@@ -11,7 +11,8 @@
 - The dataset streams to a file as its PDUs arrive (pynetdicom's STORE_RECV_CHUNKED_DATASET, in TMPDIR), PDUs are
   at most MAX_PDU bytes, and the file is copied into the spool in pieces: an instance is never whole in memory.
 - DICOM TLS (`--dicom-tls`): the SCP speaks TLS only, with the gateway's certificate (--tls-cert/--tls-key), and
-  requires a client certificate signed by --client-ca; the handshake has a deadline (HANDSHAKE_SECONDS).
+  requires a client certificate signed by --client-ca; each handshake runs in its association's thread, with a
+  deadline (SOCKET_TIMEOUT_SECONDS), never in the accept loop.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger("medpipe.gateway.dimse")
 
 VERIFICATION = "1.2.840.10008.1.1"
 MAX_PDU = 1 << 20  # the largest PDU a peer may send us: what one read holds in memory (pynetdicom's default is 16 KB)
-HANDSHAKE_SECONDS = 10.0  # a TLS client that has not finished its handshake by then is dropped
+SOCKET_TIMEOUT_SECONDS = 30.0  # a TLS peer silent this long in its handshake or within a PDU is dropped
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -68,26 +69,19 @@ def build_ae(service: Any, ae_title: str, calling_aets: tuple[str, ...]):
     return ae
 
 
-class _HandshakeDeadline(ssl.SSLContext):
-    """pynetdicom does the TLS handshake in its accept loop: without a deadline one silent client would stop every
-    other association. The socket gets HANDSHAKE_SECONDS for it, then blocks as pynetdicom expects (its own
-    network_timeout applies from there)."""
+class _HandshakeInAssociation(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket in its (single) accept loop; a handshake done there would let one silent
+    client stop every other association. Here the handshake is left to the first read, in the association's own
+    thread, and the socket gets SOCKET_TIMEOUT_SECONDS: a client that stalls its handshake (or a PDU) is dropped."""
 
     def wrap_socket(self, sock, *args, **kwargs):
-        sock.settimeout(HANDSHAKE_SECONDS)
-        try:
-            wrapped = super().wrap_socket(sock, *args, **kwargs)
-        except OSError as exc:
-            log.warning("DIMSE TLS handshake refused (%s): the client needs a certificate signed by --client-ca",
-                        type(exc).__name__)
-            raise
-        wrapped.settimeout(None)
-        return wrapped
+        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+        return super().wrap_socket(sock, *args, **{**kwargs, "do_handshake_on_connect": False})
 
 
 def server_tls_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
     """The SCP's TLS: the gateway's certificate, client certificates required (DICOM PS3.15 B.1 TLS profile)."""
-    context = _HandshakeDeadline(ssl.PROTOCOL_TLS_SERVER)
+    context = _HandshakeInAssociation(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     context.load_verify_locations(client_ca)
