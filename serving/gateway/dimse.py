@@ -117,6 +117,7 @@ def handle_store(event, service) -> int:
     """One C-STORE: the file pynetdicom streamed the instance into (or its bytes, when chunked receiving is off)
     -> PacsService.receive -> the DIMSE status. Failing to store or to audit is A700 (retryable), never C000."""
     from serving.gateway.core import GatewayError, Principal
+    from serving.gateway.pacs import OUT_OF_RESOURCES
 
     calling = str(event.assoc.requestor.ae_title).strip()
     try:
@@ -131,4 +132,4 @@ def handle_store(event, service) -> int:
         return service.receive(data, door="dimse", identity=calling, principal=principal).status
     except (OSError, GatewayError) as exc:  # e.g. the audit trail could not be written: refused, retryable
         log.error("DIMSE C-STORE refused with A700 (%s)", type(exc).__name__)
-        return 0xA700
+        return OUT_OF_RESOURCES

@@ -66,7 +66,7 @@ def quiet_dicom_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING if name != "pydicom" else logging.CRITICAL)
 
 
-OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
+OUT_OF_RESOURCES = 0xA700  # DIMSE "Refused: Out of resources": the sender keeps the instance and retries
 DISK_FULL = "disk_full"  # Receipt.limit of a refusal for want of space: DIMSE A700, HTTP 507 (both retryable)
 # failures that are not the study's fault: they do not count towards quarantine (the study waits and is retried)
 NOT_THE_INPUTS_FAULT = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED")
@@ -138,7 +138,7 @@ class PacsService:
         if size > self.config.max_instance_mb * 2**20:
             received.labels(door, "too_large").inc()
             self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "too_large"})
-            return Receipt(0xA700, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
+            return Receipt(OUT_OF_RESOURCES, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
         short = self.space_refusal(door, identity, size)
         if short is not None:
             return short
@@ -226,7 +226,11 @@ class PacsService:
             wait = self._upstream_wait.get(batch.study_key + batch.model)
             if wait is not None and now < wait.next_time:
                 continue
-            batch = self._quarantine_poison(batch)
+            try:
+                batch = self._quarantine_poison(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. the audit disk is full: quarantined at a later scan
+                log.error("PACS study %s not quarantined yet (%s)", batch.study_key[:12], _describe(exc))
+                continue
             if batch is None:
                 continue
             try:
@@ -260,12 +264,13 @@ class PacsService:
         reason = {"model": batch.model, "study_key": batch.study_key, "instances": len(poison),
                   "attempts": max(counts), "quarantine_after": limit,
                   "last_error": self.spool.last_error(poison[0])}
+        # audited first: if the record cannot be written the instances stay put (and are not processed either)
+        self.audit({"event": "pacs.quarantined", "model": batch.model, "study_key": batch.study_key,
+                    "instances": len(poison), "attempts": max(counts), "reason": reason["last_error"][:200]})
         folder = self.spool.quarantine(poison, reason)
         self.metrics["quarantined"].labels(batch.model).inc(len(poison))
         log.error("PACS study %s for model %s quarantined: %d instance(s) failed %d times (last: %s); see %s",
                   batch.study_key[:12], batch.model, len(poison), max(counts), reason["last_error"], folder)
-        self.audit({"event": "pacs.quarantined", "model": batch.model, "study_key": batch.study_key,
-                    "instances": len(poison), "attempts": max(counts), "reason": reason["last_error"][:200]})
         rest = tuple(instance for instance in batch.instances if instance not in poison)
         return StudyBatch(batch.model, batch.study_key, rest, batch.newest) if rest else None
 
