@@ -506,3 +506,35 @@ def test_dimse_tls_destination_needs_its_ca():
         results.parse_destination("dimse+tls://PACS@pacs.example:2762")
     parsed = results.parse_destination("dimse+tls://PACS@pacs.example:2762", ca="/etc/ca.pem")
     assert parsed.tls and parsed.describe() == "dimse+tls://PACS@pacs.example:2762"
+
+
+def test_the_gateway_command_serves_dicom_tls_and_refuses_the_flag_without_certificates(tmp_path):
+    """`medpipe gateway --dicom-tls` end to end (the options as an operator passes them)."""
+    from gateway_support import make_pki
+    from pacs_support import GatewayProcess
+    from serving.gateway.server import build_parser, check_options
+    from medpipe.errors import ConfigError
+
+    pki = make_pki(tmp_path / "pki")
+    with pytest.raises(ConfigError, match="--dicom-tls"):
+        check_options(build_parser().parse_args(["--upstream", "x:1", "--audit-log", "a", "--allow-anonymous",
+                                                 "--dicom-port", "0", "--dicom-tls"]))
+    config = tmp_path / "pacs.yaml"
+    config.write_text(f"spool: {tmp_path / 'spool'}\ncalling_aets: [MEDPIPETEST]\nstable_seconds: 3600\n"
+                      "routes: [{model: brain_mri, modalities: [MR]}]\n")
+    gateway = GatewayProcess(tmp_path, [
+        "--upstream", "127.0.0.1:9", "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
+        "--client-ca", str(pki["ca"]), "--audit-log", str(tmp_path / "audit.jsonl"), "--dicom-tls",
+        "--results-to", "dimse+tls://PACS@127.0.0.1:9", "--results-ca", str(pki["ca"]),
+        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    mr = tmp_path / "mr.dcm"
+    fa.mr_dicom_from_jpeg(fa.sample_jpegs("glioma", 1)[0], mr, study_uid="2.25.3404", series_uid="2.25.34041",
+                          sop_uid="2.25.340411")
+    try:
+        gateway.start()
+        assert c_store_statuses(gateway.dicom_port, [mr], tls_args=client_tls(pki)) == [0]
+        assert c_store_statuses(gateway.dicom_port, [mr], tls_args=client_tls(pki, cert="")) == []
+        assert c_store_statuses(gateway.dicom_port, [mr]) == []
+        assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == 1
+    finally:
+        gateway.kill()
