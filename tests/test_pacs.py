@@ -31,6 +31,7 @@ def write_yaml(path: Path, text: str) -> str:
 def test_the_example_config_loads_and_routes_brain_mr_only():
     config = load_pacs_config(str(ROOT / "config" / "pacs.yaml"))
     assert config.calling_aets == ("ORTHANC",) and config.aggregation == "max"
+    assert (config.reserve_mb, config.quarantine_after) == (512, 3)
     assert models_for(config.routes, RoutingKeys("MR", "BRAIN", MR, "T1 axial")) == ["brain_mri"]
     assert models_for(config.routes, RoutingKeys("CT", "HEAD", "1.2.840.10008.5.1.4.1.1.2", "")) == []
     assert models_for(config.routes, RoutingKeys("MR", "", "1.2.840.10008.5.1.4.1.1.7", "")) == []  # SC: not routed
@@ -63,6 +64,8 @@ routes:
     ("aggregation: median", "aggregation is 'median'"),
     ("routes: [{model: m, series_description: '(('}]", "not a regular expression"),
     ("routes: [{model: m, codes: {a: [SCT, 1]}}]", "must be [scheme, value, meaning]"),
+    ("quarantine_after: 0", "quarantine_after must be at least 1"),
+    ("reserve_mb: -5", "reserve_mb must be 0 or more"),
 ])
 def test_config_mistakes_are_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
