@@ -144,6 +144,9 @@ def test_full_spool_disk_answers_a700_and_507_and_accepts_again_once_space_retur
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     try:
+        too_large = client.post("/dicom-web/studies", content=multipart([big_mr(inputs / "9mb.dcm", 9)]),
+                                headers=headers)
+        assert too_large.status_code == 413 and list(service.spool.receiving.iterdir()) == []
         # fill the disk with 4 MB instances over DIMSE until the reserve refuses one: A700, not C000
         statuses = []
         for index in range(20):
@@ -188,6 +191,7 @@ def test_full_spool_disk_answers_a700_and_507_and_accepts_again_once_space_retur
     refusals = [r for r in records if r.get("event", "").startswith("pacs.") and
                 "disk_full" in (r.get("outcome"), r.get("reason"))]
     assert len(refusals) >= 4  # the reserve (DIMSE, STOW-RS) and the half-way writes (DIMSE, STOW-RS) are audited
+    assert [r["door"] for r in records if r.get("reason") == "too_large"] == ["dicomweb"]
     assert "HOSTILE-1" not in audit.read_text() and "Hostile" not in audit.read_text()
 
 

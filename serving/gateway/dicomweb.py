@@ -177,6 +177,8 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
                 collector.feed(chunk)
             collector.close()
         except PartTooLarge:
+            service.audit({"event": "pacs.refused", "door": "dicomweb", "identity": principal.identity,
+                           "reason": "too_large"})
             return JSONResponse({"error": f"an instance is over max_instance_mb={service.config.max_instance_mb}"},
                                 status_code=413)
         except OSError as exc:  # the spool's disk filled up while the body streamed in
