@@ -251,9 +251,13 @@ class Spool:
         place whole. Re-adding the same job (a replay) replaces it: same key, same UIDs, one delivery."""
         final = self.root / OUTBOX / job_key
         staging = self.root / OUTBOX / f".{job_key}.{uuid.uuid4().hex[:8]}.tmp"
-        for name, data in objects.items():
-            write_durable(staging / name, data)
-        write_durable(staging / JOB_FILE, json.dumps({**job, "objects": sorted(objects)}).encode())
+        try:
+            for name, data in objects.items():
+                write_durable(staging / name, data)
+            write_durable(staging / JOB_FILE, json.dumps({**job, "objects": sorted(objects)}).encode())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk must not fill up further with each retry
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
