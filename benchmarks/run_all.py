@@ -22,6 +22,7 @@ BENCHMARKS = {
     "serving": "benchmarks/bench_serving.py",
     "gateway": "benchmarks/bench_gateway.py",
     "pacs": "benchmarks/bench_pacs.py",
+    "pacs_memory": "benchmarks/bench_pacs_memory.py",
     "train_brain_mri": "benchmarks/bench_train_brain_mri.py",
     "train_chest_xray": "benchmarks/bench_train_chest_xray.py",
     "train_chest_xray_adjacent": "benchmarks/bench_train_chest_xray.py --name train_chest_xray_adjacent "

@@ -31,6 +31,7 @@ def write_yaml(path: Path, text: str) -> str:
 def test_the_example_config_loads_and_routes_brain_mr_only():
     config = load_pacs_config(str(ROOT / "config" / "pacs.yaml"))
     assert config.calling_aets == ("ORTHANC",) and config.aggregation == "max"
+    assert (config.reserve_mb, config.quarantine_after) == (512, 3)
     assert models_for(config.routes, RoutingKeys("MR", "BRAIN", MR, "T1 axial")) == ["brain_mri"]
     assert models_for(config.routes, RoutingKeys("CT", "HEAD", "1.2.840.10008.5.1.4.1.1.2", "")) == []
     assert models_for(config.routes, RoutingKeys("MR", "", "1.2.840.10008.5.1.4.1.1.7", "")) == []  # SC: not routed
@@ -63,6 +64,8 @@ routes:
     ("aggregation: median", "aggregation is 'median'"),
     ("routes: [{model: m, series_description: '(('}]", "not a regular expression"),
     ("routes: [{model: m, codes: {a: [SCT, 1]}}]", "must be [scheme, value, meaning]"),
+    ("quarantine_after: 0", "quarantine_after must be at least 1"),
+    ("reserve_mb: -5", "reserve_mb must be 0 or more"),
 ])
 def test_config_mistakes_are_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -209,23 +212,27 @@ def multipart(parts: list[tuple[str, bytes]], boundary: str = "medpipe-test-boun
     return body + f"--{boundary}--\r\n".encode()
 
 
-def test_stow_body_parses_in_chunks_and_bounds_each_part():
+def test_stow_body_parses_in_chunks_into_files_and_bounds_each_part(tmp_path):
     media, params = parse_content_type('multipart/related; type="application/dicom"; boundary="b=1;x"')
     assert media == "multipart/related" and params == {"type": "application/dicom", "boundary": "b=1;x"}
     dicom = (fa.SAMPLE_DICOM / "MR2_J2KI.dcm").read_bytes()
     body = multipart([("application/dicom", dicom), ("application/dicom", b"DICM" * 10)])
-    collector = MultipartCollector("medpipe-test-boundary", limit=len(dicom))
+    collector = MultipartCollector("medpipe-test-boundary", limit=len(dicom), folder=tmp_path / "parts")
     for start in range(0, len(body), 1000):
         collector.feed(body[start:start + 1000])
     collector.close()
-    assert [(t, len(d)) for t, d in collector.parts] == [("application/dicom", len(dicom)),
-                                                          ("application/dicom", 40)]
-    assert collector.parts[0][1] == dicom
+    assert [(t, p.stat().st_size) for t, p in collector.parts] == [("application/dicom", len(dicom)),
+                                                                    ("application/dicom", 40)]
+    assert collector.parts[0][1].read_bytes() == dicom
+    collector.discard()
+    assert list((tmp_path / "parts").iterdir()) == []
     from serving.gateway.dicomweb import PartTooLarge
 
-    small = MultipartCollector("medpipe-test-boundary", limit=100)
+    small = MultipartCollector("medpipe-test-boundary", limit=100, folder=tmp_path / "parts")
     with pytest.raises(PartTooLarge):
         small.feed(body)
+    small.discard()
+    assert list((tmp_path / "parts").iterdir()) == []
 
 
 def test_stow_response_statuses():

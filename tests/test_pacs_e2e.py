@@ -220,3 +220,48 @@ def test_destination_down_then_back_gets_every_sr_once(road):
     assert [len(srs_in(pacs, uid)) for uid, _ in studies] == [1, 1]
     assert gateway.metric("medpipe_pacs_queue_length", stage="outbox") == 0
     scan_logs_for_phi(road)
+
+
+def test_full_spool_disk_refuses_retryably_then_processes_once_space_returns(road, tmp_path):
+    """The spool on a real 64 MB tmpfs: under reserve_mb the DIMSE door answers A700 and STOW-RS 507; once space
+    is freed the same studies are accepted and their SRs reach Orthanc (issue 34)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); run as root to test a full disk")
+    config = tmp_path / "pacs.yaml"
+    config.write_text(f"""spool: {disk / "spool"}
+calling_aets: [MEDPIPETEST]
+stable_seconds: 1.5
+scan_seconds: 0.2
+max_instance_mb: 8
+reserve_mb: 16
+retry: {{initial_seconds: 0.5, max_seconds: 2}}
+routes: [{{model: {MODEL}, modalities: [MR]}}]
+""")
+    gateway = GatewayProcess(tmp_path, ["--upstream", road["grpc"], "--allow-anonymous",
+                                        "--audit-log", str(tmp_path / "audit.jsonl"),
+                                        "--model-repository", str(road["root"] / "repo"),
+                                        "--results-to", f"dicomweb+{road['pacs'].dicomweb}",
+                                        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    studies = [make_study(road, f"full-{label}", label, offset=9) for label in ("glioma", "notumor")]
+    try:
+        gateway.start()
+        with open(disk / "ballast", "wb") as handle:  # leave 10 MB: under the 16 MB reserve
+            handle.write(bytes(54 * 2**20))
+        assert c_store(gateway.dicom_port, studies[0][1]) == [0xA700]
+        assert stow(gateway.rest, studies[1][1])[0] == 507
+        assert not list((disk / "spool" / "incoming").rglob("*.dcm"))
+        (disk / "ballast").unlink()  # space returns: the senders' retries go through
+        assert c_store(gateway.dicom_port, studies[0][1]) == [0]
+        assert stow(gateway.rest, studies[1][1])[0] == 200
+        wait_for_srs(road["pacs"], [uid for uid, _ in studies], timeout=120)
+    finally:
+        gateway.kill()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert sum("disk_full" in (r.get("outcome"), r.get("reason")) for r in audit) >= 2

@@ -42,9 +42,9 @@ ERRORS: dict[str, tuple[grpc.StatusCode, int]] = {
 }
 # A body over the size limit is RESOURCE_EXHAUSTED like any limit, but HTTP has a more precise status for it; an
 # image the decode pool refused (its worker ran out of memory, died or overran) is well-formed HTTP that cannot be
-# processed: 422 (gRPC keeps INVALID_ARGUMENT); storage the gateway cannot write (the audit trail, the PACS spool):
-# 507, which clients and PACSs retry.
-HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422, "storage": 507}
+# processed: 422 (gRPC keeps INVALID_ARGUMENT); storage the gateway cannot write (the audit trail: `storage`; the
+# PACS spool under its reserve: `disk_full`): 507, which clients and PACSs retry.
+HTTP_BY_REASON = {"body_size": 413, "decode_limit": 422, "storage": 507, "disk_full": 507}
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")  # no leading dot: never "." or ".." (a path)
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")

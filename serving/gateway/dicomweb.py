@@ -3,12 +3,18 @@
 `build_router(gateway)` returns the FastAPI router the gateway's app factory mounts when the PACS road is enabled
 (`gateway.pacs`, a PacsService). The request is authenticated like every other REST call
 (`gateway.authenticate`); the body is `multipart/related; type="application/dicom"`, parsed as a stream with
-python-multipart, one part at a time, each bounded by the PACS config's max_instance_mb. Every part goes through
-PacsService.receive, which answers only once the instance is on disk. The response is the PS3.18 Store Instances
-Response (application/dicom+json): 200 all stored, 202 some failed, 409 none stored, 415 wrong media type.
+python-multipart, one part at a time, each bounded by the PACS config's max_instance_mb and written to a file on
+the spool's disk as it arrives (never whole in memory). Every part goes through PacsService.receive, which answers
+only once the instance is in the spool. The response is the PS3.18 Store Instances Response (application/dicom+json):
+200 all stored, 202 some failed, 409 none stored, 415 wrong media type; 507 (retryable) when the spool's disk is
+under its reserve or fills up, checked before the body is read.
 """
 
+import errno
+import os
 import re
+import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 # No `from __future__ import annotations` here: FastAPI reads the route's parameter annotations (Request) at runtime.
@@ -33,14 +39,17 @@ class PartTooLarge(Exception):
 
 
 class MultipartCollector:
-    """python-multipart callbacks -> a list of (part content type, bytes); each part bounded by `limit` bytes."""
+    """python-multipart callbacks -> a list of (part content type, file): each part streams into its own hidden file
+    in `folder` (on the spool's disk), bounded by `limit` bytes. discard() removes the files."""
 
-    def __init__(self, boundary: str, limit: int):
+    def __init__(self, boundary: str, limit: int, folder: Path):
         from python_multipart.multipart import MultipartParser
 
-        self.limit = limit
-        self.parts: list[tuple[str, bytes]] = []
-        self._chunks: list[bytes] = []
+        self.limit, self.folder = limit, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts: list[tuple[str, Path]] = []
+        self._handle = None
+        self._path: Optional[Path] = None
         self._size = 0
         self._headers: dict[str, str] = {}
         self._field = b""
@@ -53,7 +62,10 @@ class MultipartCollector:
         self.parser = MultipartParser(boundary.encode("latin-1"), callbacks)
 
     def _begin(self):
-        self._chunks, self._size, self._headers = [], 0, {}
+        self._close()
+        self._size, self._headers = 0, {}
+        self._path = self.folder / f".part-{uuid.uuid4().hex}.tmp"
+        self._handle = open(self._path, "wb")
 
     def _header_field(self, data, start, end):
         self._field += data[start:end]
@@ -69,18 +81,31 @@ class MultipartCollector:
         self._size += end - start
         if self._size > self.limit:
             raise PartTooLarge()
-        self._chunks.append(bytes(data[start:end]))
+        self._handle.write(data[start:end])
 
     def _end(self):
         content_type, _ = parse_content_type(self._headers.get("content-type", STOW_MEDIA))
-        self.parts.append((content_type, b"".join(self._chunks)))
-        self._chunks = []
+        path = self._path
+        self._close()
+        self.parts.append((content_type, path))
+
+    def _close(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def feed(self, chunk: bytes) -> None:
         self.parser.write(chunk)
 
     def close(self) -> None:
         self.parser.finalize()
+
+    def discard(self) -> None:
+        """Remove every part file (the instances that were stored are copies in the spool by now)."""
+        self._close()
+        for path in [self._path] + [path for _, path in self.parts]:
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 def _sop_item(receipt: Any, failed: bool) -> dict:
@@ -112,9 +137,10 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
 
     router = APIRouter()
 
+    from serving.gateway.core import GatewayError
+    from serving.gateway.rest import error_response
+
     async def stow(request: Request, study: Optional[str] = None):
-        from serving.gateway.core import GatewayError
-        from serving.gateway.rest import error_response
 
         service = pacs if pacs is not None else getattr(gateway, "pacs", None)
         try:  # audited by the gateway when refused
@@ -128,29 +154,54 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
         if media != "multipart/related" or params.get("type", "").lower() != STOW_MEDIA or not params.get("boundary"):
             return JSONResponse({"error": 'STOW-RS takes Content-Type: multipart/related; type="application/dicom"; '
                                           "boundary=..."}, status_code=415)
-        collector = MultipartCollector(params["boundary"], service.config.max_instance_mb * 2**20)
+        try:
+            short = await run_in_threadpool(service.space_refusal, "dicomweb", principal.identity, 0)
+        except GatewayError as exc:  # the refusal could not be audited (the disk is full): refused all the same
+            return error_response(exc)
+        if short is not None:  # before reading the body: the sender keeps its instances and retries
+            return error_response(disk_full(short.reason))
+        collector = MultipartCollector(params["boundary"], service.config.max_instance_mb * 2**20,
+                                       service.spool.receiving)
+        try:
+            return await _store(request, collector, service, principal, study)
+        except GatewayError as exc:  # the audit trail could not be written: refused
+            return error_response(exc)
+        finally:
+            await run_in_threadpool(collector.discard)
+
+    async def _store(request, collector: MultipartCollector, service, principal, study: Optional[str]):
+        from serving.gateway.pacs import DISK_FULL, Receipt
+
         try:
             async for chunk in request.stream():
                 collector.feed(chunk)
             collector.close()
         except PartTooLarge:
+            service.audit({"event": "pacs.refused", "door": "dicomweb", "identity": principal.identity,
+                           "reason": "too_large"})
             return JSONResponse({"error": f"an instance is over max_instance_mb={service.config.max_instance_mb}"},
                                 status_code=413)
+        except OSError as exc:  # the spool's disk filled up while the body streamed in
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            service.audit({"event": "pacs.refused", "door": "dicomweb", "identity": principal.identity,
+                           "reason": DISK_FULL})
+            return error_response(disk_full("the gateway's spool disk filled up while the body arrived"))
         except Exception:  # noqa: BLE001 - a malformed body; no detail (it could quote content)
             return JSONResponse({"error": "the multipart/related body could not be parsed"}, status_code=400)
         if not collector.parts:
             return JSONResponse({"error": "the request holds no DICOM part"}, status_code=400)
-        from serving.gateway.pacs import Receipt
-
         receipts = []
-        for content_type, data in collector.parts:
+        for content_type, path in collector.parts:
             if content_type != STOW_MEDIA:
                 receipts.append(Receipt(0xC000, reason="part is not application/dicom"))
-            elif study and not _in_study(data, study):  # PS3.18: an instance of another study is refused
+            elif study and not _in_study(path, study):  # PS3.18: an instance of another study is refused
                 receipts.append(Receipt(0xA900, reason="instance is not in the study named by the URL"))
             else:
-                receipts.append(await run_in_threadpool(service.receive, data, "dicomweb", principal.identity,
+                receipts.append(await run_in_threadpool(service.receive, path, "dicomweb", principal.identity,
                                                         principal))
+        if receipts and all(receipt.limit == DISK_FULL for receipt in receipts):
+            return error_response(disk_full(receipts[0].reason))
         status, body = stow_response(receipts)
         return JSONResponse(body, status_code=status, media_type="application/dicom+json")
 
@@ -159,13 +210,18 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
     return router
 
 
-def _in_study(data: bytes, study: str) -> bool:
-    import io
+def disk_full(reason: str):
+    """The table's answer to a full spool disk (HTTP 507, retryable; gRPC RESOURCE_EXHAUSTED)."""
+    from serving.gateway.core import GatewayError
 
+    return GatewayError("RESOURCE_EXHAUSTED", reason, reason="disk_full")
+
+
+def _in_study(path: os.PathLike, study: str) -> bool:
     import pydicom
 
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - unreadable: receive() would refuse it too
         return False
     return str(header.get("StudyInstanceUID", "")) == study

@@ -6,20 +6,28 @@
   medpipe.imaging can decode here (pydicom's decoders that are available with the installed plugins), so an
   instance is never accepted in an encoding the model's preprocessing would then refuse.
 - A C-STORE is answered only after the instance is on disk (PacsService.receive -> Spool.put, fsync'd): 0x0000;
-  A700 when it could not be stored (the sender retries), C000 when it is not a usable DICOM instance.
+  A700 when it could not be stored (too large, the spool disk under its reserve or full: the sender retries), C000
+  when it is not a usable DICOM instance.
+- The dataset streams to a file as its PDUs arrive (pynetdicom's STORE_RECV_CHUNKED_DATASET, in TMPDIR), PDUs are
+  at most MAX_PDU bytes, and the file is copied into the spool in pieces: an instance is never whole in memory.
+- DICOM TLS (`--dicom-tls`): the SCP speaks TLS only, with the gateway's certificate (--tls-cert/--tls-key), and
+  requires a client certificate signed by --client-ca; each handshake runs in its association's thread, with a
+  deadline (SOCKET_TIMEOUT_SECONDS), never in the accept loop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import ssl
+from typing import Any, Optional
 
 from medpipe.errors import ConfigError
-from serving.gateway.audit import AuditUnavailable
 
 log = logging.getLogger("medpipe.gateway.dimse")
 
 VERIFICATION = "1.2.840.10008.1.1"
+MAX_PDU = 1 << 20  # the largest PDU a peer may send us: what one read holds in memory (pynetdicom's default is 16 KB)
+SOCKET_TIMEOUT_SECONDS = 30.0  # a TLS peer silent this long in its handshake or within a PDU is dropped
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -53,7 +61,7 @@ def build_ae(service: Any, ae_title: str, calling_aets: tuple[str, ...]):
     ae = AE(ae_title=ae_title)
     ae.require_called_aet = True
     ae.require_calling_aet = list(calling_aets)
-    ae.maximum_pdu_size = 0  # no limit: large instances in few PDUs
+    ae.maximum_pdu_size = MAX_PDU  # bounded: 0 ("no limit") would let a peer send a 300 MB instance in one PDU
     syntaxes = decodable_transfer_syntaxes()
     for context in StoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, syntaxes)
@@ -61,16 +69,38 @@ def build_ae(service: Any, ae_title: str, calling_aets: tuple[str, ...]):
     return ae
 
 
-def start_scp(service: Any, port: int, ae_title: str = "MEDPIPE", host: str = "0.0.0.0"):
-    """Start the SCP in background threads; returns the pynetdicom server (`.shutdown()` stops it)."""
-    from pynetdicom import evt
+class _HandshakeInAssociation(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket in its (single) accept loop; a handshake done there would let one silent
+    client stop every other association. Here the handshake is left to the first read, in the association's own
+    thread, and the socket gets SOCKET_TIMEOUT_SECONDS: a client that stalls its handshake (or a PDU) is dropped."""
 
+    def wrap_socket(self, sock, *args, **kwargs):
+        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+        return super().wrap_socket(sock, *args, **{**kwargs, "do_handshake_on_connect": False})
+
+
+def server_tls_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    """The SCP's TLS: the gateway's certificate, client certificates required (DICOM PS3.15 B.1 TLS profile)."""
+    context = _HandshakeInAssociation(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(client_ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def start_scp(service: Any, port: int, ae_title: str = "MEDPIPE", host: str = "0.0.0.0",
+              ssl_context: Optional[ssl.SSLContext] = None):
+    """Start the SCP in background threads; returns the pynetdicom server (`.shutdown()` stops it)."""
+    from pynetdicom import _config, evt
+
+    _config.STORE_RECV_CHUNKED_DATASET = True  # C-STORE datasets stream to a file (pynetdicom's documented switch)
     ae = build_ae(service, ae_title, service.config.calling_aets)
     handlers = [(evt.EVT_C_STORE, handle_store, [service]), (evt.EVT_C_ECHO, handle_echo),
                 (evt.EVT_REJECTED, handle_rejected, [service])]
-    server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-    log.info("DIMSE SCP %s listening on %s:%d (%d calling AE titles allowed)", ae_title, host,
-             server.server_address[1], len(service.config.calling_aets))
+    server = ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    log.info("DIMSE SCP %s listening on %s:%d%s (%d calling AE titles allowed)", ae_title, host,
+             server.server_address[1], " over TLS" if ssl_context else "", len(service.config.calling_aets))
     return server
 
 
@@ -110,16 +140,22 @@ def handle_rejected(event, service) -> None:
 
 
 def handle_store(event, service) -> int:
-    """One C-STORE: the instance as a DICOM file -> PacsService.receive -> the DIMSE status."""
-    from serving.gateway.core import Principal
+    """One C-STORE: the file pynetdicom streamed the instance into (or its bytes, when chunked receiving is off)
+    -> PacsService.receive -> the DIMSE status. Failing to store or to audit is A700 (retryable), never C000."""
+    from serving.gateway.core import GatewayError, Principal
+    from serving.gateway.pacs import OUT_OF_RESOURCES
 
     calling = str(event.assoc.requestor.ae_title).strip()
     try:
-        data = bytes(event.encoded_dataset())
-    except Exception:  # noqa: BLE001 - malformed dataset from the peer
-        return 0xC000
+        data = event.dataset_path
+    except AttributeError:
+        try:
+            data = bytes(event.encoded_dataset())
+        except Exception:  # noqa: BLE001 - malformed dataset from the peer
+            return 0xC000
     principal = Principal(identity=f"aet:{calling}", scopes=frozenset({"predict:*"}), via="dimse")
     try:
         return service.receive(data, door="dimse", identity=calling, principal=principal).status
-    except AuditUnavailable:
-        return 0xA700  # out of resources: the sender retries once the audit trail can be written again
+    except (OSError, GatewayError) as exc:  # e.g. the audit trail could not be written: refused, retryable
+        log.error("DIMSE C-STORE refused with A700 (%s)", type(exc).__name__)
+        return OUT_OF_RESOURCES

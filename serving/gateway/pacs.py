@@ -12,17 +12,20 @@ never a header value, a UID or a file name.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from serving.gateway import results
 from serving.gateway.pacs_config import PacsConfig, models_for, route_for, routing_keys
-from serving.gateway.spool import Spool, StudyBatch, derived_uid, idempotency_key, key_of, read_job
+from serving.gateway.spool import Spool, StudyBatch, derived_uid, idempotency_key, key_of, read_job, size_of
 
 log = logging.getLogger("medpipe.gateway.pacs")
 
@@ -39,12 +42,16 @@ def _metrics(registry=None):
     if found is None:
         found = _METRICS[id(registry)] = {
             "queue": Gauge("medpipe_pacs_queue_length", "PACS work waiting: instances not yet inferred "
-                           "(stage=incoming) and results not yet delivered (stage=outbox)", ["stage"],
+                           "(stage=incoming), results not yet delivered (stage=outbox), instances held for the "
+                           "operator (stage=quarantine)", ["stage"],
                            registry=registry),
             "received": Counter("medpipe_pacs_instances", "Instances received by a PACS door, by outcome",
                                 ["door", "outcome"], registry=registry),
             "results": Counter("medpipe_pacs_results", "Results produced and delivered, by outcome", ["outcome"],
                                registry=registry),
+            "quarantined": Counter("medpipe_pacs_quarantined", "Instances moved to SPOOL/quarantine/ after "
+                                   "quarantine_after failed (or crashed) processing attempts", ["model"],
+                                   registry=registry),
         }
     return found
 
@@ -60,16 +67,24 @@ def quiet_dicom_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING if name != "pydicom" else logging.CRITICAL)
 
 
+OUT_OF_RESOURCES = 0xA700  # DIMSE "Refused: Out of resources": the sender keeps the instance and retries
+DISK_FULL = "disk_full"  # Receipt.limit of a refusal for want of space: DIMSE A700, HTTP 507 (both retryable)
+# failures that are not the study's fault: they do not count towards quarantine (the study waits and is retried)
+NOT_THE_INPUTS_FAULT = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED")
+
+
 @dataclass(frozen=True)
 class Receipt:
     """The answer to one received instance. status: DIMSE status code (0x0000 stored; 0xA700 out of resources;
-    0xC000 cannot understand; 0x0124 refused, not authorised), used by both doors."""
+    0xC000 cannot understand; 0x0124 refused, not authorised), used by both doors. limit: which limit refused it
+    (DISK_FULL: the STOW-RS door answers 507)."""
 
     status: int
     models: tuple[str, ...] = ()
     reason: str = ""
     sop_class: str = ""
     sop_instance: str = ""  # for the STOW-RS response to the sender only; never logged
+    limit: str = ""
 
 
 @dataclass
@@ -101,24 +116,27 @@ class PacsService:
         return pseudonym(value, self.key)[:16]
 
     def audit(self, record: dict) -> None:
-        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver)."""
-        self.gateway.audit.append({"door": "pacs", **record})
+        """door: dimse | dicomweb for what a door received, pacs for the road's own steps (process, deliver).
+        A record that cannot be written raises GatewayError (507, `storage`): the step is refused."""
+        self.gateway.audited({"door": "pacs", **record})
 
     # ---------------------------------------------------------------------------------------------------------
     # receiving (both doors)
-    def receive(self, data: bytes, door: str, identity: str, principal: Any = None) -> Receipt:
-        """One instance as bytes (a DICOM file, preamble optional) -> spooled for each model that takes it."""
-        from medpipe.imaging import read_dicom_header
+    def receive(self, data: "bytes | os.PathLike", door: str, identity: str, principal: Any = None) -> Receipt:
+        """One instance (a DICOM file, preamble optional) as bytes, or as the path of the file a door streamed it
+        into (never read whole here, unless deflated: see routing_header) -> spooled for each model that takes it."""
 
         received = self.metrics["received"]
-        if len(data) > self.config.max_instance_mb * 2**20:
+        source, size = data, size_of(data)
+        if size > self.config.max_instance_mb * 2**20:
             received.labels(door, "too_large").inc()
             self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": "too_large"})
-            return Receipt(0xA700, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
+            return Receipt(OUT_OF_RESOURCES, reason=f"instance over max_instance_mb={self.config.max_instance_mb}")
+        short = self.space_refusal(door, identity, size)
+        if short is not None:
+            return short
         try:
-            # bounded whatever the file claims (a deflated dataset is never inflated whole here); no validation
-            # warnings or log lines that could quote a header value
-            header = read_dicom_header(data)
+            header = routing_header(data)  # bounded whatever the file claims
             study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
             sop, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
         except Exception:  # noqa: BLE001 - any parse failure is "cannot understand"; no message (it may quote PHI)
@@ -141,24 +159,59 @@ class PacsService:
             received.labels(door, "not_routed").inc()
             self.audit({**record, "outcome": "not routed"})
             return Receipt(0x0000, (), "not routed", sop_class, sop)
+        short = self.space_refusal(door, identity, size * len(models), record)
+        if short is not None:
+            return short
+        stored = []
         try:
             for model in models:
-                self.spool.put(model, study, series, sop, data, door, identity,
-                               via=getattr(principal, "via", "dimse"))
+                stored.append(self.spool.put(model, study, series, sop, source, door, identity,
+                                             via=getattr(principal, "via", "dimse")))
         except OSError as exc:
-            received.labels(door, "spool_error").inc()
-            log.error("PACS spool write failed (%s): the sender is told to retry", type(exc).__name__)
-            self.audit({**record, "outcome": "spool_error"})
-            return Receipt(0xA700, reason="the gateway could not store the instance; retry later")
+            self.spool.finish(stored)  # all or nothing: the sender re-sends the instance for every model
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            received.labels(door, DISK_FULL if full else "spool_error").inc()
+            log.error("PACS spool write failed (%s): the sender is told to retry",
+                      errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+            self.audit({**record, "outcome": DISK_FULL if full else "spool_error"})
+            return Receipt(OUT_OF_RESOURCES, reason="the gateway could not store the instance (its spool disk is "
+                           "full); retry later" if full else "the gateway could not store the instance; retry later",
+                           limit=DISK_FULL if full else "")
         received.labels(door, "spooled").inc()
         self.audit({**record, "outcome": "spooled", "models": models})
         self.update_queue_metrics()
         return Receipt(0x0000, tuple(models), "", sop_class, sop)
 
+    def space_refusal(self, door: str, identity: str, needed: int, record: Optional[dict] = None
+                      ) -> Optional[Receipt]:
+        """A refusal when storing `needed` bytes would leave the spool's disk under reserve_mb (None: go ahead).
+        Checked before anything is written, so a full disk answers "out of resources" (retryable) at once."""
+        try:
+            free = self.spool.free_bytes()
+        except OSError:
+            free = 0
+        if free - needed > self.config.reserve_mb * 2**20:  # strict: reserve_mb 0 still refuses a full disk
+            return None
+        self.metrics["received"].labels(door, DISK_FULL).inc()
+        log.warning("PACS %s instance refused: the spool disk has %d MB free, under reserve_mb=%d (A700/507, the "
+                    "sender retries); free space or move the spool", door, free // 2**20, self.config.reserve_mb)
+        if record is None:
+            self.audit({"event": "pacs.refused", "door": door, "identity": identity, "reason": DISK_FULL,
+                        "free_mb": free // 2**20})
+        else:
+            self.audit({**record, "outcome": DISK_FULL, "free_mb": free // 2**20})
+        return Receipt(OUT_OF_RESOURCES, reason=f"the gateway's spool disk is below its {self.config.reserve_mb} MB "
+                       "reserve; retry later", limit=DISK_FULL)
+
     # ---------------------------------------------------------------------------------------------------------
     # inference
     def process_ready(self) -> int:
-        """Process every stable study (each on its own: one failure never blocks another). Returns results made."""
+        """Process every stable study (each on its own: one failure never blocks another). Returns results made.
+
+        Poison quarantine: each attempt is counted on disk before it starts (Spool.begin_attempt), so a study that
+        crashes the whole process is counted too; instances with quarantine_after attempts behind them move to
+        SPOOL/quarantine/ instead of being tried again. A failure that is not the study's (model server down)
+        gives its attempt back."""
         made = 0
         now = self.clock()
         for batch in self.spool.stable(self.config.stable_seconds, now=now):
@@ -166,15 +219,52 @@ class PacsService:
             if wait is not None and now < wait.next_time:
                 continue
             try:
+                batch = self._quarantine_poison(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. the audit disk is full: quarantined at a later scan
+                log.error("PACS study %s not quarantined yet (%s)", batch.study_key[:12], _describe(exc))
+                continue
+            if batch is None:
+                continue
+            try:
+                self.spool.begin_attempt(batch.instances)
+            except OSError as exc:
+                log.warning("PACS study %s: its attempt could not be recorded (%s); not processed now",
+                            batch.study_key[:12], type(exc).__name__)
+                continue
+            try:
                 made += self.process(batch)
                 self._upstream_wait.pop(batch.study_key + batch.model, None)
             except Exception as exc:  # noqa: BLE001 - the files stay spooled and are retried with backoff
+                code = getattr(exc, "code", None)
+                full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                self.spool.end_attempt(batch.instances, _describe(exc),
+                                       counts=not (full or code in NOT_THE_INPUTS_FAULT))
                 state = self._upstream_wait.setdefault(batch.study_key + batch.model, _Backoff())
                 self._schedule(state, now)
                 log.warning("PACS study %s for model %s not processed (%s); retry in %.0f s",
                             batch.study_key[:12], batch.model, _describe(exc), state.next_time - now)
         self.update_queue_metrics()
         return made
+
+    def _quarantine_poison(self, batch: StudyBatch) -> Optional[StudyBatch]:
+        """Move the batch's instances that used up their attempts to quarantine; -> the rest (None if nothing)."""
+        limit = self.config.quarantine_after
+        counts = [self.spool.attempts(instance) for instance in batch.instances]
+        poison = [instance for instance, count in zip(batch.instances, counts) if count >= limit]
+        if not poison:
+            return batch
+        reason = {"model": batch.model, "study_key": batch.study_key, "instances": len(poison),
+                  "attempts": max(counts), "quarantine_after": limit,
+                  "last_error": self.spool.last_error(poison[0])}
+        # audited first: if the record cannot be written the instances stay put (and are not processed either)
+        self.audit({"event": "pacs.quarantined", "model": batch.model, "study_key": batch.study_key,
+                    "instances": len(poison), "attempts": max(counts), "reason": reason["last_error"][:200]})
+        folder = self.spool.quarantine(poison, reason)
+        self.metrics["quarantined"].labels(batch.model).inc(len(poison))
+        log.error("PACS study %s for model %s quarantined: %d instance(s) failed %d times (last: %s); see %s",
+                  batch.study_key[:12], batch.model, len(poison), max(counts), reason["last_error"], folder)
+        rest = tuple(instance for instance in batch.instances if instance not in poison)
+        return StudyBatch(batch.model, batch.study_key, rest, batch.newest) if rest else None
 
     def process(self, batch: StudyBatch) -> int:
         from medpipe.imaging import _pydicom
@@ -311,6 +401,7 @@ class PacsService:
         try:
             self.metrics["queue"].labels("incoming").set(self.spool.pending_instances())
             self.metrics["queue"].labels("outbox").set(self.spool.outbox_length())
+            self.metrics["queue"].labels("quarantine").set(self.spool.quarantined_instances())
         except OSError as exc:
             log.warning("PACS queue gauges not updated (%s)", type(exc).__name__)
 
@@ -367,14 +458,19 @@ def start_pacs(gateway: Any, options: Any) -> Optional[PacsRoad]:
     if not config.routes:
         log.warning("the PACS config has no routes: every received instance is acknowledged and audited "
                     "'not routed' (pass --pacs-config with routes)")
-    service = PacsService(gateway, config, results.parse_destination(results_to), deid_key_from_env(required=True))
+    destination = results.parse_destination(results_to, ca=getattr(options, "results_ca", None),
+                                            cert=getattr(options, "tls_cert", None),
+                                            key=getattr(options, "tls_key", None))
+    service = PacsService(gateway, config, destination, deid_key_from_env(required=True))
     gateway.pacs = service
     scp = None
     if dicom_port is not None:
-        from serving.gateway.dimse import start_scp
+        from serving.gateway.dimse import server_tls_context, start_scp
 
         host = getattr(options, "host", "127.0.0.1")
-        scp = start_scp(service, dicom_port, getattr(options, "dicom_ae_title", "MEDPIPE"), host)
+        context = (server_tls_context(options.tls_cert, options.tls_key, options.client_ca)
+                   if getattr(options, "dicom_tls", False) else None)
+        scp = start_scp(service, dicom_port, getattr(options, "dicom_ae_title", "MEDPIPE"), host, context)
         # one parseable line, like the gRPC/REST one: tests and the benchmark read the bound port from it
         print(f"medpipe gateway: DICOM {getattr(options, 'dicom_ae_title', 'MEDPIPE')}@{host}:"
               f"{scp.server_address[1]}", flush=True)
@@ -386,6 +482,30 @@ def _may_call(principal, model: str) -> bool:
     from serving.gateway.core import may_call
 
     return may_call(principal, model)
+
+
+HEADER_BYTES = 16 * 2**20  # what receive() reads of a streamed file to find its header (pixel data comes last)
+
+
+def routing_header(data: "bytes | os.PathLike"):
+    """The header of a received instance, in bounded memory whatever it claims (medpipe.imaging.read_dicom_header:
+    no validation warnings or log lines that could quote a header value). A streamed file is read only up to
+    HEADER_BYTES, unless it is deflated: only its whole stream, inflated chunk by chunk and kept nowhere, proves it
+    is no bomb for the later reads of the PACS road (it is at most max_instance_mb, checked before)."""
+    from medpipe.imaging import DEFLATED_TRANSFER_SYNTAX, file_meta_end, read_dicom_header
+
+    if isinstance(data, (bytes, bytearray)):
+        return read_dicom_header(bytes(data))
+    head = _head(data)
+    if file_meta_end(head)[1] == DEFLATED_TRANSFER_SYNTAX:
+        return read_dicom_header(Path(data).read_bytes())
+    return read_dicom_header(head)
+
+
+def _head(path: "os.PathLike") -> bytes:
+    """The start of a received file: enough for the header parse, never the whole (possibly huge) instance."""
+    with open(path, "rb") as handle:
+        return handle.read(HEADER_BYTES)
 
 
 def _describe(exc: BaseException) -> str:

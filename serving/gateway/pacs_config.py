@@ -58,6 +58,11 @@ class PacsConfig:
     scan_seconds: float = 0.5  # how often the spool is looked at
     deadline_seconds: float = 30.0  # per inference call
     max_instance_mb: int = 256  # larger instances are refused (DIMSE status A700, STOW-RS 413)
+    # free space the spool's file system keeps: an instance that would leave less is refused with the retryable
+    # DIMSE A700 / HTTP 507 (the sender keeps it and retries), never half-written
+    reserve_mb: int = 512
+    # a study whose processing failed (or crashed the gateway) this many times moves to SPOOL/quarantine/
+    quarantine_after: int = 3
     secondary_capture: bool = False  # also send the Grad-CAM overlay (models with an `explain` signature)
     webhook: Optional[str] = None  # URL: a JSON summary per result is POSTed here (apps)
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -83,6 +88,11 @@ def load_pacs_config(path: Optional[str]) -> PacsConfig:
     routes = raw.pop("routes", []) or []
     codes = [route.pop("codes", {}) or {} if isinstance(route, dict) else {} for route in routes]
     config = _build(PacsConfig, {**raw, "routes": routes}, str(file), "")
+    for key in ("max_instance_mb", "quarantine_after"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{file}: {key} must be at least 1 (it is {getattr(config, key)})")
+    if config.reserve_mb < 0:
+        raise ConfigError(f"{file}: reserve_mb must be 0 or more MB of free space (it is {config.reserve_mb})")
     built = []
     for index, (route, table) in enumerate(zip(config.routes, codes)):
         parsed = {name: _code(value, str(file), f"routes[{index}].codes.{name}") for name, value in table.items()}

@@ -7,7 +7,9 @@ every source instance, in the source's study and in a new series. Patient and st
 source (the SR goes back to the same PACS) and nothing else: `evidence_headers` keeps only those modules plus the
 instance UIDs the references need, so no other header value can travel into the report.
 
-Destinations (`--results-to`): `dicomweb+http(s)://HOST:PORT/ROOT` (STOW-RS) or `dimse://AET@HOST:PORT` (C-STORE).
+Destinations (`--results-to`): `dicomweb+http(s)://HOST:PORT/ROOT` (STOW-RS), `dimse://AET@HOST:PORT` (C-STORE) or
+`dimse+tls://AET@HOST:PORT` (C-STORE over DICOM TLS: the destination's certificate checked against --results-ca and
+its host name, the gateway's --tls-cert/--tls-key presented as the client certificate).
 """
 
 from __future__ import annotations
@@ -219,18 +221,44 @@ class Destination:
     ae_title: str = ""
     host: str = ""
     port: int = 0
+    tls: bool = False  # dimse+tls://
+    ca: Optional[str] = None  # PEM CA that signs the destination's certificate
+    cert: Optional[str] = None  # PEM client certificate presented to it (with key)
+    key: Optional[str] = None
 
     def describe(self) -> str:
-        return self.url if self.kind == "dicomweb" else f"dimse://{self.ae_title}@{self.host}:{self.port}"
+        if self.kind == "dicomweb":
+            return self.url
+        return f"dimse{'+tls' if self.tls else ''}://{self.ae_title}@{self.host}:{self.port}"
+
+    def tls_context(self):
+        """The client side of DICOM TLS: the destination's certificate and host name verified."""
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 class DeliveryError(Exception):
     """The destination did not take the result (retried with backoff)."""
 
 
-def parse_destination(text: str) -> Destination:
-    """`dicomweb+http(s)://HOST:PORT/ROOT` or `dimse://AET@HOST:PORT`; anything else is a clear error."""
+def parse_destination(text: str, ca: Optional[str] = None, cert: Optional[str] = None,
+                      key: Optional[str] = None) -> Destination:
+    """`dicomweb+http(s)://HOST:PORT/ROOT`, `dimse://AET@HOST:PORT` or `dimse+tls://AET@HOST:PORT` (which needs `ca`;
+    `cert`/`key` are the client certificate); anything else is a clear error."""
     from medpipe.errors import ConfigError
+
+    if text.startswith("dimse+tls://"):
+        plain = parse_destination("dimse://" + text[len("dimse+tls://"):])
+        if not ca:
+            raise ConfigError(f"--results-to {text!r} needs --results-ca: the PEM CA that signs the destination's "
+                              "certificate (DICOM TLS checks who it sends results to)")
+        return Destination("dimse", ae_title=plain.ae_title, host=plain.host, port=plain.port, tls=True, ca=ca,
+                           cert=cert, key=key)
 
     if text.startswith(("dicomweb+http://", "dicomweb+https://")):
         url = text[len("dicomweb+"):].rstrip("/")
@@ -243,8 +271,8 @@ def parse_destination(text: str) -> Destination:
             raise ConfigError(f"--results-to {text!r}: expected dimse://AET@HOST:PORT (e.g. dimse://ORTHANC@pacs:4242)")
         return Destination("dimse", ae_title=urllib.parse.unquote(parts.username), host=parts.hostname,
                            port=parts.port)
-    raise ConfigError(f"--results-to {text!r}: expected dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or "
-                      f"dimse://AET@HOST:PORT (C-STORE)")
+    raise ConfigError(f"--results-to {text!r}: expected dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS), "
+                      f"dimse://AET@HOST:PORT (C-STORE) or dimse+tls://AET@HOST:PORT (C-STORE over TLS)")
 
 
 def send(destination: Destination, objects: Sequence[bytes], timeout: float = 30.0) -> None:
@@ -283,7 +311,8 @@ def _c_store(destination: Destination, objects: Sequence[bytes], timeout: float)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (destination.tls_context(), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(f"C-STORE association with {destination.describe()} was not established")
     try:

@@ -66,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     # the PACS road (serving/gateway/pacs.py): DIMSE C-STORE SCP, STOW-RS at /dicom-web/studies, SR results
     parser.add_argument("--dicom-port", type=int, help="DICOM C-STORE/C-ECHO SCP port (0 = any free port)")
     parser.add_argument("--dicom-ae-title", default="MEDPIPE", help="the SCP's AE title (default MEDPIPE)")
-    parser.add_argument("--results-to", help="where SRs go: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or "
-                        "dimse://AET@HOST:PORT (C-STORE); enables STOW-RS at /dicom-web/studies")
+    parser.add_argument("--dicom-tls", action="store_true",
+                        help="DICOM TLS on the SCP: TLS only, with --tls-cert/--tls-key, client certificates signed "
+                        "by --client-ca required (plus the calling-AE allow-list)")
+    parser.add_argument("--results-to", help="where SRs go: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS), "
+                        "dimse://AET@HOST:PORT (C-STORE) or dimse+tls://AET@HOST:PORT (C-STORE over TLS: "
+                        "--results-ca, and --tls-cert/--tls-key as client certificate); enables STOW-RS")
+    parser.add_argument("--results-ca", help="PEM CA that signs the certificate of a dimse+tls:// --results-to")
     parser.add_argument("--pacs-config", help="routing, stability, calling-AE allow-list, spool (config/pacs.yaml)")
     viewer = parser.add_argument_group("web viewer (/viewer/ on the REST port)")
     viewer.add_argument("--viewer-users", help="local users file (medpipe viewer-users add): sign-in with a "
@@ -119,6 +124,9 @@ def check_options(args) -> None:
         raise ConfigError("--audit-syslog-cert and --audit-syslog-key go together")
     if getattr(args, "audit_checkpoint_seconds", 5.0) <= 0:
         raise ConfigError("--audit-checkpoint-seconds must be > 0")
+    if getattr(args, "dicom_tls", False) and not (args.tls_cert and args.client_ca):
+        raise ConfigError("--dicom-tls serves the DICOM port with the gateway's certificate and requires client "
+                          "certificates: pass --tls-cert, --tls-key and --client-ca")
 
 
 def rest_server(gateway, app, host: str, port: int, tls: tuple | None, client_ca: str | None,
