@@ -126,15 +126,20 @@ def item(probs: dict, inside=True, ood=None):
                            probabilities=probs, ood_score=ood, in_distribution=inside, heatmap=None, png=b"")
 
 
-def test_aggregation_max_mean_and_outside_intended_use():
+def test_aggregation_max_mean_by_name_and_outside_intended_use_excluded():
+    from medpipe.study import explicit_rule
+
     slices = [item({"a": 0.6, "b": 0.4}), item({"a": 0.2, "b": 0.8}), item({"a": 0.9, "b": 0.1})]
-    assert results.aggregate(slices, "max")[:2] == ("a", pytest.approx(0.9))
-    assert results.aggregate(slices, "max")[4] == 2  # the deciding slice
-    name, probability, table, _, _ = results.aggregate(slices, "mean")
-    assert name == "a" and probability == pytest.approx(1.7 / 3) and table["b"] == pytest.approx(1.3 / 3)
-    assert results.aggregate(slices[:2], "max")[0] == "b"
-    outside = results.aggregate(slices + [item({"a": 0.9, "b": 0.1}, inside=False, ood=7.5)], "max")
-    assert outside[0] is None and outside[3] == 7.5
+    decided = results.aggregate(slices, explicit_rule("max", ["a", "b"]))
+    assert (decided.class_name, decided.probability, decided.decider) == ("a", pytest.approx(0.9), 2)
+    mean = results.aggregate(slices, explicit_rule("mean", ["a", "b"]))
+    assert mean.class_name == "a" and mean.probability == pytest.approx(1.7 / 3)
+    assert mean.probabilities["b"] == pytest.approx(1.3 / 3)
+    assert results.aggregate(slices[:2], explicit_rule("max", ["a", "b"])).class_name == "b"
+    # an image outside intended use is left out (listed), the others decide
+    mixed = results.aggregate(slices[:2] + [item({"a": 0.99, "b": 0.01}, inside=False, ood=7.5)],
+                              explicit_rule("max", ["a", "b"]))
+    assert mixed.class_name == "b" and mixed.excluded == (2,)
 
 
 @pytest.fixture
@@ -155,9 +160,11 @@ def test_sr_is_tid1500_in_the_source_study_with_patient_and_study_modules_only(p
     assert back.StudyInstanceUID == source.StudyInstanceUID and back.SeriesInstanceUID != source.SeriesInstanceUID
     assert back.Modality == "SR" and back.SOPInstanceUID == derived_uid("j", "sr")
     said = results.read_finding(back)
-    assert said == {"finding": "glioma", "meaning": "glioma", "probability": pytest.approx(0.876543),
-                    "algorithm": "brain_mri", "algorithm_version": "1700000000",
-                    "references": [str(source.SOPInstanceUID)]}
+    assert {key: said[key] for key in ("finding", "meaning", "probability", "algorithm", "algorithm_version",
+                                       "references", "excluded", "predecessors")} == {
+        "finding": "glioma", "meaning": "glioma", "probability": pytest.approx(0.876543), "algorithm": "brain_mri",
+        "algorithm_version": "1700000000", "references": [str(source.SOPInstanceUID)], "excluded": [],
+        "predecessors": []}
     # the patient and study modules travel (the SR returns to the same PACS) ...
     assert back.PatientID == source.PatientID and back.AccessionNumber == "PHIZQX-ACC-9"
     # ... and no other header value of the source does
@@ -180,6 +187,7 @@ def test_sr_outside_intended_use_and_configured_codes(phi_mr):
     sr = results.build_sr([source], outside, sr_uid="2.25.1", series_uid="2.25.2", codes={})
     said = read_back(sr)
     assert said["finding"] == results.OUTSIDE_INTENDED_USE and said["meaning"] == "Outside intended use"
+    assert "probability" not in said and said["ood_score"] == pytest.approx(9.1)  # no probability of anything
     coded = results.Finding("glioma", 0.9, "brain_mri", 2, {"glioma": 0.9}, None, 1)
     sr = results.build_sr([source], coded, sr_uid="2.25.3", series_uid="2.25.2",
                           codes={"glioma": Code("SCT", "123", "Glioma")})

@@ -47,36 +47,54 @@ REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Mod
 
 @dataclass(frozen=True)
 class Finding:
-    """What one result says: the class (None = outside intended use), its probability, the model that said it."""
+    """What one study result says: the class and its probability (both None = outside intended use: no finding),
+    the model that said it, and which sources decided or were left out (indices into the SR's sources)."""
 
     class_name: Optional[str]
-    probability: float
+    probability: Optional[float]
     model: str
     version: int
     probabilities: dict
     ood_score: Optional[float] = None
     instances: int = 1
+    decider: Optional[int] = None  # the image whose probabilities decided the study
+    excluded: tuple = ()  # images outside intended use: listed, never given a class or probability
+    rule: str = ""
+    operating_point: Optional[float] = None
+    abnormal: Optional[bool] = None  # abnormal_first only
+    source_uids: tuple = ()  # SOP Instance UIDs of the sources, same order (webhook only; never logged)
 
 
-def aggregate(items: Sequence[Any], rule: str = "max") -> tuple[Optional[str], float, dict, Optional[float], int]:
-    """Per-image results (ItemResult-like: class_name, confidence, probabilities, ood_score, in_distribution) ->
-    one (class or None, probability, probabilities, ood score, index of the image that decided).
+def aggregate(items: Sequence[Any], rule) -> Any:
+    """Per-image results (ItemResult-like: probabilities, in_distribution) -> medpipe.study.StudyDecision by the
+    rule (medpipe.study.StudyRule): the one implementation of the study decision, shared with batch inference and
+    `medpipe predict --study`. An image without probabilities (outside intended use) counts as excluded."""
+    from medpipe.study import decide
 
-    max: each class's highest probability over the slices, then the class with the highest value ("the most
-    suspicious slice decides"); mean: the mean probability per class. Any slice outside the intended use makes the
-    whole result "outside intended use": a finding is never drawn from images the model should not read."""
     if not items:
         raise ValueError("no image results to aggregate")
-    names = list(items[0].probabilities)
-    table = np.array([[float(item.probabilities[name]) for name in names] for item in items])
-    per_class = table.max(axis=0) if rule == "max" else table.mean(axis=0)
-    best = int(per_class.argmax())
-    decider = int(table[:, best].argmax())
-    scores = [item.ood_score for item in items if item.ood_score is not None]
-    ood = max(scores) if scores else None
-    outside = any(item.in_distribution is False or item.class_name is None for item in items)
-    probabilities = {name: float(value) for name, value in zip(names, per_class)}
-    return (None if outside else names[best]), float(per_class[best]), probabilities, ood, decider
+    flags = [False if (item.in_distribution is False or not item.probabilities) else item.in_distribution
+             for item in items]
+    table = [item.probabilities or {} for item in items]
+    return decide(table, flags, rule)
+
+
+def finding_of(decision: Any, items: Sequence[Any], model: str, version: int, sources: Sequence[Any]) -> Finding:
+    """The SR's Finding from a study decision. The OOD score shown is the highest among the images the finding was
+    drawn from (all images when none was in distribution)."""
+    pool = decision.included or tuple(range(len(items)))
+    scores = [items[i].ood_score for i in pool if items[i].ood_score is not None]
+    return Finding(decision.class_name, decision.probability, model, int(version), dict(decision.probabilities),
+                   max(scores) if scores else None, len(items), decision.decider, tuple(decision.excluded),
+                   decision.rule, decision.operating_point, decision.abnormal,
+                   tuple(str(ds.SOPInstanceUID) for ds in sources))
+
+
+def wants_secondary_capture(decision: Any) -> bool:
+    """A heat map only for a finding: never for an abstention, never for a study the rule called normal."""
+    if decision.class_name is None or decision.decider is None:
+        return False
+    return decision.abnormal is not False
 
 
 def evidence_headers(ds) -> Any:
@@ -115,16 +133,36 @@ def class_code(class_name: Optional[str], codes: dict):
     return _code(class_name, LOCAL_SCHEME, class_name)  # over 16 characters: highdicom writes LongCodeValue
 
 
-def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict):
+def build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict,
+             instance_number: int = 1, predecessor: Optional[dict] = None):
     """The Comprehensive 3D SR (TID 1500) for one study's routed instances. `sources`: full or header-only pydicom
-    datasets; only `evidence_headers` of each is used. highdicom's and pydicom's validation warnings are silenced
-    here: they quote header values (a patient name) into logs."""
+    datasets; only `evidence_headers` of each is used. `predecessor` ({"sr_uid", "series_uid"}): the study's
+    previous SR, which this one replaces (Predecessor Documents Sequence). highdicom's and pydicom's validation
+    warnings are silenced here: they quote header values (a patient name) into logs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _build_sr(sources, finding, sr_uid=sr_uid, series_uid=series_uid, codes=codes)
+        return _build_sr(sources, finding, sr_uid=sr_uid, series_uid=series_uid, codes=codes,
+                         instance_number=instance_number, predecessor=predecessor)
 
 
-def _build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict):
+TRACKING_STUDY, TRACKING_DECIDING, TRACKING_EXCLUDED = "study finding", "deciding image", "outside intended use"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
+
+
+def _predecessor_dataset(sources: Sequence[Any], predecessor: dict):
+    """What highdicom needs to write the Predecessor Documents Sequence entry of the previous SR."""
+    from pydicom.dataset import Dataset
+
+    previous = Dataset()
+    previous.StudyInstanceUID = str(sources[0].StudyInstanceUID)
+    previous.SeriesInstanceUID = predecessor["series_uid"]
+    previous.SOPClassUID = SR_SOP_CLASS
+    previous.SOPInstanceUID = predecessor["sr_uid"]
+    return previous
+
+
+def _build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_uid: str, codes: dict,
+              instance_number: int = 1, predecessor: Optional[dict] = None):
     import highdicom as hd
     from pydicom.sr.codedict import codes as dcm
 
@@ -134,43 +172,59 @@ def _build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_u
                                                        manufacturer_name=MANUFACTURER, model_name=finding.model)
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=dcm.DCM.Device, observer_identifying_attributes=device))
-    measurement = hd.sr.Measurement(
-        name=_code("probability", LOCAL_SCHEME, "Probability of finding"), value=round(finding.probability, 6),
-        unit=_code("1", "UCUM", "no units"), algorithm_id=algorithm)
-    measurements = [measurement]
-    if finding.ood_score is not None:
-        measurements.append(hd.sr.Measurement(
-            name=_code("ood-score", LOCAL_SCHEME, "Out-of-distribution score"), value=round(finding.ood_score, 6),
-            unit=_code("1", "UCUM", "no units"), algorithm_id=algorithm))
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=derive(sr_uid, "tracking"),
-                                                     identifier=f"{finding.model} v{finding.version}"),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=_code("121071", "DCM", "Finding"), value=class_code(finding.class_name, codes))],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence],
-    )
+    unit = _code("1", "UCUM", "no units")
+    excluded = set(finding.excluded)
+    included = [i for i in range(len(evidence)) if i not in excluded]
+
+    def group(purpose: str, members: Sequence[int], class_name: Optional[str], probability: Optional[float],
+              ood: Optional[float]):
+        measurements = []
+        if class_name is not None and probability is not None:  # abstention: no probability of anything
+            measurements.append(hd.sr.Measurement(
+                name=_code("probability", LOCAL_SCHEME, "Probability of finding"), value=round(probability, 6),
+                unit=unit, algorithm_id=algorithm))
+        if ood is not None:
+            measurements.append(hd.sr.Measurement(
+                name=_code("ood-score", LOCAL_SCHEME, "Out-of-distribution score"), value=round(ood, 6), unit=unit,
+                algorithm_id=algorithm))
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derive(sr_uid, "tracking", purpose), identifier=purpose),
+            algorithm_id=algorithm,
+            measurements=measurements or None,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=_code("121071", "DCM", "Finding"), value=class_code(class_name, codes))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence[i]) for i in members],
+        )
+
+    # the study's finding, drawn from the in-distribution images only (all images when none is: outside use)
+    groups = [group(TRACKING_STUDY, included or list(range(len(evidence))), finding.class_name, finding.probability,
+                    finding.ood_score)]
+    if finding.decider is not None and finding.class_name is not None:
+        groups.append(group(TRACKING_DECIDING, [finding.decider], finding.class_name, finding.probability, None))
+    if excluded and included:  # a mixed study lists the images it was not decided on
+        groups.append(group(TRACKING_EXCLUDED, sorted(excluded), None, None, None))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=_code("363679005", "SCT", "Imaging"),
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sr_uid, instance_number=1, manufacturer=MANUFACTURER,
-        series_description=f"medpipe {finding.model} v{finding.version}", is_complete=True, is_final=False,
-        is_verified=False)
+        sop_instance_uid=sr_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
+        series_description=f"medpipe {finding.model}", is_complete=True, is_final=False,
+        is_verified=False,
+        previous_versions=[_predecessor_dataset(evidence, predecessor)] if predecessor else None)
     return sr
 
 
-def derive(uid: str, purpose: str) -> str:
+def derive(uid: str, *purpose: str) -> str:
     from serving.gateway.spool import derived_uid
 
-    return derived_uid(uid, purpose)
+    return derived_uid(uid, *purpose)
 
 
-def build_secondary_capture(source, png: bytes, heatmap: np.ndarray, *, sop_uid: str, series_uid: str):
+def build_secondary_capture(source, png: bytes, heatmap: np.ndarray, *, sop_uid: str, series_uid: str,
+                            instance_number: int = 1):
     """The Grad-CAM overlay (the image as the model saw it, heat map in 'jet' on top) as a Secondary Capture in the
     source's study."""
     import highdicom as hd
@@ -188,7 +242,7 @@ def build_secondary_capture(source, png: bytes, heatmap: np.ndarray, *, sop_uid:
             ref_dataset=evidence_headers(source), pixel_array=picture, photometric_interpretation="RGB",
             bits_allocated=8, coordinate_system="PATIENT", patient_orientation=("L", "P"),
             series_instance_uid=series_uid, sop_instance_uid=sop_uid, series_number=SC_SERIES_NUMBER,
-            instance_number=1, manufacturer=MANUFACTURER)
+            instance_number=instance_number, manufacturer=MANUFACTURER)
     # padding and resizing keep the source's row/column directions: its orientation, or empty (type 2) if unknown
     orientation = source.get("PatientOrientation")
     sc.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else None
@@ -201,13 +255,21 @@ def to_bytes(ds) -> bytes:
     return buffer.getvalue()
 
 
-def webhook_payload(finding: Finding, uids: dict, job_key: str) -> dict:
+def webhook_payload(finding: Finding, uids: dict, job_key: str, supersedes: Optional[str] = None) -> dict:
     """The apps' JSON: the result and the UIDs to attach it to (UIDs are not logged; the webhook is a hospital
-    endpoint configured by the operator)."""
+    endpoint configured by the operator). An abstention carries no class, probability or probabilities;
+    `supersedes` is the SR SOP Instance UID this result replaces (null for a study's first result)."""
+    outside = finding.class_name is None
+    named = finding.source_uids
     return {"event": "medpipe.result", "job": job_key, "model": finding.model, "version": finding.version,
-            "class_name": finding.class_name, "outside_intended_use": finding.class_name is None,
-            "probability": finding.probability, "probabilities": finding.probabilities,
-            "ood_score": finding.ood_score, "instances": finding.instances, **uids}
+            "class_name": finding.class_name, "outside_intended_use": outside,
+            "probability": None if outside else finding.probability,
+            "probabilities": {} if outside else finding.probabilities,
+            "ood_score": finding.ood_score, "instances": finding.instances, "rule": finding.rule,
+            "operating_point": finding.operating_point, "abnormal": finding.abnormal,
+            "deciding_instance": named[finding.decider] if named and finding.decider is not None else None,
+            "excluded_instances": [named[i] for i in finding.excluded] if named else [],
+            "supersedes": supersedes, **uids}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,29 +372,55 @@ def post_webhook(url: str, payload: dict, timeout: float = 10.0) -> None:
 
 def read_finding(ds) -> dict:
     """What an SR built by build_sr says, read back from the dataset (for clients, tests and the benchmark):
-    {finding: code value, meaning, probability, algorithm, algorithm_version, references: [SOP Instance UIDs]}."""
-    out: dict = {"references": []}
+    {finding, meaning, probability (absent for an abstention), ood_score, algorithm, algorithm_version,
+    references (every referenced SOP Instance UID), deciding, excluded (per purpose), predecessors, groups}."""
+    out: dict = {"references": [], "deciding": [], "excluded": [], "groups": []}
 
     def value(code) -> str:
         return str(code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or "")
 
-    def walk(items):
+    def walk(items, into: dict):
         for item in items:
             name = value(item.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in item else None
+            if name == "125007" and "ContentSequence" in item:  # a measurement group
+                found: dict = {"references": []}
+                walk(item.ContentSequence, found)
+                out["groups"].append(found)
+                continue
             if name == "121071" and "ConceptCodeSequence" in item:
-                out["finding"] = value(item.ConceptCodeSequence[0])
-                out["meaning"] = str(item.ConceptCodeSequence[0].CodeMeaning)
+                into["finding"] = value(item.ConceptCodeSequence[0])
+                into["meaning"] = str(item.ConceptCodeSequence[0].CodeMeaning)
             elif name == "probability" and "MeasuredValueSequence" in item:
-                out["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+                into["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif name == "ood-score" and "MeasuredValueSequence" in item:
+                into["ood_score"] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif name == "112039":
+                into["tracking"] = str(item.TextValue)
             elif name == "111001":
                 out["algorithm"] = str(item.TextValue)
             elif name == "111003":
                 out["algorithm_version"] = str(item.TextValue)
             if "ReferencedSOPSequence" in item:
-                out["references"] += [str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence]
+                into.setdefault("references", [])
+                into["references"] += [str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence]
             if "ContentSequence" in item:
-                walk(item.ContentSequence)
+                walk(item.ContentSequence, into)
 
-    walk(ds.ContentSequence)
+    walk(ds.ContentSequence, out)
+    for found in out["groups"]:
+        out["references"] += found.get("references", [])
+        purpose = found.get("tracking")
+        if purpose == TRACKING_STUDY:
+            for key in ("finding", "meaning", "probability", "ood_score"):
+                if key in found:
+                    out[key] = found[key]
+        elif purpose == TRACKING_DECIDING:
+            out["deciding"] = sorted(set(found["references"]))
+        elif purpose == TRACKING_EXCLUDED:
+            out["excluded"] = sorted(set(found["references"]))
     out["references"] = sorted(set(out["references"]))
+    out["predecessors"] = [str(ref.ReferencedSOPInstanceUID)
+                           for study in ds.get("PredecessorDocumentsSequence", [])
+                           for series in study.get("ReferencedSeriesSequence", [])
+                           for ref in series.get("ReferencedSOPSequence", [])]
     return out
