@@ -173,3 +173,24 @@ def test_a_study_all_outside_intended_use_gets_an_sr_that_says_so_and_no_probabi
     hook = results.webhook_payload(finding, {}, "job")
     assert hook["class_name"] is None and hook["probability"] is None and hook["probabilities"] == {}
     assert not results.wants_secondary_capture(decision)
+
+
+def test_the_gate_can_require_study_level_sensitivity_and_specificity():
+    from medpipe.config import load_config
+    from models.gate import judge
+
+    config = load_config(str(ROOT / "config" / "brain_mri.yaml"),
+                         ["evaluation.thresholds.min_study_sensitivity=0.95",
+                          "evaluation.thresholds.min_study_specificity=0.9"])
+    metrics = {"accuracy": 0.99, "macro_f1": 0.99, "macro_auc": 0.999, "ece": 0.01,
+               "study": {"min_sensitivity": 0.97, "min_specificity": 0.85}}
+    verdict = judge(metrics, config.evaluation)
+    assert not verdict["blessed"] and verdict["reasons"] == [
+        "study_specificity 0.8500 (lowest over study sizes) is below the threshold 0.9000"]
+    assert judge({**metrics, "study": {"min_sensitivity": 0.97, "min_specificity": 0.95}},
+                 config.evaluation)["blessed"]
+    unmeasured = judge({key: value for key, value in metrics.items() if key != "study"}, config.evaluation)
+    assert not unmeasured["blessed"] and "was not measured" in unmeasured["reasons"][0]
+    # not configured: not gated
+    assert judge({**metrics, "study": {"min_sensitivity": 0.1, "min_specificity": 0.1}},
+                 load_config(str(ROOT / "config" / "brain_mri.yaml")).evaluation)["blessed"]
