@@ -7,7 +7,8 @@ and the normal ones clearly normal; the chest X-ray is flagged out of distributi
 (a) one glioma slice among six normal slices of one series -> an SR naming a tumour class, that slice deciding;
 (b) a late series -> a second SR in the same series, InstanceNumber 2, Predecessor Documents Sequence naming the
     first, the whole study re-scored; the webhook says `supersedes`;
-(c) an image outside intended use (a chest X-ray sent as MR) -> an SR with no probability item and no SC.
+(c) an image outside intended use (a chest X-ray sent as MR) -> an SR with no probability item and no SC;
+and the same rule in `medpipe predict --study` and batch inference (`studies.jsonl`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pydicom
 import pytest
 
 import fixtures_adversarial as fa
-from conftest import TEST_DEID_KEY
+from conftest import TEST_DEID_KEY, run_module
 from orthanc import OrthancServer
 from pacs_support import GatewayProcess, WebhookReceiver, c_store, sr_finding, srs_in, wait_for_srs
 from test_serving import start_server, stop_server
@@ -63,7 +64,8 @@ routes:
                              env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
     try:
         gateway.start()
-        yield {"root": root, "pacs": pacs, "gateway": gateway, "webhook": webhook.received}
+        yield {"root": root, "pacs": pacs, "gateway": gateway, "webhook": webhook.received, "grpc": grpc,
+               "repo": repo}
     finally:
         webhook.close()
         gateway.kill()
@@ -165,3 +167,35 @@ def test_c_an_image_outside_intended_use_gets_an_sr_without_probability_and_no_s
     (hook,) = [h for h in road["webhook"] if h["StudyInstanceUID"] == study]
     assert hook["class_name"] is None and hook["probability"] is None and hook["probabilities"] == {}
     assert hook["excluded_instances"] == [uid_of(files[0])] and hook["outside_intended_use"] is True
+
+
+def test_predict_study_and_batch_decide_with_the_same_rule_and_list_excluded_files(road):
+    import json
+
+    study = f"2.25.{uuid.uuid4().int}"
+    files = series(road, study, 1, NORMALS[:3] + [GLIOMA, CHEST] + NORMALS[3:6])
+    result = run_module("serving.client", "--server", road["grpc"], "--model", "brain_mri", "--study",
+                        "--model-repository", str(road["repo"]), *map(str, files))
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    said = lines[-1]["study"]
+    assert said["class"] == "glioma" and said["abnormal"] is True and said["rule"] == "abnormal_first"
+    assert said["deciding_file"] == str(files[3]) and said["excluded_files"] == [str(files[4])]
+    chest_line = lines[4]  # abstention in the per-file line too: no class, no probabilities
+    assert chest_line["class"] is None and chest_line["probabilities"] is None
+    # without the repository the rule is not guessed
+    refused = run_module("serving.client", "--server", road["grpc"], "--model", "brain_mri", "--study",
+                         str(files[0]), expect=2)
+    assert "--model-repository" in refused.stderr
+
+    drop, output = road["root"] / "drop", road["root"] / "batch-out"
+    shutil.copytree(files[0].parent, drop / "one")
+    other = f"2.25.{uuid.uuid4().int}"
+    series(road, other, 1, [CHEST])
+    shutil.copytree(road["root"] / "inputs" / f"{other[-8:]}-1", drop / "two")
+    run_module("serving.batch", "--drop", str(drop), "--output", str(output), "--server", road["grpc"],
+               "--model", "brain_mri", "--model-repository", str(road["repo"]))
+    studies = {row["StudyInstanceUID"]: row for row in map(json.loads, (output / "studies.jsonl").read_text().splitlines())}
+    assert studies[study]["class"] == "glioma" and studies[study]["deciding_file"] == "one/003.dcm"
+    assert studies[study]["excluded_files"] == ["one/004.dcm"]
+    assert studies[other]["class"] is None and studies[other]["probability"] is None
+    assert studies[other]["finding"] == "outside intended use"
