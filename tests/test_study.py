@@ -194,3 +194,26 @@ def test_the_gate_can_require_study_level_sensitivity_and_specificity():
     # not configured: not gated
     assert judge({**metrics, "study": {"min_sensitivity": 0.1, "min_specificity": 0.1}},
                  load_config(str(ROOT / "config" / "brain_mri.yaml")).evaluation)["blessed"]
+
+
+def test_study_store_numbers_reports_once_per_job_and_expires_old_studies(tmp_path):
+    import os
+
+    from serving.gateway.spool import Spool
+    from serving.gateway.study_store import StudyStore
+
+    spool, store = Spool(tmp_path), StudyStore(tmp_path)
+    first = spool.put("brain_mri", "2.25.1", "2.25.11", "2.25.111", b"DICM-one", "dimse", "aet:X")
+    assert store.next_report("brain_mri", first.study_key, "job-a") == (1, None)
+    store.record("brain_mri", first.study_key, [first], {"job": "job-a", "sr_uid": "2.25.9", "number": 1})
+    store.record("brain_mri", first.study_key, [first], {"job": "job-a", "sr_uid": "2.25.9", "number": 1})  # replay
+    assert [i.read() for i in store.instances("brain_mri", first.study_key)] == [b"DICM-one"]
+    number, previous = store.next_report("brain_mri", first.study_key, "job-b")
+    assert number == 2 and previous["sr_uid"] == "2.25.9"
+    store.record("brain_mri", first.study_key, [], {"job": "job-b", "sr_uid": "2.25.10", "number": 2})
+    # a replay of job-b after a crash: the same number and predecessor as the first attempt
+    assert store.next_report("brain_mri", first.study_key, "job-b") == (2, previous)
+    state = store.folder("brain_mri", first.study_key) / "state.json"
+    os.utime(state, (1000, 1000))
+    assert store.expire(older_than=999) == 0 and store.expire(older_than=1001) == 1
+    assert store.instances("brain_mri", first.study_key) == []

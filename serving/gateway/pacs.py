@@ -241,7 +241,8 @@ class PacsService:
         report = {"job": job_key, "sr_uid": str(sr.SOPInstanceUID), "series_uid": str(sr.SeriesInstanceUID),
                   "study_uid_key": batch.study_key, "number": number}
         self.spool.add_job(job_key, objects, job)  # 1. the result is durable
-        self.studies.record(batch.model, batch.study_key, batch.instances, report)  # 2. the study remembers it
+        answered = [batch.instances[index] for index in new_usable]  # rejected ones were moved away above
+        self.studies.record(batch.model, batch.study_key, answered, report)  # 2. the study remembers it
         self.spool.mark_done(keys[index] for index in fresh)  # 3. its new instances are answered
         self.spool.finish(batch.instances)  # 4. the inputs go (a crash before here replays into the same job)
         self.metrics["results"].labels("produced").inc()
