@@ -2,13 +2,14 @@
 # Install the Debian packages the integration tests run for real (each test skips cleanly when its part is absent):
 #   prometheus, prometheus-pushgateway, prometheus-alertmanager  observability tests
 #   orthanc, orthanc-dicomweb, dcmtk                              the PACS (DIMSE + DICOMweb) tests
+#   dicom3tools                                                   dciodvfy: the SR and SC are checked against the IOD
 #   chromium, chromium-driver, fonts-dejavu-core                  the viewer's real-browser tests
 #   postgresql, redis-server                                      Airflow's metadata DB (and the Celery profile)
 # Idempotent and quiet: installs only what is missing; never starts the packages' system services (the tests run
 # their own instances on loopback, in temporary folders).
 set -euo pipefail
 
-PACKAGES=(prometheus prometheus-pushgateway prometheus-alertmanager orthanc orthanc-dicomweb dcmtk
+PACKAGES=(prometheus prometheus-pushgateway prometheus-alertmanager orthanc orthanc-dicomweb dcmtk dicom3tools
           chromium chromium-driver fonts-dejavu-core postgresql redis-server)
 
 missing=()

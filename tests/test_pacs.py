@@ -30,7 +30,7 @@ def write_yaml(path: Path, text: str) -> str:
 
 def test_the_example_config_loads_and_routes_brain_mr_only():
     config = load_pacs_config(str(ROOT / "config" / "pacs.yaml"))
-    assert config.calling_aets == ("ORTHANC",) and config.aggregation == "max"
+    assert config.calling_aets == ("ORTHANC",) and config.aggregation == "model"  # the model's own study rule
     assert models_for(config.routes, RoutingKeys("MR", "BRAIN", MR, "T1 axial")) == ["brain_mri"]
     assert models_for(config.routes, RoutingKeys("CT", "HEAD", "1.2.840.10008.5.1.4.1.1.2", "")) == []
     assert models_for(config.routes, RoutingKeys("MR", "", "1.2.840.10008.5.1.4.1.1.7", "")) == []  # SC: not routed
@@ -201,12 +201,27 @@ def test_sr_survives_non_conformant_source_dates_and_sc_overlay_builds(tmp_path)
     data = (fa.SAMPLE_DICOM / "CT-MONO2-16-brain.dcm").read_bytes()  # StudyTime "10:52:34.530000" (ACR-NEMA)
     source = pydicom.dcmread(io.BytesIO(data))
     finding = results.Finding("notumor", 0.6, "m", 1, {"notumor": 0.6}, None, 1)
-    assert results.build_sr([source], finding, sr_uid="2.25.9", series_uid="2.25.8", codes={}).StudyTime in ("", None)
+    # normalised where not valid ("10:52:34.530000" -> "105234.530000"), verbatim where valid
+    assert results.build_sr([source], finding, sr_uid="2.25.9", series_uid="2.25.8", codes={}).StudyTime == \
+        "105234.530000"
+    assert results.normalised_date_time("101500", __import__("pydicom").valuerep.TM) == "101500"
+    assert results.normalised_date_time("2026.11.02", __import__("pydicom").valuerep.DA) == "20261102"
+    assert results.normalised_date_time("yesterday", __import__("pydicom").valuerep.DA) is None
     png = preprocess_bytes(data, load_config(str(ROOT / "config" / "brain_mri.yaml"), ["image.size=64"])).png
     sc = results.build_secondary_capture(source, png, np.linspace(0, 1, 64 * 64).reshape(64, 64),
                                          sop_uid="2.25.7", series_uid="2.25.6")
     back = pydicom.dcmread(io.BytesIO(results.to_bytes(sc)))
-    assert back.pixel_array.shape == (64, 64, 3) and back.StudyInstanceUID == source.StudyInstanceUID
+    # the model's 64 px view enlarged x4 to fit the burned-in label, with the label and legend band under it
+    assert back.pixel_array.shape == (256 + results.SC_BAND, 256, 3) and back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert back.BurnedInAnnotation == "YES" and "not for diagnosis" in back.SeriesDescription
+    band = back.pixel_array[256:]
+    assert band[2:14, :200].max() >= 250  # the white label text is in the pixels
+    picture = back.pixel_array[:256].astype(int)
+    top = picture[:40]  # heat 0..0.15 there: below the floor, so grey (R = G = B)
+    assert (top[..., 0] == top[..., 1]).all() and (top[..., 1] == top[..., 2]).all()
+    bottom = picture[-40:]  # heat near 1: tinted
+    assert (bottom[..., 0] != bottom[..., 2]).mean() > 0.9
 
 
 # ---- STOW-RS parsing and answers ---------------------------------------------------------------------------------

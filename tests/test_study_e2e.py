@@ -8,6 +8,7 @@ and the normal ones clearly normal; the chest X-ray is flagged out of distributi
 (b) a late series -> a second SR in the same series, InstanceNumber 2, Predecessor Documents Sequence naming the
     first, the whole study re-scored; the webhook says `supersedes`;
 (c) an image outside intended use (a chest X-ray sent as MR) -> an SR with no probability item and no SC;
+(d) dciodvfy (Debian dicom3tools) reports no error on any SR or SC the PACS received;
 and the same rule in `medpipe predict --study` and batch inference (`studies.jsonl`).
 """
 
@@ -100,6 +101,21 @@ def wait_for_sr_count(pacs, study: str, count: int, timeout: float = 120.0) -> l
     raise AssertionError(f"fewer than {count} SRs for the study within {timeout:.0f} s")
 
 
+def dciodvfy_errors(pacs, item: dict, folder: Path) -> list[str]:
+    """Debian dicom3tools' dciodvfy on the object as the PACS stored it: its Error lines (warnings allowed)."""
+    import subprocess
+
+    from dicomweb_client.api import DICOMwebClient
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed: run scripts/install_system_deps.sh")
+    uid = [item[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")]
+    path = folder / f"{uid[2]}.dcm"
+    DICOMwebClient(url=pacs.dicomweb).retrieve_instance(*uid).save_as(path, enforce_file_format=True)
+    checked = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+
+
 def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
@@ -116,7 +132,12 @@ def test_a_one_glioma_slice_among_six_normal_slices_decides_the_study(road):
     assert said["finding"] == "glioma" and said["probability"] > 0.5  # a tumour class, never outvoted
     assert said["deciding"] == [uid_of(files[3])]  # the glioma slice decided
     assert said["references"] == sorted(uid_of(f) for f in files) and said["predecessors"] == []
-    assert len(instances_of_class(pacs, study, SC_CLASS)) == 1  # the heat map of the deciding slice
+    (sc,) = instances_of_class(pacs, study, SC_CLASS)  # the heat map of the deciding slice
+    assert said["text"].startswith("AI finding: glioma") and "not verified by a physician" in said["text"]
+    assert said["ood_threshold"] > said["ood_score"]  # the score with the threshold it is compared with
+    image_groups = [g for g in said["groups"] if g.get("tracking", "").startswith("image ")]
+    assert len(image_groups) == 7  # one measurement group per image, its own class and probability
+    assert dciodvfy_errors(pacs, sr, road["root"]) == [] and dciodvfy_errors(pacs, sc, road["root"]) == []
     (hook,) = [h for h in road["webhook"] if h["StudyInstanceUID"] == study]
     assert hook["class_name"] == "glioma" and hook["rule"] == "abnormal_first" and hook["abnormal"] is True
     assert hook["deciding_instance"] == uid_of(files[3]) and hook["supersedes"] is None
@@ -140,6 +161,7 @@ def test_b_a_late_series_re_scores_the_study_into_a_superseding_sr(road):
     said = sr_finding(pacs, second)
     first_uid = first["00080018"]["Value"][0]
     assert said["predecessors"] == [first_uid]
+    assert dciodvfy_errors(pacs, second, road["root"]) == []
     assert said["finding"] == "glioma" and said["deciding"] == [uid_of(late_files[0])]
     # the whole study was re-scored: every instance received so far is referenced
     assert said["references"] == sorted(uid_of(f) for f in first_files + late_files)
@@ -164,6 +186,7 @@ def test_c_an_image_outside_intended_use_gets_an_sr_without_probability_and_no_s
     assert "probability" not in said and said["deciding"] == []
     assert all("probability" not in group for group in said["groups"])
     assert instances_of_class(pacs, study, SC_CLASS) == []  # no heat map of a chest on a brain model
+    assert said["text"].startswith("Outside intended use") and dciodvfy_errors(pacs, sr, road["root"]) == []
     (hook,) = [h for h in road["webhook"] if h["StudyInstanceUID"] == study]
     assert hook["class_name"] is None and hook["probability"] is None and hook["probabilities"] == {}
     assert hook["excluded_instances"] == [uid_of(files[0])] and hook["outside_intended_use"] is True

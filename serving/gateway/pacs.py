@@ -89,6 +89,8 @@ class PacsService:
         self.spool = Spool(config.spool)
         self.spool.clean_temporaries()
         self.studies = StudyStore(config.spool)
+        # the SR's Device Observer UID: one per installation (derived one-way from its MEDPIPE_DEID_KEY), not per study
+        self.device_uid = derived_uid("device-observer", self.pseudonym("medpipe-device-observer"))
         self._backoff: dict[str, _Backoff] = {}
         self._upstream_wait: dict[str, _Backoff] = {}
         self._stop = threading.Event()
@@ -214,16 +216,18 @@ class PacsService:
             self.spool.finish(batch.instances)
             return 0
         chosen = [items[index] for index in usable]
-        decision = results.aggregate(chosen, self.study_rule(batch.model, version, chosen))
+        rule = self.study_rule(batch.model, version, chosen)
+        decision = results.aggregate(chosen, rule)
         sources = [headers[index] for index in usable]
         job_key = key_of(batch.model, str(version), *sorted(str(ds.SOPInstanceUID) for ds in sources))
         number, predecessor = self.studies.next_report(batch.model, batch.study_key, job_key)
-        finding = results.finding_of(decision, chosen, batch.model, version, sources)
+        finding = results.finding_of(decision, chosen, batch.model, version, sources, rule,
+                                     self.ood_threshold(batch.model, version))
         route = route_for(self.config.routes, batch.model)
         sr = results.build_sr(sources, finding, sr_uid=derived_uid(job_key, "sr"),
                               series_uid=derived_uid(study_uid, batch.model, "sr-series"),
                               codes=route.codes if route else {}, instance_number=number,
-                              predecessor=predecessor)
+                              predecessor=predecessor, device_uid=self.device_uid)
         objects = {"sr.dcm": results.to_bytes(sr)}
         decider = decision.decider
         heatmap = getattr(chosen[decider], "heatmap", None) if decider is not None else None
@@ -253,6 +257,19 @@ class PacsService:
                     "rule": decision.rule, "report_number": number,
                     "supersedes": predecessor["job"] if predecessor else None, "objects": sorted(objects)})
         return 1
+
+    def ood_threshold(self, model: str, version: int) -> Optional[float]:
+        """The version's OOD threshold (REPO/MODEL/VERSION/assets/ood.json), shown beside the score in the SR; None
+        without the repository or the file."""
+        import json
+        from pathlib import Path
+
+        repository = getattr(getattr(self.gateway, "catalog", None), "repository", None)
+        path = Path(repository) / model / str(version) / "assets" / "ood.json" if repository else None
+        try:
+            return float(json.loads(path.read_text())["threshold"]) if path is not None else None
+        except (OSError, ValueError, KeyError):
+            return None
 
     def study_rule(self, model: str, version: int, items: list):
         """The model version's own rule (its assets), or max/mean when the PACS config names one explicitly."""
