@@ -68,7 +68,8 @@ def rule_from_dict(body: Mapping, origin: str = "study rule") -> StudyRule:
         return StudyRule(rule=str(body["rule"]), labels=tuple(body["labels"]), normal_class=body.get("normal_class"),
                          operating_point=(None if body.get("operating_point") is None
                                           else float(body["operating_point"])),
-                         sensitivity_target=body.get("sensitivity_target"), provenance=dict(body.get("provenance") or {}))
+                         sensitivity_target=body.get("sensitivity_target"),
+                         provenance=dict(body.get("provenance") or {}))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{origin}: not a study rule ({type(exc).__name__}: {exc})") from None
 

@@ -7,7 +7,8 @@ assets/). This command does the same for a published SavedModel trained before t
 version's own `predict_preprocessed` signature on the split (decoded as training decoded it), keeps the
 in-distribution images, chooses the highest cut on 1 - P(normal) that keeps `--sensitivity` of the abnormal images
 (medpipe.study.choose_operating_point) and writes VERSION/assets/study_rule.json (and the `study_rule` section of
-assets.extra/model_card.json), refusing to replace one unless --force. The rule's `provenance` says how the point was chosen; the model card cites it.
+assets.extra/model_card.json), refusing to replace one unless --force. The rule's `provenance` says how the point
+was chosen; the model card cites it.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def test_sr_survives_non_conformant_source_dates_and_sc_overlay_builds(tmp_path)
                                          sop_uid="2.25.7", series_uid="2.25.6")
     back = pydicom.dcmread(io.BytesIO(results.to_bytes(sc)))
     # the model's 64 px view enlarged x4 to fit the burned-in label, with the label and legend band under it
-    assert back.pixel_array.shape == (256 + results.SC_BAND, 256, 3) and back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.pixel_array.shape == (256 + results.SC_BAND, 256, 3)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert back.BurnedInAnnotation == "YES" and "not for diagnosis" in back.SeriesDescription
     band = back.pixel_array[256:]

@@ -217,7 +217,8 @@ def test_predict_study_and_batch_decide_with_the_same_rule_and_list_excluded_fil
     shutil.copytree(road["root"] / "inputs" / f"{other[-8:]}-1", drop / "two")
     run_module("serving.batch", "--drop", str(drop), "--output", str(output), "--server", road["grpc"],
                "--model", "brain_mri", "--model-repository", str(road["repo"]))
-    studies = {row["StudyInstanceUID"]: row for row in map(json.loads, (output / "studies.jsonl").read_text().splitlines())}
+    studies = {row["StudyInstanceUID"]: row
+               for row in map(json.loads, (output / "studies.jsonl").read_text().splitlines())}
     assert studies[study]["class"] == "glioma" and studies[study]["deciding_file"] == "one/003.dcm"
     assert studies[study]["excluded_files"] == ["one/004.dcm"]
     assert studies[other]["class"] is None and studies[other]["probability"] is None

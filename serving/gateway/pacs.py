@@ -243,7 +243,7 @@ class PacsService:
                "webhook": (results.webhook_payload(finding, uids, job_key, supersedes) if self.config.webhook
                            else None)}
         report = {"job": job_key, "sr_uid": str(sr.SOPInstanceUID), "series_uid": str(sr.SeriesInstanceUID),
-                  "study_uid_key": batch.study_key, "number": number}
+                  "number": number}
         self.spool.add_job(job_key, objects, job)  # 1. the result is durable
         answered = [batch.instances[index] for index in new_usable]  # rejected ones were moved away above
         self.studies.record(batch.model, batch.study_key, answered, report)  # 2. the study remembers it
@@ -275,9 +275,16 @@ class PacsService:
         """The model version's own rule (its assets), or max/mean when the PACS config names one explicitly."""
         from medpipe.study import explicit_rule
 
+        from serving.gateway.core import GatewayError
+
+        labels = list(items[0].probabilities)
         if self.config.aggregation != "model":
-            return explicit_rule(self.config.aggregation, list(items[0].probabilities))
-        return self.gateway.catalog.study_rule(model, version)
+            return explicit_rule(self.config.aggregation, labels)
+        rule = self.gateway.catalog.study_rule(model, version)
+        if sorted(rule.labels) != sorted(labels):
+            raise GatewayError("INTERNAL", f"model {model} version {version}: its study rule names labels "
+                               f"{list(rule.labels)} but the model answers {labels}; re-export the version")
+        return rule
 
     def _predict(self, principal, batch: StudyBatch, datas: list[bytes], request_id: str, door: str):
         """The study's images in calls of at most the gateway's max_images (all at one model version); if the

@@ -107,7 +107,8 @@ def finding_of(decision: Any, items: Sequence[Any], model: str, version: int, so
 def report_text(finding: Finding) -> str:
     """The TEXT item a person reads first: the finding, the intended use and that nobody has verified it."""
     if finding.class_name is None:
-        said = "Outside intended use: no image of this study looks like the images the model was trained on; no finding."
+        said = ("Outside intended use: no image of this study looks like the images the model was trained on; "
+                "no finding.")
     else:
         said = f"AI finding: {finding.class_name} (probability {finding.probability:.3f})"
         if finding.excluded:
