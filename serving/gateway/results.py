@@ -264,9 +264,10 @@ def _build_sr(sources: Sequence[Any], finding: Finding, *, sr_uid: str, series_u
             groups.append(group(f"image {index + 1}{mark}", [index], own_class, own_probability, own_ood))
     else:
         if finding.decider is not None and finding.class_name is not None:
-            groups.append(group(TRACKING_DECIDING, [finding.decider], finding.class_name, finding.probability, None))
+            groups.append(group(f"image {finding.decider + 1} {TRACKING_DECIDING}", [finding.decider],
+                                finding.class_name, finding.probability, None))
         if excluded and included:  # a mixed study lists the images it was not decided on
-            groups.append(group(TRACKING_EXCLUDED, sorted(excluded), None, None, None))
+            groups.append(group(f"images {TRACKING_EXCLUDED}", sorted(excluded), None, None, None))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=_code("363679005", "SCT", "Imaging"),
