@@ -31,6 +31,7 @@ BENCHMARKS = {
     "safety": "benchmarks/bench_safety.py",
     "audit": "benchmarks/bench_audit.py",
     "connections": "benchmarks/bench_connections.py",
+    "study": "benchmarks/bench_study.py",
 }
 
 

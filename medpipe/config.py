@@ -141,6 +141,8 @@ class GateThresholds:
     macro_auc: float = 0.95
     max_ece: Optional[float] = None  # calibrated ECE must be <= this (null: not gated)
     min_ood_auroc: Optional[float] = None  # OOD AUROC over the --ood probe sets must be >= this (null: not gated)
+    min_study_sensitivity: Optional[float] = None  # lowest study-level sensitivity over k = 1..20 (null: not gated)
+    min_study_specificity: Optional[float] = None  # lowest study-level specificity over k = 1..20 (null: not gated)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,9 @@ class EvaluationConfig:
     ood_retention: float = 0.99  # share of the val split the OOD threshold keeps in distribution
     threshold_split: Literal["val", "val_shift"] = "val"  # where the binary operating threshold is chosen
     gate_split: Literal["test", "test_shift"] = "test"  # the split whose verdict blesses a run for publishing
+    # the label meaning "no finding": tasks with one decide a study abnormal-first (medpipe/study.py); null = none
+    normal_class: Optional[str] = None
+    study_sensitivity: float = 0.98  # image-level sensitivity the study operating point keeps on the val split
 
 
 @dataclass(frozen=True)

@@ -501,6 +501,9 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
     metrics["predictions_unchanged_by_calibration"] = float(np.mean(
         predict_classes(served["uncalibrated"], binary_cut) == predict_classes(probs, binary_cut)))
     metrics["ood"] = ood_metrics(predictor, served["ood_score"], served["in_distribution"], probe_sets, batch_size)
+    study_figures = study_level(predictor, examples, probs, served["in_distribution"], seed)
+    if study_figures is not None:
+        metrics["study"] = study_figures
     metrics["model"] = {"path": str(predictor.path.resolve()), "kind": predictor.kind,
                         "fingerprint": predictor.fingerprint}
     metrics["data"] = {"description": examples.description, "split": split if data_dir else "images",
@@ -526,6 +529,23 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
                  f"the {split} split" if data_dir is not None else "external images", predictor.path,
                  evaluation.gate_split)
     return blessing
+
+
+def study_level(predictor: Predictor, examples: Examples, probs: np.ndarray, in_distribution: Optional[np.ndarray],
+                seed: int) -> Optional[dict]:
+    """Study-level sensitivity and specificity with the model's own study rule (RUN_DIR/study_rule.json or the
+    SavedModel's assets/study_rule.json) on studies assembled from the evaluated images: k normal images + 0 or 1
+    abnormal, k = 1..20 (medpipe.study.study_metrics). None when the model has no abnormal-first rule."""
+    from medpipe.study import ABNORMAL_FIRST, load_rule, study_metrics
+
+    rule = load_rule(predictor.path)
+    if rule is None or rule.rule != ABNORMAL_FIRST:
+        return None
+    try:
+        return study_metrics(probs, examples.labels, in_distribution, rule, seed=seed)
+    except ValueError as exc:  # a split without both normal and abnormal images
+        log.warning("no study-level figures: %s", exc)
+        return None
 
 
 def split_summary(metrics: dict) -> dict:

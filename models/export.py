@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medpipe.config import TaskConfig
+from medpipe.study import RULE_FILE as STUDY_RULE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ def export_saved_model(run_dir: str | Path, out_dir: str | Path, model_name: str
     (assets / "preprocessing.json").write_text(json.dumps(preprocessing_params(config, threshold), indent=2) + "\n")
     for name in (safety.CALIBRATION_FILE, safety.OOD_FILE):  # what the graph's constants were fitted as
         shutil.copyfile(run_dir / name, assets / name)
+    if (run_dir / STUDY_RULE_FILE).is_file():  # how the gateway decides a study (medpipe/study.py)
+        shutil.copyfile(run_dir / STUDY_RULE_FILE, assets / STUDY_RULE_FILE)
+    else:
+        log.warning("%s has no %s: the gateway will not decide studies with this version (refit with "
+                    "`python -m models.safety --run %s --data INGEST_DIR`)", run_dir, STUDY_RULE_FILE, run_dir)
     extra = out_dir / "assets.extra"
     images = warmup_images or synthetic_warmup_images(config.image.size, config.image.channels)
     write_warmup(extra / WARMUP_FILE, model_name or config.serving.model_name, images)

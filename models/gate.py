@@ -40,6 +40,7 @@ def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[d
         elif not passed:
             reasons.append(f"{name} {value:.4f} is below the threshold {threshold:.4f}")
     safety_checks(metrics, evaluation.thresholds, checks, reasons)
+    study_checks(metrics, evaluation.thresholds, checks, reasons)
     if baseline_metrics is not None:
         delta = float(evaluation.max_regression)
         which = f"the {STABLE_LABEL} model" + (f" (version {baseline_version})" if baseline_version else "")
@@ -90,6 +91,26 @@ def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reason
                            "ood_auroc is undefined (the model has no ood_score output)")
         elif not passed:
             reasons.append(f"ood_auroc {value:.4f} is below the threshold {min_auroc:.4f}")
+
+
+def study_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons: list) -> None:
+    """min_study_sensitivity and min_study_specificity, when configured (None = not gated): the lowest study-level
+    figure over the assembled study sizes (medpipe evaluate's `study` section). Gated but not measured fails."""
+    study = metrics.get("study") or {}
+    for key, figure in (("min_study_sensitivity", "min_sensitivity"), ("min_study_specificity", "min_specificity")):
+        floor = getattr(thresholds, key, None)
+        if floor is None:
+            continue
+        value = study.get(figure)
+        passed = value is not None and value >= floor
+        name = figure.replace("min_", "study_")
+        checks.append({"metric": name, "kind": "absolute", "value": value, "threshold": float(floor),
+                       "passed": passed})
+        if value is None:
+            reasons.append(f"{name} is gated (evaluation.thresholds.{key}) but was not measured: the model needs a "
+                           "study rule with a normal class (assets/study_rule.json, evaluation.normal_class)")
+        elif not passed:
+            reasons.append(f"{name} {value:.4f} (lowest over study sizes) is below the threshold {floor:.4f}")
 
 
 def combine(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -118,4 +118,23 @@ def build_model_card(run_dir: str | Path, config: TaskConfig, metrics: Optional[
                                                       "flagged_out_of_distribution")}
                            for probe in evaluated.get("probe_sets", [])],
         }
+    rule = _read(run / "study_rule.json")
+    if rule is not None:
+        card["study_rule"] = study_rule_section(rule, (metrics or {}).get("study"))
     return card
+
+
+def study_rule_section(rule: dict, evaluated: Optional[dict] = None) -> dict:
+    """How this model decides a study (medpipe/study.py), how its operating point was chosen and, when evaluated,
+    the study-level figures by study size."""
+    section = {"rule": rule.get("rule"), "normal_class": rule.get("normal_class"),
+               "operating_point": rule.get("operating_point"), "sensitivity_target": rule.get("sensitivity_target"),
+               "how_chosen": rule.get("provenance", {}),
+               "description": "a study is abnormal when any in-distribution image's abnormal probability "
+                              "(1 - P(normal)) reaches the operating point; its class is the abnormal class with the "
+                              "highest probability on the most abnormal image; images outside intended use are "
+                              "excluded" if rule.get("rule") == "abnormal_first" else "highest class probability "
+                              "over the images"}
+    if evaluated:
+        section["evaluated"] = evaluated
+    return section

@@ -342,12 +342,33 @@ def fit_run(model: Any, config: TaskConfig, data_dir: Path, run_dir: Path, schem
     params, calibration, ood = fit(train, val, schema.task, schema.num_classes, config.evaluation.ood_retention,
                                    config.evaluation.calibration_bins)
     save_params(run_dir, params, calibration, ood)
+    fit_study_rule(config, val, params, run_dir)
     log.info("calibration: temperature %.4f (val ECE %.4f -> %.4f); OOD threshold %.3f keeps %.4f of val",
              params.temperature, calibration["val_ece_before"], calibration["val_ece_after"], params.threshold,
              ood["val_retention"])
     return {"temperature": params.temperature, "val_ece_before": calibration["val_ece_before"],
             "val_ece_after": calibration["val_ece_after"], "ood_method": ood["method"],
             "ood_threshold": params.threshold, "ood_val_retention": ood["val_retention"]}
+
+
+def fit_study_rule(config: TaskConfig, val: tuple, params: SafetyParams, run_dir: Path) -> None:
+    """RUN_DIR/study_rule.json (medpipe/study.py), from the val split's calibrated, in-distribution outputs: the
+    same outputs the served graph gives, so the point means the same thing in the gateway."""
+    from models.metrics import as_probability_matrix
+    from models.study_point import fit_rule, write_rule
+
+    features, logits, labels = val
+    activation = "softmax" if config.task == "multiclass" else "sigmoid"
+    probabilities = as_probability_matrix(calibrated_probabilities(logits, params.temperature, activation),
+                                          len(config.labels))
+    inside = mahalanobis_scores(features, params.means, params.whitening) <= params.threshold
+    try:
+        rule = fit_rule(config, probabilities, labels, inside, chosen_on="the val split at training time")
+    except ValueError as exc:  # a val split without both normal and abnormal images: no point, said loudly
+        log.warning("no study operating point chosen (%s): this run cannot decide studies until one is", exc)
+        return
+    write_rule(run_dir, rule)
+    log.info("study rule %s (operating point %s) written", rule.rule, rule.operating_point)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

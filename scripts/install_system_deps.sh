@@ -2,6 +2,7 @@
 # Install the Debian packages the integration tests run for real (each test skips cleanly when its part is absent):
 #   prometheus, prometheus-pushgateway, prometheus-alertmanager  observability tests
 #   orthanc, orthanc-dicomweb, dcmtk                              the PACS (DIMSE + DICOMweb) tests
+#   dicom3tools                                                   dciodvfy: the SR and SC are checked against the IOD
 #   chromium, chromium-driver, fonts-dejavu-core                  the viewer's real-browser tests
 #   postgresql, redis-server                                      Airflow's metadata DB (and the Celery profile)
 #   rsyslog, rsyslog-gnutls                                       the audit trail's syslog-over-TLS receiver (RFC 5425)
@@ -9,7 +10,7 @@
 # their own instances on loopback, in temporary folders).
 set -euo pipefail
 
-PACKAGES=(prometheus prometheus-pushgateway prometheus-alertmanager orthanc orthanc-dicomweb dcmtk
+PACKAGES=(prometheus prometheus-pushgateway prometheus-alertmanager orthanc orthanc-dicomweb dcmtk dicom3tools
           chromium chromium-driver fonts-dejavu-core postgresql redis-server rsyslog rsyslog-gnutls)
 
 missing=()

@@ -10,6 +10,11 @@ Every file under DIR (recursively, hidden files skipped, sorted) gets exactly on
 image) or
 `{"file", "outcome": "rejected", "reason", "error"}` (not an image, corrupt, unreadable...). `predictions.csv` and
 `summary.json` (counts per outcome, reason and class) sit next to it. Paths are relative to DIR.
+With --model-repository, `studies.jsonl` answers each DICOM study among the files once, by the model's own study
+rule (medpipe/study.py, from the answering version's assets/study_rule.json): `{"StudyInstanceUID", "files",
+"finding", "class", "probability", "abnormal", "deciding_file", "excluded_files", "rule", "operating_point",
+"model_version"}`; files outside intended use are listed and take no part, a study with none in distribution gets
+finding "outside intended use" and no class or probability.
 
 With --pacs instead of --drop, the instances the DICOMweb query matches (QIDO-RS + WADO-RS,
 beam_pipelines.dicomweb_source) are fetched into the partition's `instances/` (`NNNNNN.dcm`, and `instances.csv`
@@ -82,6 +87,34 @@ def summarize(rows: Sequence[dict], max_rejected_fraction: float) -> dict:
     }
 
 
+def study_uid_of(path: Path) -> str | None:
+    """The DICOM file's StudyInstanceUID (header only), or None for anything else."""
+    from medpipe.imaging import _pydicom
+
+    try:
+        header = _pydicom().dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # noqa: BLE001 - not DICOM (a JPEG, a PNG) or unreadable: not part of any study
+        return None
+    uid = header.get("StudyInstanceUID")
+    return str(uid) if uid else None
+
+
+def study_rows(rows: Sequence[dict], drop: Path, rule) -> list[dict]:
+    """One answer per DICOM study among the predicted files, by the model's own study rule (serving.client
+    study_summary, medpipe.study): {"StudyInstanceUID", "files", "finding", "class", "probability", "abnormal",
+    "deciding_file", "excluded_files", "rule", "operating_point", "model_version"}."""
+    from serving.client import study_summary
+
+    studies: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["outcome"] != "predicted":
+            continue
+        uid = study_uid_of(drop / row["file"])
+        if uid is not None:
+            studies.setdefault(uid, []).append(row)
+    return [{"StudyInstanceUID": uid, **study_summary(members, rule)} for uid, members in sorted(studies.items())]
+
+
 def staging_folder(output: Path) -> Path:
     """A fresh staging folder next to output (the partition is built there and swapped in whole)."""
     staging = output.with_name(f".{output.name}.staging-{os.getpid()}")
@@ -130,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail (exit 3) above this fraction of rejected files (default 0.2)")
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--request-id", help="base x-request-id of the run's requests")
+    parser.add_argument("--model-repository", metavar="REPO",
+                        help="also answer each DICOM study once (studies.jsonl) by the model's own study rule, read "
+                        "from REPO/MODEL/<answering version>/assets/study_rule.json")
     add_connection_options(parser)  # the gateway: TLS, a client certificate and/or a bearer token
     return parser
 
@@ -157,6 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                               deadline=args.deadline, request_id=args.request_id, connection=connection)
         rows = outcome_rows(lines, drop)
         summary = summarize(rows, args.max_rejected_fraction)
+        if args.model_repository:
+            from serving.client import study_rule_for
+
+            versions = sorted({row["model_version"] for row in rows if row["outcome"] == "predicted"})
+            studies = (study_rows(rows, drop, study_rule_for(args.model_repository, args.model, versions[-1]))
+                       if versions else [])
+            if len(versions) > 1:
+                raise DataError(f"the files were answered by model versions {versions}: a study must be decided "
+                                "by one version's rule; re-run the partition")
+            with (staging / "studies.jsonl").open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(study, sort_keys=True) + "\n" for study in studies)
+            summary["studies"] = dict(Counter(str(study["finding"]) for study in studies))
         write_partition(output, rows, summary, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # ours; a retry starts a new one

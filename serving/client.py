@@ -2,6 +2,7 @@
 
     medpipe predict --server HOST:8500 --model NAME [--label stable | --version V] [--config CONFIG] FILE...
     medpipe predict --rest http://HOST:8501 --model NAME FILE...
+    medpipe predict ... --study --model-repository REPO FILE...   # + one line: the study's answer
 
 The image size and channels come from the served model's metadata (its predict_preprocessed signature), over gRPC
 or REST alike; a --config whose image size or channels differ from the model's is refused (preprocessing it would
@@ -14,7 +15,9 @@ per file: {"file", "finding", "class", "confidence", "probabilities", "ood_score
 "finding": "outside intended use" and no class, confidence or probabilities; a model exported before the guard
 existed answers ood_score/in_distribution null (no OOD information) and its class as before. A file that cannot be
 read gets {"file", "error", "reason"} and the others continue (exit status 1). Works unchanged against the real
-tensorflow/serving.
+tensorflow/serving. With --study the files are one study, answered once more as a whole by the model's own rule
+(medpipe/study.py, read from the answering version's assets): {"study": {"finding", "class", "probability",
+"abnormal", "deciding_file", "excluded_files", "rule", "operating_point", "model_version", "files"}}.
 """
 
 from __future__ import annotations
@@ -59,8 +62,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signature", default=SIGNATURE, help="signature name (default serving_default)")
     parser.add_argument("--deadline", type=float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--request-id", help="base x-request-id (default: a random one per request)")
+    parser.add_argument("--study", action="store_true",
+                        help="the files are one study: after the per-file lines, one {\"study\": ...} line decided "
+                        "by the model's own study rule (needs --model-repository)")
+    parser.add_argument("--model-repository", metavar="REPO",
+                        help="the served model repository; the study rule is read from "
+                        "REPO/MODEL/<answering version>/assets/study_rule.json")
     add_connection_options(parser)
     return parser
+
+
+def study_rule_for(repository: str | None, model: str, version) -> Any:
+    """The study rule of the version that answered (REPO/MODEL/VERSION/assets/study_rule.json); a clear error when
+    it cannot be found: the rule belongs to the model and is never guessed."""
+    from medpipe.errors import ConfigError
+    from medpipe.study import RULE_FILE, load_rule
+
+    if not repository:
+        raise ConfigError("--study needs --model-repository REPO: the study rule is shipped in the model version's "
+                          f"assets/{RULE_FILE}")
+    if version is None:
+        raise ConfigError("the server did not say which model version answered; the study rule cannot be chosen")
+    rule = load_rule(Path(repository) / model / str(version))
+    if rule is None:
+        raise ConfigError(f"{Path(repository) / model / str(version)}: no assets/{RULE_FILE}; choose the version's "
+                          "operating point with `python -m models.study_point`")
+    return rule
+
+
+def study_summary(lines: Sequence[dict], rule) -> dict:
+    """Per-file lines of one study -> the study's answer by the model's rule (medpipe.study.decide). Files that could
+    not be read take no part; files outside intended use are listed and take no part."""
+    from medpipe.study import decide
+
+    used = [line for line in lines if "error" not in line]
+    if not used:
+        return {"files": 0, "finding": None, "class": None, "probability": None}
+    decision = decide([dict(zip(rule.labels, line.get("probabilities") or [])) for line in used],
+                      [line.get("in_distribution") for line in used], rule)
+    outside = decision.class_name is None
+    return {"files": len(used), "finding": OUTSIDE_INTENDED_USE if outside else decision.class_name,
+            "class": decision.class_name, "probability": decision.probability, "abnormal": decision.abnormal,
+            "deciding_file": None if outside else used[decision.decider]["file"],
+            "excluded_files": [used[i]["file"] for i in decision.excluded], "rule": decision.rule,
+            "operating_point": decision.operating_point,
+            "model_version": used[0].get("model_version")}
 
 
 # ---- TLS, mTLS and bearer tokens (the gateway; TF Serving behind TLS) ---------------------------------------------
@@ -389,10 +435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         connection=connection)
     config = config_for_model(args.model, shape, args.config, args.overrides)
     failed = 0
+    lines = []
     for line in predict_files(args.files, config, args.model, args.server, args.rest, args.version, args.label,
                               args.signature, args.deadline, args.request_id, connection):
         failed += "error" in line
+        lines.append(line)
         print(json.dumps(line), flush=True)
+    if args.study:
+        answered = next((line.get("model_version") for line in lines if "error" not in line), args.version)
+        rule = study_rule_for(args.model_repository, args.model, answered)
+        print(json.dumps({"study": study_summary(lines, rule)}), flush=True)
     if failed:
         print(f"medpipe predict: {failed} of {len(args.files)} file(s) could not be classified", file=sys.stderr)
     return 1 if failed else 0

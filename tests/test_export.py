@@ -148,6 +148,11 @@ def test_signatures_assets_warmup_and_metrics(exported):
     assert card["training_data"]["train_examples_per_class"] == trained["train_examples_per_class"]
     assert card["metrics"]["accuracy"]["value"] == 0.5
     assert trained["safety"]["temperature"] == card["calibration"]["temperature"]
+    # the study rule, chosen on val at training time, travels with the version and its card
+    rule = json.loads((out / "assets" / "study_rule.json").read_text())
+    assert rule == json.loads((run / "study_rule.json").read_text())
+    assert rule["rule"] == "abnormal_first" and rule["normal_class"] == "notumor" and rule["sensitivity_target"] == 0.98
+    assert card["study_rule"]["operating_point"] == rule["operating_point"]
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def write_yaml(path: Path, text: str) -> str:
 
 def test_the_example_config_loads_and_routes_brain_mr_only():
     config = load_pacs_config(str(ROOT / "config" / "pacs.yaml"))
-    assert config.calling_aets == ("ORTHANC",) and config.aggregation == "max"
+    assert config.calling_aets == ("ORTHANC",) and config.aggregation == "model"  # the model's own study rule
     assert (config.reserve_mb, config.quarantine_after) == (512, 3)
     assert models_for(config.routes, RoutingKeys("MR", "BRAIN", MR, "T1 axial")) == ["brain_mri"]
     assert models_for(config.routes, RoutingKeys("CT", "HEAD", "1.2.840.10008.5.1.4.1.1.2", "")) == []
@@ -129,15 +129,20 @@ def item(probs: dict, inside=True, ood=None):
                            probabilities=probs, ood_score=ood, in_distribution=inside, heatmap=None, png=b"")
 
 
-def test_aggregation_max_mean_and_outside_intended_use():
+def test_aggregation_max_mean_by_name_and_outside_intended_use_excluded():
+    from medpipe.study import explicit_rule
+
     slices = [item({"a": 0.6, "b": 0.4}), item({"a": 0.2, "b": 0.8}), item({"a": 0.9, "b": 0.1})]
-    assert results.aggregate(slices, "max")[:2] == ("a", pytest.approx(0.9))
-    assert results.aggregate(slices, "max")[4] == 2  # the deciding slice
-    name, probability, table, _, _ = results.aggregate(slices, "mean")
-    assert name == "a" and probability == pytest.approx(1.7 / 3) and table["b"] == pytest.approx(1.3 / 3)
-    assert results.aggregate(slices[:2], "max")[0] == "b"
-    outside = results.aggregate(slices + [item({"a": 0.9, "b": 0.1}, inside=False, ood=7.5)], "max")
-    assert outside[0] is None and outside[3] == 7.5
+    decided = results.aggregate(slices, explicit_rule("max", ["a", "b"]))
+    assert (decided.class_name, decided.probability, decided.decider) == ("a", pytest.approx(0.9), 2)
+    mean = results.aggregate(slices, explicit_rule("mean", ["a", "b"]))
+    assert mean.class_name == "a" and mean.probability == pytest.approx(1.7 / 3)
+    assert mean.probabilities["b"] == pytest.approx(1.3 / 3)
+    assert results.aggregate(slices[:2], explicit_rule("max", ["a", "b"])).class_name == "b"
+    # an image outside intended use is left out (listed), the others decide
+    mixed = results.aggregate(slices[:2] + [item({"a": 0.99, "b": 0.01}, inside=False, ood=7.5)],
+                              explicit_rule("max", ["a", "b"]))
+    assert mixed.class_name == "b" and mixed.excluded == (2,)
 
 
 @pytest.fixture
@@ -158,9 +163,11 @@ def test_sr_is_tid1500_in_the_source_study_with_patient_and_study_modules_only(p
     assert back.StudyInstanceUID == source.StudyInstanceUID and back.SeriesInstanceUID != source.SeriesInstanceUID
     assert back.Modality == "SR" and back.SOPInstanceUID == derived_uid("j", "sr")
     said = results.read_finding(back)
-    assert said == {"finding": "glioma", "meaning": "glioma", "probability": pytest.approx(0.876543),
-                    "algorithm": "brain_mri", "algorithm_version": "1700000000",
-                    "references": [str(source.SOPInstanceUID)]}
+    assert {key: said[key] for key in ("finding", "meaning", "probability", "algorithm", "algorithm_version",
+                                       "references", "excluded", "predecessors")} == {
+        "finding": "glioma", "meaning": "glioma", "probability": pytest.approx(0.876543), "algorithm": "brain_mri",
+        "algorithm_version": "1700000000", "references": [str(source.SOPInstanceUID)], "excluded": [],
+        "predecessors": []}
     # the patient and study modules travel (the SR returns to the same PACS) ...
     assert back.PatientID == source.PatientID and back.AccessionNumber == "PHIZQX-ACC-9"
     # ... and no other header value of the source does
@@ -183,6 +190,7 @@ def test_sr_outside_intended_use_and_configured_codes(phi_mr):
     sr = results.build_sr([source], outside, sr_uid="2.25.1", series_uid="2.25.2", codes={})
     said = read_back(sr)
     assert said["finding"] == results.OUTSIDE_INTENDED_USE and said["meaning"] == "Outside intended use"
+    assert "probability" not in said and said["ood_score"] == pytest.approx(9.1)  # no probability of anything
     coded = results.Finding("glioma", 0.9, "brain_mri", 2, {"glioma": 0.9}, None, 1)
     sr = results.build_sr([source], coded, sr_uid="2.25.3", series_uid="2.25.2",
                           codes={"glioma": Code("SCT", "123", "Glioma")})
@@ -196,12 +204,28 @@ def test_sr_survives_non_conformant_source_dates_and_sc_overlay_builds(tmp_path)
     data = (fa.SAMPLE_DICOM / "CT-MONO2-16-brain.dcm").read_bytes()  # StudyTime "10:52:34.530000" (ACR-NEMA)
     source = pydicom.dcmread(io.BytesIO(data))
     finding = results.Finding("notumor", 0.6, "m", 1, {"notumor": 0.6}, None, 1)
-    assert results.build_sr([source], finding, sr_uid="2.25.9", series_uid="2.25.8", codes={}).StudyTime in ("", None)
+    # normalised where not valid ("10:52:34.530000" -> "105234.530000"), verbatim where valid
+    assert results.build_sr([source], finding, sr_uid="2.25.9", series_uid="2.25.8", codes={}).StudyTime == \
+        "105234.530000"
+    assert results.normalised_date_time("101500", __import__("pydicom").valuerep.TM) == "101500"
+    assert results.normalised_date_time("2026.11.02", __import__("pydicom").valuerep.DA) == "20261102"
+    assert results.normalised_date_time("yesterday", __import__("pydicom").valuerep.DA) is None
     png = preprocess_bytes(data, load_config(str(ROOT / "config" / "brain_mri.yaml"), ["image.size=64"])).png
     sc = results.build_secondary_capture(source, png, np.linspace(0, 1, 64 * 64).reshape(64, 64),
                                          sop_uid="2.25.7", series_uid="2.25.6")
     back = pydicom.dcmread(io.BytesIO(results.to_bytes(sc)))
-    assert back.pixel_array.shape == (64, 64, 3) and back.StudyInstanceUID == source.StudyInstanceUID
+    # the model's 64 px view enlarged x4 to fit the burned-in label, with the label and legend band under it
+    assert back.pixel_array.shape == (256 + results.SC_BAND, 256, 3)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert back.BurnedInAnnotation == "YES" and "not for diagnosis" in back.SeriesDescription
+    band = back.pixel_array[256:]
+    assert band[2:14, :200].max() >= 250  # the white label text is in the pixels
+    picture = back.pixel_array[:256].astype(int)
+    top = picture[:40]  # heat 0..0.15 there: below the floor, so grey (R = G = B)
+    assert (top[..., 0] == top[..., 1]).all() and (top[..., 1] == top[..., 2]).all()
+    bottom = picture[-40:]  # heat near 1: tinted
+    assert (bottom[..., 0] != bottom[..., 2]).mean() > 0.9
 
 
 # ---- STOW-RS parsing and answers ---------------------------------------------------------------------------------

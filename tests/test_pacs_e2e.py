@@ -15,7 +15,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import fixtures_adversarial as fa
@@ -45,7 +44,7 @@ def road(trained_sample_run, tmp_path_factory):
                              env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
     try:
         gateway.start()
-        yield {"root": root, "pacs": pacs, "gateway": gateway, "grpc": grpc, "run": trained_sample_run,
+        yield {"root": root, "pacs": pacs, "gateway": gateway, "grpc": grpc, "run": trained_sample_run, "repo": repo,
                "inputs": root / "inputs", "planted": set(), "uids": set(), "webhook": webhook.received}
     finally:
         webhook.close()
@@ -83,11 +82,15 @@ def predict(road, files: list[Path]) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def expected_finding(lines: list[dict], labels: list[str]) -> tuple[str, float]:
-    """The gateway's series rule (max) recomputed from predict's per-file probabilities with plain numpy."""
-    table = np.array([line["probabilities"] for line in lines])
-    best = table.max(axis=0)
-    return labels[int(best.argmax())], float(best.max())
+def expected_finding(road, lines: list[dict], labels: list[str]):
+    """The model's own study rule (its assets/study_rule.json, medpipe.study) applied to predict's per-file
+    probabilities: (class or None when no file is in distribution, probability)."""
+    from medpipe.study import decide, load_rule
+
+    version = max(p for p in (road["repo"] / MODEL).iterdir() if p.name.isdigit())
+    decision = decide([dict(zip(labels, line["probabilities"] or [])) for line in lines],
+                      [line["in_distribution"] for line in lines], load_rule(version))
+    return decision.class_name, decision.probability
 
 
 def scan_logs_for_phi(road) -> None:
@@ -150,15 +153,13 @@ def test_routed_studies_get_one_sr_equal_to_medpipe_predict_and_unrouted_get_non
         said = sr_finding(pacs, srs[0])
         lines = [answers[str(f)] for f in files]
         assert all("class" in line for line in lines), lines
-        if any(line.get("in_distribution") is False for line in lines):
-            # predict says "outside intended use" and withholds the class: so does the SR, for the whole study
-            assert said["meaning"] == "Outside intended use"
-        elif len(files) == 1:
-            assert said["meaning"] == lines[0]["class"]
-            assert said["probability"] == pytest.approx(lines[0]["confidence"], abs=1e-5)
-        else:
-            name, probability = expected_finding(lines, labels)
+        name, probability = expected_finding(road, lines, labels)
+        if name is None:  # no file in distribution: predict withholds the class, the SR says so and nothing else
+            assert said["meaning"] == "Outside intended use" and "probability" not in said
+        else:  # files outside intended use are left out and listed; the others decide by the model's rule
             assert said["meaning"] == name and said["probability"] == pytest.approx(probability, abs=1e-5)
+            assert said["excluded"] == sorted(str(__import__("pydicom").dcmread(f).SOPInstanceUID)
+                                              for f, line in zip(files, lines) if line["in_distribution"] is False)
         assert said["algorithm"] == MODEL and int(said["algorithm_version"]) > 0
         hooks = [h for h in road["webhook"] if h["StudyInstanceUID"] == uid]  # the apps' JSON, once per result
         assert len(hooks) == 1

@@ -339,6 +339,25 @@ class ModelCatalog:
                 raw[section] = params[section]
         return raw
 
+    def study_rule(self, model: str, version: int):
+        """The version's study decision rule (medpipe.study) from REPO/MODEL/VERSION/assets/study_rule.json. The
+        rule belongs to the model: without the repository mounted, or without the file, there is no rule and the
+        caller must refuse to decide a study (never a guessed default)."""
+        from pathlib import Path
+
+        from medpipe.study import RULE_FILE, load_rule
+
+        if not self.repository:
+            raise GatewayError("UNAVAILABLE", f"model {model}: the study rule lives in the version's assets; start "
+                               "the gateway with --model-repository (or name aggregation: max|mean in the PACS "
+                               "config explicitly)")
+        rule = load_rule(Path(self.repository) / model / str(version) / "assets")
+        if rule is None:
+            raise GatewayError("UNAVAILABLE", f"model {model} version {version} has no assets/{RULE_FILE}: choose "
+                               "its operating point with `python -m models.study_point` (or name aggregation: "
+                               "max|mean in the PACS config explicitly)")
+        return rule
+
     def _from_metadata(self, model: str, version: int, timeout: float) -> dict:
         """No repository mounted: the image size and channels from the predict_preprocessed signature's shape."""
         from tensorflow_serving.apis import get_model_metadata_pb2

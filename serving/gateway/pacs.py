@@ -26,6 +26,7 @@ from typing import Any, Optional
 from serving.gateway import results
 from serving.gateway.pacs_config import PacsConfig, models_for, route_for, routing_keys
 from serving.gateway.spool import Spool, StudyBatch, derived_uid, idempotency_key, key_of, read_job, size_of
+from serving.gateway.study_store import StudyStore
 
 log = logging.getLogger("medpipe.gateway.pacs")
 
@@ -102,6 +103,9 @@ class PacsService:
         self.clock = clock
         self.spool = Spool(config.spool)
         self.spool.clean_temporaries()
+        self.studies = StudyStore(config.spool)
+        # the SR's Device Observer UID: one per installation (derived one-way from its MEDPIPE_DEID_KEY), not per study
+        self.device_uid = derived_uid("device-observer", self.pseudonym("medpipe-device-observer"))
         self._backoff: dict[str, _Backoff] = {}
         self._upstream_wait: dict[str, _Backoff] = {}
         self._stop = threading.Event()
@@ -214,6 +218,7 @@ class PacsService:
         gives its attempt back."""
         made = 0
         now = self.clock()
+        self.studies.expire(now - self.config.study_retention_hours * 3600)
         for batch in self.spool.stable(self.config.stable_seconds, now=now):
             wait = self._upstream_wait.get(batch.study_key + batch.model)
             if wait is not None and now < wait.next_time:
@@ -267,12 +272,18 @@ class PacsService:
         return StudyBatch(batch.model, batch.study_key, rest, batch.newest) if rest else None
 
     def process(self, batch: StudyBatch) -> int:
+        """One stable study: its new instances and the ones kept from earlier results are scored together, decided
+        by the model's study rule (medpipe.study), and one SR (+ SC for an abnormal finding) replaces the study's
+        previous SR, if any (same series, next InstanceNumber, Predecessor Documents Sequence)."""
         from medpipe.imaging import _pydicom
 
         pydicom = _pydicom()
         from serving.gateway.core import Principal
 
-        datas = [instance.read() for instance in batch.instances]
+        kept = [instance for instance in self.studies.instances(batch.model, batch.study_key)
+                if instance.path.name not in {new.path.name for new in batch.instances}]
+        instances = list(batch.instances) + kept  # the whole study received so far, new ones first
+        datas = [instance.read() for instance in instances]
         headers = [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True) for data in datas]
         first = batch.instances[0].meta
         door = first.get("door", "dimse")
@@ -280,45 +291,90 @@ class PacsService:
                               scopes=frozenset({f"predict:{batch.model}"}), via=first.get("via", "dimse"))
         request_id = f"pacs-{uuid.uuid4().hex[:16]}"
         usable, items, version = self._predict(principal, batch, datas, request_id, door)
+        new_count = len(batch.instances)
         unusable = [instance for index, instance in enumerate(batch.instances) if index not in items]
         self.spool.reject(unusable)  # kept for the operator under SPOOL/rejected/, never inferred again
-        if not usable:
+        new_usable = [index for index in usable if index < new_count]
+        if not new_usable:
             return 0
         keys = {index: idempotency_key(str(headers[index].SOPInstanceUID), batch.model, version) for index in usable}
-        fresh = [index for index in usable if not self.spool.is_done(keys[index])]
+        fresh = [index for index in new_usable if not self.spool.is_done(keys[index])]
         study_uid = str(headers[0].StudyInstanceUID)
         base = {"model": batch.model, "version": version, "study": self.pseudonym(study_uid), "request_id": request_id}
         if not fresh:
-            self.audit({"event": "pacs.replay_skipped", **base, "instances": len(usable)})
+            self.audit({"event": "pacs.replay_skipped", **base, "instances": len(new_usable)})
             self.spool.finish(batch.instances)
             return 0
-        chosen = [items[index] for index in fresh]
-        class_name, probability, probabilities, ood, decider = results.aggregate(chosen, self.config.aggregation)
-        finding = results.Finding(class_name, probability, batch.model, version, probabilities, ood, len(fresh))
-        sources = [headers[index] for index in fresh]
+        chosen = [items[index] for index in usable]
+        rule = self.study_rule(batch.model, version, chosen)
+        decision = results.aggregate(chosen, rule)
+        sources = [headers[index] for index in usable]
         job_key = key_of(batch.model, str(version), *sorted(str(ds.SOPInstanceUID) for ds in sources))
+        number, predecessor = self.studies.next_report(batch.model, batch.study_key, job_key)
+        finding = results.finding_of(decision, chosen, batch.model, version, sources, rule,
+                                     self.ood_threshold(batch.model, version))
         route = route_for(self.config.routes, batch.model)
         sr = results.build_sr(sources, finding, sr_uid=derived_uid(job_key, "sr"),
-                              series_uid=derived_uid(study_uid, batch.model, str(version), "sr-series"),
-                              codes=route.codes if route else {})
+                              series_uid=derived_uid(study_uid, batch.model, "sr-series"),
+                              codes=route.codes if route else {}, instance_number=number,
+                              predecessor=predecessor, device_uid=self.device_uid)
         objects = {"sr.dcm": results.to_bytes(sr)}
-        heatmap = getattr(chosen[decider], "heatmap", None)
-        if self.config.secondary_capture and heatmap is not None:
+        decider = decision.decider
+        heatmap = getattr(chosen[decider], "heatmap", None) if decider is not None else None
+        if self.config.secondary_capture and heatmap is not None and results.wants_secondary_capture(decision):
             sc = results.build_secondary_capture(sources[decider], chosen[decider].png, heatmap,
                                                  sop_uid=derived_uid(job_key, "sc"),
-                                                 series_uid=derived_uid(study_uid, batch.model, str(version), "sc"))
+                                                 series_uid=derived_uid(study_uid, batch.model, "sc"),
+                                                 instance_number=number)
             objects["sc.dcm"] = results.to_bytes(sc)
         uids = {"StudyInstanceUID": study_uid, "SRSOPInstanceUID": str(sr.SOPInstanceUID)}
+        supersedes = predecessor["sr_uid"] if predecessor else None
         job = {"model": batch.model, "version": version, "study": base["study"], "created": self.clock(),
-               "webhook": results.webhook_payload(finding, uids, job_key) if self.config.webhook else None}
+               "webhook": (results.webhook_payload(finding, uids, job_key, supersedes) if self.config.webhook
+                           else None)}
+        report = {"job": job_key, "sr_uid": str(sr.SOPInstanceUID), "series_uid": str(sr.SeriesInstanceUID),
+                  "number": number}
         self.spool.add_job(job_key, objects, job)  # 1. the result is durable
-        self.spool.mark_done(keys[index] for index in fresh)  # 2. its instances are answered
-        self.spool.finish(batch.instances)  # 3. the inputs go (a crash before here replays into the same job)
+        answered = [batch.instances[index] for index in new_usable]  # rejected ones were moved away above
+        self.studies.record(batch.model, batch.study_key, answered, report)  # 2. the study remembers it
+        self.spool.mark_done(keys[index] for index in fresh)  # 3. its new instances are answered
+        self.spool.finish(batch.instances)  # 4. the inputs go (a crash before here replays into the same job)
         self.metrics["results"].labels("produced").inc()
-        self.audit({"event": "pacs.result", **base, "job": job_key, "instances": len(fresh),
-                    "class_name": class_name, "outside_intended_use": class_name is None,
-                    "probability": round(probability, 6), "objects": sorted(objects)})
+        self.audit({"event": "pacs.result", **base, "job": job_key, "instances": len(usable),
+                    "new_instances": len(fresh), "class_name": decision.class_name,
+                    "outside_intended_use": decision.class_name is None, "excluded": len(decision.excluded),
+                    "probability": None if decision.probability is None else round(decision.probability, 6),
+                    "rule": decision.rule, "report_number": number,
+                    "supersedes": predecessor["job"] if predecessor else None, "objects": sorted(objects)})
         return 1
+
+    def ood_threshold(self, model: str, version: int) -> Optional[float]:
+        """The version's OOD threshold (REPO/MODEL/VERSION/assets/ood.json), shown beside the score in the SR; None
+        without the repository or the file."""
+        import json
+        from pathlib import Path
+
+        repository = getattr(getattr(self.gateway, "catalog", None), "repository", None)
+        path = Path(repository) / model / str(version) / "assets" / "ood.json" if repository else None
+        try:
+            return float(json.loads(path.read_text())["threshold"]) if path is not None else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def study_rule(self, model: str, version: int, items: list):
+        """The model version's own rule (its assets), or max/mean when the PACS config names one explicitly."""
+        from medpipe.study import explicit_rule
+
+        from serving.gateway.core import GatewayError
+
+        labels = list(items[0].probabilities)
+        if self.config.aggregation != "model":
+            return explicit_rule(self.config.aggregation, labels)
+        rule = self.gateway.catalog.study_rule(model, version)
+        if sorted(rule.labels) != sorted(labels):
+            raise GatewayError("INTERNAL", f"model {model} version {version}: its study rule names labels "
+                               f"{list(rule.labels)} but the model answers {labels}; re-export the version")
+        return rule
 
     def _predict(self, principal, batch: StudyBatch, datas: list[bytes], request_id: str, door: str):
         """The study's images in calls of at most the gateway's max_images (all at one model version); if the

@@ -54,7 +54,12 @@ class PacsConfig:
     spool: str = "runs/pacs-spool"  # received instances and pending results; keep it on a durable disk
     calling_aets: tuple[str, ...] = ()  # DIMSE allow-list; empty = the SCP does not start (nothing open by default)
     stable_seconds: float = 5.0  # a study is processed when no new instance arrived for this long
-    aggregation: Literal["max", "mean"] = "max"  # series/study result from its slices' probabilities
+    # the study's answer: "model" = the rule in the model version's assets (medpipe/study.py: abnormal-first for tasks
+    # with a normal class); max / mean only when named here explicitly
+    aggregation: Literal["model", "max", "mean"] = "model"
+    # a study's received instances are kept this long after its last result, so a late series re-scores the whole
+    # study (SPOOL/studies/); then removed (PHI on disk only as long as needed)
+    study_retention_hours: float = 24.0
     scan_seconds: float = 0.5  # how often the spool is looked at
     deadline_seconds: float = 30.0  # per inference call
     max_instance_mb: int = 256  # larger instances are refused (DIMSE status A700, STOW-RS 413)

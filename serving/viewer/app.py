@@ -231,12 +231,15 @@ def _item_view(viewer: Viewer, index: int, prediction, item) -> dict:
     png_b64 = base64.b64encode(item.png).decode("ascii")
     outside = item.in_distribution is False or item.class_name is None
     request_id = prediction.request_id if len(prediction.items) == 1 else f"{prediction.request_id}-{index}"
+    shown = not outside  # outside intended use: no class, no probabilities, no heat map, nothing preselected
     return {
         "index": index + 1, "request_id": request_id, "image": "data:image/png;base64," + png_b64, "size": size,
-        "heatmap": render.png_data_uri(render.heatmap_png(item.heatmap, size)) if item.heatmap is not None else None,
-        "class_name": item.class_name, "confidence": f"{100 * item.confidence:.1f}", "outside": outside,
+        "heatmap": (render.png_data_uri(render.heatmap_png(item.heatmap, size))
+                    if shown and item.heatmap is not None else None),
+        "class_name": item.class_name if shown else None,
+        "confidence": f"{100 * item.confidence:.1f}" if shown else None, "outside": outside,
         "ood_score": None if item.ood_score is None else f"{item.ood_score:.2f}",
-        "bars": render.probability_rows(item.probabilities, item.class_name),
+        "bars": render.probability_rows(item.probabilities, item.class_name) if shown else [],
         "labels": [] if outside else list(item.probabilities), "png_b64": png_b64,
     }
 
