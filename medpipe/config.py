@@ -153,6 +153,8 @@ class EvaluationConfig:
     calibration_bins: int = 10
     gradcam_per_class: int = 2
     ood_retention: float = 0.99  # share of the val split the OOD threshold keeps in distribution
+    # null: the threshold is val's ood_retention quantile; C: it keeps ood_retention of new scans with probability C
+    ood_retention_confidence: Optional[float] = None
     threshold_split: Literal["val", "val_shift"] = "val"  # where the binary operating threshold is chosen
     gate_split: Literal["test", "test_shift"] = "test"  # the split whose verdict blesses a run for publishing
 
@@ -380,6 +382,9 @@ def _check_consistency(config: TaskConfig, file: str) -> None:
         raise ConfigError(f"{file}: dicom.voi_percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
     if not 0 < config.evaluation.ood_retention <= 1:
         raise ConfigError(f"{file}: evaluation.ood_retention must be in (0, 1], got {config.evaluation.ood_retention}")
+    confidence = config.evaluation.ood_retention_confidence
+    if confidence is not None and not 0 < confidence < 1:
+        raise ConfigError(f"{file}: evaluation.ood_retention_confidence must be in (0, 1) or null, got {confidence}")
     if config.dicom.window is not None and config.dicom.window.width <= 0:
         raise ConfigError(f"{file}: dicom.window.width must be > 0")
     from medpipe.window import parse_window
