@@ -72,13 +72,16 @@ def test_groups_match_brute_force_connected_components():
 
 def test_route_record_splits_a_group_together_and_patients_still_win():
     config = load_config(CONFIG_FILE, ["ingest.split={train: 0.5, val: 0.25, test: 0.25}"])
-    splits = {h: assign_split(h, config.ingest.split_salt, config.ingest.split) for h in (f"{i:064x}" for i in range(40))}
+    keys = [f"{i:064x}" for i in range(40)]
+    splits = {h: assign_split(h, config.ingest.split_salt, config.ingest.split) for h in keys}
     a, b = next((x, y) for x in splits for y in splits if splits[x] != splits[y])
     record = {"path": "p", "label": "glioma", "pixel_hash": b, "split_key": b, "holdout": False, "pseudonym": "",
               "source_id": "00" * 32, "png": b"", "dicom": {}, "hist": [0], "sum": 0.0, "sumsq": 0.0, "count": 1,
               "input_size": "1x1", "input_mode": "JPEG/L"}
-    split_of = lambda rec, groups: next(v for tag, v in route_record(rec, 0, config, groups) if tag == "meta")[1][  # noqa: E731
-        "split"]
+
+    def split_of(rec: dict, groups) -> str:
+        return next(value for tag, value in route_record(rec, 0, config, groups) if tag == "meta")[1]["split"]
+
     assert split_of(record, None) == splits[b]
     assert split_of(record, {b: a}) == splits[a]  # the group's key decides
     patient = {**record, "pseudonym": "p1", "split_key": "p1"}
