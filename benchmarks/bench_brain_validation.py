@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--distance", type=int, default=4, help="the pHash distance of the group-aware figures")
     args = parser.parse_args(argv)
     from medpipe.config import load_config
+    from medpipe.deid import pseudonym
     from models.evaluate import load_ood_set, load_records
     from models.metrics import calibration, classification_metrics
     from models.safety import fit_mahalanobis, mahalanobis_scores, retention_threshold
@@ -174,7 +175,9 @@ def main(argv=None) -> int:
     figures = {"phash_groups": group_figures(digests, labels, hashes, split_of)}
 
     records = {split: load_records(data, split, config) for split in ("train", "val", "test")}
-    hash_of = dict(zip(digests, hashes))
+    # run_stage ingests under a de-identification key: a record's source id is the keyed pseudonym of its pixel hash
+    key = os.environ.get("MEDPIPE_DEID_KEY", "benchmark-key-not-a-secret-0000")
+    hash_of = {pseudonym(d, key): h for d, h in zip(digests, hashes)}
     train_hashes = np.array([hash_of[i] for i in records["train"].ids], np.uint64)
     aware = {s: ~near_copy_in(np.array([hash_of[i] for i in records[s].ids], np.uint64), train_hashes, args.distance)
              for s in ("val", "test")}

@@ -28,6 +28,7 @@ BENCHMARKS = {
                                  "--set 'ingest.shift_holdout.before=[[person, 435], [NORMAL2-IM, 572], [IM, 277]]'",
     "scaling": "benchmarks/bench_scaling.py",
     "safety": "benchmarks/bench_safety.py",
+    "brain_mri_validation": "benchmarks/bench_brain_validation.py",
 }
 
 
