@@ -144,6 +144,9 @@ def perceptual_hash(pixels: np.ndarray) -> int:
     return int(np.packbits((low > np.median(low)).reshape(-1)).view(">u8")[0])
 
 
+PAIR_BLOCK = 1024  # rows of one bucket's distance matrix computed at once
+
+
 def near_duplicate_groups(hashes: Iterable[tuple[str, int]], max_distance: int) -> dict[str, str]:
     """(pixel_hash, perceptual hash) pairs -> {pixel_hash: group key} for every image with a near-duplicate: the
     connected components of "perceptual hashes within max_distance bits", keyed by the smallest pixel hash in the
@@ -168,12 +171,13 @@ def near_duplicate_groups(hashes: Iterable[tuple[str, int]], max_distance: int) 
         starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
         for begin, end in zip(starts[:-1], starts[1:]):
             members = order[begin:end]
-            if len(members) < 2:
-                continue
-            close = np.bitwise_count(values[members][:, None] ^ values[members][None, :]) <= max_distance
-            i, j = np.nonzero(np.triu(close, 1))
-            left.append(members[i])
-            right.append(members[j])
+            for row in range(0, len(members) - 1, PAIR_BLOCK):  # row blocks: memory bounded in a large bucket
+                block = members[row:row + PAIR_BLOCK]
+                close = np.bitwise_count(values[block][:, None] ^ values[members][None, :]) <= max_distance
+                i, j = np.nonzero(close)
+                later = j > i + row  # each pair once, no self pairs
+                left.append(block[i[later]])
+                right.append(members[j[later]])
     if not left:
         return {}
     i, j = np.concatenate(left), np.concatenate(right)

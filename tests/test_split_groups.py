@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import fixtures_adversarial as fa
-from beam_pipelines import ingest
+from beam_pipelines import ingest, records
 from beam_pipelines.records import assign_split, near_duplicate_groups, perceptual_hash, route_record
 from conftest import ROOT
 from medpipe.config import load_config
@@ -42,7 +42,7 @@ def test_perceptual_hash_survives_resizing_and_recompression_but_tells_slices_ap
     assert 0 <= original < 2**64
 
 
-def test_groups_match_brute_force_connected_components():
+def test_groups_match_brute_force_connected_components(monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
     flips = [np.uint64(1 << int(bit)) for bit in rng.integers(0, 64, 200)]
@@ -67,6 +67,9 @@ def test_groups_match_brute_force_connected_components():
             components.setdefault(root(i), []).append(f"{i:04d}")
         expected = {name: min(members) for members in components.values() if len(members) > 1 for name in members}
         assert groups == expected, distance
+        monkeypatch.setattr(records, "PAIR_BLOCK", 7)  # a bucket compared in several row blocks: the same groups
+        assert near_duplicate_groups(hashes, distance) == expected
+        monkeypatch.undo()
     assert near_duplicate_groups([("a", 1)], 4) == {} and near_duplicate_groups([], 4) == {}
 
 
