@@ -42,6 +42,7 @@ With a remote cluster, inputs and --output must be paths every worker can reach 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
@@ -66,8 +67,8 @@ from medpipe.errors import ConfigError, DataError, NoResult, RejectedInput
 
 # The per-record functions live in a Beam-free module (the benchmark's plain loop uses them); re-exported here.
 from beam_pipelines.records import (  # noqa: F401
-    HIST_BINS, InputItem, assign_split, histogram32, prepare_record, rejection, resolve_duplicates, route_record,
-    shard_examples, shard_name, shard_of, to_example)
+    HIST_BINS, InputItem, assign_split, histogram32, near_duplicate_groups, perceptual_hash, prepare_record,
+    rejection, resolve_duplicates, route_record, shard_examples, shard_name, shard_of, to_example)
 
 LOG = logging.getLogger("medpipe.ingest")
 NAMESPACE = "medpipe.ingest"
@@ -249,13 +250,13 @@ class PreprocessFn(beam.DoFn):
         self._rejected[reason].inc()
         return ("rejected", rejection(path, reason, detail))
 
-    def process(self, batch: list[tuple]):
+    def process(self, batch: list[tuple], groups: Optional[dict] = None):
         refs: dict[tuple, list] = {}
         metas: dict[int, list] = {}
         decoded = 0
         for index, path, label, size, patient_id, study_id in batch:
             item = InputItem(path=path, label=label, size=size, patient_id=patient_id, study_id=study_id)
-            rejected = self._prepare(index, item, refs, metas)
+            rejected = self._prepare(index, item, refs, metas, groups)
             if rejected is None:
                 decoded += 1
             else:
@@ -267,7 +268,7 @@ class PreprocessFn(beam.DoFn):
         for bucket, bucket_metas in sorted(metas.items()):
             yield ("meta", (bucket, bucket_metas))
 
-    def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict):
+    def _prepare(self, index: int, item: InputItem, refs: dict, metas: dict, groups: Optional[dict] = None):
         self.seen += 1
         if self.seen % PROGRESS_EVERY == 0:
             LOG.info("ingest worker %s: %d inputs preprocessed", os.getpid(), self.seen)
@@ -284,7 +285,7 @@ class PreprocessFn(beam.DoFn):
             return self._reject(item.path, "corrupt", f"unexpected {type(exc).__name__} while decoding")
         if self._spill is None:
             self._spill = SpillFile(self.spill_directory)
-        for tag, (key, value) in route_record(record, index, self.config):
+        for tag, (key, value) in route_record(record, index, self.config, groups):
             if tag == "shard":
                 _, source_id, example = value
                 offset, length = self._spill.append(tfrecord_frame(example))
@@ -340,17 +341,60 @@ class SplitByTag(beam.PTransform):
 
 class PreprocessImages(beam.PTransform):
     """Batches of listed inputs -> {"shard": spilled example references by (split, shard), "meta": dedup metadata
-    by hash bucket, "rejected": rejections} (PreprocessFn: decode, preprocess, split, shard, spill)."""
+    by hash bucket, "rejected": rejections} (PreprocessFn: decode, preprocess, split, shard, spill). groups: the
+    near-duplicate groups as a singleton side input (ingest.split_groups), else None."""
 
-    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int):
+    def __init__(self, config: TaskConfig, spill_directory: str, buckets: int, groups: Any = None):
         super().__init__()
-        self.config, self.spill_directory, self.buckets = config, spill_directory, buckets
+        self.config, self.spill_directory, self.buckets, self.groups = config, spill_directory, buckets, groups
 
     def expand(self, batches):
         # beam.Create already reshuffles its elements across workers: no extra Reshuffle here.
+        fn = PreprocessFn(self.config, self.spill_directory, self.buckets)
+        decode = beam.ParDo(fn) if self.groups is None else beam.ParDo(fn, groups=self.groups)
+        return batches | "Decode" >> decode | "ByOutcome" >> SplitByTag("shard", "meta", "rejected")
+
+
+class PerceptualHashFn(beam.DoFn):
+    """A batch of listed inputs -> one list of (pixel_hash, perceptual hash) for the images that decode (ingest's
+    first pass when ingest.split_groups is set: each split needs every image's hash, so the decode runs twice). An
+    input that fails here is skipped: the decoding stage rejects and reports it."""
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+
+    def process(self, batch: list[tuple]):
+        from medpipe.imaging import preprocess_bytes
+
+        hashes = []
+        for _index, path, _label, size, _patient_id, _study_id in batch:
+            if size > self.config.ingest.max_file_mb * 2**20:
+                continue
+            try:
+                prepared = preprocess_bytes(read_input(path), self.config, encode=False)
+            except Exception:  # noqa: BLE001 - rejected (with its reason) by the decoding stage
+                continue
+            hashes.append((prepared.pixel_hash, perceptual_hash(prepared.pixels)))
+        yield hashes
+
+
+def group_near_duplicates(batches: list[list[tuple]], max_distance: int) -> dict[str, str]:
+    return near_duplicate_groups((pair for batch in batches for pair in batch), max_distance)
+
+
+class NearDuplicateGroups(beam.PTransform):
+    """Batches of listed inputs -> one {pixel_hash: group key} dict (near_duplicate_groups over every image's
+    perceptual hash, gathered on one worker: 8 bytes + a 64-character key per image)."""
+
+    def __init__(self, config: TaskConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, batches):
         return (batches
-                | "Decode" >> beam.ParDo(PreprocessFn(self.config, self.spill_directory, self.buckets))
-                | "ByOutcome" >> SplitByTag("shard", "meta", "rejected"))
+                | "Hash" >> beam.ParDo(PerceptualHashFn(self.config))
+                | "Gather" >> beam.combiners.ToList()
+                | "Group" >> beam.Map(group_near_duplicates, self.config.ingest.split_groups.max_distance))
 
 
 class ResolveGroupFn(beam.DoFn):
@@ -596,8 +640,18 @@ def build_stats(config: TaskConfig, input_files: int, written: dict, rejected: l
     return stats
 
 
+def split_groups_summary(config: TaskConfig, groups: Optional[dict]) -> Optional[dict]:
+    """stats.json's account of ingest.split_groups: how many near-duplicate groups held how many images."""
+    rule = config.ingest.split_groups
+    if rule is None:
+        return None
+    sizes = collections.Counter((groups or {}).values())
+    return {"method": rule.method, "max_distance": rule.max_distance, "groups": len(sizes),
+            "images": sum(sizes.values()), "largest": max(sizes.values(), default=0)}
+
+
 def write_reports(report: dict, config: TaskConfig, directory: str, input_files: int,
-                  input_report: Optional[str] = None):
+                  input_report: Optional[str] = None, groups: Optional[dict] = None):
     """stats.json, rejected.jsonl and duplicates.jsonl through FileSystems (one small write each), naming inputs by
     keyed input id only; the ids' paths go to `input_report` (PHI, written outside the output; see run())."""
     rejected, duplicates = report["rejected"], report["duplicates"]
@@ -609,6 +663,9 @@ def write_reports(report: dict, config: TaskConfig, directory: str, input_files:
     for path in sorted(set(expected) - set(report["shards"])):
         write_shard(path, [])  # a shard no record fell into: still written, so every split has its N files
     stats["files"] = sorted(posixpath.basename(path.replace(os.sep, "/")) for path in expected)
+    summary = split_groups_summary(config, groups)
+    if summary is not None:
+        stats["split_groups"] = summary
     inside, outside = report_lines(rejected, duplicates)
     _write_text(FileSystems.join(directory, keys.STATS_FILE), json.dumps(stats, indent=2) + "\n")
     _write_text(FileSystems.join(directory, keys.REJECTED_FILE), inside["rejected"])
@@ -676,17 +733,19 @@ class WriteReports(beam.PTransform):
     written after the TFRecords (and a runner that computes only the final step's ancestors, like Beam 2.77's
     DaskRunner, still runs every branch). The stream is never empty: every input is either decoded or rejected."""
 
-    def __init__(self, config: TaskConfig, directory: str, input_files: int, input_report: Optional[str] = None):
+    def __init__(self, config: TaskConfig, directory: str, input_files: int, input_report: Optional[str] = None,
+                 groups: Any = None):
         super().__init__()
         self.config, self.directory, self.input_files = config, directory, input_files
-        self.input_report = input_report
+        self.input_report, self.groups = input_report, groups
 
     def expand(self, items):
+        extra = {} if self.groups is None else {"groups": self.groups}
         return (items
                 | "Flatten" >> beam.Flatten()
                 | "Summarise" >> beam.CombineGlobally(ReportFn()).without_defaults()
                 | "Write" >> beam.Map(write_reports, self.config, self.directory, self.input_files,
-                                      self.input_report))
+                                      self.input_report, **extra))
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[InputItem], directory: str,
@@ -698,12 +757,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: TaskConfig, items: list[Inpu
     listed = (pipeline
               | "ListInputs" >> beam.Create(write_listing(input_batches(items), spill))
               | "ReadListing" >> beam.Map(read_listed_batch))
-    prepared = listed | "PreprocessImages" >> PreprocessImages(config, spill, dedup_buckets(len(items)))
+    groups = None
+    if config.ingest.split_groups is not None:  # a first pass: every image's perceptual hash, grouped
+        groups = beam.pvalue.AsSingleton(listed | "NearDuplicateGroups" >> NearDuplicateGroups(config))
+    prepared = listed | "PreprocessImages" >> PreprocessImages(config, spill, dedup_buckets(len(items)), groups)
     unique = prepared["meta"] | "Deduplicate" >> Deduplicate()
     shards = (prepared["shard"], unique["drop"]) | "WriteSplits" >> WriteSplits(config, directory)
     rejected = prepared["rejected"] | "RejectedItems" >> beam.Map(lambda item: ("rejected", item))
     ((rejected, unique["report"], shards)
-     | "WriteReports" >> WriteReports(config, directory, len(items), input_report))
+     | "WriteReports" >> WriteReports(config, directory, len(items), input_report, groups))
 
 
 # ---------------------------------------------------------------------------------------------------------------

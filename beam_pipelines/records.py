@@ -129,6 +129,67 @@ def assign_split(split_key: str, salt: str, ratios: Any, holdout: bool = False) 
     return "test"
 
 
+def perceptual_hash(pixels: np.ndarray) -> int:
+    """64-bit DCT perceptual hash (pHash, the algorithm of the imagehash package): the image in grey at 32x32
+    (Lanczos), its 2-D DCT-II, the top-left 8x8 low frequencies each compared with their median. Resizing,
+    re-compression, small intensity changes and a re-exported copy change a few bits, not the hash's identity."""
+    import scipy.fft
+    from PIL import Image
+
+    grey = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+    if grey.ndim == 3:
+        grey = grey.mean(axis=-1).astype(np.uint8)
+    small = np.asarray(Image.fromarray(grey).resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+    low = scipy.fft.dct(scipy.fft.dct(small, axis=0), axis=1)[:8, :8]
+    return int(np.packbits((low > np.median(low)).reshape(-1)).view(">u8")[0])
+
+
+PAIR_BLOCK = 1024  # rows of one bucket's distance matrix computed at once
+
+
+def near_duplicate_groups(hashes: Iterable[tuple[str, int]], max_distance: int) -> dict[str, str]:
+    """(pixel_hash, perceptual hash) pairs -> {pixel_hash: group key} for every image with a near-duplicate: the
+    connected components of "perceptual hashes within max_distance bits", keyed by the smallest pixel hash in the
+    component (an image without a near-duplicate is absent and keeps its own pixel hash as its split key).
+
+    Candidate pairs by the pigeonhole principle: two 64-bit hashes within d bits agree exactly on at least one of
+    d + 1 disjoint bit bands, so each band is a sort, not an all-pairs comparison."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    unique = dict(hashes)  # copies with identical pixels are one image here (dedup keeps one of them)
+    names = sorted(unique)
+    if len(names) < 2:
+        return {}
+    values = np.array([unique[name] for name in names], dtype=np.uint64)
+    bands = np.array_split(np.arange(64), max_distance + 1)
+    left, right = [], []
+    for band in bands:
+        mask = np.uint64(sum(1 << (63 - int(bit)) for bit in band))
+        keys = values & mask
+        order = np.argsort(keys, kind="stable")
+        starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
+        for begin, end in zip(starts[:-1], starts[1:]):
+            members = order[begin:end]
+            for row in range(0, len(members) - 1, PAIR_BLOCK):  # row blocks: memory bounded in a large bucket
+                block = members[row:row + PAIR_BLOCK]
+                close = np.bitwise_count(values[block][:, None] ^ values[members][None, :]) <= max_distance
+                i, j = np.nonzero(close)
+                later = j > i + row  # each pair once, no self pairs
+                left.append(block[i[later]])
+                right.append(members[j[later]])
+    if not left:
+        return {}
+    i, j = np.concatenate(left), np.concatenate(right)
+    _, component = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(names),) * 2),
+                                        directed=False)
+    sizes = np.bincount(component)
+    key: dict[int, str] = {}
+    for index in np.flatnonzero(sizes[component] > 1):  # names are sorted: the first seen is the smallest
+        key.setdefault(int(component[index]), names[index])
+    return {names[index]: key[int(component[index])] for index in np.flatnonzero(sizes[component] > 1)}
+
+
 def to_example(record: dict, config: TaskConfig) -> bytes:
     size, channels = config.image.size, config.image.channels
     features: dict[str, tuple[str, list]] = {
@@ -157,11 +218,15 @@ def shard_of(source_id: str, num_shards: int) -> int:
     return int(source_id[:8], 16) % num_shards
 
 
-def route_record(record: dict, index: int, config: TaskConfig) -> Iterable[tuple]:
+def route_record(record: dict, index: int, config: TaskConfig, groups: Optional[dict] = None) -> Iterable[tuple]:
     """A decoded record (the index-th input) -> ("shard", ((split, shard), (index, source_id, example))) carrying the
     example, and ("meta", (pixel_hash, meta)) carrying only what dedup and the stats need (no image bytes). The index
-    tells copies apart even when a manifest lists one path twice."""
-    split = assign_split(record["split_key"], config.ingest.split_salt, config.ingest.split, record["holdout"])
+    tells copies apart even when a manifest lists one path twice. groups (near_duplicate_groups, when
+    ingest.split_groups is set): a record without a patient is split by its near-duplicate group's key."""
+    split_key = record["split_key"]
+    if groups and not record["pseudonym"]:
+        split_key = groups.get(record["pixel_hash"], split_key)
+    split = assign_split(split_key, config.ingest.split_salt, config.ingest.split, record["holdout"])
     shard = (split, shard_of(record["source_id"], config.ingest.shards.of(split)))
     yield ("shard", (shard, (index, record["source_id"], to_example(record, config))))
     meta = {name: record[name] for name in ("path", "label", "hist", "sum", "sumsq", "count", "input_size",

@@ -108,8 +108,10 @@ def run_process(command: list[str], env: dict | None = None) -> tuple[float, int
 # ---------------------------------------------------------------------------------------------------------------
 # arms
 def run_pipeline(source: Path, size: int, output: Path, *beam_args: str) -> tuple[float, int, float]:
+    # without the near-duplicate pass (a second decode, issue 29): the loop baselines do one decode per image
     command = [sys.executable, "-m", "beam_pipelines.ingest", "--config", str(ROOT / "config" / "brain_mri.yaml"),
-               "--input", str(source), "--output", str(output), "--set", f"image.size={size}", *beam_args]
+               "--input", str(source), "--output", str(output), "--set", f"image.size={size}",
+               "--set", "ingest.split_groups=null", *beam_args]
     env = {**os.environ, "MEDPIPE_DEID_KEY": os.environ.get("MEDPIPE_DEID_KEY", BENCH_KEY)}
     wall, peak, cpu, _ = run_process(command, env)
     return wall, peak, cpu

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "audit": "benchmarks/bench_audit.py",
     "connections": "benchmarks/bench_connections.py",
     "study": "benchmarks/bench_study.py",
+    "brain_mri_validation": "benchmarks/bench_brain_validation.py",
 }
 
 

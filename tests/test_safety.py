@@ -74,6 +74,42 @@ def test_retention_threshold_keeps_at_least_the_share():
     assert safety.auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
 
 
+
+def test_retention_threshold_with_confidence_keeps_the_share_of_new_scans():
+    # 525 val scores (the brain MRI val split's size): the bound allows one val score above the threshold, so
+    # retention >= 0.99 holds with probability P(Binom(525, 0.01) >= 2) = 0.967 >= 0.95; the quantile allows five
+    scores = np.arange(1, 526, dtype=float)
+    assert safety.retention_threshold(scores, 0.99, 0.95) == 524.0
+    assert safety.retention_threshold(scores, 0.99) == 520.0
+    reached = safety.retention_confidence(525, 0.99)
+    assert abs(reached[523] - 0.967) < 0.001 and reached[522] < 0.95
+    # distribution-free: on 2,000 draws of (val, new scans) from any continuous distribution, the bound's threshold
+    # keeps >= 99% of the new scans in at least 95% of draws; the plain quantile in about half of them
+    rng = np.random.default_rng(0)
+    val, new = rng.lognormal(3, 0.2, (2000, 525)), rng.lognormal(3, 0.2, (2000, 2000))
+    bound = np.array([safety.retention_threshold(v, 0.99, 0.95) for v in val])
+    quantile = np.array([safety.retention_threshold(v, 0.99) for v in val])
+    assert np.mean(np.mean(new <= bound[:, None], axis=1) >= 0.99) >= 0.95
+    assert np.mean(np.mean(new <= quantile[:, None], axis=1) >= 0.99) < 0.7
+    # too small a val split for the bound: its largest score, and fit() says the confidence reached
+    assert safety.retention_threshold(np.array([5.0, 1.0, 3.0]), 0.99, 0.95) == 5.0
+    assert safety.retention_confidence(3, 0.99)[-1] < 0.03
+
+
+def test_fit_records_the_threshold_rule_and_the_config_checks_it():
+    from medpipe.config import load_config
+    from medpipe.errors import ConfigError
+
+    rng = np.random.default_rng(1)
+    split = lambda n: (rng.normal(size=(n, 8)), rng.normal(size=(n, 2)), rng.integers(0, 2, n))  # noqa: E731
+    _, _, ood = safety.fit(split(400), split(400), "multiclass", 2, 0.99, 10, confidence=0.95)
+    assert ood["confidence"] == 0.95 and ood["confidence_reached"] >= 0.95 and ood["val_retention"] >= 0.995
+    _, _, plain = safety.fit(split(400), split(400), "multiclass", 2, 0.99, 10)
+    assert plain["confidence"] is None and 0.99 <= plain["val_retention"] < 0.995
+    assert load_config(ROOT / "config" / "brain_mri.yaml").evaluation.ood_retention_confidence == 0.95
+    with pytest.raises(ConfigError, match="ood_retention_confidence"):
+        load_config(ROOT / "config" / "brain_mri.yaml", ["evaluation.ood_retention_confidence=1.5"])
+
 def test_gate_checks_ece_and_ood_auroc():
     from medpipe.config import load_config
     from models.gate import judge
