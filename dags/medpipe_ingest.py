@@ -18,6 +18,7 @@ from medpipe_dag_common import (
     schedule_from_env,
 )
 
+SOURCE_ENV = "MEDPIPE_INGEST_SOURCE_URI"  # the source of scheduled runs (placeholders as in source_uri)
 RUNNERS = ["DirectRunner", "DaskRunner", "FlinkRunner", "PortableRunner", "SparkRunner", "DataflowRunner"]
 
 DOC_MD = """
@@ -30,6 +31,8 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
 * **Partition**: the `partition` param, else the run's logical date (`YYYY-MM-DD`). A re-run of the same run or
   date *replaces* the partition (the stage writes a temp folder beside it and moves it in), so retries and
   backfills are idempotent.
+* **Source**: the `source_uri` param, else env `MEDPIPE_INGEST_SOURCE_URI` (scheduled runs); with neither the run
+  is skipped (`plan` says so) and writes nothing: unpausing the DAG never ingests a source nobody named.
 * **Output** (default): `$MEDPIPE_DATA_ROOT/ingested/<dataset>/<partition>/` (`MEDPIPE_DATA_ROOT` defaults to
   `<repo>/runs`). Placeholders `{home}`, `{data_root}`, `{dataset}`, `{partition}` work in `source_uri` and
   `output_uri`.
@@ -67,9 +70,12 @@ Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `
     params={
         "config": Param("brain_mri", type="string", minLength=1,
                         description="task config: a name from config/ (brain_mri, chest_xray) or a YAML path"),
-        "source_uri": Param("{home}/sample_data/{dataset}", type="string", minLength=1,
+        # no default: unpausing the DAG must not ingest anything an operator did not name (scheduled runs take
+        # SOURCE_ENV, read at run time; the sample is the demo's business, passed explicitly)
+        "source_uri": Param(None, type=["null", "string"], minLength=1,
                             description="folder/URI of class folders or DICOM files to ingest, or a PACS: "
-                                        "dicomweb+http://HOST:PORT/ROOT?StudyDate={ds_nodash}&ModalitiesInStudy=MR"),
+                                        "dicomweb+http://HOST:PORT/ROOT?StudyDate={ds_nodash}&ModalitiesInStudy=MR; "
+                                        f"empty = env {SOURCE_ENV}, else the run skips"),
         "labels_uri": Param(None, type=["null", "string"],
                             description="PACS source: labels CSV keyed by StudyInstanceUID or AccessionNumber"),
         "output_uri": Param("{data_root}/ingested/{dataset}/{partition}", type="string", minLength=1,
@@ -87,18 +93,25 @@ def medpipe_ingest():
     @task
     def plan(params=None, **context) -> dict:
         """Resolve every path of this run once; later tasks (and their retries) use exactly these."""
+        import os
         from pathlib import Path
+
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from medpipe_dag_common import (check_conf, load_task_config, partition_fields, resolve_config, resolve_path,
                                         run_partition)
 
         check_conf(context, params)
+        source_uri = params.get("source_uri") or os.environ.get(SOURCE_ENV, "").strip()
+        if not source_uri:
+            raise AirflowSkipException(f"no source configured: pass `source_uri` in the run's conf or set {SOURCE_ENV} "
+                                       "in the workers' environment; nothing ingested, no partition written")
         config_path = resolve_config(params["config"])
         dataset = load_task_config(config_path)["name"]
         partition = run_partition(context, params.get("partition"))
         fields = partition_fields(dataset, partition)
         output = resolve_path(params["output_uri"], **fields)
-        source = resolve_path(params["source_uri"], **fields)
+        source = resolve_path(source_uri, **fields)
         if "://" not in source and not Path(source).exists():
             raise FileNotFoundError(f"source {source} does not exist: set the `source_uri` param")
         labels = resolve_path(params["labels_uri"], **fields) if params.get("labels_uri") else None

@@ -375,18 +375,22 @@ def airflow(tmp_path_factory, postgres, alertmanager):
             "DAGs parsed", 120, 2, log)
         for dag_id in ("medpipe_ingest", "medpipe_batch_inference"):
             instance.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        # unpausing @daily medpipe_ingest starts today's scheduled run on the default source: stop it, as an
-        # operator would (mark the run failed), so that only the test's partitions exist
+        # unpausing @daily medpipe_ingest starts today's scheduled run; with no source configured it skips and
+        # writes nothing (issue 32: it used to ingest the sample at the default size)
         today = wait_until(lambda: next((run for run in instance.runs("medpipe_ingest")
                                          if run["run_type"] == "scheduled"), None), "today's scheduled ingest", 90, 1,
                            log)
-        instance.call("PATCH", f"/api/v2/dags/medpipe_ingest/dagRuns/{urllib.request.quote(today['dag_run_id'])}",
-                      {"state": "failed"})
+        scheduled = instance.wait_run("medpipe_ingest", today["dag_run_id"], timeout=180)
+        plan = instance.task("medpipe_ingest", today["dag_run_id"], "plan")
+        assert plan["state"] == "skipped", (scheduled, plan)
+        assert "no source configured" in instance.task_log("medpipe_ingest", today["dag_run_id"], "plan", 1)
+        assert not (data / "ingested").exists() or not any((data / "ingested").rglob("schema.json"))
         yield instance
 
 
 def ingest_conf(airflow: Airflow, **extra) -> dict:
-    return {"config": airflow.config, "overrides": ["image.size=64"], **extra}
+    return {"config": airflow.config, "source_uri": str(SAMPLE), "overrides": ["image.size=64"],
+            **extra}
 
 
 def versions(airflow: Airflow) -> list[int]:

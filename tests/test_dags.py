@@ -58,6 +58,7 @@ for dag_id, dag in bag.dags.items():
         "tags": sorted(dag.tags), "doc_md": bool(dag.doc_md and dag.doc_md.strip()),
         "max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
         "params": sorted(dag.params.keys()),
+        "param_defaults": {key: dag.params[key] for key in dag.params.keys()},
         "deadline": bool(getattr(dag, "deadline", None)),
         "fileloc": dag.fileloc,
         "tasks": {task.task_id: {
@@ -136,6 +137,8 @@ def test_ingest_params_and_no_accidental_catchup(parsed):
     ingest = parsed["dags"]["medpipe_ingest"]
     assert {"config", "source_uri", "output_uri", "runner", "pipeline_options", "partition"} <= set(ingest["params"])
     assert ingest["catchup"] is False
+    # unpausing must not ingest a source nobody named (issue 32): scheduled runs skip without one
+    assert ingest["param_defaults"]["source_uri"] is None
 
 
 def test_pool_file_declares_training_pool():
