@@ -538,7 +538,9 @@ def run_stage(
     Returns the stdout lines when capture_stdout is set. Exit 2 raises StageRefused and exit 3 StageVerdict (no
     retries); any other non-zero exit raises StageFailed (retried). The child runs in its own process group, which
     dies with the task: on_kill (mark failed, clear, worker shutdown), an exception in the waiting task
-    (execution_timeout) and, if the task process itself is SIGKILLed, the kernel's parent-death signal.
+    (execution_timeout), if the task process itself is SIGKILLed the kernel's parent-death signal, and if a process
+    above the task dies (a SIGKILLed scheduler, whose LocalExecutor workers live on) SupervisorDied within
+    SUPERVISION_POLL_SECONDS.
     """
     logger = logger or log
     command = [sys.executable, "-m", module, *map(str, args)]
@@ -573,8 +575,9 @@ def run_stage(
     ]
     for thread in threads:
         thread.start()
+    supervisors = _supervisors()
     try:
-        returncode = process.wait()
+        returncode = _wait_supervised(process, supervisors)
     except BaseException:
         logger.error("interrupted: stopping %s (process group %s)", module, process.pid)
         _kill_group(process)
@@ -596,6 +599,52 @@ def run_stage(
         raise StageFailed(message, returncode)
     logger.info("%s finished (exit 0)", module)
     return stdout_lines
+
+
+SUPERVISION_POLL_SECONDS = 2.0
+
+
+class SupervisorDied(RuntimeError):
+    """A process above the task (the Airflow worker, the scheduler that forked it) died: nobody supervises us."""
+
+
+def _supervisors() -> list[Any]:
+    """The processes above this task process, up to (not including) PID 1: the task supervisor, the executor's
+    worker, the scheduler, `airflow standalone`... as psutil handles (pid + start time, so a reused pid is not
+    mistaken for the original)."""
+    import psutil
+
+    chain = []
+    current = psutil.Process().parent()
+    while current is not None and current.pid > 1 and len(chain) < 16:
+        chain.append(current)
+        current = current.parent()
+    return chain
+
+
+def _wait_supervised(process: subprocess.Popen, supervisors: list[Any]) -> int:
+    """process.wait(), raising SupervisorDied when one of `supervisors` is gone. A SIGKILLed scheduler leaves its
+    LocalExecutor workers (and so this task process) running, re-parented to PID 1: the parent-death signal never
+    fires and a training would run to its end unsupervised, invisible to the restarted scheduler."""
+    while True:
+        try:
+            return process.wait(timeout=SUPERVISION_POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            gone = next((each for each in supervisors if not _alive(each)), None)
+            if gone is not None:
+                raise SupervisorDied(f"the Airflow process {gone.pid} above this task died (scheduler or worker "
+                                     "crash): the stage was stopped rather than left running unsupervised; "
+                                     "the restarted scheduler re-runs the task") from None
+
+
+def _alive(handle: Any) -> bool:
+    """Running and not a zombie (a SIGKILLed scheduler stays a zombie until `airflow standalone` reaps it)."""
+    import psutil
+
+    try:
+        return handle.is_running() and handle.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill_group(process: subprocess.Popen) -> None:
