@@ -144,9 +144,20 @@ class GateThresholds:
 
 
 @dataclass(frozen=True)
+class RegressionMargins:
+    """Per-metric non-inferiority margins (evaluation.max_regression as a mapping)."""
+    accuracy: float = 0.02
+    macro_f1: float = 0.02
+    macro_auc: float = 0.02
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
-    max_regression: float = 0.01
+    # non-inferiority margin against `stable`: one number for every gated metric, or {accuracy:, macro_f1:, macro_auc:}
+    max_regression: float | RegressionMargins = 0.02
+    # below this many examples (paired, the same images for both models) the gate says "insufficient evidence"
+    min_paired_examples: int = 50
     binary_threshold: Literal["youden", "target_sensitivity"] = "youden"
     target_sensitivity: float = 0.95
     bootstrap_samples: int = 1000

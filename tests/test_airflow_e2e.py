@@ -356,10 +356,11 @@ def airflow(tmp_path_factory, postgres, alertmanager):
     instance = Airflow(f"http://127.0.0.1:{port}", "", env, data, log)
     instance.cli("db", "migrate", timeout=300)
     instance.cli("pools", "import", str(ROOT / "config" / "airflow" / "pools.json"))
-    # the golden set: a fixed folder of label folders (here 3 sample images per class)
+    # the golden set: a fixed folder of label folders (here 15 sample images per class: 60, enough for the gate's
+    # paired comparison, evaluation.min_paired_examples = 50)
     for label in LABELS:
         (data / "golden" / "brain_mri" / label).mkdir(parents=True)
-        for source in sorted((SAMPLE / label).iterdir())[-3:]:
+        for source in sorted((SAMPLE / label).iterdir())[-15:]:
             shutil.copy(source, data / "golden" / "brain_mri" / label / source.name)
     instance.config = str(tiny_config(base / "brain_tiny.yaml"))
     with started([AIRFLOW, "standalone"], log, env=env, cwd=str(home)) as process:
@@ -505,9 +506,55 @@ def test_a_worse_candidate_is_not_published_stable_stays_and_an_alert_fires(airf
     for name in ("partition_test", "golden"):
         figures = blessing["evaluations"][name]["metrics"]
         assert set(figures) == {"candidate", "stable"} and figures["stable"]["macro_auc"] is not None
-    assert any("worse than the stable model" in reason for reason in blessing["reasons"]), blessing["reasons"]
+    golden = blessing["evaluations"]["golden"]
+    assert golden["verdict"] == "not_blessed" and golden["comparison"]["n"] == 60, golden.get("comparison")
+    assert any("does not rule out a regression" in reason for reason in blessing["reasons"]), blessing["reasons"]
     fired = wait_until(lambda: alerts(alertmanager, "MedpipeModelNotBlessed"), "not-blessed alert", 30, 1)
     assert fired[0]["labels"]["model"] == "brain_mri" and fired[0]["labels"]["severity"] == "warning"
+
+
+def test_a_better_candidate_is_published_and_twenty_images_are_insufficient_evidence(airflow, alertmanager,
+                                                                                      tmp_path):
+    """Issue 32: the gate decides with paired statistics. With an untrained model forced into production (an
+    operator's mistake), a trained candidate is clearly better on the 60-image golden set: blessed and published
+    although the 9-image test split cannot tell (it abstains). On a 20-image golden set nothing can be told:
+    "insufficient evidence", nothing published."""
+    worse_runs = [run for run in airflow.runs("medpipe_train") if run["run_type"] == "manual"
+                  and (run_folder(airflow, run["dag_run_id"]) / "blessing.json").is_file()
+                  and not json.loads((run_folder(airflow, run["dag_run_id"]) / "blessing.json").read_text())["blessed"]]
+    assert worse_runs
+    untrained = run_folder(airflow, worse_runs[0]["dag_run_id"])
+    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(untrained), "--repository",
+                    str(airflow.data / "models"), "--model-name", "brain_mri", "--label", "stable", "--force"],
+                   check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
+    bad_stable = stable_version(airflow)
+
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config})
+    assert airflow.wait_run("medpipe_train", run_id, timeout=600)["state"] == "success"
+    blessing = json.loads((run_folder(airflow, run_id) / "blessing.json").read_text())
+    assert blessing["blessed"] is True, blessing["reasons"]
+    assert blessing["evaluations"]["golden"]["verdict"] == "blessed"
+    assert blessing["evaluations"]["partition_test"]["verdict"] == "insufficient_evidence"
+    assert airflow.task("medpipe_train", run_id, "publish")["state"] == "success"
+    assert stable_version(airflow) != bad_stable
+
+    small = tmp_path / "golden20"
+    for label in LABELS:
+        (small / label).mkdir(parents=True)
+        for source in sorted((SAMPLE / label).iterdir())[:5]:
+            shutil.copy(source, small / label / source.name)
+    published = stable_version(airflow)
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "golden_uri": str(small)})
+    assert airflow.wait_run("medpipe_train", run_id, timeout=600)["state"] == "success"
+    blessing = json.loads((run_folder(airflow, run_id) / "blessing.json").read_text())
+    assert blessing["blessed"] is False and blessing["verdict"] == "insufficient_evidence", blessing["reasons"]
+    assert blessing["evaluations"]["golden"]["comparison"]["n"] == 20
+    assert airflow.task("medpipe_train", run_id, "publish")["state"] == "skipped"
+    assert stable_version(airflow) == published
+    fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeModelNotBlessed")
+                                if "insufficient evidence" in alert["annotations"]["description"]],
+                       "insufficient-evidence alert", 30, 1)
+    assert fired
 
 
 def test_an_exit_2_failure_is_not_retried_and_alerts_once(airflow, alertmanager):
