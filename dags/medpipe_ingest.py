@@ -43,7 +43,8 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
 * **Runner**: `runner` + `pipeline_options` (e.g. `["--direct_num_workers=2", "--direct_running_mode=multi_processing"]`).
   On the compose `flink` profile use `runner=PortableRunner` with `["--job_endpoint=beam-job-server:8099",
   "--artifact_endpoint=beam-job-server:8098", "--environment_type=EXTERNAL",
-  "--environment_config=beam-worker-pool:50000"]`: the compose job server matches the compose Flink (1.19).
+  "--environment_config=localhost:50000"]` (the worker pool is a sidecar of the task manager): the compose job
+  server matches the compose Flink (1.19).
   Not `FlinkRunner --flink_master=...`: it downloads a job-server jar for Beam's default Flink version.
 * **De-identification key**: `MEDPIPE_DEID_KEY` in the worker environment, else the Variable `medpipe_deid_secret`
   (masked by Airflow); never a param.
