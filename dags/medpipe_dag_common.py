@@ -106,63 +106,100 @@ def dataset_asset_uri(dataset: str) -> str:
 ALERTMANAGER_ENV = "MEDPIPE_ALERTMANAGER_URL"  # e.g. http://alertmanager:9093 (compose sets it)
 
 
+# A failed task's alert is a state, not an event: it stays firing until the same task next succeeds (which posts
+# it again with endsAt = now), not until Alertmanager's resolve_timeout. FIRING_FOR only bounds a task never re-run.
+FIRING_FOR = timedelta(days=30)
+TASK_FAILED = "MedpipeTaskFailed"
+SEVERITIES = ("warning", "critical")
+
+
 def alertmanager_alert(name: str, summary: str, *, severity: str = "warning", description: str = "",
-                       labels: dict[str, Any] | None = None, now: Any = None) -> dict:
+                       labels: dict[str, Any] | None = None, now: Any = None, ends_at: Any = None,
+                       annotations: dict[str, Any] | None = None) -> dict:
     """One alert in Alertmanager's API format (POST /api/v2/alerts takes a list of these).
 
-    Labels identify the alert (Alertmanager groups and de-duplicates on them); annotations carry the text.
+    Labels identify the alert (Alertmanager groups and de-duplicates on them); annotations carry the text. Without
+    `ends_at` Alertmanager resolves the alert after its resolve_timeout unless it is posted again; with it, at that
+    time (an `ends_at` of now resolves it at once).
     """
     from datetime import datetime, timezone
 
     started = now or datetime.now(timezone.utc)
     clean = {key: str(value) for key, value in (labels or {}).items() if value not in (None, "")}
-    return {
+    alert = {
         "labels": {"alertname": name, "severity": severity, "source": "medpipe-airflow", **clean},
-        "annotations": {"summary": summary[:1000], "description": description[-4000:]},
+        "annotations": {"summary": summary[:1000], "description": description[-4000:],
+                        **{key: str(value) for key, value in (annotations or {}).items() if value not in (None, "")}},
         "startsAt": started.isoformat(),
-        # resolved by Alertmanager after resolve_timeout unless posted again; a task failure is an event, not a state
     }
+    if ends_at is not None:
+        alert["endsAt"] = ends_at.isoformat()
+    return alert
 
 
-def send_alert(name: str, summary: str, *, severity: str = "warning", description: str = "", **labels: Any) -> bool:
-    """Log the alert and post it to Alertmanager (MEDPIPE_ALERTMANAGER_URL), which routes it (Slack, e-mail...).
-
-    Never raises: a broken receiver must not mask the failure being reported. Returns True when Alertmanager
-    accepted the alert.
-    """
-    alert = alertmanager_alert(name, summary, severity=severity, description=description, labels=labels)
-    log.error("medpipe alert %s: %s", name, json.dumps(alert, default=str))
+def post_alerts(alerts: list[dict]) -> bool:
+    """POST to Alertmanager (MEDPIPE_ALERTMANAGER_URL). Never raises: a broken receiver must not mask the failure
+    being reported. True when Alertmanager accepted them."""
     base = os.environ.get(ALERTMANAGER_ENV, "").strip().rstrip("/")
     if not base:
         return False
     try:
-        request = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps([alert]).encode(),
+        request = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps(alerts).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(request, timeout=10).close()
         return True
     except Exception as exc:  # the alert is best effort; the failure itself is already recorded
-        log.warning("Alertmanager at %s did not accept the alert %s: %s", base, name, exc)
+        log.warning("Alertmanager at %s did not accept %s: %s", base, [a["labels"]["alertname"] for a in alerts], exc)
         return False
 
 
+def send_alert(name: str, summary: str, *, severity: str = "warning", description: str = "", ends_at: Any = None,
+               annotations: dict[str, Any] | None = None, **labels: Any) -> bool:
+    """Log the alert and post it to Alertmanager, which routes it (Slack, e-mail...). Returns True when accepted."""
+    alert = alertmanager_alert(name, summary, severity=severity, description=description, labels=labels,
+                               ends_at=ends_at, annotations=annotations)
+    log.error("medpipe alert %s: %s", name, json.dumps(alert, default=str))
+    return post_alerts([alert])
+
+
 def notify_failure(context: dict) -> None:
-    """`on_failure_callback` of every task: one log line and ONE alert `MedpipeTaskFailed` per failed task.
+    """`on_failure_callback` of every task: one log line and ONE alert `MedpipeTaskFailed` per failed task, firing
+    until the task's next success (notify_success). Identified by DAG and task, so a failure of the next run
+    renews it rather than adding another; the run goes in the annotations.
 
     Only tasks carry it (not the DAGs as well), so a failure is reported once. A DAG run that fails without a
     failed task (a dagrun_timeout) is covered by the deadline alerts and Prometheus' `AirflowTaskFailures`.
     """
+    from datetime import datetime, timezone
+
     ti = context.get("task_instance") or context.get("ti")
     dag_run = context.get("dag_run")
     error = str(context.get("exception") or context.get("reason") or "")
     send_alert(
-        "MedpipeTaskFailed",
+        TASK_FAILED,
         f"{getattr(ti, 'dag_id', None)}.{getattr(ti, 'task_id', None)} failed (try {getattr(ti, 'try_number', None)})",
         severity="critical" if isinstance(context.get("exception"), StageRefused) else "warning",
         description=error[-2000:],
+        ends_at=datetime.now(timezone.utc) + FIRING_FOR,
+        annotations={"run_id": getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None)},
         dag_id=getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", None),
         task_id=getattr(ti, "task_id", None),
-        run_id=getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None),
     )
+
+
+def notify_success(context: dict) -> None:
+    """`on_success_callback` of every task: resolve its MedpipeTaskFailed (either severity), if one is firing."""
+    from datetime import datetime, timezone
+
+    if not os.environ.get(ALERTMANAGER_ENV, "").strip():
+        return
+    ti = context.get("task_instance") or context.get("ti")
+    now = datetime.now(timezone.utc)
+    labels = {"dag_id": getattr(ti, "dag_id", None), "task_id": getattr(ti, "task_id", None)}
+    post_alerts([alertmanager_alert(TASK_FAILED, f"{labels['dag_id']}.{labels['task_id']} succeeded again",
+                                    severity=severity, labels=labels, now=now, ends_at=now,
+                                    annotations={"run_id": getattr(ti, "run_id", None)})
+                 for severity in SEVERITIES])
 
 
 async def deadline_missed(**kwargs: Any) -> None:
@@ -212,6 +249,7 @@ def default_task_args(**overrides: Any) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=15),
         "execution_timeout": timedelta(hours=1),
         "on_failure_callback": notify_failure,
+        "on_success_callback": notify_success,
     }
     args.update(overrides)
     return args

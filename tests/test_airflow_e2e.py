@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,11 @@ def alertmanager(tmp_path_factory):
                    base / "alertmanager.log")
         assert process.poll() is None
         yield url
+
+
+def firing_for(alert: dict) -> timedelta:
+    """How long Alertmanager will keep the alert active unless it is resolved (its endsAt from now)."""
+    return datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")) - datetime.now(timezone.utc)
 
 
 def _get(url: str):
@@ -567,8 +573,32 @@ def test_an_exit_2_failure_is_not_retried_and_alerts_once(airflow, alertmanager)
     assert train["state"] == "failed" and train["try_number"] == 1 and train["max_tries"] >= 2
     assert "exited with status 2" in airflow.task_log("medpipe_train", run_id, "train", 1)
     fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")
-                                if alert["labels"].get("run_id") == run_id], "task-failed alert", 30, 1)
+                                if alert["annotations"].get("run_id") == run_id], "task-failed alert", 30, 1)
     assert len(fired) == 1 and fired[0]["labels"]["task_id"] == "train"
+    # a state, not an event: firing until train next succeeds, not until Alertmanager's 5-minute resolve_timeout
+    assert firing_for(fired[0]) > timedelta(days=7)
+
+
+def test_a_failed_tasks_alert_fires_until_the_task_succeeds_again(alertmanager, monkeypatch):
+    """Issue 32: the failure callback's alert stays active in a real Alertmanager (it used to show [RESOLVED] after
+    5 minutes though nothing was fixed); the task's next success (on_success_callback) resolves it."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "dags"))
+    import medpipe_dag_common as common
+
+    monkeypatch.setenv("MEDPIPE_ALERTMANAGER_URL", alertmanager)
+    ti = SimpleNamespace(dag_id="medpipe_e2e_alerts", task_id="score", run_id="manual__1", try_number=1)
+    common.notify_failure({"ti": ti, "exception": RuntimeError("boom")})
+    ours = lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")  # noqa: E731
+                    if alert["labels"].get("dag_id") == "medpipe_e2e_alerts" and alert["status"]["state"] == "active"]
+    firing = wait_until(ours, "the failure alert", 30, 0.5)
+    assert len(firing) == 1 and firing[0]["annotations"]["run_id"] == "manual__1"
+    assert firing_for(firing[0]) > timedelta(days=7)  # common.FIRING_FOR ahead
+    assert "task_id" in firing[0]["labels"] and "run_id" not in firing[0]["labels"]
+    assert common.default_task_args()["on_success_callback"] is common.notify_success
+    common.notify_success({"ti": SimpleNamespace(dag_id="medpipe_e2e_alerts", task_id="score", run_id="manual__2")})
+    wait_until(lambda: not ours(), "the failure alert resolved by the next success", 30, 0.5)
 
 
 def test_a_task_marked_failed_leaves_no_stage_process(airflow):
