@@ -530,6 +530,25 @@ def kill_running_stages(*_args: Any, **_kwargs: Any) -> None:
     for process in running:
         log.error("task is being stopped: killing stage process group %s", process.pid)
         _kill_group(process)
+    _alert_if_marked_failed()
+
+
+def _alert_if_marked_failed() -> None:
+    """A running task marked *failed* by hand ends through on_kill, and the task runner then reports a retry (or
+    nothing): on_failure_callback never runs. Ask Airflow what the task's state is now and alert when it is failed
+    (marked success or cleared: no alert)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        context = get_current_context()
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id])
+    except Exception as exc:  # noqa: BLE001 - not inside a task, or the API is unreachable: nothing to decide on
+        log.info("on_kill: the task's state could not be read (%s); no alert", type(exc).__name__)
+        return
+    state = str((states.get(ti.run_id) or {}).get(ti.task_id, "")).lower()
+    if state.endswith("failed"):
+        notify_failure({**context, "reason": "marked failed by hand while running: its stage was stopped"})
 
 
 def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec

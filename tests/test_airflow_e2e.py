@@ -601,8 +601,9 @@ def test_a_failed_tasks_alert_fires_until_the_task_succeeds_again(alertmanager, 
     wait_until(lambda: not ours(), "the failure alert resolved by the next success", 30, 0.5)
 
 
-def test_a_task_marked_failed_leaves_no_stage_process(airflow):
-    """Item 3: marking a running `train` task failed kills models.train and everything it started."""
+def test_a_task_marked_failed_leaves_no_stage_process(airflow, alertmanager):
+    """Item 3: marking a running `train` task failed kills models.train and everything it started, and (issue 32)
+    alerts like any failure although Airflow runs no failure callback for it."""
     run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "overrides": ["training.epochs=500"]})
 
     def training_processes() -> set[int]:
@@ -619,6 +620,9 @@ def test_a_task_marked_failed_leaves_no_stage_process(airflow):
     time.sleep(5)
     assert training_processes() == set()
     airflow.wait_run("medpipe_train", run_id, timeout=120)
+    fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")
+                                if alert["annotations"].get("run_id") == run_id], "marked-failed alert", 60, 1)
+    assert "marked failed by hand" in fired[0]["annotations"]["description"]
 
 
 def test_batch_inference_scores_the_images_and_rejects_the_text_file(airflow, tmp_path):
