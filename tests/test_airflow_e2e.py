@@ -693,3 +693,29 @@ def test_the_deid_key_variable_is_masked(airflow):
     airflow.cli("variables", "set", "medpipe_deid_secret", "not-the-real-key-but-secret")
     answer = airflow.call("GET", "/api/v2/variables/medpipe_deid_secret")
     assert answer["value"] != "not-the-real-key-but-secret" and "***" in answer["value"]
+
+
+def test_a_killed_scheduler_leaves_no_training_running(airflow):
+    """Issue 32: SIGKILL of the scheduler during a training. Its LocalExecutor workers live on, re-parented; the
+    task notices that a process above it died and stops its stage: no medpipe stage process after 30 s. (Last in
+    this module: the instance has no scheduler afterwards.)"""
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "overrides": ["training.epochs=500"]})
+
+    def stage_processes() -> set[int]:
+        return {pid for pid, (_, cmdline) in process_table().items()
+                if " -m models." in cmdline and str(airflow.data) in cmdline}
+
+    pids = wait_until(stage_processes, "models.train started", 300, 1, airflow.log)
+    table = process_table()
+    ancestors, pid = [], next(iter(pids))
+    while pid in table and pid > 1:
+        pid = table[pid][0]
+        ancestors.append(pid)
+    scheduler = next(pid for pid in ancestors if "scheduler" in table.get(pid, (0, ""))[1])
+    pids |= {child for pid in pids for child in descendants(pid)}
+    os.kill(scheduler, signal.SIGKILL)
+    assert wait_gone(pids | stage_processes(), timeout=30) == set(), "a stage outlived the killed scheduler"
+    time.sleep(5)
+    assert stage_processes() == set()
+    log_text = airflow.task_log("medpipe_train", run_id, "train", 1)
+    assert "above this task died" in log_text, log_text[-3000:]
