@@ -357,12 +357,30 @@ def newest_event_extra(triggering_asset_events: Any) -> dict:
 
 
 def is_backfill(context: dict) -> bool:
-    """A run created by `airflow backfill create`, or triggered by an asset event that a backfill run emitted."""
+    """A run created by `airflow backfill create`, a medpipe_train run a backfill triggered (`from_backfill`), or
+    one triggered by an asset event that a backfill run emitted (before backfills stopped emitting them)."""
     dag_run = context.get("dag_run")
     run_type = str(getattr(dag_run, "run_type", "") or "")
     if run_type.lower().endswith("backfill"):
         return True
+    if (getattr(dag_run, "conf", None) or {}).get("from_backfill") is True:
+        return True
     return any(extra.get("backfill") for extra in triggering_events(context.get("triggering_asset_events")))
+
+
+# task states that are not final ("null": created with its run, not yet scheduled)
+UNFINISHED_STATES = (None, "scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "deferred",
+                     "restarting")
+BACKFILL_RUN_PREFIX = "backfill__"
+
+
+def pending_backfill_runs(task_states: dict[str, dict[str, Any]], task_id: str, own_run_id: str) -> list[str]:
+    """Backfill runs (other than ours) whose `task_id` has not finished, from get_task_states' {run_id: {task: state}}.
+    A backfill creates all its runs at once, so a run not yet started is here too, with a null state."""
+    return sorted(run_id for run_id, tasks in task_states.items()
+                  if run_id.startswith(BACKFILL_RUN_PREFIX) and run_id != own_run_id
+                  and (tasks.get(task_id) if tasks.get(task_id) is None else str(tasks[task_id]).lower())
+                  in UNFINISHED_STATES)
 
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:T\d{2}(?::?\d{2}(?::?\d{2})?)?)?$")

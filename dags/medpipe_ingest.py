@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
 
 from medpipe_dag_common import (
@@ -52,8 +53,11 @@ validated, de-identified, split TFRecords (`train/val/test-*.tfrecord.gz`, `sche
   asset event: `medpipe_train` never sees an empty partition.
 * **On success** an asset event for `medpipe://ingested/<dataset>` is emitted (through the alias
   `medpipe_ingested_dataset`) with the partition path, its ingest time (`ingested_at`, which orders partitions
-  whose names are not dates), the counts, the config and `backfill: true` for backfill runs in its `extra`:
-  `medpipe_train` is scheduled on it.
+  whose names are not dates), the counts and the config in its `extra`: `medpipe_train` is scheduled on it.
+* **Backfills train once**: backfill runs emit no event; the last run of a backfill to finish
+  (`backfill_complete`) triggers one `medpipe_train` run (`from_backfill: true`, so it does not publish) over the
+  whole window. Triggered, not scheduled: while `medpipe_train` is paused the run waits, queued, and starts when it
+  is unpaused. Two overlapping backfills train once, after both.
 
 Schedule: env `MEDPIPE_INGEST_SCHEDULE` (read when the file is parsed; default `@daily`, `none` disables it).
 """
@@ -166,14 +170,44 @@ def medpipe_ingest():
         if job["dataset"] not in DATASETS:
             logging.getLogger("medpipe.dags").warning(
                 "dataset %s has no Asset medpipe_train is scheduled on; trigger medpipe_train by hand", job["dataset"])
+        if is_backfill(context):
+            # one training per backfill, after its last partition (backfill_complete), whether medpipe_train is
+            # paused or not: an event per day would start a training per event that finds medpipe_train unpaused
+            # and be dropped while it is paused
+            logging.getLogger("medpipe.dags").info("backfill partition %s: no asset event; the backfill's last run "
+                                                   "triggers medpipe_train once", job["partition"])
+            return {**job, "summary": summary}
         asset = Asset(name=dataset_asset_name(job["dataset"]), uri=dataset_asset_uri(job["dataset"]))
         outlet_events[AssetAlias(INGESTED_ALIAS)].add(
             asset, extra={"path": job["output"], "partition": job["partition"], "config": job["config"],
-                          "ingested_at": datetime.now(timezone.utc).isoformat(), "backfill": is_backfill(context),
-                          **summary})
+                          "ingested_at": datetime.now(timezone.utc).isoformat(), "backfill": False, **summary})
         return {**job, "summary": summary}
 
-    publish_asset(run_ingest(plan()))
+    @task.short_circuit(pool=ASSET_EVENTS_POOL)
+    def backfill_complete(job: dict, **context) -> bool:
+        """True for the last run of a backfill to get here: no other backfill run of this DAG still has this task
+        ahead of it (queued, running, retrying, or not yet scheduled). The one-slot pool serialises these checks, so
+        of two runs finishing together exactly one sees the other done. Skips train_after_backfill otherwise."""
+        import logging
+
+        from medpipe_dag_common import is_backfill, pending_backfill_runs
+
+        if not is_backfill(context):
+            return False
+        ti = context["ti"]
+        pending = pending_backfill_runs(ti.get_task_states(dag_id=ti.dag_id, task_ids=[ti.task_id]), ti.task_id,
+                                        ti.run_id)
+        logging.getLogger("medpipe.dags").info(
+            "backfill: %d other run(s) still to finish%s", len(pending),
+            "" if pending else f": triggering medpipe_train once for the whole backfill ({job['dataset']})")
+        return not pending
+
+    # a triggered run (not an asset event): queued while medpipe_train is paused, started when it is unpaused
+    train_after_backfill = TriggerDagRunOperator(
+        task_id="train_after_backfill", trigger_dag_id="medpipe_train",
+        conf={"config": "{{ ti.xcom_pull(task_ids='plan')['config'] }}", "from_backfill": True})
+
+    backfill_complete(publish_asset(run_ingest(plan()))) >> train_after_backfill
 
 
 medpipe_ingest()

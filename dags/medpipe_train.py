@@ -89,6 +89,8 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
         "fail_if_not_blessed": Param(False, type="boolean", description="fail instead of skipping publish"),
         "publish_backfill": Param(False, type="boolean",
                                   description="publish a blessed model even when the run comes from a backfill"),
+        "from_backfill": Param(False, type="boolean",
+                               description="set by medpipe_ingest's train_after_backfill: a backfill's one training"),
     },
 )
 def medpipe_train():

@@ -439,49 +439,76 @@ def test_unknown_conf_key_is_refused_with_the_known_keys(airflow):
     assert not (airflow.data / "ingested" / "brain_mri" / "typo").exists()
 
 
-def test_backfill_trains_on_the_window_from_the_data_and_does_not_publish(airflow):
-    """Items 2 and 8: a 2-day ingest backfill triggers medpipe_train (asset events); the run that sees both days
-    trains on both partitions, at the image size the data was ingested with (64, not the config's 48), is
-    evaluated and blessed, and is not published because it comes from a backfill."""
-    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
-    airflow.cli("backfill", "create", "--dag-id", "medpipe_ingest", "--from-date", "2026-11-01",
-                "--to-date", "2026-11-02", "--dag-run-conf", json.dumps(ingest_conf(airflow)),
-                "--max-active-runs", "2")
-    def backfill_done():
+def backfill(airflow: Airflow, first: str, last: str) -> None:
+    """`airflow backfill create` over first..last (YYYY-MM-DD), waited for: every day ingested."""
+    days = {f"2026-11-{day:02d}" for day in range(int(first[-2:]), int(last[-2:]) + 1)}
+    airflow.cli("backfill", "create", "--dag-id", "medpipe_ingest", "--from-date", first, "--to-date", last,
+                "--dag-run-conf", json.dumps(ingest_conf(airflow)), "--max-active-runs", "2")
+
+    def done():
         runs = [run for run in airflow.runs("medpipe_ingest") if run["logical_date"] and
-                run["logical_date"][:10] in ("2026-11-01", "2026-11-02")]
+                run["logical_date"][:10] in days]
         assert not [run for run in runs if run["state"] == "failed"], runs
-        return len([run for run in runs if run["state"] == "success"]) == 2
+        return len([run for run in runs if run["state"] == "success"]) == len(days)
 
-    wait_until(backfill_done, "both backfill days ingested", 300, 5, airflow.log)
-    assert not [run for run in airflow.runs("medpipe_ingest") if run["run_type"] == "backfill"
-                and run["state"] == "failed"]
+    wait_until(done, f"backfill {first}..{last} ingested", 420, 5, airflow.log)
 
-    def all_train_runs_done():
+
+def train_runs_done(airflow: Airflow, count: int, timeout: float = 900) -> list[dict]:
+    def done():
         runs = airflow.runs("medpipe_train")
-        return runs if runs and all(run["state"] in ("success", "failed") for run in runs) else None
+        return runs if len(runs) >= count and all(run["state"] in ("success", "failed") for run in runs) else None
 
-    train_runs = wait_until(all_train_runs_done, "asset-triggered train runs done", 900, 3, airflow.log)
-    assert {run["run_type"] for run in train_runs} == {"asset_triggered"} and len(train_runs) <= 2
-    for run in train_runs:
-        assert run["state"] == "success", airflow.task_log("medpipe_train", run["dag_run_id"], "train", 1)[-3000:]
-        assert airflow.task("medpipe_train", run["dag_run_id"], "publish")["state"] == "skipped"
+    return wait_until(done, f"{count} medpipe_train run(s) done", timeout, 3, airflow.log)
+
+
+def test_backfill_trains_once_on_the_window_from_the_data_and_does_not_publish(airflow):
+    """Items 2 and 8, issue 32: a 3-day ingest backfill with medpipe_train unpaused gives exactly ONE training run
+    (triggered by the backfill's last run, not one per asset event), over the window (all three days), at the image
+    size the data was ingested with (64, not the config's 48); evaluated and blessed; not published (a backfill)."""
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
+    backfill(airflow, "2026-11-01", "2026-11-03")
+    train_runs = train_runs_done(airflow, 1)
+    time.sleep(20)  # a second run, if the backfill made one, would be queued by now
+    train_runs = airflow.runs("medpipe_train")
+    assert len(train_runs) == 1, train_runs
+    run = train_runs[0]
+    assert run["conf"].get("from_backfill") is True
+    assert run["state"] == "success", airflow.task_log("medpipe_train", run["dag_run_id"], "train", 1)[-3000:]
+    assert airflow.task("medpipe_train", run["dag_run_id"], "publish")["state"] == "skipped"
     assert versions(airflow) == []  # a backfill does not publish
-
-    # the newest run saw both days
-    newest = max(train_runs, key=lambda run: run["run_after"])["dag_run_id"]
-    runs = [run_folder(airflow, newest)]
-    window = json.loads((runs[0] / "window" / "window.json").read_text())
-    assert [part["name"] for part in window["partitions"]] == ["2026-11-01", "2026-11-02"]
+    folder = run_folder(airflow, run["dag_run_id"])
+    window = json.loads((folder / "window" / "window.json").read_text())
+    assert [part["name"] for part in window["partitions"]] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert all(len(part["sha256"]) == 64 and part["written"] == 100 for part in window["partitions"])
-    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["image"]["size"] == 64
-    blessing = json.loads((runs[0] / "blessing.json").read_text())
+    assert yaml.safe_load((folder / "config.yaml").read_text())["image"]["size"] == 64
+    blessing = json.loads((folder / "blessing.json").read_text())
     assert blessing["blessed"] is True and set(blessing["evaluations"]) == {"partition_test", "golden"}
     # publishing a backfill's model is a deliberate act: by hand, from the run directory
-    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(runs[0]), "--repository",
+    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(folder), "--repository",
                     str(airflow.data / "models"), "--model-name", "brain_mri", "--label", "stable"],
                    check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
     assert len(versions(airflow)) == 1 and stable_version(airflow) == versions(airflow)[0]
+
+
+def test_a_backfill_with_training_paused_trains_once_when_unpaused(airflow):
+    """Issue 32: the documented advice (pause medpipe_train during a backfill) used to lose the training: Airflow
+    queues asset events only for unpaused DAGs. The backfill's one run is a triggered run: queued while paused,
+    started on unpause; exactly one."""
+    before = {run["dag_run_id"] for run in airflow.runs("medpipe_train")}
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": True})
+    backfill(airflow, "2026-11-04", "2026-11-06")
+    time.sleep(10)
+    waiting = [run for run in airflow.runs("medpipe_train") if run["dag_run_id"] not in before]
+    assert len(waiting) == 1 and waiting[0]["state"] == "queued", waiting
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
+    run = airflow.wait_run("medpipe_train", waiting[0]["dag_run_id"], timeout=900)
+    assert run["state"] == "success"
+    time.sleep(15)
+    assert [run["dag_run_id"] for run in airflow.runs("medpipe_train") if run["dag_run_id"] not in before] == \
+        [waiting[0]["dag_run_id"]]
+    window = json.loads((run_folder(airflow, run["dag_run_id"]) / "window" / "window.json").read_text())
+    assert {"2026-11-04", "2026-11-05", "2026-11-06"} <= {part["name"] for part in window["partitions"]}
 
 
 def test_triggering_an_existing_logical_date_says_what_to_do(airflow):

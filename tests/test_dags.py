@@ -376,6 +376,19 @@ def test_a_killed_scheduler_takes_the_stage_with_it(tmp_path):
         scheduler.wait()
 
 
+def test_pending_backfill_runs_counts_only_unfinished_backfill_runs(common):
+    """The backfill's last run is the one that sees no other backfill run with the task still ahead of it."""
+    states = {"backfill__2026-11-01T00:00:00+00:00": {"backfill_complete": "success"},
+              "backfill__2026-11-02T00:00:00+00:00": {"backfill_complete": None},  # created, not yet scheduled
+              "backfill__2026-11-03T00:00:00+00:00": {"backfill_complete": "running"},  # ourselves
+              "backfill__2026-11-04T00:00:00+00:00": {"backfill_complete": "upstream_failed"},
+              "scheduled__2026-11-05T00:00:00+00:00": {"backfill_complete": "queued"}}  # not a backfill
+    assert common.pending_backfill_runs(states, "backfill_complete", "backfill__2026-11-03T00:00:00+00:00") == \
+        ["backfill__2026-11-02T00:00:00+00:00"]
+    states["backfill__2026-11-02T00:00:00+00:00"]["backfill_complete"] = "skipped"
+    assert common.pending_backfill_runs(states, "backfill_complete", "backfill__2026-11-03T00:00:00+00:00") == []
+
+
 def test_alerts_use_alertmanagers_format_and_reach_it(common, monkeypatch):
     import http.server
     import threading
