@@ -31,11 +31,13 @@ Unknown flags are Beam pipeline options; without --runner the DirectRunner's eng
 multi-processing mode with 2 workers. The de-identification key comes from
 MEDPIPE_DEID_KEY in the workers' environment (read in DoFn.setup, never pickled into the pipeline graph).
 
-Other runners, through the same pass-through options:
-    --runner DaskRunner --dask_client_address tcp://HOST:8786          (dask.distributed; tested in test_ingest.py)
-    --runner FlinkRunner --flink_master HOST:8081 --environment_type LOOPBACK   (Beam's Flink job server)
-    --runner SparkRunner --spark_master_url spark://HOST:7077 --environment_type LOOPBACK
-    --runner PortableRunner --job_endpoint HOST:8099 --environment_type LOOPBACK   (any running job server)
+Other runners, through the same pass-through options (docs/operations.md, "Beam runners"):
+    --runner DaskRunner --dask_client_address tcp://HOST:8786   (dask.distributed; a `dask scheduler` and two
+        `dask worker` processes in test_ingest.py write the DirectRunner's bytes)
+    --runner PortableRunner --job_endpoint HOST:8099 --artifact_endpoint HOST:8098 --environment_type EXTERNAL
+        --environment_config localhost:50000   (Flink through the compose job server and worker-pool sidecar)
+    --runner SparkRunner --spark_master_url spark://HOST:7077   (Beam downloads its Spark job-server jar when the
+        job starts: needs network access to Maven Central; not runnable offline)
 With a remote cluster, inputs and --output must be paths every worker can reach (gs://, s3://, a shared mount).
 """
 

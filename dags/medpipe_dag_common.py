@@ -106,63 +106,100 @@ def dataset_asset_uri(dataset: str) -> str:
 ALERTMANAGER_ENV = "MEDPIPE_ALERTMANAGER_URL"  # e.g. http://alertmanager:9093 (compose sets it)
 
 
+# A failed task's alert is a state, not an event: it stays firing until the same task next succeeds (which posts
+# it again with endsAt = now), not until Alertmanager's resolve_timeout. FIRING_FOR only bounds a task never re-run.
+FIRING_FOR = timedelta(days=30)
+TASK_FAILED = "MedpipeTaskFailed"
+SEVERITIES = ("warning", "critical")
+
+
 def alertmanager_alert(name: str, summary: str, *, severity: str = "warning", description: str = "",
-                       labels: dict[str, Any] | None = None, now: Any = None) -> dict:
+                       labels: dict[str, Any] | None = None, now: Any = None, ends_at: Any = None,
+                       annotations: dict[str, Any] | None = None) -> dict:
     """One alert in Alertmanager's API format (POST /api/v2/alerts takes a list of these).
 
-    Labels identify the alert (Alertmanager groups and de-duplicates on them); annotations carry the text.
+    Labels identify the alert (Alertmanager groups and de-duplicates on them); annotations carry the text. Without
+    `ends_at` Alertmanager resolves the alert after its resolve_timeout unless it is posted again; with it, at that
+    time (an `ends_at` of now resolves it at once).
     """
     from datetime import datetime, timezone
 
     started = now or datetime.now(timezone.utc)
     clean = {key: str(value) for key, value in (labels or {}).items() if value not in (None, "")}
-    return {
+    alert = {
         "labels": {"alertname": name, "severity": severity, "source": "medpipe-airflow", **clean},
-        "annotations": {"summary": summary[:1000], "description": description[-4000:]},
+        "annotations": {"summary": summary[:1000], "description": description[-4000:],
+                        **{key: str(value) for key, value in (annotations or {}).items() if value not in (None, "")}},
         "startsAt": started.isoformat(),
-        # resolved by Alertmanager after resolve_timeout unless posted again; a task failure is an event, not a state
     }
+    if ends_at is not None:
+        alert["endsAt"] = ends_at.isoformat()
+    return alert
 
 
-def send_alert(name: str, summary: str, *, severity: str = "warning", description: str = "", **labels: Any) -> bool:
-    """Log the alert and post it to Alertmanager (MEDPIPE_ALERTMANAGER_URL), which routes it (Slack, e-mail...).
-
-    Never raises: a broken receiver must not mask the failure being reported. Returns True when Alertmanager
-    accepted the alert.
-    """
-    alert = alertmanager_alert(name, summary, severity=severity, description=description, labels=labels)
-    log.error("medpipe alert %s: %s", name, json.dumps(alert, default=str))
+def post_alerts(alerts: list[dict]) -> bool:
+    """POST to Alertmanager (MEDPIPE_ALERTMANAGER_URL). Never raises: a broken receiver must not mask the failure
+    being reported. True when Alertmanager accepted them."""
     base = os.environ.get(ALERTMANAGER_ENV, "").strip().rstrip("/")
     if not base:
         return False
     try:
-        request = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps([alert]).encode(),
+        request = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps(alerts).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(request, timeout=10).close()
         return True
     except Exception as exc:  # the alert is best effort; the failure itself is already recorded
-        log.warning("Alertmanager at %s did not accept the alert %s: %s", base, name, exc)
+        log.warning("Alertmanager at %s did not accept %s: %s", base, [a["labels"]["alertname"] for a in alerts], exc)
         return False
 
 
+def send_alert(name: str, summary: str, *, severity: str = "warning", description: str = "", ends_at: Any = None,
+               annotations: dict[str, Any] | None = None, **labels: Any) -> bool:
+    """Log the alert and post it to Alertmanager, which routes it (Slack, e-mail...). Returns True when accepted."""
+    alert = alertmanager_alert(name, summary, severity=severity, description=description, labels=labels,
+                               ends_at=ends_at, annotations=annotations)
+    log.error("medpipe alert %s: %s", name, json.dumps(alert, default=str))
+    return post_alerts([alert])
+
+
 def notify_failure(context: dict) -> None:
-    """`on_failure_callback` of every task: one log line and ONE alert `MedpipeTaskFailed` per failed task.
+    """`on_failure_callback` of every task: one log line and ONE alert `MedpipeTaskFailed` per failed task, firing
+    until the task's next success (notify_success). Identified by DAG and task, so a failure of the next run
+    renews it rather than adding another; the run goes in the annotations.
 
     Only tasks carry it (not the DAGs as well), so a failure is reported once. A DAG run that fails without a
     failed task (a dagrun_timeout) is covered by the deadline alerts and Prometheus' `AirflowTaskFailures`.
     """
+    from datetime import datetime, timezone
+
     ti = context.get("task_instance") or context.get("ti")
     dag_run = context.get("dag_run")
     error = str(context.get("exception") or context.get("reason") or "")
     send_alert(
-        "MedpipeTaskFailed",
+        TASK_FAILED,
         f"{getattr(ti, 'dag_id', None)}.{getattr(ti, 'task_id', None)} failed (try {getattr(ti, 'try_number', None)})",
         severity="critical" if isinstance(context.get("exception"), StageRefused) else "warning",
         description=error[-2000:],
+        ends_at=datetime.now(timezone.utc) + FIRING_FOR,
+        annotations={"run_id": getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None)},
         dag_id=getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", None),
         task_id=getattr(ti, "task_id", None),
-        run_id=getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None),
     )
+
+
+def notify_success(context: dict) -> None:
+    """`on_success_callback` of every task: resolve its MedpipeTaskFailed (either severity), if one is firing."""
+    from datetime import datetime, timezone
+
+    if not os.environ.get(ALERTMANAGER_ENV, "").strip():
+        return
+    ti = context.get("task_instance") or context.get("ti")
+    now = datetime.now(timezone.utc)
+    labels = {"dag_id": getattr(ti, "dag_id", None), "task_id": getattr(ti, "task_id", None)}
+    post_alerts([alertmanager_alert(TASK_FAILED, f"{labels['dag_id']}.{labels['task_id']} succeeded again",
+                                    severity=severity, labels=labels, now=now, ends_at=now,
+                                    annotations={"run_id": getattr(ti, "run_id", None)})
+                 for severity in SEVERITIES])
 
 
 async def deadline_missed(**kwargs: Any) -> None:
@@ -212,6 +249,7 @@ def default_task_args(**overrides: Any) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=15),
         "execution_timeout": timedelta(hours=1),
         "on_failure_callback": notify_failure,
+        "on_success_callback": notify_success,
     }
     args.update(overrides)
     return args
@@ -319,12 +357,30 @@ def newest_event_extra(triggering_asset_events: Any) -> dict:
 
 
 def is_backfill(context: dict) -> bool:
-    """A run created by `airflow backfill create`, or triggered by an asset event that a backfill run emitted."""
+    """A run created by `airflow backfill create`, a medpipe_train run a backfill triggered (`from_backfill`), or
+    one triggered by an asset event that a backfill run emitted (before backfills stopped emitting them)."""
     dag_run = context.get("dag_run")
     run_type = str(getattr(dag_run, "run_type", "") or "")
     if run_type.lower().endswith("backfill"):
         return True
+    if (getattr(dag_run, "conf", None) or {}).get("from_backfill") is True:
+        return True
     return any(extra.get("backfill") for extra in triggering_events(context.get("triggering_asset_events")))
+
+
+# task states that are not final ("null": created with its run, not yet scheduled)
+UNFINISHED_STATES = (None, "scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "deferred",
+                     "restarting")
+BACKFILL_RUN_PREFIX = "backfill__"
+
+
+def pending_backfill_runs(task_states: dict[str, dict[str, Any]], task_id: str, own_run_id: str) -> list[str]:
+    """Backfill runs (other than ours) whose `task_id` has not finished, from get_task_states' {run_id: {task: state}}.
+    A backfill creates all its runs at once, so a run not yet started is here too, with a null state."""
+    return sorted(run_id for run_id, tasks in task_states.items()
+                  if run_id.startswith(BACKFILL_RUN_PREFIX) and run_id != own_run_id
+                  and (tasks.get(task_id) if tasks.get(task_id) is None else str(tasks[task_id]).lower())
+                  in UNFINISHED_STATES)
 
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:T\d{2}(?::?\d{2}(?::?\d{2})?)?)?$")
@@ -492,6 +548,25 @@ def kill_running_stages(*_args: Any, **_kwargs: Any) -> None:
     for process in running:
         log.error("task is being stopped: killing stage process group %s", process.pid)
         _kill_group(process)
+    _alert_if_marked_failed()
+
+
+def _alert_if_marked_failed() -> None:
+    """A running task marked *failed* by hand ends through on_kill, and the task runner then reports a retry (or
+    nothing): on_failure_callback never runs. Ask Airflow what the task's state is now and alert when it is failed
+    (marked success or cleared: no alert)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        context = get_current_context()
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id])
+    except Exception as exc:  # noqa: BLE001 - not inside a task, or the API is unreachable: nothing to decide on
+        log.info("on_kill: the task's state could not be read (%s); no alert", type(exc).__name__)
+        return
+    state = str((states.get(ti.run_id) or {}).get(ti.task_id, "")).lower()
+    if state.endswith("failed"):
+        notify_failure({**context, "reason": "marked failed by hand while running: its stage was stopped"})
 
 
 def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
@@ -538,7 +613,9 @@ def run_stage(
     Returns the stdout lines when capture_stdout is set. Exit 2 raises StageRefused and exit 3 StageVerdict (no
     retries); any other non-zero exit raises StageFailed (retried). The child runs in its own process group, which
     dies with the task: on_kill (mark failed, clear, worker shutdown), an exception in the waiting task
-    (execution_timeout) and, if the task process itself is SIGKILLed, the kernel's parent-death signal.
+    (execution_timeout), if the task process itself is SIGKILLed the kernel's parent-death signal, and if a process
+    above the task dies (a SIGKILLed scheduler, whose LocalExecutor workers live on) SupervisorDied within
+    SUPERVISION_POLL_SECONDS.
     """
     logger = logger or log
     command = [sys.executable, "-m", module, *map(str, args)]
@@ -573,8 +650,9 @@ def run_stage(
     ]
     for thread in threads:
         thread.start()
+    supervisors = _supervisors()
     try:
-        returncode = process.wait()
+        returncode = _wait_supervised(process, supervisors)
     except BaseException:
         logger.error("interrupted: stopping %s (process group %s)", module, process.pid)
         _kill_group(process)
@@ -596,6 +674,52 @@ def run_stage(
         raise StageFailed(message, returncode)
     logger.info("%s finished (exit 0)", module)
     return stdout_lines
+
+
+SUPERVISION_POLL_SECONDS = 2.0
+
+
+class SupervisorDied(RuntimeError):
+    """A process above the task (the Airflow worker, the scheduler that forked it) died: nobody supervises us."""
+
+
+def _supervisors() -> list[Any]:
+    """The processes above this task process, up to (not including) PID 1: the task supervisor, the executor's
+    worker, the scheduler, `airflow standalone`... as psutil handles (pid + start time, so a reused pid is not
+    mistaken for the original)."""
+    import psutil
+
+    chain = []
+    current = psutil.Process().parent()
+    while current is not None and current.pid > 1 and len(chain) < 16:
+        chain.append(current)
+        current = current.parent()
+    return chain
+
+
+def _wait_supervised(process: subprocess.Popen, supervisors: list[Any]) -> int:
+    """process.wait(), raising SupervisorDied when one of `supervisors` is gone. A SIGKILLed scheduler leaves its
+    LocalExecutor workers (and so this task process) running, re-parented to PID 1: the parent-death signal never
+    fires and a training would run to its end unsupervised, invisible to the restarted scheduler."""
+    while True:
+        try:
+            return process.wait(timeout=SUPERVISION_POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            gone = next((each for each in supervisors if not _alive(each)), None)
+            if gone is not None:
+                raise SupervisorDied(f"the Airflow process {gone.pid} above this task died (scheduler or worker "
+                                     "crash): the stage was stopped rather than left running unsupervised; "
+                                     "the restarted scheduler re-runs the task") from None
+
+
+def _alive(handle: Any) -> bool:
+    """Running and not a zombie (a SIGKILLed scheduler stays a zombie until `airflow standalone` reaps it)."""
+    import psutil
+
+    try:
+        return handle.is_running() and handle.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill_group(process: subprocess.Popen) -> None:

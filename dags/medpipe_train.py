@@ -35,8 +35,10 @@ stable`, then asks the serving endpoint to reload when it answers).
 * **Gate against production**: the candidate and the current `stable` version are evaluated on the same data: the
   newest partition's test split and the dataset's fixed **golden set** (`golden_uri`, default
   `$MEDPIPE_DATA_ROOT/golden/<dataset>/`, one sub-folder of images per label; never rewritten by the pipeline).
-  It is blessed only when it passes `evaluation.thresholds` and is not worse than `stable` by more than
-  `evaluation.max_regression` on either; `<run>/blessing.json` records both models' figures on both sets.
+  It is blessed only when it passes `evaluation.thresholds` and is shown non-inferior to `stable` (paired bootstrap
+  on the same images, margin `evaluation.max_regression`); a set under `evaluation.min_paired_examples` images
+  abstains, and with no set large enough the verdict is "insufficient evidence". `<run>/blessing.json` records both
+  models' figures and the evidence (n, differences, bounds, McNemar) on both sets.
 * **Not blessed**: `gate` skips `publish` and raises the alert `MedpipeModelNotBlessed` (or fails the run when
   `fail_if_not_blessed` is set). **Backfill** runs (and runs triggered by a backfill's ingests) train and evaluate
   but do not publish unless `publish_backfill` is set.
@@ -87,6 +89,8 @@ DATASET_ASSETS = [Asset(name=dataset_asset_name(name), uri=dataset_asset_uri(nam
         "fail_if_not_blessed": Param(False, type="boolean", description="fail instead of skipping publish"),
         "publish_backfill": Param(False, type="boolean",
                                   description="publish a blessed model even when the run comes from a backfill"),
+        "from_backfill": Param(False, type="boolean",
+                               description="set by medpipe_ingest's train_after_backfill: a backfill's one training"),
     },
 )
 def medpipe_train():
@@ -203,7 +207,10 @@ def medpipe_train():
             reasons = "; ".join(map(str, blessing.get("reasons") or ["(no reason given)"]))
             message = (f"model in {job['run_dir']} is NOT blessed, it will not be published: {reasons} "
                        f"(report: {job['evaluation']}/report.html)")
-            send_alert("MedpipeModelNotBlessed", f"{job['model_name']}: candidate not blessed, stable unchanged",
+            insufficient = blessing.get("verdict") == "insufficient_evidence"
+            send_alert("MedpipeModelNotBlessed", f"{job['model_name']}: " + (
+                "insufficient evidence to compare the candidate with stable" if insufficient else
+                "candidate not blessed") + ", stable unchanged",
                        description=message, model=job["model_name"], run_dir=job["run_dir"])
             if params.get("fail_if_not_blessed"):
                 raise AirflowFailException(message)

@@ -158,9 +158,20 @@ class GateThresholds:
 
 
 @dataclass(frozen=True)
+class RegressionMargins:
+    """Per-metric non-inferiority margins (evaluation.max_regression as a mapping)."""
+    accuracy: float = 0.02
+    macro_f1: float = 0.02
+    macro_auc: float = 0.02
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
-    max_regression: float = 0.01
+    # non-inferiority margin against `stable`: one number for every gated metric, or {accuracy:, macro_f1:, macro_auc:}
+    max_regression: float | RegressionMargins = 0.02
+    # below this many examples (paired, the same images for both models) the gate says "insufficient evidence"
+    min_paired_examples: int = 50
     binary_threshold: Literal["youden", "target_sensitivity"] = "youden"
     target_sensitivity: float = 0.95
     bootstrap_samples: int = 1000
@@ -220,6 +231,19 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     return CONFIG_DIR / f"{name_or_path}.yaml" if is_config_name(name_or_path) and not path.exists() else path
 
 
+def load_yaml(text: str) -> Any:
+    """YAML as an operator types it into a config file or a `--set`: safe_load, except that dates stay the strings
+    they were typed as. No config key is a date, and partition names are (`training.partitions=[2026-11-24]`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers
+                                           if tag != "tag:yaml.org,2002:timestamp"]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskConfig:
     """Load, override and validate a task config. Raises ConfigError naming the file and key on any problem."""
     import yaml  # PyYAML: imported here so `import medpipe.config` stays cheap
@@ -228,7 +252,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskC
     if not file.is_file():
         raise ConfigError(f"config file {file} does not exist (pass --config with a YAML file from config/)")
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = load_yaml(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -285,7 +309,7 @@ def _apply_override(raw: dict, override: str, file: Path, yaml: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {key} in {file} is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(text)
+        node[keys[-1]] = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {exc}") from exc
 

@@ -459,7 +459,8 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
              ood_dirs: Sequence[Path] = ()) -> dict:
     """Run everything and write the outputs; returns the blessing."""
     from models import gate
-    from models.metrics import calibration, choose_threshold, classification_metrics, predict_classes
+    from models.metrics import (calibration, choose_threshold, classification_metrics, paired_comparison,
+                                predict_classes)
 
     evaluation = config.evaluation
     examples = load_records(data_dir, split, config) if data_dir else load_image_folder(images_dir, config)
@@ -512,11 +513,18 @@ def evaluate(predictor: Predictor, config: TaskConfig, output: Path, *, data_dir
         metrics["splits"] = split_figures(predictor, config, data_dir, split, metrics, threshold, batch_size, seed,
                                           loaded)
 
-    baseline_metrics, baseline_version = None, None
+    baseline_metrics, baseline_version, comparison = None, None, None
     if baseline_repository is not None:
-        baseline_metrics, baseline_version = load_baseline(baseline_repository, model_name or config.serving.model_name,
-                                                           examples, config, batch_size, seed)
-    blessing = gate.judge(metrics, evaluation, baseline_metrics, baseline_version)
+        baseline = load_baseline(baseline_repository, model_name or config.serving.model_name, examples, config,
+                                 batch_size, seed)
+        if baseline is not None:
+            baseline_metrics, baseline_version, baseline_probs, baseline_threshold = baseline
+            comparison = paired_comparison(
+                examples.labels, probs, baseline_probs, candidate_threshold=binary_cut,
+                baseline_threshold=baseline_threshold,
+                margins={name: gate.margin_of(evaluation, name) for name in gate.GATED_METRICS},
+                min_examples=evaluation.min_paired_examples, samples=evaluation.bootstrap_samples, seed=seed)
+    blessing = gate.judge(metrics, evaluation, baseline_metrics, baseline_version, comparison)
     blessing["model"] = metrics["model"]
     blessing["data"] = metrics["data"]
 
@@ -583,9 +591,9 @@ def split_figures(predictor: Predictor, config: TaskConfig, data_dir: Path, eval
 
 
 def load_baseline(repository: Path, model_name: str, examples: Examples, config: TaskConfig, batch_size: int,
-                  seed: int) -> tuple[Optional[dict], Optional[int]]:
-    """Metrics of the `stable` version: its stored metrics when they were computed on the same data, otherwise
-    that SavedModel evaluated here on the same examples. (None, None) when nothing is published as stable."""
+                  seed: int) -> Optional[tuple[dict, int, np.ndarray, Optional[float]]]:
+    """The `stable` version run on the same examples: (its metrics, its version, its probabilities, its binary
+    threshold), for the gate's paired comparison; None when nothing is published as stable."""
     from models import gate
     from models.metrics import classification_metrics
 
@@ -593,13 +601,10 @@ def load_baseline(repository: Path, model_name: str, examples: Examples, config:
     if baseline is None:
         log.info("no %s version of %s in %s: judged on absolute thresholds only", gate.STABLE_LABEL, model_name,
                  repository)
-        return None, None
+        return None
     if baseline.version_dir is None:
         raise DataError(f"{repository}/models.config labels version {baseline.version} of {model_name} as "
                         f"{gate.STABLE_LABEL}, but {repository}/{model_name}/{baseline.version} does not exist")
-    stored = baseline.metrics
-    if stored is not None and stored.get("data", {}).get("fingerprint") == examples.fingerprint:
-        return stored, baseline.version
     stable = open_saved_model(baseline.version_dir)
     images = examples.images
     if (stable.image_size, stable.channels) != (images.shape[1], images.shape[3]):
@@ -618,7 +623,7 @@ def load_baseline(repository: Path, model_name: str, examples: Examples, config:
                                      threshold=stable.threshold if config.task == "binary" else None,
                                      bootstrap_samples=0, calibration_bins=config.evaluation.calibration_bins,
                                      seed=seed)
-    return metrics, baseline.version
+    return metrics, baseline.version, probs, stable.threshold if config.task == "binary" else None
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -2,9 +2,13 @@
 
 A model is blessed when every gated metric reaches its absolute threshold from `evaluation.thresholds` (and, when
 set, the calibrated ECE is at most `max_ece` and the OOD AUROC over the `evaluate --ood` probe sets at least
-`min_ood_auroc`), and, when
-a model is already published under the `stable` version label, no gated metric is worse than the stable model's by
-more than `evaluation.max_regression`. The first model (no stable version) is judged on the absolute thresholds only.
+`min_ood_auroc`), and, when a model is already published under the `stable` version label, the candidate is shown
+NON-INFERIOR to it on the same images: for every gated metric the one-sided 95% lower bound of the paired-bootstrap
+difference (candidate - stable) is above -`evaluation.max_regression` (the margin, per metric if a mapping). With
+fewer than `evaluation.min_paired_examples` images the comparison is not made: the verdict is "insufficient
+evidence" (not blessed, nothing published), unless another evaluation of the same run (the golden set beside a
+small test split) has enough. The evidence (n, differences, bounds, McNemar's p-value) is in blessing.json. The
+first model (no stable version) is judged on the absolute thresholds only.
 
 The stable model's metrics are read from `REPO/NAME/<version>/assets.extra/medpipe_metrics.json` (the metrics.json
 that `medpipe publish` copies next to the SavedModel). They must come from the same split of the same data for the
@@ -26,9 +30,19 @@ STABLE_LABEL = "stable"
 BASELINE_METRICS_FILE = "medpipe_metrics.json"  # in REPO/NAME/<version>/assets.extra/
 
 
+BLESSED, NOT_BLESSED, INSUFFICIENT = "blessed", "not_blessed", "insufficient_evidence"
+
+
+def margin_of(evaluation: Any, name: str) -> float:
+    margin = evaluation.max_regression
+    return float(margin if isinstance(margin, (int, float)) else getattr(margin, name))
+
+
 def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[dict[str, Any]] = None,
-          baseline_version: Optional[int] = None) -> dict[str, Any]:
-    """Blessing dict {blessed, reasons, checks}; `evaluation` is the config's EvaluationConfig."""
+          baseline_version: Optional[int] = None, comparison: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Blessing dict {blessed, verdict, reasons, checks, comparison}; `evaluation` is the config's EvaluationConfig.
+    `comparison` is models.metrics.paired_comparison of candidate and stable on these examples; without it (only
+    the stable model's stored figures) the point differences are held to the margin, as before."""
     checks, reasons = [], []
     for name in GATED_METRICS:
         value = metrics.get(name)
@@ -41,29 +55,62 @@ def judge(metrics: dict[str, Any], evaluation: Any, baseline_metrics: Optional[d
             reasons.append(f"{name} {value:.4f} is below the threshold {threshold:.4f}")
     safety_checks(metrics, evaluation.thresholds, checks, reasons)
     study_checks(metrics, evaluation.thresholds, checks, reasons)
+    insufficient = False
     if baseline_metrics is not None:
-        delta = float(evaluation.max_regression)
         which = f"the {STABLE_LABEL} model" + (f" (version {baseline_version})" if baseline_version else "")
-        for name in GATED_METRICS:
-            value, reference = metrics.get(name), baseline_metrics.get(name)
-            if value is None or reference is None:
-                continue  # nothing to compare; an undefined value already failed the absolute check
-            limit = float(reference) - delta
-            passed = value >= limit
-            checks.append({"metric": name, "kind": "regression", "value": value, "baseline": reference,
-                           "max_regression": delta, "threshold": limit, "passed": passed})
-            if not passed:
-                reasons.append(f"{name} {value:.4f} is worse than {which}'s {reference:.4f} by more than {delta:g}")
+        if comparison is not None and not comparison["sufficient"]:
+            insufficient = True
+            reasons.append(f"insufficient evidence to compare with {which}: {comparison['n']} images, fewer than "
+                           f"evaluation.min_paired_examples={comparison['min_examples']} (add images to the golden "
+                           "set or the test split; docs/operations.md gives the size a margin needs)")
+        elif comparison is not None:
+            non_inferiority_checks(comparison, evaluation, which, checks, reasons)
+        else:
+            point_regression_checks(metrics, baseline_metrics, evaluation, which, checks, reasons)
+    blessed = not insufficient and all(check["passed"] for check in checks)
     return {
-        "blessed": all(check["passed"] for check in checks),
+        "blessed": blessed,
+        "verdict": INSUFFICIENT if insufficient else BLESSED if blessed else NOT_BLESSED,
         "reasons": reasons,
         "checks": checks,
+        "comparison": comparison,
         "baseline": None if baseline_metrics is None else {"label": STABLE_LABEL, "version": baseline_version},
         # both sides of the comparison, on the same examples
         "metrics": {"candidate": {name: metrics.get(name) for name in GATED_METRICS},
                     STABLE_LABEL: None if baseline_metrics is None
                     else {name: baseline_metrics.get(name) for name in GATED_METRICS}},
     }
+
+
+def non_inferiority_checks(comparison: dict, evaluation: Any, which: str, checks: list, reasons: list) -> None:
+    n, p_value = comparison["n"], comparison["mcnemar"]["p_value"]
+    for name in GATED_METRICS:
+        row = comparison["metrics"].get(name) or {}
+        if row.get("difference") is None:
+            continue  # undefined for one of the two (a class without positives); the absolute check already said so
+        margin = margin_of(evaluation, name)
+        passed = row["non_inferior"] is True
+        checks.append({"metric": name, "kind": "non_inferiority", "difference": row["difference"],
+                       "lower": row["lower"], "upper": row["upper"], "margin": margin, "n": n, "passed": passed})
+        if not passed:
+            reasons.append(f"{name}: candidate - {which} = {row['difference']:+.4f}, one-sided 95% lower bound "
+                           f"{row['lower']:+.4f} on {n} paired images, does not rule out a regression larger than "
+                           f"the margin {margin:g} (McNemar p={p_value:.3g})")
+
+
+def point_regression_checks(metrics: dict, baseline_metrics: dict, evaluation: Any, which: str, checks: list,
+                            reasons: list) -> None:
+    for name in GATED_METRICS:
+        value, reference = metrics.get(name), baseline_metrics.get(name)
+        if value is None or reference is None:
+            continue  # nothing to compare; an undefined value already failed the absolute check
+        delta = margin_of(evaluation, name)
+        limit = float(reference) - delta
+        passed = value >= limit
+        checks.append({"metric": name, "kind": "regression", "value": value, "baseline": reference,
+                       "max_regression": delta, "threshold": limit, "passed": passed})
+        if not passed:
+            reasons.append(f"{name} {value:.4f} is worse than {which}'s {reference:.4f} by more than {delta:g}")
 
 
 def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons: list) -> None:
@@ -115,13 +162,28 @@ def study_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons
 
 def combine(blessings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One blessing from several evaluations (e.g. the new partition's test split and the golden set): blessed only
-    when every one is; reasons prefixed with the evaluation's name; each evaluation kept whole."""
+    when every one passes its checks and, with a `stable` model, at least one had enough images to compare the two;
+    an evaluation with too few images abstains from the comparison (its absolute checks still count). Reasons are
+    prefixed with the evaluation's name; each evaluation is kept whole."""
     if not blessings:
         raise ValueError("no evaluation to combine")
-    reasons = [f"{name}: {reason}" for name, blessing in blessings.items() for reason in blessing.get("reasons", [])]
+    compared = any(blessing.get("baseline") for blessing in blessings.values())
+    deciding = [blessing for blessing in blessings.values() if blessing.get("verdict") != INSUFFICIENT]
+    checks_pass = all(all(check.get("passed") for check in blessing.get("checks", [])) and
+                      blessing.get("verdict", BLESSED if blessing.get("blessed") else NOT_BLESSED) != NOT_BLESSED
+                      for blessing in blessings.values())
+    insufficient = compared and not deciding
+    blessed = checks_pass and not insufficient
+    reasons = [f"{name}: {reason}" for name, blessing in blessings.items() for reason in blessing.get("reasons", [])
+               if blessing.get("verdict") != INSUFFICIENT or insufficient or not reason.startswith("insufficient")]
+    abstained = [name for name, blessing in blessings.items() if blessing.get("verdict") == INSUFFICIENT]
+    if abstained and not insufficient:
+        reasons.append(f"not compared with {STABLE_LABEL} on {', '.join(abstained)} (too few images); decided on "
+                       f"{', '.join(name for name in blessings if name not in abstained)}")
     baselines = [blessing.get("baseline") for blessing in blessings.values() if blessing.get("baseline")]
     return {
-        "blessed": all(blessing.get("blessed") is True for blessing in blessings.values()),
+        "blessed": blessed,
+        "verdict": INSUFFICIENT if insufficient else BLESSED if blessed else NOT_BLESSED,
         "reasons": reasons,
         "baseline": baselines[0] if baselines else None,
         "evaluations": blessings,

@@ -161,6 +161,65 @@ def bootstrap_intervals(
             **{name: None if np.isnan(low[i]) else [float(low[i]), float(high[i])] for i, name in enumerate(names)}}
 
 
+# ------------------------------------------------------------------------------------------------ paired comparison
+GATED = ("accuracy", "macro_f1", "macro_auc")
+NON_INFERIORITY_LEVEL = 0.95  # one-sided: the gate blesses when the 5th percentile of the difference clears -margin
+
+
+def _gated_values(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> list[float]:
+    auc = _macro_auc(y_true, probs)[1]
+    return [float(np.mean(y_true == y_pred)), _macro_f1(y_true, y_pred, probs.shape[1]),
+            np.nan if auc is None else auc]
+
+
+def paired_comparison(y_true: Any, candidate: Any, baseline: Any, *, candidate_threshold: Optional[float] = None,
+                      baseline_threshold: Optional[float] = None, margins: dict[str, float], min_examples: int,
+                      samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Candidate against baseline on the SAME examples (probabilities [N, C] of each): per gated metric the
+    difference candidate - baseline with a paired bootstrap (both models resampled with the same indices) and its
+    one-sided 95% lower bound, judged for non-inferiority against its `margins[name]`; McNemar's exact test on the examples
+    exactly one of the two gets right. Fewer than `min_examples` examples: `sufficient` False and no judgement
+    (one flipped image on a small set must not decide a release either way)."""
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    num_classes = np.asarray(candidate).shape[-1] if np.asarray(candidate).ndim == 2 else 2
+    candidate, baseline = as_probability_matrix(candidate, num_classes), as_probability_matrix(baseline, num_classes)
+    if not (candidate.shape == baseline.shape and candidate.shape[0] == y_true.size):
+        raise ValueError(f"paired comparison needs both models on the same {y_true.size} examples, got "
+                         f"{candidate.shape} and {baseline.shape}")
+    binary = num_classes == 2
+    predicted_c = predict_classes(candidate, candidate_threshold if binary else None)
+    predicted_b = predict_classes(baseline, baseline_threshold if binary else None)
+    right_c, right_b = predicted_c == y_true, predicted_b == y_true
+    only_c, only_b = int(np.sum(right_c & ~right_b)), int(np.sum(right_b & ~right_c))
+    mcnemar = {"candidate_only_correct": only_c, "baseline_only_correct": only_b,
+               "p_value": float(stats.binomtest(only_c, only_c + only_b, 0.5).pvalue) if only_c + only_b else 1.0}
+    n = int(y_true.size)
+    result: dict[str, Any] = {"n": n, "min_examples": int(min_examples), "sufficient": n >= min_examples,
+                              "level": NON_INFERIORITY_LEVEL, "samples": int(samples),
+                              "mcnemar": mcnemar, "metrics": {}}
+    point = np.subtract(_gated_values(y_true, candidate, predicted_c), _gated_values(y_true, baseline, predicted_b))
+    rng = np.random.default_rng(seed)
+    differences = np.empty((max(samples, 0), len(GATED)))
+    for row in range(differences.shape[0]):
+        index = rng.integers(0, n, n)
+        truth = y_true[index]
+        differences[row] = np.subtract(_gated_values(truth, candidate[index], predicted_c[index]),
+                                       _gated_values(truth, baseline[index], predicted_b[index]))
+    tail = (1 - NON_INFERIORITY_LEVEL) * 100
+    for column, name in enumerate(GATED):
+        values = differences[:, column]
+        values = values[~np.isnan(values)]
+        defined = not np.isnan(point[column]) and values.size > 0
+        lower = float(np.percentile(values, tail)) if defined else None
+        upper = float(np.percentile(values, 100 - tail)) if defined else None
+        margin = float(margins[name])
+        result["metrics"][name] = {
+            "difference": _none_if_nan(point[column]), "lower": lower, "upper": upper, "margin": margin,
+            # None: undefined (a class without positives), or not judged (too few examples)
+            "non_inferior": (lower >= -margin) if defined and result["sufficient"] else None}
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ the whole set
 def classification_metrics(
     y_true: Any,

@@ -66,24 +66,33 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _check_row(c: Mapping[str, Any]) -> list[str]:
+    result = "pass" if c["passed"] else "<b>fail</b>"
+    if c["kind"] == "non_inferiority":  # the paired difference: its bound must clear minus the margin
+        return [html.escape(f"{c['metric']} (vs stable model, n={c['n']})"),
+                f"{c['difference']:+.4f} (95% lower bound {c['lower']:+.4f})", f"lower bound &ge; {-c['margin']:+.4f}",
+                result]
+    kind = "vs stable model" if c["kind"] == "regression" else "absolute"
+    return [html.escape(f"{c['metric']} ({kind})"), _number(c["value"]),
+            f"{'&le;' if c.get('direction') == 'max' else '&ge;'} {_number(c['threshold'])}", result]
+
+
 def _verdict(blessing: Mapping[str, Any]) -> str:
     if blessing["blessed"]:
         text = "Passed the quality gate: this model may be published."
         reasons = ""
     else:
-        text = "Did not pass the quality gate: this model must not be published without a documented override."
+        text = ("Insufficient evidence to compare with the stable model: not published."
+                if blessing.get("verdict") == "insufficient_evidence" else
+                "Did not pass the quality gate: this model must not be published without a documented override.")
         reasons = "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in blessing["reasons"]) + "</ul>"
-    checks = _table(
-        ["check", "value", "required", "result"],
-        [
-            [
-                html.escape(f"{c['metric']} ({'vs stable model' if c['kind'] == 'regression' else 'absolute'})"),
-                _number(c["value"]), f"{'&le;' if c.get('direction') == 'max' else '&ge;'} {_number(c['threshold'])}",
-                "pass" if c["passed"] else "<b>fail</b>",
-            ]
-            for c in blessing["checks"]
-        ],
-    )
+    checks = _table(["check", "value", "required", "result"], [_check_row(c) for c in blessing["checks"]])
+    comparison = blessing.get("comparison")
+    if comparison:
+        mcnemar = comparison["mcnemar"]
+        checks += (f"<p>Paired with the stable model on {comparison['n']} images: the candidate alone right on "
+                   f"{mcnemar['candidate_only_correct']}, the stable model alone right on "
+                   f"{mcnemar['baseline_only_correct']} (McNemar exact p = {mcnemar['p_value']:.3g}).</p>")
     css = "blessed" if blessing["blessed"] else "rejected"
     return f'<div class="verdict {css}">{html.escape(text)}{reasons}</div>{checks}'
 

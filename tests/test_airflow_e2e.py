@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,11 @@ def alertmanager(tmp_path_factory):
         yield url
 
 
+def firing_for(alert: dict) -> timedelta:
+    """How long Alertmanager will keep the alert active unless it is resolved (its endsAt from now)."""
+    return datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")) - datetime.now(timezone.utc)
+
+
 def _get(url: str):
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -356,10 +362,11 @@ def airflow(tmp_path_factory, postgres, alertmanager):
     instance = Airflow(f"http://127.0.0.1:{port}", "", env, data, log)
     instance.cli("db", "migrate", timeout=300)
     instance.cli("pools", "import", str(ROOT / "config" / "airflow" / "pools.json"))
-    # the golden set: a fixed folder of label folders (here 3 sample images per class)
+    # the golden set: a fixed folder of label folders (here 15 sample images per class: 60, enough for the gate's
+    # paired comparison, evaluation.min_paired_examples = 50)
     for label in LABELS:
         (data / "golden" / "brain_mri" / label).mkdir(parents=True)
-        for source in sorted((SAMPLE / label).iterdir())[-3:]:
+        for source in sorted((SAMPLE / label).iterdir())[-15:]:
             shutil.copy(source, data / "golden" / "brain_mri" / label / source.name)
     instance.config = str(tiny_config(base / "brain_tiny.yaml"))
     with started([AIRFLOW, "standalone"], log, env=env, cwd=str(home)) as process:
@@ -375,18 +382,22 @@ def airflow(tmp_path_factory, postgres, alertmanager):
             "DAGs parsed", 120, 2, log)
         for dag_id in ("medpipe_ingest", "medpipe_batch_inference"):
             instance.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        # unpausing @daily medpipe_ingest starts today's scheduled run on the default source: stop it, as an
-        # operator would (mark the run failed), so that only the test's partitions exist
+        # unpausing @daily medpipe_ingest starts today's scheduled run; with no source configured it skips and
+        # writes nothing (issue 32: it used to ingest the sample at the default size)
         today = wait_until(lambda: next((run for run in instance.runs("medpipe_ingest")
                                          if run["run_type"] == "scheduled"), None), "today's scheduled ingest", 90, 1,
                            log)
-        instance.call("PATCH", f"/api/v2/dags/medpipe_ingest/dagRuns/{urllib.request.quote(today['dag_run_id'])}",
-                      {"state": "failed"})
+        scheduled = instance.wait_run("medpipe_ingest", today["dag_run_id"], timeout=180)
+        plan = instance.task("medpipe_ingest", today["dag_run_id"], "plan")
+        assert plan["state"] == "skipped", (scheduled, plan)
+        assert "no source configured" in instance.task_log("medpipe_ingest", today["dag_run_id"], "plan", 1)
+        assert not (data / "ingested").exists() or not any((data / "ingested").rglob("schema.json"))
         yield instance
 
 
 def ingest_conf(airflow: Airflow, **extra) -> dict:
-    return {"config": airflow.config, "overrides": ["image.size=64"], **extra}
+    return {"config": airflow.config, "source_uri": str(SAMPLE), "overrides": ["image.size=64"],
+            **extra}
 
 
 def versions(airflow: Airflow) -> list[int]:
@@ -428,49 +439,76 @@ def test_unknown_conf_key_is_refused_with_the_known_keys(airflow):
     assert not (airflow.data / "ingested" / "brain_mri" / "typo").exists()
 
 
-def test_backfill_trains_on_the_window_from_the_data_and_does_not_publish(airflow):
-    """Items 2 and 8: a 2-day ingest backfill triggers medpipe_train (asset events); the run that sees both days
-    trains on both partitions, at the image size the data was ingested with (64, not the config's 48), is
-    evaluated and blessed, and is not published because it comes from a backfill."""
-    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
-    airflow.cli("backfill", "create", "--dag-id", "medpipe_ingest", "--from-date", "2026-11-01",
-                "--to-date", "2026-11-02", "--dag-run-conf", json.dumps(ingest_conf(airflow)),
-                "--max-active-runs", "2")
-    def backfill_done():
+def backfill(airflow: Airflow, first: str, last: str) -> None:
+    """`airflow backfill create` over first..last (YYYY-MM-DD), waited for: every day ingested."""
+    days = {f"2026-11-{day:02d}" for day in range(int(first[-2:]), int(last[-2:]) + 1)}
+    airflow.cli("backfill", "create", "--dag-id", "medpipe_ingest", "--from-date", first, "--to-date", last,
+                "--dag-run-conf", json.dumps(ingest_conf(airflow)), "--max-active-runs", "2")
+
+    def done():
         runs = [run for run in airflow.runs("medpipe_ingest") if run["logical_date"] and
-                run["logical_date"][:10] in ("2026-11-01", "2026-11-02")]
+                run["logical_date"][:10] in days]
         assert not [run for run in runs if run["state"] == "failed"], runs
-        return len([run for run in runs if run["state"] == "success"]) == 2
+        return len([run for run in runs if run["state"] == "success"]) == len(days)
 
-    wait_until(backfill_done, "both backfill days ingested", 300, 5, airflow.log)
-    assert not [run for run in airflow.runs("medpipe_ingest") if run["run_type"] == "backfill"
-                and run["state"] == "failed"]
+    wait_until(done, f"backfill {first}..{last} ingested", 420, 5, airflow.log)
 
-    def all_train_runs_done():
+
+def train_runs_done(airflow: Airflow, count: int, timeout: float = 900) -> list[dict]:
+    def done():
         runs = airflow.runs("medpipe_train")
-        return runs if runs and all(run["state"] in ("success", "failed") for run in runs) else None
+        return runs if len(runs) >= count and all(run["state"] in ("success", "failed") for run in runs) else None
 
-    train_runs = wait_until(all_train_runs_done, "asset-triggered train runs done", 900, 3, airflow.log)
-    assert {run["run_type"] for run in train_runs} == {"asset_triggered"} and len(train_runs) <= 2
-    for run in train_runs:
-        assert run["state"] == "success", airflow.task_log("medpipe_train", run["dag_run_id"], "train", 1)[-3000:]
-        assert airflow.task("medpipe_train", run["dag_run_id"], "publish")["state"] == "skipped"
+    return wait_until(done, f"{count} medpipe_train run(s) done", timeout, 3, airflow.log)
+
+
+def test_backfill_trains_once_on_the_window_from_the_data_and_does_not_publish(airflow):
+    """Items 2 and 8, issue 32: a 3-day ingest backfill with medpipe_train unpaused gives exactly ONE training run
+    (triggered by the backfill's last run, not one per asset event), over the window (all three days), at the image
+    size the data was ingested with (64, not the config's 48); evaluated and blessed; not published (a backfill)."""
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
+    backfill(airflow, "2026-11-01", "2026-11-03")
+    train_runs = train_runs_done(airflow, 1)
+    time.sleep(20)  # a second run, if the backfill made one, would be queued by now
+    train_runs = airflow.runs("medpipe_train")
+    assert len(train_runs) == 1, train_runs
+    run = train_runs[0]
+    assert run["conf"].get("from_backfill") is True
+    assert run["state"] == "success", airflow.task_log("medpipe_train", run["dag_run_id"], "train", 1)[-3000:]
+    assert airflow.task("medpipe_train", run["dag_run_id"], "publish")["state"] == "skipped"
     assert versions(airflow) == []  # a backfill does not publish
-
-    # the newest run saw both days
-    newest = max(train_runs, key=lambda run: run["run_after"])["dag_run_id"]
-    runs = [run_folder(airflow, newest)]
-    window = json.loads((runs[0] / "window" / "window.json").read_text())
-    assert [part["name"] for part in window["partitions"]] == ["2026-11-01", "2026-11-02"]
+    folder = run_folder(airflow, run["dag_run_id"])
+    window = json.loads((folder / "window" / "window.json").read_text())
+    assert [part["name"] for part in window["partitions"]] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert all(len(part["sha256"]) == 64 and part["written"] == 100 for part in window["partitions"])
-    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["image"]["size"] == 64
-    blessing = json.loads((runs[0] / "blessing.json").read_text())
+    assert yaml.safe_load((folder / "config.yaml").read_text())["image"]["size"] == 64
+    blessing = json.loads((folder / "blessing.json").read_text())
     assert blessing["blessed"] is True and set(blessing["evaluations"]) == {"partition_test", "golden"}
     # publishing a backfill's model is a deliberate act: by hand, from the run directory
-    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(runs[0]), "--repository",
+    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(folder), "--repository",
                     str(airflow.data / "models"), "--model-name", "brain_mri", "--label", "stable"],
                    check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
     assert len(versions(airflow)) == 1 and stable_version(airflow) == versions(airflow)[0]
+
+
+def test_a_backfill_with_training_paused_trains_once_when_unpaused(airflow):
+    """Issue 32: the documented advice (pause medpipe_train during a backfill) used to lose the training: Airflow
+    queues asset events only for unpaused DAGs. The backfill's one run is a triggered run: queued while paused,
+    started on unpause; exactly one."""
+    before = {run["dag_run_id"] for run in airflow.runs("medpipe_train")}
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": True})
+    backfill(airflow, "2026-11-04", "2026-11-06")
+    time.sleep(10)
+    waiting = [run for run in airflow.runs("medpipe_train") if run["dag_run_id"] not in before]
+    assert len(waiting) == 1 and waiting[0]["state"] == "queued", waiting
+    airflow.call("PATCH", "/api/v2/dags/medpipe_train", {"is_paused": False})
+    run = airflow.wait_run("medpipe_train", waiting[0]["dag_run_id"], timeout=900)
+    assert run["state"] == "success"
+    time.sleep(15)
+    assert [run["dag_run_id"] for run in airflow.runs("medpipe_train") if run["dag_run_id"] not in before] == \
+        [waiting[0]["dag_run_id"]]
+    window = json.loads((run_folder(airflow, run["dag_run_id"]) / "window" / "window.json").read_text())
+    assert {"2026-11-04", "2026-11-05", "2026-11-06"} <= {part["name"] for part in window["partitions"]}
 
 
 def test_triggering_an_existing_logical_date_says_what_to_do(airflow):
@@ -501,9 +539,55 @@ def test_a_worse_candidate_is_not_published_stable_stays_and_an_alert_fires(airf
     for name in ("partition_test", "golden"):
         figures = blessing["evaluations"][name]["metrics"]
         assert set(figures) == {"candidate", "stable"} and figures["stable"]["macro_auc"] is not None
-    assert any("worse than the stable model" in reason for reason in blessing["reasons"]), blessing["reasons"]
+    golden = blessing["evaluations"]["golden"]
+    assert golden["verdict"] == "not_blessed" and golden["comparison"]["n"] == 60, golden.get("comparison")
+    assert any("does not rule out a regression" in reason for reason in blessing["reasons"]), blessing["reasons"]
     fired = wait_until(lambda: alerts(alertmanager, "MedpipeModelNotBlessed"), "not-blessed alert", 30, 1)
     assert fired[0]["labels"]["model"] == "brain_mri" and fired[0]["labels"]["severity"] == "warning"
+
+
+def test_a_better_candidate_is_published_and_twenty_images_are_insufficient_evidence(airflow, alertmanager,
+                                                                                      tmp_path):
+    """Issue 32: the gate decides with paired statistics. With an untrained model forced into production (an
+    operator's mistake), a trained candidate is clearly better on the 60-image golden set: blessed and published
+    although the 9-image test split cannot tell (it abstains). On a 20-image golden set nothing can be told:
+    "insufficient evidence", nothing published."""
+    worse_runs = [run for run in airflow.runs("medpipe_train") if run["run_type"] == "manual"
+                  and (run_folder(airflow, run["dag_run_id"]) / "blessing.json").is_file()
+                  and not json.loads((run_folder(airflow, run["dag_run_id"]) / "blessing.json").read_text())["blessed"]]
+    assert worse_runs
+    untrained = run_folder(airflow, worse_runs[0]["dag_run_id"])
+    subprocess.run([sys.executable, "-m", "serving.publish", "--run", str(untrained), "--repository",
+                    str(airflow.data / "models"), "--model-name", "brain_mri", "--label", "stable", "--force"],
+                   check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
+    bad_stable = stable_version(airflow)
+
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config})
+    assert airflow.wait_run("medpipe_train", run_id, timeout=600)["state"] == "success"
+    blessing = json.loads((run_folder(airflow, run_id) / "blessing.json").read_text())
+    assert blessing["blessed"] is True, blessing["reasons"]
+    assert blessing["evaluations"]["golden"]["verdict"] == "blessed"
+    assert blessing["evaluations"]["partition_test"]["verdict"] == "insufficient_evidence"
+    assert airflow.task("medpipe_train", run_id, "publish")["state"] == "success"
+    assert stable_version(airflow) != bad_stable
+
+    small = tmp_path / "golden20"
+    for label in LABELS:
+        (small / label).mkdir(parents=True)
+        for source in sorted((SAMPLE / label).iterdir())[:5]:
+            shutil.copy(source, small / label / source.name)
+    published = stable_version(airflow)
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "golden_uri": str(small)})
+    assert airflow.wait_run("medpipe_train", run_id, timeout=600)["state"] == "success"
+    blessing = json.loads((run_folder(airflow, run_id) / "blessing.json").read_text())
+    assert blessing["blessed"] is False and blessing["verdict"] == "insufficient_evidence", blessing["reasons"]
+    assert blessing["evaluations"]["golden"]["comparison"]["n"] == 20
+    assert airflow.task("medpipe_train", run_id, "publish")["state"] == "skipped"
+    assert stable_version(airflow) == published
+    fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeModelNotBlessed")
+                                if "insufficient evidence" in alert["annotations"]["description"]],
+                       "insufficient-evidence alert", 30, 1)
+    assert fired
 
 
 def test_an_exit_2_failure_is_not_retried_and_alerts_once(airflow, alertmanager):
@@ -516,12 +600,37 @@ def test_an_exit_2_failure_is_not_retried_and_alerts_once(airflow, alertmanager)
     assert train["state"] == "failed" and train["try_number"] == 1 and train["max_tries"] >= 2
     assert "exited with status 2" in airflow.task_log("medpipe_train", run_id, "train", 1)
     fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")
-                                if alert["labels"].get("run_id") == run_id], "task-failed alert", 30, 1)
+                                if alert["annotations"].get("run_id") == run_id], "task-failed alert", 30, 1)
     assert len(fired) == 1 and fired[0]["labels"]["task_id"] == "train"
+    # a state, not an event: firing until train next succeeds, not until Alertmanager's 5-minute resolve_timeout
+    assert firing_for(fired[0]) > timedelta(days=7)
 
 
-def test_a_task_marked_failed_leaves_no_stage_process(airflow):
-    """Item 3: marking a running `train` task failed kills models.train and everything it started."""
+def test_a_failed_tasks_alert_fires_until_the_task_succeeds_again(alertmanager, monkeypatch):
+    """Issue 32: the failure callback's alert stays active in a real Alertmanager (it used to show [RESOLVED] after
+    5 minutes though nothing was fixed); the task's next success (on_success_callback) resolves it."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "dags"))
+    import medpipe_dag_common as common
+
+    monkeypatch.setenv("MEDPIPE_ALERTMANAGER_URL", alertmanager)
+    ti = SimpleNamespace(dag_id="medpipe_e2e_alerts", task_id="score", run_id="manual__1", try_number=1)
+    common.notify_failure({"ti": ti, "exception": RuntimeError("boom")})
+    ours = lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")  # noqa: E731
+                    if alert["labels"].get("dag_id") == "medpipe_e2e_alerts" and alert["status"]["state"] == "active"]
+    firing = wait_until(ours, "the failure alert", 30, 0.5)
+    assert len(firing) == 1 and firing[0]["annotations"]["run_id"] == "manual__1"
+    assert firing_for(firing[0]) > timedelta(days=7)  # common.FIRING_FOR ahead
+    assert "task_id" in firing[0]["labels"] and "run_id" not in firing[0]["labels"]
+    assert common.default_task_args()["on_success_callback"] is common.notify_success
+    common.notify_success({"ti": SimpleNamespace(dag_id="medpipe_e2e_alerts", task_id="score", run_id="manual__2")})
+    wait_until(lambda: not ours(), "the failure alert resolved by the next success", 30, 0.5)
+
+
+def test_a_task_marked_failed_leaves_no_stage_process(airflow, alertmanager):
+    """Item 3: marking a running `train` task failed kills models.train and everything it started, and (issue 32)
+    alerts like any failure although Airflow runs no failure callback for it."""
     run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "overrides": ["training.epochs=500"]})
 
     def training_processes() -> set[int]:
@@ -538,6 +647,9 @@ def test_a_task_marked_failed_leaves_no_stage_process(airflow):
     time.sleep(5)
     assert training_processes() == set()
     airflow.wait_run("medpipe_train", run_id, timeout=120)
+    fired = wait_until(lambda: [alert for alert in alerts(alertmanager, "MedpipeTaskFailed")
+                                if alert["annotations"].get("run_id") == run_id], "marked-failed alert", 60, 1)
+    assert "marked failed by hand" in fired[0]["annotations"]["description"]
 
 
 def test_batch_inference_scores_the_images_and_rejects_the_text_file(airflow, tmp_path):
@@ -608,3 +720,29 @@ def test_the_deid_key_variable_is_masked(airflow):
     airflow.cli("variables", "set", "medpipe_deid_secret", "not-the-real-key-but-secret")
     answer = airflow.call("GET", "/api/v2/variables/medpipe_deid_secret")
     assert answer["value"] != "not-the-real-key-but-secret" and "***" in answer["value"]
+
+
+def test_a_killed_scheduler_leaves_no_training_running(airflow):
+    """Issue 32: SIGKILL of the scheduler during a training. Its LocalExecutor workers live on, re-parented; the
+    task notices that a process above it died and stops its stage: no medpipe stage process after 30 s. (Last in
+    this module: the instance has no scheduler afterwards.)"""
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "overrides": ["training.epochs=500"]})
+
+    def stage_processes() -> set[int]:
+        return {pid for pid, (_, cmdline) in process_table().items()
+                if " -m models." in cmdline and str(airflow.data) in cmdline}
+
+    pids = wait_until(stage_processes, "models.train started", 300, 1, airflow.log)
+    table = process_table()
+    ancestors, pid = [], next(iter(pids))
+    while pid in table and pid > 1:
+        pid = table[pid][0]
+        ancestors.append(pid)
+    scheduler = next(pid for pid in ancestors if "scheduler" in table.get(pid, (0, ""))[1])
+    pids |= {child for pid in pids for child in descendants(pid)}
+    os.kill(scheduler, signal.SIGKILL)
+    assert wait_gone(pids | stage_processes(), timeout=30) == set(), "a stage outlived the killed scheduler"
+    time.sleep(5)
+    assert stage_processes() == set()
+    log_text = airflow.task_log("medpipe_train", run_id, "train", 1)
+    assert "above this task died" in log_text, log_text[-3000:]

@@ -191,6 +191,11 @@ def test_flink_profile(flink_model):
     assert published(services["beam-job-server"]) == {8097, 8098, 8099}
     worker = services["beam-worker-pool"]
     assert worker["image"] == "medpipe:latest" and worker["entrypoint"] == ["/opt/apache/beam/boot"]
+    # EXTERNAL workers are handed the task manager's endpoints as localhost:PORT (apache/beam#35943): the pool must
+    # share its network namespace, and the documented environment_config names it as localhost
+    assert worker["network_mode"] == "service:flink-taskmanager" and not worker.get("expose")
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert '"--environment_config=localhost:50000"' in operations and "beam-worker-pool:50000" not in operations
 
 
 def test_no_secret_has_a_default():
@@ -255,15 +260,30 @@ def test_alertmanager_receives_from_prometheus(model):
 
 
 def test_celery_profile(tmp_path):
-    celery = json.loads(compose("--profile", "celery", "config", "--format", "json").stdout)["services"]
+    """docker-compose.celery.yml sets the CeleryExecutor on every Airflow service and starts Redis and the workers;
+    the provider is in the lock the image installs. The older profile still parses; its worker refuses to idle."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("COMPOSE_", "DOCKER_")) and key not in SECRETS}
+    result = subprocess.run([compose_binary(), "-f", str(COMPOSE_FILE), "-f", str(ROOT / "docker-compose.celery.yml"),
+                             "--project-directory", str(ROOT), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, env={**env, **SECRETS})
+    assert result.returncode == 0, result.stderr
+    celery = json.loads(result.stdout)["services"]
     assert {"redis", "airflow-worker"} <= set(celery)
-    assert celery["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
+    airflow = {name: service for name, service in celery.items() if name.startswith("airflow")}
+    assert {name: service["environment"]["AIRFLOW__CORE__EXECUTOR"] for name, service in airflow.items()} == \
+        dict.fromkeys(airflow, "CeleryExecutor")
+    assert celery["airflow-worker"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+    assert "exec airflow celery worker" in celery["airflow-worker"]["command"][-1]
     assert not celery["redis"].get("ports"), "Redis must not be published on the host"
-    env = {**SECRETS, "AIRFLOW_EXECUTOR": "CeleryExecutor"}
-    switched = json.loads(compose("--profile", "celery", "config", "--format", "json", secrets=env).stdout)
-    assert switched["services"]["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-    assert switched["services"]["airflow-worker"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] == \
-        "redis://redis:6379/0"
+    assert re.search(r"^apache-airflow-providers-celery==", (ROOT / "requirements.lock").read_text(), re.M)
+    # the old way still parses; without the override its worker would get no task, so it refuses to start
+    profile = json.loads(compose("--profile", "celery", "config", "--format", "json").stdout)["services"]
+    assert profile["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    worker = subprocess.run(["bash", "-c", profile["airflow-worker"]["command"][-1].replace("$$", "$")],
+                            env={"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "PATH": os.environ["PATH"]},
+                            capture_output=True, text=True, timeout=30)
+    assert worker.returncode == 2 and "docker-compose.celery.yml" in worker.stderr
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ for dag_id, dag in bag.dags.items():
         "tags": sorted(dag.tags), "doc_md": bool(dag.doc_md and dag.doc_md.strip()),
         "max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
         "params": sorted(dag.params.keys()),
+        "param_defaults": {key: dag.params[key] for key in dag.params.keys()},
         "deadline": bool(getattr(dag, "deadline", None)),
         "fileloc": dag.fileloc,
         "tasks": {task.task_id: {
@@ -136,6 +137,8 @@ def test_ingest_params_and_no_accidental_catchup(parsed):
     ingest = parsed["dags"]["medpipe_ingest"]
     assert {"config", "source_uri", "output_uri", "runner", "pipeline_options", "partition"} <= set(ingest["params"])
     assert ingest["catchup"] is False
+    # unpausing must not ingest a source nobody named (issue 32): scheduled runs skip without one
+    assert ingest["param_defaults"]["source_uri"] is None
 
 
 def test_pool_file_declares_training_pool():
@@ -324,6 +327,66 @@ def test_on_kill_kills_the_whole_stage_process_group(common, tmp_path):
         time.sleep(0.05)
     for pid in pids:
         assert state(pid) in ("", "Z"), f"process {pid} survived on_kill"
+
+
+def _process_state(pid: int) -> str:
+    """The /proc state letter, "" once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_a_killed_scheduler_takes_the_stage_with_it(tmp_path):
+    """Issue 32: a SIGKILLed scheduler leaves its LocalExecutor worker (the task process) alive, re-parented to PID 1,
+    so the parent-death signal never reaches the stage. Here a real process stands for the scheduler, its child runs
+    run_stage as a task does; after the SIGKILL (the scheduler left a zombie, as under `airflow standalone`) the
+    stage and its grandchild are gone within 30 s and the task says why."""
+    import signal
+    import textwrap
+    import time
+
+    pid_file, outcome = tmp_path / "pids", tmp_path / "outcome"
+    task = textwrap.dedent(f"""
+        import medpipe_dag_common as common
+        try:
+            common.run_stage("medpipe_exit_stub", ["sleep", {str(pid_file)!r}], env={{"PYTHONPATH": {str(STUBS)!r}}})
+        except common.SupervisorDied as exc:
+            open({str(outcome)!r}, "w").write(str(exc))
+    """)
+    scheduler = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+         "time.sleep(300)", task], env={**os.environ, "PYTHONPATH": str(DAGS)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and len(pid_file.read_text().split()) == 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stage_pids = [int(pid) for pid in pid_file.read_text().split()]
+        scheduler.send_signal(signal.SIGKILL)  # not reaped yet: a zombie, like the scheduler under standalone
+        deadline = time.monotonic() + 30
+        while any(_process_state(pid) not in ("", "Z") for pid in stage_pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_process_state(pid) in ("", "Z") for pid in stage_pids), "the stage outlived its scheduler"
+        deadline = time.monotonic() + 30
+        while not outcome.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "scheduler or worker crash" in outcome.read_text()
+    finally:
+        scheduler.kill()
+        scheduler.wait()
+
+
+def test_pending_backfill_runs_counts_only_unfinished_backfill_runs(common):
+    """The backfill's last run is the one that sees no other backfill run with the task still ahead of it."""
+    states = {"backfill__2026-11-01T00:00:00+00:00": {"backfill_complete": "success"},
+              "backfill__2026-11-02T00:00:00+00:00": {"backfill_complete": None},  # created, not yet scheduled
+              "backfill__2026-11-03T00:00:00+00:00": {"backfill_complete": "running"},  # ourselves
+              "backfill__2026-11-04T00:00:00+00:00": {"backfill_complete": "upstream_failed"},
+              "scheduled__2026-11-05T00:00:00+00:00": {"backfill_complete": "queued"}}  # not a backfill
+    assert common.pending_backfill_runs(states, "backfill_complete", "backfill__2026-11-03T00:00:00+00:00") == \
+        ["backfill__2026-11-02T00:00:00+00:00"]
+    states["backfill__2026-11-02T00:00:00+00:00"]["backfill_complete"] = "skipped"
+    assert common.pending_backfill_runs(states, "backfill_complete", "backfill__2026-11-03T00:00:00+00:00") == []
 
 
 def test_alerts_use_alertmanagers_format_and_reach_it(common, monkeypatch):

@@ -182,16 +182,29 @@ def test_outputs_and_blessing(evaluated):
 
 
 def test_gate_compares_with_the_stable_version(evaluated, tmp_path):
+    """The stable SavedModel predicts the same records; the paired comparison of a model with itself has a
+    difference of exactly 0. With fewer records than evaluation.min_paired_examples: insufficient evidence."""
     from models.evaluate import main
 
     assert main(["--model", str(evaluated["run"]), "--data", str(evaluated["data"]),
                  "--output", str(tmp_path / "again"), "--baseline-repository", str(evaluated["repository"]),
-                 "--model-name", "brain_mri", "--no-gradcam", *FAST]) == 3  # below the absolute thresholds
+                 "--model-name", "brain_mri", "--no-gradcam", *FAST, "--set", "evaluation.min_paired_examples=5"]) == 3
     blessing = json.loads((tmp_path / "again" / "blessing.json").read_text())
-    regression = [c for c in blessing["checks"] if c["kind"] == "regression"]
-    assert {c["metric"] for c in regression} == {"accuracy", "macro_f1", "macro_auc"}
-    assert all(c["passed"] and c["value"] == pytest.approx(c["baseline"]) for c in regression)  # same model
+    paired = [c for c in blessing["checks"] if c["kind"] == "non_inferiority"]
+    assert {c["metric"] for c in paired} == {"accuracy", "macro_f1", "macro_auc"}
+    assert all(c["passed"] and c["difference"] == c["lower"] == 0 for c in paired)  # the same model
+    assert blessing["comparison"]["mcnemar"] == {"candidate_only_correct": 0, "baseline_only_correct": 0,
+                                                 "p_value": 1.0}
+    assert blessing["metrics"]["stable"] == blessing["metrics"]["candidate"]
     assert blessing["baseline"]["version"] == int(evaluated["version_dir"].name)
+    assert "Paired with the stable model on" in (tmp_path / "again" / "report.html").read_text()
+
+    assert main(["--model", str(evaluated["run"]), "--data", str(evaluated["data"]),
+                 "--output", str(tmp_path / "few"), "--baseline-repository", str(evaluated["repository"]),
+                 "--model-name", "brain_mri", "--no-gradcam", *FAST]) == 3
+    few = json.loads((tmp_path / "few" / "blessing.json").read_text())
+    assert few["verdict"] == "insufficient_evidence" and few["comparison"]["n"] < 50
+    assert not [c for c in few["checks"] if c["kind"] != "absolute"]
 
 
 def test_gate_evaluates_the_stable_savedmodel_when_it_has_no_stored_metrics(evaluated, tmp_path):
@@ -204,10 +217,10 @@ def test_gate_evaluates_the_stable_savedmodel_when_it_has_no_stored_metrics(eval
     assert main(["--model", str(evaluated["run"]), "--data", str(evaluated["data"]), "--output", str(tmp_path / "out"),
                  "--baseline-repository", str(repository), "--no-gradcam", *FAST]) == 3  # name from serving.model_name
     blessing = json.loads((tmp_path / "out" / "blessing.json").read_text())
-    regression = {c["metric"]: c for c in blessing["checks"] if c["kind"] == "regression"}
     # the stable SavedModel, evaluated here on the same records, scores what the run scores
-    assert regression["accuracy"]["baseline"] == pytest.approx(regression["accuracy"]["value"])
-    assert regression["macro_auc"]["baseline"] == pytest.approx(regression["macro_auc"]["value"], abs=1e-6)
+    assert blessing["metrics"]["stable"]["accuracy"] == pytest.approx(blessing["metrics"]["candidate"]["accuracy"])
+    assert blessing["metrics"]["stable"]["macro_auc"] == pytest.approx(blessing["metrics"]["candidate"]["macro_auc"],
+                                                                       abs=1e-6)
 
 
 def test_binary_threshold_is_chosen_on_val_and_stored_with_the_run(tmp_path):

@@ -376,22 +376,51 @@ def test_brain_mri_training_set_acceptance(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_dask_runner_on_a_local_two_worker_cluster(tmp_path, ingested_sample, monkeypatch):
-    """A real distributed run: Beam's DaskRunner on dask.distributed with two worker processes; same bytes."""
+def test_dask_runner_on_a_dask_scheduler_and_two_workers(tmp_path, ingested_sample):
+    """A real distributed run as an operator starts one: `dask scheduler` and two `dask worker` processes on
+    loopback (medpipe on their path, the key in their environment), Beam's DaskRunner; the DirectRunner's bytes."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
     distributed = pytest.importorskip("distributed")
-    monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_DEID_KEY)  # the workers read the key from their environment
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
+    dask = str(Path(sys.executable).parent / "dask")
+    env = {**os.environ, "MEDPIPE_DEID_KEY": TEST_DEID_KEY, "PYTHONPATH": str(ROOT)}
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("scheduler", "worker1", "worker2")}
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
+                                  stdout=logs["scheduler"], stderr=subprocess.STDOUT, env=env, cwd=ROOT)]
     try:
-        out = tmp_path / "dask"
-        run_module("beam_pipelines.ingest", "--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI),
-                   "--output", str(out), *overrides("image.size=64", "ingest.shards={train: 2, val: 1, test: 1}"),
-                   "--runner", "DaskRunner", "--dask_client_address", cluster.scheduler_address,
-                   env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
-        assert len(client.scheduler_info()["workers"]) == 2
+        address, deadline = None, time.monotonic() + 60
+        while address is None and time.monotonic() < deadline:
+            found = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)", (tmp_path / "scheduler.log").read_text())
+            address = found.group(1) if found else time.sleep(0.2)
+        assert address, (tmp_path / "scheduler.log").read_text()
+        for name in ("worker1", "worker2"):
+            processes.append(subprocess.Popen(
+                [dask, "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
+                 "--no-dashboard"], stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            out = tmp_path / "dask"
+            run_module("beam_pipelines.ingest", "--config", CONFIG_FILE, "--input", str(fa.SAMPLE_MRI),
+                       "--output", str(out), *overrides("image.size=64", "ingest.shards={train: 2, val: 1, test: 1}"),
+                       "--runner", "DaskRunner", "--dask_client_address", address,
+                       env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+            # both worker processes ran tasks of the pipeline (task state transitions counted by each worker)
+            transitions = client.run(lambda dask_worker: dask_worker.state.transition_counter)
+            assert len(transitions) == 2 and all(count > 0 for count in transitions.values()), transitions
     finally:
-        client.close()
-        cluster.close()
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for handle in logs.values():
+            handle.close()
     stats = check_bookkeeping(out)
     assert stats["written"] == 100
     ours, reference = read_records(out), read_records(ingested_sample)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from medpipe.config import EvaluationConfig, GateThresholds
+from medpipe.config import EvaluationConfig, GateThresholds, RegressionMargins
 from models import gate
 from models.metrics import choose_threshold, classification_metrics, roc_auc
 
@@ -168,6 +168,78 @@ def test_gate_regression_against_stable():
     assert worse["blessed"] is False
     assert [c["metric"] for c in worse["checks"] if not c["passed"]] == ["accuracy"]
     assert "stable" in worse["reasons"][0]
+
+
+def _two_models(n: int, candidate_right: float, stable_right: float, seed: int = 1):
+    """Labels of 4 classes and two models' probabilities: each model puts 0.7 on the true class for the given share
+    of the images (drawn independently), else on the next class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+
+    def model(share):
+        right = rng.random(n) < share
+        chosen = np.where(right, labels, (labels + 1) % 4)
+        probs = np.full((n, 4), 0.1)
+        probs[np.arange(n), chosen] = 0.7
+        return probs
+
+    return labels, model(candidate_right), model(stable_right)
+
+
+def test_paired_comparison_bootstrap_and_mcnemar_against_their_definitions():
+    from math import comb
+
+    from models.metrics import paired_comparison
+
+    labels, candidate, stable = _two_models(80, 0.7, 0.35)
+    margins = dict.fromkeys(gate.GATED_METRICS, 0.02)
+    result = paired_comparison(labels, candidate, stable, margins=margins, min_examples=50, samples=400)
+    right_c, right_s = candidate.argmax(1) == labels, stable.argmax(1) == labels
+    assert result["metrics"]["accuracy"]["difference"] == pytest.approx(right_c.mean() - right_s.mean())
+    only_c, only_s = int(np.sum(right_c & ~right_s)), int(np.sum(right_s & ~right_c))
+    assert (result["mcnemar"]["candidate_only_correct"], result["mcnemar"]["baseline_only_correct"]) == (only_c, only_s)
+    total, low = only_c + only_s, min(only_c, only_s)
+    exact = min(1.0, 2 * sum(comb(total, k) for k in range(low + 1)) / 2 ** total)  # two-sided exact binomial
+    assert result["mcnemar"]["p_value"] == pytest.approx(exact)
+    row = result["metrics"]["accuracy"]
+    assert row["lower"] < row["difference"] < row["upper"] and row["non_inferior"] is True
+    # the same models compared with themselves: the difference is exactly 0 in every resample
+    same = paired_comparison(labels, stable, stable, margins=margins, min_examples=50, samples=50)
+    assert all(same["metrics"][name]["lower"] == same["metrics"][name]["upper"] == 0 for name in gate.GATED_METRICS)
+
+
+def test_gate_decides_with_statistics_on_small_sets():
+    """Issue 32: on an 80-image golden set a clearly better candidate is blessed (it used to be refused when one
+    metric of a 9-image split moved), a clearly worse one refused, and 20 images give "insufficient evidence"."""
+    from models.metrics import classification_metrics, paired_comparison
+
+    evaluation = EvaluationConfig(thresholds=GateThresholds(accuracy=0.0, macro_f1=0.0, macro_auc=0.0),
+                                  max_regression=0.05, min_paired_examples=50)
+    margins = {name: gate.margin_of(evaluation, name) for name in gate.GATED_METRICS}
+
+    def verdict(n, candidate_share, stable_share, seed=1):
+        labels, candidate, stable = _two_models(n, candidate_share, stable_share, seed)
+        metrics = classification_metrics(labels, candidate, list("abcd"), bootstrap_samples=0)
+        stable_metrics = classification_metrics(labels, stable, list("abcd"), bootstrap_samples=0)
+        comparison = paired_comparison(labels, candidate, stable, margins=margins, min_examples=50, samples=400)
+        return gate.judge(metrics, evaluation, stable_metrics, 7, comparison)
+
+    better, worse, tiny = verdict(80, 0.7, 0.35), verdict(80, 0.35, 0.7), verdict(20, 0.7, 0.35)
+    assert better["blessed"] is True and better["verdict"] == "blessed"
+    assert {c["kind"] for c in better["checks"]} == {"absolute", "non_inferiority"}
+    assert better["comparison"]["n"] == 80 and better["comparison"]["mcnemar"]["p_value"] < 0.01
+    assert worse["blessed"] is False and worse["verdict"] == "not_blessed"
+    assert any("does not rule out a regression" in reason for reason in worse["reasons"])
+    assert tiny["blessed"] is False and tiny["verdict"] == "insufficient_evidence"
+    assert "insufficient evidence" in tiny["reasons"][0] and "20 images" in tiny["reasons"][0]
+    # a 9-image test split abstains; the 80-image golden set decides the run
+    combined = gate.combine({"test": verdict(9, 0.5, 0.6, seed=3), "golden": better})
+    assert combined["blessed"] is True and combined["verdict"] == "blessed"
+    assert gate.combine({"test": verdict(9, 0.5, 0.6, seed=3), "golden": tiny})["verdict"] == "insufficient_evidence"
+    assert gate.combine({"test": verdict(9, 0.5, 0.6, seed=3), "golden": worse})["blessed"] is False
+    # per-metric margins
+    per_metric = EvaluationConfig(max_regression=RegressionMargins(accuracy=0.01, macro_f1=0.03, macro_auc=0.05))
+    assert [gate.margin_of(per_metric, name) for name in gate.GATED_METRICS] == [0.01, 0.03, 0.05]
 
 
 MODELS_CONFIG = """

@@ -45,6 +45,13 @@ def test_config_takes_the_window_and_refuses_a_bad_one():
         load_config(ROOT / "config" / "brain_mri.yaml", ["training.partitions=newest"])
 
 
+def test_partition_dates_are_taken_as_typed():
+    """docs/operations.md's window syntax: YAML would read 2026-11-24 as a date; partition names are strings."""
+    config = load_config(ROOT / "config" / "brain_mri.yaml", ["training.partitions=[2026-11-24, 2026-11-25]"])
+    assert config.training.partitions == ("2026-11-24", "2026-11-25")
+    assert load_config(ROOT / "config" / "brain_mri.yaml", ["training.epochs=3"]).training.epochs == 3
+
+
 def test_window_folder_links_every_shard_and_records_fingerprints(ingested_sample, tmp_path):
     first, second = tmp_path / "2026-11-01", tmp_path / "2026-11-02"
     shutil.copytree(ingested_sample, first)
