@@ -5,6 +5,7 @@
 
 Modules: core (Principal, GatewayError, ItemResult, Prediction, Gateway: the one road), auth (mTLS and JWT),
 audit (the hash-chained audit log and `medpipe audit verify`), metrics (Prometheus + request summaries),
-tensors (TensorProto without TensorFlow ops), grpc_door, rest (build_app), server (the CLI). Other doors plug in
+tensors (TensorProto without TensorFlow ops), decode_pool and decode_worker (images are decoded in worker
+processes with a memory limit and a deadline), grpc_door, rest (build_app), server (the CLI). Other doors plug in
 as FastAPI routers: serving/gateway/dicomweb.py and serving/viewer/ `build_router(gateway)`.
 """
