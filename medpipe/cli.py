@@ -32,7 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "TF Serving-compatible gRPC (8500) + REST (8501) server over a model repository"),
     "gateway": ("serving.gateway.server", "the clinical gateway: authenticated, audited gRPC + REST front door to TF Serving"),
     "viewer-users": ("serving.viewer.users", "manage the web viewer's local users file (scrypt-hashed passwords)"),
-    "audit": ("serving.gateway.audit", "check the gateway's hash-chained audit log (medpipe audit verify FILE)"),
+    "audit": ("serving.gateway.audit", "check the gateway's chained audit log (medpipe audit verify FILE [--key KEY --anchor ANCHOR])"),
     "predict": ("serving.client", "classify DICOM/PNG/JPEG files against a served model over gRPC or REST"),
     "monitor": ("serving.monitoring", "drift and live-accuracy report from the gateway's request log (alerts over thresholds)"),
     "feedback": ("serving.feedback", "radiologists' confirmed labels for served studies -> a labelled partition"),

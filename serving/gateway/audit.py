@@ -565,7 +565,7 @@ class SyslogShipper:
         self._save_offset()
         return True
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         """Give the backlog `timeout` seconds to leave, then stop (what is left goes on the next start)."""
         deadline = time.monotonic() + timeout
         while self.pending() > 0 and time.monotonic() < deadline and self._thread.is_alive():
