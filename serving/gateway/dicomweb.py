@@ -213,8 +213,9 @@ def build_router(gateway: Any, pacs: Optional[Any] = None):
 def disk_full(reason: str):
     """The table's answer to a full spool disk (HTTP 507, retryable; gRPC RESOURCE_EXHAUSTED)."""
     from serving.gateway.core import GatewayError
+    from serving.gateway.pacs import DISK_FULL
 
-    return GatewayError("RESOURCE_EXHAUSTED", reason, reason="disk_full")
+    return GatewayError("RESOURCE_EXHAUSTED", reason, reason=DISK_FULL)
 
 
 def _in_study(path: os.PathLike, study: str) -> bool:
