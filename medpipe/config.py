@@ -153,6 +153,8 @@ class GateThresholds:
     macro_auc: float = 0.95
     max_ece: Optional[float] = None  # calibrated ECE must be <= this (null: not gated)
     min_ood_auroc: Optional[float] = None  # OOD AUROC over the --ood probe sets must be >= this (null: not gated)
+    # every --ood probe set must have at least this share flagged at the model's threshold (null: not gated)
+    min_ood_flagged: Optional[float] = None
 
 
 @dataclass(frozen=True)
