@@ -6,6 +6,8 @@
 
     ListInputs -> PreprocessImages (decode; split by patient pseudonym, else pixel hash, salted, stable; shard;
     spill | rejected) -> WriteSplits (sharded GZIP TFRecords, minus the copies Deduplicate drops)
+    + NearDuplicateGroups when ingest.split_groups is set (a first decode for every image's perceptual hash, linked
+    into groups on one worker, a side input of PreprocessImages: a group's images share its split)
     + Deduplicate (small metadata by decoded-pixel hash; label conflicts rejected; kept copy = first path)
     + WriteReports (stats.json, rejected.jsonl, duplicates.jsonl naming inputs by keyed input id; the input report
     mapping ids to paths, PHI, beside the output); schema.json; then the temp folder moves into place.

@@ -155,6 +155,8 @@ class GateThresholds:
     min_ood_auroc: Optional[float] = None  # OOD AUROC over the --ood probe sets must be >= this (null: not gated)
     min_study_sensitivity: Optional[float] = None  # lowest study-level sensitivity over k = 1..20 (null: not gated)
     min_study_specificity: Optional[float] = None  # lowest study-level specificity over k = 1..20 (null: not gated)
+    # every --ood probe set must have at least this share flagged at the model's threshold (null: not gated)
+    min_ood_flagged: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,8 @@ def point_regression_checks(metrics: dict, baseline_metrics: dict, evaluation: A
 
 
 def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons: list) -> None:
-    """max_ece and min_ood_auroc, when configured (None = not gated). A gated OOD AUROC without probe sets fails:
-    the gate cannot vouch for what was not measured."""
+    """max_ece, min_ood_auroc and min_ood_flagged, when configured (None = not gated). A gated OOD figure without
+    probe sets fails: the gate cannot vouch for what was not measured."""
     max_ece = getattr(thresholds, "max_ece", None)
     if max_ece is not None:
         value = metrics.get("ece")
@@ -138,6 +138,23 @@ def safety_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reason
                            "ood_auroc is undefined (the model has no ood_score output)")
         elif not passed:
             reasons.append(f"ood_auroc {value:.4f} is below the threshold {min_auroc:.4f}")
+    min_flagged = getattr(thresholds, "min_ood_flagged", None)
+    if min_flagged is not None:  # AUROC ignores the threshold; this is what the threshold lets through
+        probes = (metrics.get("ood") or {}).get("probe_sets") or []
+        if not probes:
+            checks.append({"metric": "ood_flagged", "kind": "absolute", "value": None,
+                           "threshold": float(min_flagged), "passed": False})
+            reasons.append("ood_flagged is gated (evaluation.thresholds.min_ood_flagged) but no probe set was "
+                           "evaluated: pass --ood DIR to medpipe evaluate")
+        for probe in probes:
+            value = probe.get("flagged_out_of_distribution")
+            passed = value is not None and value >= min_flagged
+            checks.append({"metric": "ood_flagged", "kind": "absolute", "probe_set": probe.get("name"),
+                           "value": value, "threshold": float(min_flagged), "passed": passed})
+            if not passed:
+                reasons.append(f"the OOD guard flags only {value:.4f} of probe set {probe.get('name')}, below "
+                               f"{min_flagged:.4f}" if value is not None else
+                               f"probe set {probe.get('name')} has no flagged share (no ood_score output)")
 
 
 def study_checks(metrics: dict[str, Any], thresholds: Any, checks: list, reasons: list) -> None:

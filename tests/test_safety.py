@@ -110,6 +110,24 @@ def test_fit_records_the_threshold_rule_and_the_config_checks_it():
     with pytest.raises(ConfigError, match="ood_retention_confidence"):
         load_config(ROOT / "config" / "brain_mri.yaml", ["evaluation.ood_retention_confidence=1.5"])
 
+
+def test_gate_checks_the_share_each_probe_set_has_flagged():
+    from medpipe.config import load_config
+    from models.gate import judge
+
+    config = load_config(ROOT / "config" / "brain_mri.yaml", ["evaluation.thresholds.min_ood_flagged=0.9"])
+    probes = [{"name": "chest", "flagged_out_of_distribution": 0.984},
+              {"name": "non-MR DICOM", "flagged_out_of_distribution": 0.711}]
+    good = {"accuracy": 0.95, "macro_f1": 0.95, "macro_auc": 0.99, "ece": 0.02,
+            "ood": {"auroc": 0.999, "probe_sets": probes[:1]}}
+    assert judge(good, config.evaluation)["blessed"]
+    verdict = judge({**good, "ood": {"auroc": 0.999, "probe_sets": probes}}, config.evaluation)
+    assert not verdict["blessed"]
+    assert verdict["reasons"] == ["the OOD guard flags only 0.7110 of probe set non-MR DICOM, below 0.9000"]
+    unmeasured = judge({**good, "ood": {"auroc": None, "probe_sets": []}}, config.evaluation)
+    assert not unmeasured["blessed"] and "pass --ood DIR" in unmeasured["reasons"][0]
+
+
 def test_gate_checks_ece_and_ood_auroc():
     from medpipe.config import load_config
     from models.gate import judge
