@@ -664,7 +664,7 @@ def test_batch_inference_scores_the_images_and_rejects_the_text_file(airflow, tm
         shutil.copy(source, drop / label / source.name)
     (drop / "notes.txt").write_text("the radiologist's notes, not an image\n")
     server = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--host", "127.0.0.1",
-              "--grpc-port", "0", "--rest-port", "auto", "--allow-reload"]  # the DAG publishes with --server
+              "--grpc-port", "0", "--rest-port", "auto"]
     log = tmp_path / "server.log"
     with started(server, log, env=airflow.env, cwd=str(ROOT)) as process:
         listening = wait_listening(log, process)
