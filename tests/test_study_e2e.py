@@ -161,6 +161,8 @@ def test_b_a_late_series_re_scores_the_study_into_a_superseding_sr(road):
     said = sr_finding(pacs, second)
     first_uid = first["00080018"]["Value"][0]
     assert said["predecessors"] == [first_uid]
+    # one Device Observer UID per installation, not per study or report
+    assert said["device_uid"] == first_said["device_uid"] != second["0020000E"]["Value"][0]
     assert dciodvfy_errors(pacs, second, road["root"]) == []
     assert said["finding"] == "glioma" and said["deciding"] == [uid_of(late_files[0])]
     # the whole study was re-scored: every instance received so far is referenced
