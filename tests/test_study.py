@@ -238,3 +238,16 @@ def test_fit_rule_chooses_on_in_distribution_images_and_falls_back_to_max_withou
     assert rule.provenance["excluded_out_of_distribution"] == 1 and rule.provenance["chosen_on"] == "a test split"
     no_normal = load_config(str(ROOT / "config" / "brain_mri.yaml"), ["evaluation.normal_class=null"])
     assert fit_rule(no_normal, table, labels, inside, chosen_on="x").rule == study.MAX
+
+
+def test_the_pacs_road_refuses_to_start_without_the_models_rule(tmp_path):
+    from argparse import Namespace
+
+    from serving.gateway.pacs import start_pacs
+
+    config = tmp_path / "pacs.yaml"
+    config.write_text(f"spool: {tmp_path / 'spool'}\nroutes:\n  - model: brain_mri\n    modalities: [MR]\n")
+    options = Namespace(results_to="dimse://PACS@127.0.0.1:9", dicom_port=None, pacs_config=str(config),
+                        model_repository=None)
+    with pytest.raises(ConfigError, match="--model-repository"):
+        start_pacs(object(), options)
