@@ -194,6 +194,20 @@ def test_c_an_image_outside_intended_use_gets_an_sr_without_probability_and_no_s
     assert hook["excluded_instances"] == [uid_of(files[0])] and hook["outside_intended_use"] is True
 
 
+def test_a_mixed_study_is_decided_on_its_in_distribution_images_and_lists_the_excluded_one(road):
+    pacs, gateway = road["pacs"], road["gateway"]
+    study = f"2.25.{uuid.uuid4().int}"
+    files = series(road, study, 1, NORMALS[:2] + [CHEST])
+    assert c_store(gateway.dicom_port, files) == [0] * 3
+    (sr,) = wait_for_sr_count(pacs, study, 1)
+    said = sr_finding(pacs, sr)
+    assert said["finding"] == "notumor" and said["excluded"] == [uid_of(files[2])]
+    excluded = [g for g in said["groups"] if g.get("tracking", "").endswith("(outside intended use)")]
+    assert len(excluded) == 1 and "probability" not in excluded[0]  # listed, never given a probability
+    time.sleep(3 * 1.5)
+    assert instances_of_class(pacs, study, SC_CLASS) == []  # a normal study gets no heat map
+
+
 def test_predict_study_and_batch_decide_with_the_same_rule_and_list_excluded_files(road):
     import json
 
