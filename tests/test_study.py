@@ -203,6 +203,7 @@ def test_study_store_numbers_reports_once_per_job_and_expires_old_studies(tmp_pa
     from serving.gateway.study_store import StudyStore
 
     spool, store = Spool(tmp_path), StudyStore(tmp_path)
+    assert (tmp_path / "studies").stat().st_mode & 0o777 == 0o700  # PHI kept: the gateway's user only
     first = spool.put("brain_mri", "2.25.1", "2.25.11", "2.25.111", b"DICM-one", "dimse", "aet:X")
     assert store.next_report("brain_mri", first.study_key, "job-a") == (1, None)
     store.record("brain_mri", first.study_key, [first], {"job": "job-a", "sr_uid": "2.25.9", "number": 1})
