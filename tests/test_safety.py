@@ -206,6 +206,6 @@ def test_model_card_and_evaluate_ood_report(trained_sample_run, ingested_sample,
     assert all(0 <= row["sensitivity"] <= 1 and 0 <= row["specificity"] <= 1 for row in study["sizes"].values())
     assert study["min_sensitivity"] == min(row["sensitivity"] for row in study["sizes"].values())
     page = (out / "report.html").read_text()
-    for text in ("Model card", "Intended use", "Known limits", "ECE before calibration", "chest_xray"):
+    for text in ("Model card", "Intended use", "Known limits", "ECE before calibration", "chest_xray", "Studies"):
         assert text in page
     assert "Where the model looked (Grad-CAM)" in page
