@@ -155,8 +155,14 @@ def main(argv=None) -> int:
         root = Path(tmp)
         run = make_run(root)
         repo = root / "repo"
-        publish(run, repo)
+        version = publish(run, repo)
         config = load_config(run / "config.yaml")
+        # an untrained model has no validated operating point: the latency runs decide studies by `max`, named in
+        # its assets as the gateway requires (medpipe/study.py)
+        from medpipe.study import MAX, StudyRule
+        from models.study_point import write_rule
+
+        write_rule(repo / "brain_mri" / str(version) / "assets", StudyRule(MAX, tuple(config.labels)))
         (root / "warmup").mkdir()
         warmup = make_studies(root / "warmup", 2, 1)
         (root / "inputs").mkdir()

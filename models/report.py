@@ -124,6 +124,20 @@ def _safety_section(metrics: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+def _study_section(study: Optional[Mapping[str, Any]]) -> list[str]:
+    """Study-level figures with the model's own study rule (medpipe/study.py), by study size."""
+    if not study:
+        return []
+    return ["<h2>Studies</h2>",
+            f"<p>Rule {html.escape(str(study['rule']))}, operating point {_number(study['operating_point'])}; "
+            f"{html.escape(str(study['assembly']))}, {study['studies_per_size']} studies per size (half abnormal). "
+            f"Lowest sensitivity {_number(study['min_sensitivity'])}, lowest specificity "
+            f"{_number(study['min_specificity'])}.</p>",
+            _table(["images per study (k)", "sensitivity", "specificity", "class right when found"],
+                   [[k, _number(row["sensitivity"]), _number(row["specificity"]),
+                     _number(row["class_right_when_found"])] for k, row in study["sizes"].items()])]
+
+
 def splits_table(splits: Mapping[str, Any]) -> str:
     """Carved (random) against shift-aware (acquisitions held out of training) figures, one row a split."""
     rows = [[html.escape(name), html.escape(row["kind"]), str(row["examples"])]
@@ -230,6 +244,7 @@ def render_report(
             f" ({html.escape(str(point.get('chosen_on', 'default')))}): sensitivity "
             f"{_number(point['sensitivity'])}, specificity {_number(point['specificity'])}.</p>"
         )
+    parts += _study_section(metrics.get("study"))
     parts += [
         "<h2>Per class</h2>",
         _table(

@@ -252,7 +252,14 @@ def test_model_card_and_evaluate_ood_report(trained_sample_run, ingested_sample,
     assert ood["threshold"] == pytest.approx(json.loads((run / "ood.json").read_text())["threshold"], rel=1e-6)
     assert 0 <= ood["retention"] <= 1 and ood["probe_sets"][0]["auroc"] > 0.9
     assert (out / "plots" / "reliability.png").is_file() and (out / "plots" / "ood_scores.png").is_file()
+    # study-level figures with the run's own study rule (k normal + 0 or 1 abnormal images, k = 1..20)
+    study = metrics["study"]
+    rule = json.loads((run / "study_rule.json").read_text())
+    assert study["rule"] == "abnormal_first" and study["operating_point"] == rule["operating_point"]
+    assert sorted(map(int, study["sizes"])) == list(range(1, 21))
+    assert all(0 <= row["sensitivity"] <= 1 and 0 <= row["specificity"] <= 1 for row in study["sizes"].values())
+    assert study["min_sensitivity"] == min(row["sensitivity"] for row in study["sizes"].values())
     page = (out / "report.html").read_text()
-    for text in ("Model card", "Intended use", "Known limits", "ECE before calibration", "chest_xray"):
+    for text in ("Model card", "Intended use", "Known limits", "ECE before calibration", "chest_xray", "Studies"):
         assert text in page
     assert "Where the model looked (Grad-CAM)" in page

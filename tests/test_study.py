@@ -203,6 +203,7 @@ def test_study_store_numbers_reports_once_per_job_and_expires_old_studies(tmp_pa
     from serving.gateway.study_store import StudyStore
 
     spool, store = Spool(tmp_path), StudyStore(tmp_path)
+    assert (tmp_path / "studies").stat().st_mode & 0o777 == 0o700  # PHI kept: the gateway's user only
     first = spool.put("brain_mri", "2.25.1", "2.25.11", "2.25.111", b"DICM-one", "dimse", "aet:X")
     assert store.next_report("brain_mri", first.study_key, "job-a") == (1, None)
     store.record("brain_mri", first.study_key, [first], {"job": "job-a", "sr_uid": "2.25.9", "number": 1})
@@ -217,3 +218,37 @@ def test_study_store_numbers_reports_once_per_job_and_expires_old_studies(tmp_pa
     os.utime(state, (1000, 1000))
     assert store.expire(older_than=999) == 0 and store.expire(older_than=1001) == 1
     assert store.instances("brain_mri", first.study_key) == []
+
+
+def test_fit_rule_chooses_on_in_distribution_images_and_falls_back_to_max_without_a_normal_class():
+    from medpipe.config import load_config
+    from models.study_point import fit_rule
+
+    config = load_config(str(ROOT / "config" / "brain_mri.yaml"))
+    labels = np.array([2] * 50 + [0] * 50)
+    table = np.zeros((100, 4))
+    table[:50, 2] = 0.95
+    table[:50, 0] = 0.05
+    table[50:, 0] = np.linspace(0.5, 0.99, 50)
+    table[50:, 2] = 1 - table[50:, 0]
+    inside = np.ones(100, bool)
+    inside[50] = False  # the least abnormal tumour image is out of distribution: it does not pull the point down
+    rule = fit_rule(config, table, labels, inside, chosen_on="a test split")
+    assert rule.rule == study.ABNORMAL_FIRST and rule.normal_class == "notumor"
+    assert rule.operating_point == pytest.approx(table[51, 0] * (1 - study.POINT_MARGIN))
+    assert rule.provenance["excluded_out_of_distribution"] == 1 and rule.provenance["chosen_on"] == "a test split"
+    no_normal = load_config(str(ROOT / "config" / "brain_mri.yaml"), ["evaluation.normal_class=null"])
+    assert fit_rule(no_normal, table, labels, inside, chosen_on="x").rule == study.MAX
+
+
+def test_the_pacs_road_refuses_to_start_without_the_models_rule(tmp_path):
+    from argparse import Namespace
+
+    from serving.gateway.pacs import start_pacs
+
+    config = tmp_path / "pacs.yaml"
+    config.write_text(f"spool: {tmp_path / 'spool'}\nroutes:\n  - model: brain_mri\n    modalities: [MR]\n")
+    options = Namespace(results_to="dimse://PACS@127.0.0.1:9", dicom_port=None, pacs_config=str(config),
+                        model_repository=None)
+    with pytest.raises(ConfigError, match="--model-repository"):
+        start_pacs(object(), options)

@@ -161,6 +161,8 @@ def test_b_a_late_series_re_scores_the_study_into_a_superseding_sr(road):
     said = sr_finding(pacs, second)
     first_uid = first["00080018"]["Value"][0]
     assert said["predecessors"] == [first_uid]
+    # one Device Observer UID per installation, not per study or report
+    assert said["device_uid"] == first_said["device_uid"] != second["0020000E"]["Value"][0]
     assert dciodvfy_errors(pacs, second, road["root"]) == []
     assert said["finding"] == "glioma" and said["deciding"] == [uid_of(late_files[0])]
     # the whole study was re-scored: every instance received so far is referenced
@@ -190,6 +192,20 @@ def test_c_an_image_outside_intended_use_gets_an_sr_without_probability_and_no_s
     (hook,) = [h for h in road["webhook"] if h["StudyInstanceUID"] == study]
     assert hook["class_name"] is None and hook["probability"] is None and hook["probabilities"] == {}
     assert hook["excluded_instances"] == [uid_of(files[0])] and hook["outside_intended_use"] is True
+
+
+def test_a_mixed_study_is_decided_on_its_in_distribution_images_and_lists_the_excluded_one(road):
+    pacs, gateway = road["pacs"], road["gateway"]
+    study = f"2.25.{uuid.uuid4().int}"
+    files = series(road, study, 1, NORMALS[:2] + [CHEST])
+    assert c_store(gateway.dicom_port, files) == [0] * 3
+    (sr,) = wait_for_sr_count(pacs, study, 1)
+    said = sr_finding(pacs, sr)
+    assert said["finding"] == "notumor" and said["excluded"] == [uid_of(files[2])]
+    excluded = [g for g in said["groups"] if g.get("tracking", "").endswith("(outside intended use)")]
+    assert len(excluded) == 1 and "probability" not in excluded[0]  # listed, never given a probability
+    time.sleep(3 * 1.5)
+    assert instances_of_class(pacs, study, SC_CLASS) == []  # a normal study gets no heat map
 
 
 def test_predict_study_and_batch_decide_with_the_same_rule_and_list_excluded_files(road):

@@ -563,6 +563,8 @@ def read_finding(ds) -> dict:
                 into["text"] = str(item.TextValue)
             elif name == "112039":
                 into["tracking"] = str(item.TextValue)
+            elif name == "121012":
+                out["device_uid"] = str(item.UID)
             elif name == "111001":
                 out["algorithm"] = str(item.TextValue)
             elif name == "111003":

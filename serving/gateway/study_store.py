@@ -14,6 +14,7 @@ study's folder (only folders this store made). File names are digests, never UID
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional
@@ -28,6 +29,7 @@ class StudyStore:
     def __init__(self, spool_root: str | Path):
         self.root = Path(spool_root) / STUDIES
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # kept instances are PHI: only the gateway's user may enter
 
     def folder(self, model: str, study_key: str) -> Path:
         return self.root / _safe(model) / study_key
