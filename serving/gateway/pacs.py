@@ -275,16 +275,16 @@ class PacsService:
         """One stable study: its new instances and the ones kept from earlier results are scored together, decided
         by the model's study rule (medpipe.study), and one SR (+ SC for an abnormal finding) replaces the study's
         previous SR, if any (same series, next InstanceNumber, Predecessor Documents Sequence)."""
-        from medpipe.imaging import _pydicom
-
-        pydicom = _pydicom()
+        from medpipe.imaging import read_dicom_header
         from serving.gateway.core import Principal
 
         kept = [instance for instance in self.studies.instances(batch.model, batch.study_key)
                 if instance.path.name not in {new.path.name for new in batch.instances}]
         instances = list(batch.instances) + kept  # the whole study received so far, new ones first
         datas = [instance.read() for instance in instances]
-        headers = [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True) for data in datas]
+        # bounded whatever a spooled file claims (one spooled before receive() checked whole deflated streams fails
+        # here, counts as an attempt and ends in quarantine instead of being inflated whole)
+        headers = [read_dicom_header(data) for data in datas]
         first = batch.instances[0].meta
         door = first.get("door", "dimse")
         principal = Principal(identity=f"pacs:{first.get('identity', 'unknown')}",
