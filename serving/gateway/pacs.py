@@ -13,7 +13,6 @@ never a header value, a UID or a file name.
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import os
 import threading
