@@ -333,6 +333,7 @@ def test_a_study_that_kills_the_gateway_is_quarantined_after_n_crashes_and_never
     config = tmp_path / "pacs.yaml"
     config.write_text(f"""spool: {spool}
 calling_aets: [MEDPIPETEST]
+aggregation: max  # no model repository here: the study rule is chosen explicitly
 stable_seconds: 0.2
 scan_seconds: 0.2
 deadline_seconds: 600
@@ -375,6 +376,58 @@ routes: [{{model: brain_mri, modalities: [MR]}}]
     text = "\n".join(path.read_text() for path in [tmp_path / "audit.jsonl", folder / "reason.json", *gateway.logs])
     leaked = [value for value in planted + ["2.25.3401", "2.25.340111"] if value and value in text]
     assert not leaked, leaked
+
+
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+@pytest.mark.slow
+def test_a_restart_over_a_spool_holding_a_deflated_bomb_stays_up(tmp_path):
+    """Issue 34: a 1 GiB deflated bomb spooled before the doors checked whole deflated streams (planted here as an
+    older gateway would have spooled it) killed every restart 33 s later. Now its header is read bounded, it is
+    refused without being inflated, and it ends in quarantine; the gateway stays up, grows < 1 GB, answers."""
+    from pacs_support import GatewayProcess
+    from serving.gateway.spool import Spool
+
+    upstream = hung_model_server()  # never reached: the bomb fails before any model call
+    spool = tmp_path / "spool"
+    bomb = fa.deflated_dicom(256, 256, pixel_bytes=2**30, zeros=True, level=9)
+    assert len(bomb) < 2 * 2**20  # a small file ...
+    Spool(spool).put("brain_mri", "2.25.3402", "2.25.34021", "2.25.340211", bomb, "dimse", "ORTHANC")
+    config = tmp_path / "pacs.yaml"
+    config.write_text(f"""spool: {spool}
+calling_aets: [MEDPIPETEST]
+aggregation: max  # no model repository here: the study rule is chosen explicitly
+stable_seconds: 0.2
+scan_seconds: 0.2
+quarantine_after: 3
+routes: [{{model: brain_mri, modalities: [MR]}}]
+""")
+    gateway = GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
+                                        "--audit-log", str(tmp_path / "audit.jsonl"),
+                                        "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
+                                        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    try:
+        gateway.start()
+        before = tree_rss_mb(gateway.process.pid)
+        peak = before
+        def settled():
+            nonlocal peak
+            peak = max(peak, tree_rss_mb(gateway.process.pid))
+            return list((spool / "quarantine").rglob("*.dcm")) + list((spool / "rejected").rglob("*.dcm"))
+        wait_until(settled, 60, "the spooled bomb was neither quarantined nor rejected")
+        time.sleep(2)
+        assert gateway.process.poll() is None, "the gateway died over its own spool"
+        assert not list((spool / "incoming").rglob("*.dcm"))
+        assert peak - before < 1024, f"the process tree grew by {peak - before:.0f} MB"
+        assert gateway.metric("medpipe_pacs_queue_length", stage="incoming") == 0  # the probe: it answers
+    finally:
+        gateway.kill()
+        upstream.close()
 
 
 def test_failures_that_are_not_the_studys_do_not_bring_quarantine_closer(tmp_path):
@@ -524,7 +577,7 @@ def test_the_gateway_command_serves_dicom_tls_and_refuses_the_flag_without_certi
         check_options(build_parser().parse_args(["--upstream", "x:1", "--audit-log", "a", "--allow-anonymous",
                                                  "--dicom-port", "0", "--dicom-tls"]))
     config = tmp_path / "pacs.yaml"
-    config.write_text(f"spool: {tmp_path / 'spool'}\ncalling_aets: [MEDPIPETEST]\nstable_seconds: 3600\n"
+    config.write_text(f"spool: {tmp_path / 'spool'}\ncalling_aets: [MEDPIPETEST]\naggregation: max\nstable_seconds: 3600\n"
                       "routes: [{model: brain_mri, modalities: [MR]}]\n")
     gateway = GatewayProcess(tmp_path, [
         "--upstream", "127.0.0.1:9", "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
