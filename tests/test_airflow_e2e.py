@@ -562,8 +562,12 @@ def test_a_better_candidate_is_published_and_twenty_images_are_insufficient_evid
                    check=True, capture_output=True, cwd=str(ROOT), env=airflow.env, timeout=300)
     bad_stable = stable_version(airflow)
 
-    run_id = airflow.trigger("medpipe_train", {"config": airflow.config})
+    # the window as docs/operations.md writes it: dates unquoted (YAML would read them as dates)
+    run_id = airflow.trigger("medpipe_train", {"config": airflow.config, "overrides": [
+        "training.partitions=[2026-11-01, 2026-11-02, 2026-11-03]"]})
     assert airflow.wait_run("medpipe_train", run_id, timeout=600)["state"] == "success"
+    window = json.loads((run_folder(airflow, run_id) / "window" / "window.json").read_text())
+    assert [part["name"] for part in window["partitions"]] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     blessing = json.loads((run_folder(airflow, run_id) / "blessing.json").read_text())
     assert blessing["blessed"] is True, blessing["reasons"]
     assert blessing["evaluations"]["golden"]["verdict"] == "blessed"
