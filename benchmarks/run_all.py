@@ -33,6 +33,7 @@ BENCHMARKS = {
     "connections": "benchmarks/bench_connections.py",
     "study": "benchmarks/bench_study.py",
     "brain_mri_validation": "benchmarks/bench_brain_validation.py",
+    "dicom_parity": "benchmarks/bench_dicom_parity.py",
 }
 
 

@@ -250,3 +250,56 @@ def png16(width: int, height: int) -> bytes:
 
 
 PNG16_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def twelve_bit_mr(source: Path, window: bool) -> bytes:
+    """A sample JPEG as a 12-bit MR instance, as a scanner would store it: pixels x16 (0..4080), BitsStored 12, and a
+    VOI window covering that range only when `window` (issue 28's parity check: the answer must not depend on it)."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(source).convert("L")).astype(np.uint16) * 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MR_IMAGE_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 2040, 4080
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def dicom_parity(version: Path, jpegs: list, windows=(False, True)) -> dict:
+    """How often the served model (the SavedModel's serving signature, host preprocessing from its own assets) gives
+    a 12-bit MR DICOM of each JPEG the JPEG's own class: {"no_window": same, "window": same, "images": n}."""
+    import json
+
+    import tensorflow as tf
+
+    from medpipe.config import config_from_dict
+    from medpipe.imaging import preprocess_bytes
+
+    params = json.loads((version / "assets" / "preprocessing.json").read_text())
+    config = config_from_dict({"name": "parity", "task": params["task"], "labels": params["labels"],
+                               "image": {"size": params["image_size"], "channels": params["channels"]},
+                               "dicom": params["dicom"], "ingest": params["ingest"]})
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+
+    def classes(images: list) -> np.ndarray:
+        pngs = [preprocess_bytes(data, config).png for data in images]
+        return serve(image_bytes=tf.constant(pngs))["class_ids"].numpy().reshape(-1)
+
+    reference = classes([Path(p).read_bytes() for p in jpegs])
+    return {"images": len(jpegs), **{("window" if window else "no_window"):
+                                      int((classes([twelve_bit_mr(p, window) for p in jpegs]) == reference).sum())
+                                      for window in windows}}

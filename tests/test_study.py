@@ -252,3 +252,19 @@ def test_the_pacs_road_refuses_to_start_without_the_models_rule(tmp_path):
                         model_repository=None)
     with pytest.raises(ConfigError, match="--model-repository"):
         start_pacs(object(), options)
+
+
+@pytest.mark.slow
+def test_a_dicom_is_read_as_training_saw_it_with_or_without_a_voi_window():
+    """Issue 28: 12-bit MR DICOMs made from 20 sample JPEGs per class get the JPEG's class from the shipped model on
+    >= 79 of 80, without a VOI window (the grey pipeline's min..max default; percentiles 0.5/99.5 changed 8) and
+    with one."""
+    pytest.importorskip("tensorflow")
+    from conftest import ROOT, SAMPLE
+    from fixtures_adversarial import dicom_parity
+
+    (version,) = [p for p in (ROOT / "models" / "shipped" / "brain_mri").iterdir() if p.name.isdigit()]
+    jpegs = [p for label in ("glioma", "meningioma", "notumor", "pituitary")
+             for p in sorted((SAMPLE / "brain_mri" / label).glob("*.jp*g"))[:20]]
+    parity = dicom_parity(version, jpegs)
+    assert parity["images"] == 80 and parity["no_window"] >= 79 and parity["window"] >= 79, parity
