@@ -30,7 +30,7 @@ def orthanc_available() -> bool:
 
 class OrthancServer:
     def __init__(self, folder: Path, aet: str = "TESTPACS", modalities: Optional[dict] = None,
-                 stable_age: int = 2):
+                 stable_age: int = 2, extra: Optional[dict] = None):
         # Orthanc reads both ports from the configuration written before it starts (models.distributed.free_ports)
         from models.distributed import free_ports
 
@@ -39,6 +39,7 @@ class OrthancServer:
         self.http_port, self.dicom_port = free_ports(2)
         self.modalities = modalities or {}
         self.stable_age = stable_age
+        self.extra = extra or {}  # more configuration keys (e.g. the compose config's LuaScripts, UserMetadata)
         self.process: Optional[subprocess.Popen] = None
         self.log_path = self.folder / "orthanc.log"
 
@@ -60,7 +61,7 @@ class OrthancServer:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
             "StableAge": self.stable_age, "DicomModalities": self.modalities,
-            "DicomCheckCalledAet": False, "UnknownSopClassAccepted": True,
+            "DicomCheckCalledAet": False, "UnknownSopClassAccepted": True, **self.extra,
         }
         path = self.folder / "config.json"
         path.write_text(json.dumps(config, indent=2))

@@ -391,6 +391,8 @@ def test_orthanc_forwards_stable_studies_to_the_gateway_and_gets_its_srs(model):
     assert settings["DicomModalities"]["medpipe"] == ["MEDPIPE", "gateway", 11112]
     lua = (ROOT / "config" / "orthanc" / "medpipe-forward.lua").read_text()
     assert "OnStableStudy" in lua and "/modalities/medpipe/store" in lua
+    # what was forwarded is marked, so medpipe's own SR landing in the study does not send it again (issue 28)
+    assert "MedpipeForwarded" in settings["UserMetadata"] and "MedpipeForwarded" in lua
     from serving.gateway.pacs_config import load_pacs_config
     from serving.gateway.results import parse_destination
     from serving.gateway.server import build_parser

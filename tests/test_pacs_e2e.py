@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -266,3 +267,55 @@ routes: [{{model: {MODEL}, modalities: [MR]}}]
         subprocess.run(["umount", "-l", str(disk)], check=False)
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert sum("disk_full" in (r.get("outcome"), r.get("reason")) for r in audit) >= 2
+
+
+@pytest.mark.slow
+def test_the_compose_lua_script_forwards_a_study_once(road, tmp_path):
+    """Issue 28: config/orthanc/medpipe-forward.lua in a real Orthanc with the compose config's LuaScripts and
+    UserMetadata. The study is forwarded when stable; medpipe's SR landing in it makes it stable again, and that
+    forwards nothing: one prediction for the study (no replay), one SR. A late series then goes alone."""
+    from conftest import ROOT
+
+    compose = json.loads((ROOT / "config" / "orthanc" / "orthanc.json").read_text())
+    pacs = OrthancServer(tmp_path / "orthanc", aet="LUAPACS", stable_age=1, extra={
+        "LuaScripts": [str(ROOT / "config" / "orthanc" / "medpipe-forward.lua")],
+        "UserMetadata": compose["UserMetadata"]}).start()
+    config = write_pacs_config(tmp_path / "pacs.yaml", tmp_path / "spool", stable_seconds=1.0, calling=("LUAPACS",))
+    audit = tmp_path / "audit.jsonl"
+    gateway = GatewayProcess(tmp_path, ["--upstream", road["grpc"], "--allow-anonymous", "--audit-log", str(audit),
+                                        "--model-repository", str(road["repo"]),
+                                        "--results-to", f"dicomweb+{pacs.dicomweb}", "--pacs-config", str(config)],
+                             env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    try:
+        gateway.start()
+        # the compose entry, pointed at this gateway's port (Orthanc takes modalities at run time too)
+        request = urllib.request.Request(f"{pacs.http}/modalities/medpipe", method="PUT", data=json.dumps(
+            {"AET": "MEDPIPE", "Host": "127.0.0.1", "Port": gateway.dicom_port}).encode())
+        urllib.request.urlopen(request, timeout=10).close()
+        study, files = make_study({**road, "inputs": tmp_path / "inputs"}, "lua", "glioma", slices=3, phi=False)
+        for path in files:
+            pacs.upload(path.read_bytes())
+        wait_for_srs(pacs, [study], timeout=180)
+        time.sleep(6)  # the SR made the study unstable: Orthanc's StableAge (1 s) passes several times over
+
+        def predicted() -> list[dict]:
+            return [json.loads(line) for line in audit.read_text().splitlines()
+                    if '"event":"predict"' in line and '"door":"dimse"' in line]
+
+        assert len(srs_in(pacs, study)) == 1
+        assert sum(record["images"] for record in predicted()) == 3, predicted()
+        assert '"pacs.replay_skipped"' not in audit.read_text()
+        # a late series of the same study: only its instance goes, and the study is re-opened (a second SR)
+        late = tmp_path / "late.dcm"
+        fa.mr_dicom_from_jpeg(fa.sample_jpegs("notumor", 1)[0], late, study_uid=study, series_uid=f"{study}.2",
+                              sop_uid=f"{study}.2.1", phi=False)
+        pacs.upload(late.read_bytes())
+        deadline = time.monotonic() + 180
+        while len(srs_in(pacs, study)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(srs_in(pacs, study)) == 2
+        time.sleep(4)
+        assert len(srs_in(pacs, study)) == 2 and '"pacs.replay_skipped"' not in audit.read_text()
+    finally:
+        gateway.kill()
+        pacs.stop()
