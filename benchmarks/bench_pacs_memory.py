@@ -93,7 +93,7 @@ class Gateway:
                 [sys.executable, "-m", "serving.gateway", "--grpc-port", "0", "--rest-port", "0", "--dicom-port", "0",
                  "--upstream", "127.0.0.1:9", "--allow-anonymous", "--audit-log", str(folder / "audit.jsonl"),
                  "--config", str(folder / "gateway.yaml"), "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
-                 "--pacs-config", str(folder / "pacs.yaml")], cwd=checkout, stdout=handle, stderr=subprocess.STDOUT,
+                 "--model-repository", str(folder), "--pacs-config", str(folder / "pacs.yaml")], cwd=checkout, stdout=handle, stderr=subprocess.STDOUT,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MEDPIPE_DEID_KEY": BENCH_KEY,
                      "PYTHONPATH": str(checkout)})
         deadline = time.monotonic() + 180

@@ -301,6 +301,14 @@ def test_a_300_mb_c_store_streams_to_disk_and_is_refused_without_buffering(tmp_p
 
 
 # ---- poison quarantine ----------------------------------------------------------------------------------------
+def empty_repository(tmp_path: Path) -> Path:
+    """A model repository with no model: the PACS doors need one (they never guess labels); these tests never get as
+    far as a model's assets."""
+    folder = tmp_path / "repo"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def hung_model_server() -> socket.socket:
     """A 'model server' that accepts TCP connections and never answers: the gateway's predict call hangs in it,
     so the gateway is surely inside processing when it is killed."""
@@ -343,6 +351,7 @@ routes: [{{model: brain_mri, modalities: [MR]}}]
     gateway = GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
                                         "--audit-log", str(tmp_path / "audit.jsonl"),
                                         "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
+                                        "--model-repository", str(empty_repository(tmp_path)),
                                         "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
     mr = tmp_path / "mr.dcm"
     planted = fa.mr_dicom_from_jpeg(fa.sample_jpegs("glioma", 1)[0], mr, study_uid="2.25.3401",
@@ -410,6 +419,7 @@ routes: [{{model: brain_mri, modalities: [MR]}}]
     gateway = GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
                                         "--audit-log", str(tmp_path / "audit.jsonl"),
                                         "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
+                                        "--model-repository", str(empty_repository(tmp_path)),
                                         "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
     try:
         gateway.start()
@@ -583,7 +593,8 @@ def test_the_gateway_command_serves_dicom_tls_and_refuses_the_flag_without_certi
         "--upstream", "127.0.0.1:9", "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
         "--client-ca", str(pki["ca"]), "--audit-log", str(tmp_path / "audit.jsonl"), "--dicom-tls",
         "--results-to", "dimse+tls://PACS@127.0.0.1:9", "--results-ca", str(pki["ca"]),
-        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+        "--model-repository", str(empty_repository(tmp_path)), "--pacs-config", str(config)],
+        env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
     mr = tmp_path / "mr.dcm"
     fa.mr_dicom_from_jpeg(fa.sample_jpegs("glioma", 1)[0], mr, study_uid="2.25.3404", series_uid="2.25.34041",
                           sop_uid="2.25.340411")

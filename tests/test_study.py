@@ -241,7 +241,9 @@ def test_fit_rule_chooses_on_in_distribution_images_and_falls_back_to_max_withou
     assert fit_rule(no_normal, table, labels, inside, chosen_on="x").rule == study.MAX
 
 
-def test_the_pacs_road_refuses_to_start_without_the_models_rule(tmp_path):
+def test_the_pacs_road_refuses_to_start_without_the_models_assets(tmp_path):
+    """Issue 28, "a finding is a class name": without the model repository the road would name findings "0".."N";
+    it refuses to start instead, whatever the aggregation."""
     from argparse import Namespace
 
     from serving.gateway.pacs import start_pacs
@@ -251,6 +253,10 @@ def test_the_pacs_road_refuses_to_start_without_the_models_rule(tmp_path):
     options = Namespace(results_to="dimse://PACS@127.0.0.1:9", dicom_port=None, pacs_config=str(config),
                         model_repository=None)
     with pytest.raises(ConfigError, match="--model-repository"):
+        start_pacs(object(), options)
+    config.write_text(f"spool: {tmp_path / 'spool'}\naggregation: max\nroutes:\n  - model: brain_mri\n"
+                      "    modalities: [MR]\n")
+    with pytest.raises(ConfigError, match="never guesses|--model-repository"):
         start_pacs(object(), options)
 
 

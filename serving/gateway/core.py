@@ -318,8 +318,13 @@ class ModelCatalog:
     def _load(self, model: str, version: int, timeout: float):
         from medpipe.config import config_from_dict
 
-        raw = self._from_assets(model, version) if self.repository else None
-        if raw is None:
+        if self.repository:
+            raw = self._from_assets(model, version)
+            if raw is None:  # never guess labels or DICOM settings for a model the repository should describe
+                raise GatewayError("INTERNAL", f"model {model} version {version} has no assets/preprocessing.json in "
+                                   "the model repository (--model-repository): export it with medpipe train, or "
+                                   "point --model-repository at the repository TF Serving serves")
+        else:
             raw = self._from_metadata(model, version, timeout)
         return config_from_dict(raw, origin=f"assets of {model} version {version}")
 

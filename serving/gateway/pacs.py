@@ -510,10 +510,13 @@ def start_pacs(gateway: Any, options: Any) -> Optional[PacsRoad]:
         raise ConfigError("--dicom-port needs --results-to (dicomweb+http://HOST:PORT/ROOT or dimse://AET@HOST:PORT):"
                           " the PACS road must know where its structured reports go")
     config = load_pacs_config(getattr(options, "pacs_config", None))
-    if config.aggregation == "model" and not getattr(options, "model_repository", None) and config.routes:
-        raise ConfigError("the PACS road decides each study by the model's own rule (assets/study_rule.json of the "
-                          "served version): pass --model-repository REPO, or name `aggregation: max` (or mean) in "
-                          "the PACS config to choose another rule explicitly")
+    if config.routes and not getattr(options, "model_repository", None):
+        # never guess: without the served version's assets the road would name findings "0".."N", read DICOM with
+        # default settings and decide studies by a rule the model never chose
+        raise ConfigError("the PACS road names findings by the model's own labels and reads DICOM and decides "
+                          "studies as the model's assets say (assets/preprocessing.json, assets/study_rule.json of "
+                          "the served version): pass --model-repository REPO, the model repository TF Serving "
+                          "serves (read-only)")
     if not config.routes:
         log.warning("the PACS config has no routes: every received instance is acknowledged and audited "
                     "'not routed' (pass --pacs-config with routes)")
