@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_pacs.py [--singles 50] [--series 10] [--slices 8] [--stable 1.0]
 
-Real parts: Debian's Orthanc as the destination PACS (DICOMweb STOW-RS), `medpipe serve` with the brain MRI recipe's
-architecture (160 px, width 48; untrained weights: the compute is the same), and `medpipe gateway` with its C-STORE
-SCP, spool and SR writer. Inputs: the sample brain MRI slices wrapped as MR DICOM.
+Real parts: Debian's Orthanc as the destination PACS (DICOMweb STOW-RS), `medpipe serve` with the shipped brain MRI
+model (models/shipped: 160 px, its own study rule), and `medpipe gateway` with its C-STORE SCP, spool and SR
+writer. Inputs: the sample brain MRI slices wrapped as MR DICOM.
 
 - latency: from the C-STORE acknowledgement of a study's last instance to its SR being listed by Orthanc's QIDO-RS
   (polled every 20 ms), one study at a time: 50 single-image studies and 10 series of 8 slices. It includes the
@@ -12,6 +12,10 @@ SCP, spool and SR writer. Inputs: the sample brain MRI slices wrapped as MR DICO
   latency minus that window.
 - floor: `medpipe predict`'s own path (serving.client.predict_files, in-process after warm-up, gRPC to the same
   server) on the same files, per study, in the same run.
+- through Orthanc (--via-orthanc studies of --slices slices): the study is C-STOREd to Orthanc, whose compose Lua
+  script (config/orthanc/medpipe-forward.lua, Orthanc's StableAge --orthanc-stable s) forwards it to the gateway;
+  from the acknowledgement of its last instance by Orthanc to the SR listed by Orthanc: both stability windows plus
+  the work, as a hospital sees it.
 - throughput: 4 concurrent pynetdicom senders, one single-image study per C-STORE: acknowledged instances per second
   at the SCP (each one fsync'd to the spool first), and end to end until the last SR is in Orthanc.
 """
@@ -19,12 +23,14 @@ SCP, spool and SR writer. Inputs: the sample brain MRI slices wrapped as MR DICO
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -90,6 +96,18 @@ def latencies(gateway, pacs, studies: list[list[Path]]) -> list[float]:
     return out
 
 
+def via_orthanc(pacs, studies: list[list[Path]]) -> list[float]:
+    from pacs_support import c_store
+
+    out = []
+    for files in studies:
+        uid = study_uid(files)
+        assert c_store(pacs.dicom_port, files, called="LUAPACS") == [0] * len(files)
+        acked = time.monotonic()
+        out.append(wait_sr(pacs, uid) - acked)
+    return out
+
+
 def floor(grpc: str, config, studies: list[list[Path]]) -> list[float]:
     from serving.client import predict_files
 
@@ -144,25 +162,21 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--stable", type=float, default=1.0, help="stability window (s) of the gateway")
     parser.add_argument("--concurrent", type=int, default=80, help="single-image studies for the 4-sender run")
+    parser.add_argument("--via-orthanc", type=int, default=10, help="studies sent to Orthanc, forwarded by its Lua")
+    parser.add_argument("--orthanc-stable", type=int, default=2, help="Orthanc's StableAge (s; compose: 10)")
     args = parser.parse_args(argv)
 
-    from bench_serving import make_run, publish, start_server, stop
-    from medpipe.config import load_config
+    from bench_gateway import shipped_repository
+    from bench_serving import start_server, stop
     from orthanc import OrthancServer
     from pacs_support import GatewayProcess, write_pacs_config
 
     with tempfile.TemporaryDirectory(prefix="bench_pacs_") as tmp:
         root = Path(tmp)
-        run = make_run(root)
+        # the shipped brain_mri model (its own study rule and safety outputs; the compute does not depend on the
+        # weights), as bench_gateway serves it
         repo = root / "repo"
-        version = publish(run, repo)
-        config = load_config(run / "config.yaml")
-        # an untrained model has no validated operating point: the latency runs decide studies by `max`, named in
-        # its assets as the gateway requires (medpipe/study.py)
-        from medpipe.study import MAX, StudyRule
-        from models.study_point import write_rule
-
-        write_rule(repo / "brain_mri" / str(version) / "assets", StudyRule(MAX, tuple(config.labels)))
+        config = shipped_repository(repo)
         (root / "warmup").mkdir()
         warmup = make_studies(root / "warmup", 2, 1)
         (root / "inputs").mkdir()
@@ -171,9 +185,15 @@ def main(argv=None) -> int:
         series = make_studies(root / "series", args.series, args.slices)
         (root / "concurrent").mkdir()
         many = make_studies(root / "concurrent", args.concurrent, 1)
+        (root / "via_orthanc").mkdir()
+        forwarded = make_studies(root / "via_orthanc", args.via_orthanc, args.slices)
         server, grpc = start_server(repo, batching=False)
-        pacs = OrthancServer(root / "orthanc").start()
-        spool_config = write_pacs_config(root / "pacs.yaml", root / "spool", stable_seconds=args.stable)
+        compose = json.loads((ROOT / "config" / "orthanc" / "orthanc.json").read_text())
+        pacs = OrthancServer(root / "orthanc", aet="LUAPACS", stable_age=args.orthanc_stable, extra={
+            "LuaScripts": [str(ROOT / "config" / "orthanc" / "medpipe-forward.lua")],
+            "UserMetadata": compose["UserMetadata"]}).start()
+        spool_config = write_pacs_config(root / "pacs.yaml", root / "spool", stable_seconds=args.stable,
+                                         calling=("STORESCU", "MEDPIPETEST", "LUAPACS"))
         gateway = GatewayProcess(root, ["--upstream", grpc, "--allow-anonymous", "--audit-log",
                                         str(root / "audit.jsonl"), "--model-repository", str(repo),
                                         "--results-to", f"dicomweb+{pacs.dicomweb}", "--pacs-config",
@@ -186,6 +206,10 @@ def main(argv=None) -> int:
             floor_single = floor(grpc, config, singles)
             floor_multi = floor(grpc, config, series)
             throughput = concurrent(gateway, pacs, many, senders=4)
+            request = urllib.request.Request(f"{pacs.http}/modalities/medpipe", method="PUT", data=json.dumps(
+                {"AET": "MEDPIPE", "Host": "127.0.0.1", "Port": gateway.dicom_port}).encode())
+            urllib.request.urlopen(request, timeout=10).close()
+            through = via_orthanc(pacs, forwarded)
         finally:
             gateway.stop()
             stop(server)
@@ -200,6 +224,9 @@ def main(argv=None) -> int:
                                      "predict_floor_p50_s": statistics.median(floor_multi),
                                      "predict_floor_p95_s": percentile(floor_multi, 95)},
         "four_senders": throughput,
+        f"via_orthanc_series_of_{args.slices}": {
+            **summary(through), "orthanc_stable_age_s": args.orthanc_stable,
+            "over_both_windows_p50_s": statistics.median(through) - args.stable - args.orthanc_stable},
         "load_average_1m_at_end": load[0],
     }
     over = figures["single_image_studies"]["over_window_p50_s"]
