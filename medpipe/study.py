@@ -200,7 +200,7 @@ def study_metrics(probabilities: np.ndarray, labels: np.ndarray, in_distribution
             true_negative += decision.class_name in (rule.normal_class, None)
             abstained += decision.class_name is None
             target = int(rng.choice(abnormal_ids))
-            ids = np.concatenate([normals[: k], [target]])
+            ids = np.concatenate([normals, [target]])
             rng.shuffle(ids)
             decision = called(ids)
             hit = decision.class_name not in (rule.normal_class, None)

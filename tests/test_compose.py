@@ -20,7 +20,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 # the gateway's certificates and keys come from files the operator names; no defaults
 GATEWAY_SECRETS = {name: f"/secrets/{name.lower()}.pem" for name in (
     "GATEWAY_TLS_CERT", "GATEWAY_TLS_KEY", "GATEWAY_CLIENT_CA", "GATEWAY_JWT_KEY", "PROMETHEUS_CLIENT_CERT",
-    "PROMETHEUS_CLIENT_KEY", "BATCH_CLIENT_CERT", "BATCH_CLIENT_KEY")}
+    "PROMETHEUS_CLIENT_KEY", "BATCH_CLIENT_CERT", "BATCH_CLIENT_KEY", "GATEWAY_AUDIT_KEY")}
 
 
 def compose_binary() -> str | None:
@@ -345,9 +345,13 @@ def test_the_gateway_is_the_only_door_and_takes_its_secrets_from_docker_secrets(
     assert args.upstream == "tf-serving:8500" and not args.allow_anonymous
     secrets = {entry["source"]: entry["target"] for entry in gateway["secrets"]}
     for flag, secret in (("tls_cert", "gateway_tls_cert"), ("tls_key", "gateway_tls_key"),
-                         ("client_ca", "gateway_client_ca"), ("jwt_key", "gateway_jwt_key")):
+                         ("client_ca", "gateway_client_ca"), ("jwt_key", "gateway_jwt_key"),
+                         ("audit_key", "gateway_audit_key")):
         assert getattr(args, flag) == secrets[secret] == f"/run/secrets/{secret}"
         assert model["secrets"][secret]["file"] == GATEWAY_SECRETS[secret.upper()]
+    # the keyed audit chain's checkpoints live on a volume of their own, not beside the log they vouch for
+    anchor = Path(args.audit_anchor).parent.as_posix()
+    assert mounts(gateway)[anchor]["source"] == "audit-anchor" != mounts(gateway)["/audit"]["source"]
     assert mounts(gateway)["/models"]["read_only"] is True
     assert Path(ROOT / "config" / "gateway.yaml").is_file() and args.config == "/opt/medpipe/config/gateway.yaml"
     assert args.request_log == "/data/request_logs" and mounts(gateway)["/data"]["source"] == "medpipe-data"
