@@ -1,6 +1,6 @@
 """The gateway's audit trail under attack and failure (issue 34), on a real gateway in front of `medpipe serve`:
 
-- every refusal is audited: 413, 408, 503 (connection limit), 429, over-size gRPC messages, DIMSE association rejects;
+- every refusal is audited: 413, 408, connections shed at the limit, 429, over-size gRPC messages, DIMSE association rejects;
 - a header value planted in real DICOMs reaches no error, audit line, log or viewer page;
 - a full disk (the audit log on a real 1 MB tmpfs) answers 507 / RESOURCE_EXHAUSTED, never serves unaudited, and
   the keyed chain verifies against its anchor once space returns.
@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -126,18 +127,22 @@ def test_every_refusal_is_audited(gwa):
     reply = raw_http(gwa, b"POST /v1/models/x:predict HTTP/1.1\r\nHost: gateway\r\n")
     assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
     assert refused(gwa, "rest", "read_timeout")[-1]["outcome"] == "DEADLINE_EXCEEDED"
-    # 503: max_connections (4) held by idle sockets; the next request is refused by uvicorn, and audited
+    # max_connections (4) held by idle sockets: the connection guard closes the oldest idle one so that the new
+    # request is served (a flood of idle sockets cannot lock callers out), and that refusal is audited
     host, port = gwa["rest"].split("://")[1].rsplit(":", 1)
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
     try:
         time.sleep(0.2)
         reply = raw_http(gwa, b"GET /v1/models/brain_mri HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        readable, _, _ = select.select(idle, [], [], 2)
+        shed = [sock for sock in readable if sock.recv(1) == b""]  # closed by the gateway: EOF
     finally:
         for sock in idle:
             sock.close()
-    assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert len(shed) >= 1
     time.sleep(0.2)
-    assert refused(gwa, "rest", "max_connections")[-1]["outcome"] == "UNAVAILABLE"
+    assert refused(gwa, "rest", "connections")[-1]["outcome"] == "UNAVAILABLE"
     # 429: one identity over rate_per_minute (120: a burst of 20)
     flood = {"Authorization": "Bearer " + token(gwa["pki"]["jwt_private"], sub="flood-client")}
     statuses = [httpx.post(url, json={"instances": [b64(b"not an image")]}, headers=flood, timeout=30).status_code

@@ -183,9 +183,11 @@ def guarded_sample(tmp_path_factory):
 
 @pytest.mark.slow
 def test_published_sample_model_flags_chest_xrays_and_keeps_brain_mri(guarded_sample, tmp_path):
-    """Trained on the sample, published, served: >= 90% of the 24 sample chest X-rays answer in_distribution=false
+    """Trained on the sample, published, served: >= 75% of the 24 sample chest X-rays answer in_distribution=false
     and >= 90% of the held-back brain MRI slices (the test split: never trained on, not used for the threshold)
-    answer true, over gRPC."""
+    answer true, over gRPC. (>= 90% flagged until near-duplicates shared a split, issue 29: val then held copies of
+    training slices, so the toy model's threshold sat lower than new scans justify; with honest splits this
+    70-image model flags 19 of 24. The shipped model's figures are in BENCHMARKS.md, brain_mri_validation.)"""
     import tensorflow as tf
 
     trained_sample_run, ingested_sample = guarded_sample
@@ -214,7 +216,7 @@ def test_published_sample_model_flags_chest_xrays_and_keeps_brain_mri(guarded_sa
     assert all(r["model_version"] == version for r in chest_rows + brain_rows)
     flagged = [r["in_distribution"] is False for r in chest_rows]
     kept = [r["in_distribution"] is True for r in brain_rows]
-    assert np.mean(flagged) >= 0.9, f"only {sum(flagged)}/{len(flagged)} chest X-rays flagged: {chest_rows}"
+    assert np.mean(flagged) >= 0.75, f"only {sum(flagged)}/{len(flagged)} chest X-rays flagged: {chest_rows}"
     assert np.mean(kept) >= 0.9, f"only {sum(kept)}/{len(kept)} held-back MRI slices kept: {brain_rows}"
     assert all(r["finding"] == OUTSIDE_INTENDED_USE and r["class"] is None for r in chest_rows
                if r["in_distribution"] is False)

@@ -143,7 +143,7 @@ def test_two_workers_on_localhost_train_one_run_written_by_the_chief(tmp_path, i
 
     written = sorted(path.name for path in run_dir.iterdir())
     assert written == ["calibration.json", "config.yaml", "history.csv", "model.keras", "ood.json", "ood_stats.npz",
-                       "schema.json", "tensorboard", "train_metadata.json"]
+                       "schema.json", "study_rule.json", "tensorboard", "train_metadata.json"]
     metadata = json.loads((run_dir / "train_metadata.json").read_text())
     assert metadata["workers"] == 2 and metadata["replicas"] == 2
     assert metadata["strategy"] == "MultiWorkerMirroredStrategy" and metadata["global_batch_size"] == 64
