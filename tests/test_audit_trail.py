@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from gateway_support import tiny_tmpfs
 from serving.gateway import audit
 
 
@@ -154,20 +155,6 @@ def test_a_partial_line_left_by_a_crash_is_cut_back_and_the_repair_audited(tmp_p
 
 
 # ---- full disk: a real tmpfs -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def tiny_tmpfs(folder: Path, size_kb: int):
-    """A real tmpfs of `size_kb` mounted at `folder` (root only: skipped elsewhere)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0700", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def fill(folder: Path) -> Path:
     """Fill the filesystem to its last byte with a ballast file; -> the ballast (delete it to free the space)."""
     ballast = folder / "ballast"

@@ -24,7 +24,8 @@ import pytest
 
 from conftest import ROOT, SAMPLE
 from gateway_support import make_pki, start_gateway, stop, token
-from test_audit_trail import fill, tiny_tmpfs
+from gateway_support import tiny_tmpfs
+from test_audit_trail import fill
 
 tf = pytest.importorskip("tensorflow")
 httpx = pytest.importorskip("httpx")

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,7 +29,7 @@ from PIL import Image
 
 from conftest import ROOT, SAMPLE
 from fixtures_adversarial import PHI_PATIENT_ID, deflated_dicom, png16
-from gateway_support import start_gateway, stop
+from gateway_support import start_gateway, stop, tree_rss_mb
 from pacs_support import DICOM_LINE, write_pacs_config
 
 MODEL = "brain_mri"
@@ -168,16 +167,6 @@ def test_pool_overrun_memory_and_kill_refuse_the_input_and_replace_the_worker(fi
 
 
 # ---- end to end: medpipe serve + the gateway ---------------------------------------------------------------------
-def tree_rss_mb(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / MIB
-
 
 class PeakTree:
     """The highest resident size of a process tree while the block runs (sampled every 50 ms)."""

@@ -107,16 +107,10 @@ def leftovers(spool: Path) -> list[Path]:
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 64 MB file system (tmpfs), unmounted afterwards."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); run as root to test a full disk")
-    try:
+    from gateway_support import tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path / "disk", 64 * 1024) as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 # ---- full disk ------------------------------------------------------------------------------------------------
@@ -387,18 +381,12 @@ routes: [{{model: brain_mri, modalities: [MR]}}]
     assert not leaked, leaked
 
 
-def tree_rss_mb(pid: int) -> float:
-    import psutil
-
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
-
-
 @pytest.mark.slow
 def test_a_restart_over_a_spool_holding_a_deflated_bomb_stays_up(tmp_path):
     """Issue 34: a 1 GiB deflated bomb spooled before the doors checked whole deflated streams (planted here as an
     older gateway would have spooled it) killed every restart 33 s later. Now its header is read bounded, it is
     refused without being inflated, and it ends in quarantine; the gateway stays up, grows < 1 GB, answers."""
+    from gateway_support import tree_rss_mb
     from pacs_support import GatewayProcess
     from serving.gateway.spool import Spool
 
