@@ -107,7 +107,7 @@ def test_deflated_dicom_decodes_like_pydicom():
     assert (header.Rows, header.Columns) == (300, 200)
     prepared = preprocess_bytes(data, config_for(300))
     reference = pydicom.dcmread(io.BytesIO(data)).pixel_array  # pydicom's own inflate and decode
-    expected = robust_window(reference.astype(np.float64), 0.5, 99.5)
+    expected = robust_window(reference.astype(np.float64), *config_for(300).dicom.voi_percentiles)
     assert prepared.decoded.width == 200 and prepared.decoded.height == 300
     np.testing.assert_array_equal(prepared.pixels[:, 50:250, 0], to_uint8(expected))  # padded to a centred square
 
