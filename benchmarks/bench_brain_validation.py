@@ -58,8 +58,6 @@ def near_copy_in(hashes, reference, distance: int):
 
 
 def group_figures(digests, labels, hashes, split_of: dict) -> dict:
-    import numpy as np
-
     from beam_pipelines.records import near_duplicate_groups
 
     train = hashes[[split_of[d] == "train" for d in digests]]
