@@ -39,6 +39,7 @@ from common import ROOT, write_result  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from gateway_support import tree_rss_mb  # noqa: E402  (the gateway, its forkserver and decode workers)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 MODEL = "brain_mri"
 DICOMS = {"ct": ROOT / "sample_data" / "dicom" / "CT-MONO2-16-brain.dcm",
@@ -85,20 +86,6 @@ def vm(pid: int, key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (the gateway, its forkserver and decode workers)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
 
 
 def peak_tree_while(pid: int, work) -> tuple[float, object]:
