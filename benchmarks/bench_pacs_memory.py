@@ -28,19 +28,9 @@ from common import ROOT, write_result  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from pacs_support import SENDER  # noqa: E402
 MR = "1.2.840.10008.5.1.4.1.1.4"
 BENCH_KEY = "bench-pacs-key-not-a-secret"  # pseudonyms of synthetic instances only
-SENDER = """
-import sys
-from pynetdicom import AE
-ae = AE(ae_title="MEDPIPETEST")
-ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
-ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 600
-assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="MEDPIPE")
-assert assoc.is_established
-print(int(assoc.send_c_store(sys.argv[2]).Status))
-assoc.release()
-"""
 
 
 def big_mr(target: Path, megabytes: float) -> Path:

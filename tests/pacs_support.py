@@ -215,3 +215,18 @@ def sr_finding(pacs, sr: dict) -> dict:
                                                     ("sop", "00080018"))}
     dataset = DICOMwebClient(url=pacs.dicomweb).retrieve_instance(uid["study"], uid["series"], uid["sop"])
     return read_finding(dataset)
+
+
+# One C-STORE in a process of its own (`python -c SENDER PORT FILE` prints the status): the gateway's memory is then
+# measured without the sender's copy of the instance in the same process.
+SENDER = """
+import sys
+from pynetdicom import AE
+ae = AE(ae_title="MEDPIPETEST")
+ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
+ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 600
+assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="MEDPIPE")
+assert assoc.is_established
+print(int(assoc.send_c_store(sys.argv[2]).Status))
+assoc.release()
+"""

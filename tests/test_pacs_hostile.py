@@ -22,6 +22,7 @@ import pytest
 
 import fixtures_adversarial as fa
 from conftest import TEST_DEID_KEY
+from pacs_support import SENDER
 from serving.gateway import results
 from serving.gateway.pacs_config import PacsConfig, Route
 
@@ -231,17 +232,6 @@ def test_a_full_audit_disk_refuses_rest_requests_with_507_not_500(tmp_path, smal
 
 
 # ---- C-STORE streaming ----------------------------------------------------------------------------------------
-SENDER = """
-import sys
-from pynetdicom import AE
-ae = AE(ae_title="MEDPIPETEST")
-ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
-ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300
-assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="MEDPIPE")
-assert assoc.is_established
-print(int(assoc.send_c_store(sys.argv[2]).Status))
-assoc.release()
-"""
 
 
 def rss_mb() -> float:
@@ -312,6 +302,22 @@ def hung_model_server() -> socket.socket:
     return listener
 
 
+def hung_pacs_gateway(tmp_path: Path, spool: Path, upstream: socket.socket, *config_lines: str):
+    """A gateway (not started) whose PACS road quarantines after 3 attempts, in front of `upstream`."""
+    from pacs_support import GatewayProcess
+
+    config = tmp_path / "pacs.yaml"
+    config.write_text("\n".join([f"spool: {spool}", "calling_aets: [MEDPIPETEST]",
+                                  "aggregation: max  # no model behind it: the study rule is chosen explicitly",
+                                  "stable_seconds: 0.2", "scan_seconds: 0.2", "quarantine_after: 3", *config_lines,
+                                  "routes: [{model: brain_mri, modalities: [MR]}]"]) + "\n")
+    return GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
+                                     "--audit-log", str(tmp_path / "audit.jsonl"),
+                                     "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
+                                     "--model-repository", str(empty_repository(tmp_path)),
+                                     "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+
+
 def attempts(spool: Path) -> list[int]:
     return [json.loads(p.read_text())["attempts"] for p in (spool / "incoming").rglob("*.attempts")]
 
@@ -328,25 +334,11 @@ def wait_until(condition, timeout: float, what: str):
 
 @pytest.mark.slow
 def test_a_study_that_kills_the_gateway_is_quarantined_after_n_crashes_and_never_replayed(tmp_path):
-    from pacs_support import GatewayProcess, c_store
+    from pacs_support import c_store
 
     upstream = hung_model_server()
     spool = tmp_path / "spool"
-    config = tmp_path / "pacs.yaml"
-    config.write_text(f"""spool: {spool}
-calling_aets: [MEDPIPETEST]
-aggregation: max  # no model repository here: the study rule is chosen explicitly
-stable_seconds: 0.2
-scan_seconds: 0.2
-deadline_seconds: 600
-quarantine_after: 3
-routes: [{{model: brain_mri, modalities: [MR]}}]
-""")
-    gateway = GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
-                                        "--audit-log", str(tmp_path / "audit.jsonl"),
-                                        "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
-                                        "--model-repository", str(empty_repository(tmp_path)),
-                                        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    gateway = hung_pacs_gateway(tmp_path, spool, upstream, "deadline_seconds: 600")
     mr = tmp_path / "mr.dcm"
     planted = fa.mr_dicom_from_jpeg(fa.sample_jpegs("glioma", 1)[0], mr, study_uid="2.25.3401",
                                     series_uid="2.25.34011", sop_uid="2.25.340111")
@@ -387,7 +379,6 @@ def test_a_restart_over_a_spool_holding_a_deflated_bomb_stays_up(tmp_path):
     older gateway would have spooled it) killed every restart 33 s later. Now its header is read bounded, it is
     refused without being inflated, and it ends in quarantine; the gateway stays up, grows < 1 GB, answers."""
     from gateway_support import tree_rss_mb
-    from pacs_support import GatewayProcess
     from serving.gateway.spool import Spool
 
     upstream = hung_model_server()  # never reached: the bomb fails before any model call
@@ -395,20 +386,7 @@ def test_a_restart_over_a_spool_holding_a_deflated_bomb_stays_up(tmp_path):
     bomb = fa.deflated_dicom(256, 256, pixel_bytes=2**30, zeros=True, level=9)
     assert len(bomb) < 2 * 2**20  # a small file ...
     Spool(spool).put("brain_mri", "2.25.3402", "2.25.34021", "2.25.340211", bomb, "dimse", "ORTHANC")
-    config = tmp_path / "pacs.yaml"
-    config.write_text(f"""spool: {spool}
-calling_aets: [MEDPIPETEST]
-aggregation: max  # no model repository here: the study rule is chosen explicitly
-stable_seconds: 0.2
-scan_seconds: 0.2
-quarantine_after: 3
-routes: [{{model: brain_mri, modalities: [MR]}}]
-""")
-    gateway = GatewayProcess(tmp_path, ["--upstream", f"127.0.0.1:{upstream.getsockname()[1]}", "--allow-anonymous",
-                                        "--audit-log", str(tmp_path / "audit.jsonl"),
-                                        "--results-to", "dicomweb+http://127.0.0.1:9/dicom-web",
-                                        "--model-repository", str(empty_repository(tmp_path)),
-                                        "--pacs-config", str(config)], env={"MEDPIPE_DEID_KEY": TEST_DEID_KEY})
+    gateway = hung_pacs_gateway(tmp_path, spool, upstream)
     try:
         gateway.start()
         before = tree_rss_mb(gateway.process.pid)
